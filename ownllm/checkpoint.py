@@ -1,0 +1,147 @@
+"""Run directories: save and load them atomically; resume.
+
+Where it sits: every stage writes its outputs through here and the next stage reads them back.
+
+    run/config.json          ModelConfig              run/train_config.json  TrainConfig
+    run/tokenizer.json       + tokenizer_config.json  run/metrics.jsonl      one JSON object a line
+    run/model.safetensors    weights (metadata: step)  run/state.pt           optimizer, step, RNG
+    run/plots/*.png          curves                    run/data/              token shards
+
+A checkpoint is several files that must agree. Each is first written complete to a temporary
+name; then a small journal (`commit.json`) listing the renames is itself renamed into place, the
+renames are done, and the journal removed. A process killed at any moment leaves either the last
+checkpoint or the new one: `recover()` (called by every loader) finishes a journaled commit.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from ownllm.config import ModelConfig, from_json_file, to_json
+from ownllm.errors import OwnLLMError
+
+JOURNAL = "commit.json"
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def recover(run_dir: str | Path) -> None:
+    """Finish a commit that was interrupted after its journal was written."""
+    d = Path(run_dir)
+    journal = d / JOURNAL
+    if not journal.exists():
+        return
+    for tmp, final in json.loads(journal.read_text()):
+        if (d / tmp).exists():
+            os.replace(d / tmp, d / final)
+    journal.unlink()
+
+
+def commit_files(run_dir: str | Path, files: dict[str, bytes | Any]) -> None:
+    """Atomically replace a set of files in run_dir. Values: bytes, or a callable(path) that writes."""
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    recover(d)
+    renames = []
+    for name, content in files.items():
+        tmp = d / f".{name}.tmp"
+        if callable(content):
+            content(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_write(tmp, content)
+        renames.append([tmp.name, name])
+    _fsync_write(d / f".{JOURNAL}.tmp", json.dumps(renames).encode())
+    os.replace(d / f".{JOURNAL}.tmp", d / JOURNAL)
+    recover(d)
+
+
+def _clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights to save: tied lm_head is not stored twice; tensors made contiguous fp32 copies."""
+    sd = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict | None = None,
+                    step: int = 0, extra_files: dict[str, bytes] | None = None) -> None:
+    def write_weights(path: Path):
+        save_file(_clean_state_dict(model), str(path), metadata={"step": str(step), "format": "pt"})
+
+    files: dict[str, Any] = {"model.safetensors": write_weights, "config.json": to_json(model.config).encode()}
+    if state is not None:
+        def write_state(path: Path):
+            torch.save({**state, "step": step}, path)
+        files["state.pt"] = write_state
+    files.update(extra_files or {})
+    commit_files(run_dir, files)
+
+
+def load_model_config(run_dir: str | Path) -> ModelConfig:
+    return from_json_file(ModelConfig, Path(run_dir) / "config.json")
+
+
+def load_weights(model: torch.nn.Module, run_dir: str | Path) -> int:
+    """Load model.safetensors into `model`; returns the step it was saved at."""
+    d = Path(run_dir)
+    recover(d)
+    path = d / "model.safetensors"
+    if not path.is_file():
+        raise OwnLLMError(f"{path}: missing; expected a trained run directory (is {d} the right --run?)")
+    try:
+        sd = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise OwnLLMError(f"{path}: corrupt checkpoint ({str(e)[:160]})") from None
+    if getattr(model.config, "tie_embeddings", False) and "embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    expected, got = set(model.state_dict()), set(sd)
+    if expected != got:
+        diff = sorted(expected ^ got)[:5]
+        raise OwnLLMError(f"{path}: weights do not match config.json (differs at {', '.join(diff)})")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise OwnLLMError(f"{path}: weights do not match config.json ({str(e).splitlines()[-1][:160]})") from None
+    return int(meta.get("step", 0))
+
+
+def load_state(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "state.pt"
+    recover(run_dir)
+    if not path.is_file():
+        raise OwnLLMError(f"{path}: missing; cannot resume (no checkpoint with training state)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types
+        raise OwnLLMError(f"{path}: corrupt training state ({str(e)[:160]})") from None
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Build the GPT described by run_dir/config.json and load its weights (eval mode)."""
+    from ownllm.model import GPT
+
+    cfg = load_model_config(run_dir)
+    model = GPT(cfg)
+    load_weights(model, run_dir)
+    return model.to(device).eval()
+
+
+def is_trained_run(run_dir: str | Path) -> bool:
+    d = Path(run_dir)
+    return (d / "model.safetensors").is_file() or (d / JOURNAL).is_file()

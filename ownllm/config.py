@@ -1,0 +1,161 @@
+"""Model and training configuration: typed dataclasses, named presets, file and CLI overrides.
+
+Where it sits: every stage reads a ModelConfig (stored as `config.json` in a run directory) and a
+TrainConfig (stored as `train_config.json`). Presets are plain dicts of overrides so a preset can
+be read at a glance; `--key value` on the command line and a TOML file override them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ownllm.errors import OwnLLMError
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-layout decoder. Names match `transformers.LlamaConfig` where one exists."""
+
+    vocab_size: int = 1024
+    dim: int = 256                  # hidden_size
+    n_layers: int = 4               # num_hidden_layers
+    n_heads: int = 4                # num_attention_heads
+    n_kv_heads: int = 4             # num_key_value_heads (< n_heads: grouped-query attention)
+    ffn_dim: int = 704              # intermediate_size of the SwiGLU MLP
+    max_seq_len: int = 256          # max_position_embeddings
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise OwnLLMError(f"model config: dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise OwnLLMError(f"model config: n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise OwnLLMError(f"model config: head dim {self.dim // self.n_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self, embeddings: bool = True) -> int:
+        d, f, hd = self.dim, self.ffn_dim, self.head_dim
+        attn = d * d * 2 + 2 * d * self.n_kv_heads * hd
+        per_layer = attn + 3 * d * f + 2 * d
+        n = self.n_layers * per_layer + d
+        if embeddings:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return n
+
+
+# Presets: overrides of the defaults above. `tiny` is the tuned 2-core CPU recipe (bench/pretrain_quality.py).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=1024, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=704, max_seq_len=256),
+    "small": dict(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=512),
+    "gpt2-124m": dict(vocab_size=32768, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
+                      max_seq_len=1024, tie_embeddings=True),
+}
+
+
+@dataclass
+class TrainConfig:
+    """How a stage trains. Defaults are the tuned `tiny` pretraining recipe for 2 CPU cores."""
+
+    data: str = "shakespeare"
+    tokenizer: str | None = None     # run/tokenizer dir to reuse; None: train one on the train split
+    vocab_size: int | None = None    # for a tokenizer trained here (default: the model's)
+    seed: int = 1337
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    time_budget: float | None = 120.0   # seconds of training; the LR schedule ends with it
+    eval_interval: int = 100
+    eval_batches: int = 16
+    checkpoint_interval: float = 60.0   # seconds between checkpoints
+    dtype: str = "auto"                 # auto | bfloat16 | float32 (autocast for matmuls)
+    compile: bool = False
+    threads: int | None = None          # torch threads; None: one per core
+
+
+def _coerce(value: Any, target_type: Any, name: str) -> Any:
+    """Turn a CLI string into the field's type (int, float, bool, str, or Optional of those)."""
+    if not isinstance(value, str):
+        return value
+    t = str(target_type)
+    if value.lower() in ("none", "null") and "None" in t:
+        return None
+    try:
+        if "bool" in t:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if "int" in t:
+            return int(value)
+        if "float" in t:
+            return float(value)
+    except ValueError:
+        raise OwnLLMError(f"option --{name.replace('_', '-')}: expected {t}, got {value!r}") from None
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any], source: str = "option") -> Any:
+    """Return a copy of dataclass `cfg` with `overrides` applied; unknown keys are an error."""
+    known = {f.name: f for f in fields(cfg)}
+    clean = {}
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise OwnLLMError(f"{source}: unknown field {key!r} (known: {', '.join(sorted(known))})")
+        clean[name] = _coerce(value, known[name].type, name)
+    return dataclasses.replace(cfg, **clean)
+
+
+def model_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    if preset is not None and preset not in MODEL_PRESETS:
+        raise OwnLLMError(f"unknown preset {preset!r} (expected one of: {', '.join(MODEL_PRESETS)})")
+    base = ModelConfig(**MODEL_PRESETS.get(preset or "tiny", {}))
+    return apply_overrides(base, overrides or {}, source=f"preset {preset or 'tiny'}")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OwnLLMError(f"{p}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise OwnLLMError(f"{p}: invalid TOML ({e})") from None
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def from_json_file(cls: type, path: Path) -> Any:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OwnLLMError(f"{path}: missing (expected a {cls.__name__} JSON file)") from None
+    except json.JSONDecodeError as e:
+        raise OwnLLMError(f"{path}: corrupt JSON at line {e.lineno} ({e.msg})") from None
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise OwnLLMError(f"{path}: unknown field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
+    return cls(**raw)

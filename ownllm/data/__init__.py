@@ -1,0 +1,1 @@
+"""Data: bundled corpora, reading user text, and packing it into token shards."""

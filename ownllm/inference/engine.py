@@ -1,0 +1,136 @@
+"""Engine: prefill + incremental decode with a static KV cache, batched sampling, streaming.
+
+Where it sits: `ownllm generate`, the sample printed after pretraining, evaluation and (later)
+chat, RLHF rollouts and the server all generate through this. A batch of prompts of different
+lengths is left-padded; each row gets its own RoPE positions and a key mask, so a padded row
+produces exactly the tokens it would produce alone (tests/test_model.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ownllm.model import GPT, KVCache
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.8        # 0: greedy (deterministic)
+    top_k: int | None = 50
+    top_p: float | None = 0.95
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None,
+                history: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V)."""
+    logits = logits.float()
+    if p.repetition_penalty != 1.0 and history is not None and history.numel():
+        seen = torch.gather(logits, 1, history)
+        seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    if p.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / p.temperature
+    if p.top_k is not None and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p is not None and p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > p.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+
+
+class Engine:
+    def __init__(self, model: GPT, pad_id: int = 0):
+        self.model = model.eval()
+        self.cfg = model.config
+        self.pad_id = pad_id
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], max_len: int) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
+        """Run the prompts (left-padded) through the model; returns last-position logits (B, V),
+        the filled cache, and per-row positions of the last prompt token (None when unpadded)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        B, L = len(prompts), max(len(p) for p in prompts)
+        if max_len > self.cfg.max_seq_len or L > max_len:
+            raise ValueError(f"prompt of {L} tokens + generation exceeds the context of {self.cfg.max_seq_len}")
+        dev = self.model.device
+        cache = KVCache.empty(self.cfg, B, max_len, dtype=self.model.embed_tokens.weight.dtype, device=dev)
+        idx = torch.full((B, L), self.pad_id, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            cache.valid[i, L - len(p): L] = True
+        if all(len(p) == L for p in prompts):
+            logits = self.model(idx, cache=cache)
+            return logits[:, -1], cache, None
+        valid = cache.valid[:, :L]
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        mask = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)  # pad rows see themselves
+        logits = self.model(idx, cache=cache, positions=positions, mask=mask[:, None])
+        return logits[:, -1], cache, positions[:, -1]
+
+    @torch.inference_mode()
+    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int | None]]:
+        """Yield, per decode step, one new token per row (None once that row has stopped)."""
+        B = len(prompts)
+        L = max(len(p) for p in prompts)
+        max_len = min(L + params.max_new_tokens, self.cfg.max_seq_len)
+        logits, cache, last_pos = self.prefill(prompts, max_len)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        stop = torch.tensor(list(params.stop_ids), dtype=torch.long, device=self.model.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.model.device)
+        history = None
+        if params.repetition_penalty != 1.0:
+            history = torch.full((B, L), self.pad_id, dtype=torch.long, device=self.model.device)
+            for i, p in enumerate(prompts):
+                history[i, L - len(p):] = torch.tensor(p)
+        for step in range(max_len - L):
+            tok = sample_next(logits, params, gen, history)
+            out = tok.tolist()
+            yield [None if d else t for t, d in zip(out, done.tolist())]
+            if stop.numel():
+                done |= torch.isin(tok, stop)
+            if bool(done.all()) or step == max_len - L - 1:
+                return
+            if history is not None:
+                history = torch.cat([history, tok[:, None]], dim=1)
+            cache.valid[:, cache.length] = True
+            if last_pos is None:
+                logits = self.model(tok[:, None], cache=cache)[:, -1]
+            else:
+                last_pos = last_pos + 1
+                logits = self.model(tok[:, None], cache=cache, positions=last_pos[:, None],
+                                    mask=cache.valid[:, None, None, : cache.length + 1])[:, -1]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """New tokens per row, up to and including a stop token."""
+        outs: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream(prompts, params):
+            for row, t in enumerate(step):
+                if t is not None:
+                    outs[row].append(t)
+        return outs

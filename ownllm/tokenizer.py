@@ -1,0 +1,173 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`), special tokens and the chat template.
+
+Where it sits: `ownllm tokenizer` (or `pretrain` without `--tokenizer`) trains one and writes
+`tokenizer.json` + `tokenizer_config.json` into a run directory; every later stage loads it from
+there. Byte-level means any UTF-8 string (Chinese, emoji, code, odd whitespace) encodes and
+decodes back exactly; digits are split one per token so arithmetic stays learnable.
+
+Special tokens are fixed now so later stages (chat, tools) never need a new tokenizer:
+pad (distinct from eos, so the model learns to stop), bos, eos, the three chat roles, an
+end-of-turn marker, and tool call / tool result markers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+from ownllm.errors import OwnLLMError
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+TOOL_CALL, TOOL_CALL_END = "<|tool_call|>", "<|/tool_call|>"
+TOOL, TOOL_RESULT, TOOL_RESULT_END = "<|tool|>", "<|tool_result|>", "<|/tool_result|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END, TOOL_CALL, TOOL_CALL_END,
+                  TOOL, TOOL_RESULT, TOOL_RESULT_END] + [f"<|reserved_{i}|>" for i in range(4)]
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL}
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, every special token, at least one merge
+
+# Jinja chat template for HF tooling (PreTrainedTokenizerFast.apply_chat_template); `render`
+# below is the same format in Python and also returns the loss mask.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _pre_tokenizer():
+    # Digits one per token, then GPT-2-style byte-level splitting (no prefix space: exact round trip).
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
+    if vocab_size < MIN_VOCAB:
+        raise OwnLLMError(f"--vocab-size {vocab_size} is too small: need >= {MIN_VOCAB} "
+                          f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + 1 merge)")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_chunks(texts), trainer=trainer)
+    return Tokenizer(tok)
+
+
+def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """Feed long texts to the trainer in line-aligned pieces (it parallelises over items)."""
+    for text in texts:
+        start = 0
+        while start < len(text):
+            end = text.find("\n", start + size)
+            end = len(text) if end == -1 else end + 1
+            yield text[start:end]
+            start = end
+
+
+@dataclass
+class Rendered:
+    ids: list[int]
+    mask: list[int]  # 1 where the model is trained to produce the token (assistant text + its end)
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer):
+        self.hf = tok
+        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise OwnLLMError(f"tokenizer lacks special tokens {missing}; train it with `ownllm tokenizer`")
+        self.special = ids
+        self.pad_id, self.bos_id, self.eos_id, self.end_id = ids[PAD], ids[BOS], ids[EOS], ids[END]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
+        """Chat template: bos, then `<|role|>content<|end|>` per message; mask marks assistant turns."""
+        ids, mask = [self.bos_id], [0]
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if role not in ROLE_TOKENS:
+                raise OwnLLMError(f"message {i}: unknown role {role!r} (expected {', '.join(ROLE_TOKENS)})")
+            body = self.encode(m.get("content") or "")
+            train = 1 if role == "assistant" else 0
+            ids += [self.special[ROLE_TOKENS[role]], *body, self.end_id]
+            mask += [0, *([train] * len(body)), train]
+        if add_generation_prompt:
+            ids.append(self.special[ASSISTANT])
+            mask.append(0)
+        return Rendered(ids, mask)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+    def save(self, directory: str | Path, model_max_length: int = 2048) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(d / "tokenizer.json"))
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
+            "additional_special_tokens": SPECIAL_TOKENS[3:],
+            "end_of_turn_token": END,
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+            "model_max_length": model_max_length,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        d = Path(directory)
+        path = d / "tokenizer.json" if d.is_dir() else d
+        if not path.is_file():
+            raise OwnLLMError(f"{path}: tokenizer not found (expected a tokenizer.json or a directory holding one)")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises plain Exception on bad JSON
+            raise OwnLLMError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+
+
+class StreamDecoder:
+    """Incremental detokenizer: yields text only once its UTF-8 bytes are complete.
+
+    Decodes a short window (from `prefix` to the end) rather than everything so far, so each step
+    costs O(window) and multi-byte characters split across tokens never print as '\ufffd'.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0   # start of the decode window
+        self.read = 0     # ids[:read] have been emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix: self.read])
+        now = self.tok.decode(self.ids[self.prefix:])
+        if now.endswith("\ufffd") or len(now) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):]
+
+    def flush(self) -> str:
+        before = self.tok.decode(self.ids[self.prefix: self.read])
+        now = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]

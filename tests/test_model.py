@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from ownllm.config import ModelConfig, model_config
+from ownllm.errors import OwnLLMError
+from ownllm.model import GPT, KVCache
+
+
+def _hf_model(model: GPT):
+    transformers = pytest.importorskip("transformers")
+    from ownllm.interop.hf import hf_config_dict, to_hf_state_dict
+
+    d = hf_config_dict(model.config)
+    d.pop("architectures"), d.pop("model_type"), d.pop("torch_dtype")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**d)).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.config), strict=False)
+    assert not unexpected
+    assert set(missing) <= {"lm_head.weight"}  # tied weights are shared, not stored twice
+    return hf
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_match_transformers_llama(tiny_cfg, tie):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "tie_embeddings": tie})
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # perturb norms so their weights are exercised too
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf = _hf_model(model)
+    idx = torch.randint(0, cfg.vocab_size, (3, 37))
+    with torch.no_grad():
+        ours = model(idx)
+        theirs = hf(input_ids=idx).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_cfg):
+    torch.manual_seed(1)
+    model = GPT(tiny_cfg).eval()
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.empty(tiny_cfg, batch=2, max_len=32)
+        cache.valid[:, :20] = True
+        steps = [model(idx[:, :8], cache=cache)]
+        for t in range(8, 20):
+            steps.append(model(idx[:, t: t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 20
+
+
+def test_left_padded_batch_matches_unpadded_rows(tiny_cfg):
+    """Row-wise positions and a key mask make a left-padded row give the logits it has alone."""
+    from ownllm.inference.engine import Engine
+
+    torch.manual_seed(2)
+    model = GPT(tiny_cfg).eval()
+    a = torch.randint(0, tiny_cfg.vocab_size, (1, 12))
+    b = torch.randint(0, tiny_cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        ref_b = model(b)[0, -1]
+        eng = Engine(model, pad_id=0)
+        logits, _, _ = eng.prefill([a[0].tolist(), b[0].tolist()], max_len=20)
+    torch.testing.assert_close(logits[1], ref_b, rtol=1e-5, atol=1e-5)
+
+
+def test_presets_and_bad_config():
+    for name in ("tiny", "small", "gpt2-124m"):
+        assert model_config(name).num_params() > 0
+    assert 100e6 < model_config("gpt2-124m").num_params() < 150e6
+    with pytest.raises(OwnLLMError, match="unknown preset"):
+        model_config("huge")
+    with pytest.raises(OwnLLMError, match="n_kv_heads"):
+        ModelConfig(n_heads=4, n_kv_heads=3)
+
+
+def test_batched_greedy_generation_equals_one_by_one(tiny_cfg):
+    from ownllm.inference.engine import Engine, SamplingParams
+
+    torch.manual_seed(3)
+    model = GPT(tiny_cfg).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    eng = Engine(model, pad_id=0)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    batched = eng.generate(prompts, params)
+    singles = [eng.generate([p], params)[0] for p in prompts]
+    assert batched == singles
+    assert all(len(o) == 12 for o in batched)
+
+
+def test_sampling_seed_determinism_and_stop(tiny_cfg):
+    from ownllm.inference.engine import Engine, SamplingParams
+
+    torch.manual_seed(4)
+    model = GPT(tiny_cfg).eval()
+    eng = Engine(model, pad_id=0)
+    p = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    a, b = eng.generate([[1, 2, 3]], p), eng.generate([[1, 2, 3]], p)
+    c = eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.9, seed=8))
+    assert a == b and a != c
+    stop_tok = a[0][3]
+    first = a[0].index(stop_tok)
+    stopped = eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.9,
+                                                       seed=7, stop_ids=(stop_tok,)))
+    assert stopped[0] == a[0][: first + 1]
