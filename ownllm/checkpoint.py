@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ownllm.config import ModelConfig, from_json_file, to_json
@@ -103,10 +103,9 @@ def load_weights(model: torch.nn.Module, run_dir: str | Path) -> int:
         raise OwnLLMError(f"{path}: missing; expected a trained run directory (is {d} the right --run?)")
     try:
         sd = load_file(str(path))
-        from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise OwnLLMError(f"{path}: corrupt checkpoint ({str(e)[:160]})") from None
     if getattr(model.config, "tie_embeddings", False) and "embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]

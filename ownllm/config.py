@@ -77,12 +77,16 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 40
+    schedule: str = "linear"            # linear | cosine | wsd | constant (see train/schedule.py)
     weight_decay: float = 0.1
+    optimizer: str = "adamw"            # adamw | muon (Muon on hidden matrices, AdamW elsewhere)
+    muon_lr_scale: float = 1.0          # Muon lr = schedule × this (its update RMS is matched to AdamW's)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     max_steps: int | None = None
     time_budget: float | None = 120.0   # seconds of training; the LR schedule ends with it
+    log_interval: int = 10              # steps between metric flushes (one host sync each)
     eval_interval: int = 100
     eval_batches: int = 16
     checkpoint_interval: float = 60.0   # seconds between checkpoints

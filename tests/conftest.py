@@ -11,3 +11,23 @@ def tiny_cfg():
     from ownllm.config import ModelConfig
 
     return ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """A 512-token BPE trained on a slice of both bundled corpora (fast)."""
+    from ownllm.data.corpora import bundled_text
+    from ownllm.tokenizer import train_tokenizer
+
+    texts = [bundled_text("shakespeare")[:300_000], bundled_text("chinese-poetry")[:300_000]]
+    return train_tokenizer(texts, 512)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """~60 KB of Shakespeare as a user's text file."""
+    from ownllm.data.corpora import bundled_text
+
+    p = tmp_path_factory.mktemp("data") / "plays.txt"
+    p.write_text(bundled_text("shakespeare")[:60_000], encoding="utf-8")
+    return p

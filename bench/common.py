@@ -1,0 +1,29 @@
+"""Shared helpers for bench scripts: matmul peak, timing, the RESULT line."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+
+def setup_threads() -> int:
+    n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def matmul_peak(dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """Best achieved FLOP/s of an n×n×n matmul (the machine's practical peak for this dtype)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def result_line(**kv) -> str:
+    return "RESULT " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items())

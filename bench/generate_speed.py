@@ -1,0 +1,87 @@
+"""Decode speed with the KV cache: our Engine vs HF `transformers` `generate` on the same weights.
+
+    python bench/generate_speed.py [--preset small] [--new-tokens 128] [--prompt-len 16]
+
+Both generate greedily the same number of new tokens (HF with min_new_tokens, ours without stop
+tokens) from the same prompts, fp32, in one process; the first tokens are checked to agree.
+Ends with `RESULT ours_b1_tok_s=… hf_b1_tok_s=… speedup_b1=… ours_b8_tok_s=… hf_b8_tok_s=… speedup_b8=…`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+
+from bench.common import result_line, setup_threads  # noqa: E402
+from ownllm.config import model_config  # noqa: E402
+from ownllm.inference.engine import Engine, SamplingParams  # noqa: E402
+from ownllm.interop.hf import hf_config_dict, to_hf_state_dict  # noqa: E402
+from ownllm.model import GPT  # noqa: E402
+
+
+def best_of(fn, reps: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    import transformers
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    threads = setup_threads()
+    torch.manual_seed(0)
+    cfg = model_config(args.preset)
+    model = GPT(cfg).eval()
+    d = hf_config_dict(cfg)
+    for k in ("architectures", "model_type", "torch_dtype"):
+        d.pop(k)
+    d["pad_token_id"] = 0
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**d)).eval()
+    hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=False)
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    engine = Engine(model, pad_id=0)
+    n = args.new_tokens
+    rows = {}
+    for batch in (1, 8):
+        prompts = torch.randint(1, cfg.vocab_size, (batch, args.prompt_len))
+        params = SamplingParams(max_new_tokens=n, temperature=0)
+        ours_out = engine.generate(prompts.tolist(), params)
+        with torch.inference_mode():
+            hf_out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, pad_token_id=0)[:, args.prompt_len:]
+        agree = all(o[:8] == h[:8].tolist() for o, h in zip(ours_out, hf_out))
+        t_ours = best_of(lambda: engine.generate(prompts.tolist(), params), args.reps)
+
+        def run_hf():
+            with torch.inference_mode():
+                hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=n,
+                            min_new_tokens=n, pad_token_id=0)
+
+        t_hf = best_of(run_hf, args.reps)
+        rows[batch] = (batch * n / t_ours, batch * n / t_hf, agree)
+    print(f"preset {args.preset} ({cfg.num_params() / 1e6:.1f}M params), prompt {args.prompt_len}, {n} new tokens, "
+          f"greedy, fp32, {threads} threads, transformers {transformers.__version__}")
+    print(f"{'batch':>6}{'ownllm tok/s':>14}{'HF tok/s':>12}{'speedup':>10}{'same tokens':>13}")
+    for b, (o, h, agree) in rows.items():
+        print(f"{b:>6}{o:>14.1f}{h:>12.1f}{o / h:>10.2f}{str(agree):>13}")
+    print(result_line(ours_b1_tok_s=rows[1][0], hf_b1_tok_s=rows[1][1], speedup_b1=rows[1][0] / rows[1][1],
+                      ours_b8_tok_s=rows[8][0], hf_b8_tok_s=rows[8][1], speedup_b8=rows[8][0] / rows[8][1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from ownllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""`ownllm <command>`: the one entry point. Thin: parse, then call the library.
+
+Bad input raises OwnLLMError anywhere below; here it becomes one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ownllm.errors import OwnLLMError
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from ownllm.config import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--data", default=None, help="bundled name(s), text/markdown file(s), directories or JSONL with "
+                   "'text', comma-separated (default: shakespeare)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--tokenizer", help="reuse the tokenizer in this run/tokenizer directory")
+    p.add_argument("--vocab-size", type=int, help="vocabulary of a tokenizer trained here (default: the preset's)")
+    p.add_argument("--preset", help="model preset: tiny (default), small, gpt2-124m")
+    p.add_argument("--time-budget", type=float, help=f"seconds of training (default {d.time_budget:g} unless "
+                   "--max-steps is given); the LR schedule ends with it")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a trained run already in --out")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="TOML file with [train] and [model] tables of overrides")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any TrainConfig field (e.g. --set lr=2e-3) or ModelConfig field (--set model.dim=384)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _train_config(args) -> tuple:
+    from ownllm.config import TrainConfig, apply_overrides, load_toml
+
+    train_over, model_over = {}, {}
+    if args.config:
+        raw = load_toml(args.config)
+        train_over.update(raw.get("train", {}))
+        model_over.update(raw.get("model", {}))
+    for item in args.set:
+        if "=" not in item:
+            raise OwnLLMError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        (model_over if k.startswith("model.") else train_over)[k.removeprefix("model.")] = v
+    for name in ("data", "tokenizer", "vocab_size", "max_steps", "seed"):
+        if getattr(args, name, None) is not None:
+            train_over[name] = getattr(args, name)
+    if args.compile:
+        train_over["compile"] = True
+    if args.time_budget is not None:
+        train_over["time_budget"] = args.time_budget
+    elif args.max_steps is not None:
+        train_over["time_budget"] = None
+    return apply_overrides(TrainConfig(), train_over, source="--set/--config"), model_over
+
+
+def cmd_data(args) -> None:
+    from ownllm.data.corpora import describe_bundled
+
+    if args.action == "list":
+        print(f"{'name':<16}{'bytes':>12}{'chars':>12}{'packed':>11}  description")
+        for r in describe_bundled():
+            print(f"{r['name']:<16}{r['bytes']:>12,}{r['chars']:>12,}{r['compressed']:>11,}  {r['description']}")
+
+
+def cmd_tokenizer(args) -> None:
+    from ownllm.data.corpora import load_sources
+    from ownllm.tokenizer import train_tokenizer
+
+    sources = load_sources(args.data)
+    t0 = time.perf_counter()
+    tok = train_tokenizer((s.split()[0] for s in sources), args.vocab_size)
+    tok.save(args.out)
+    print(f"trained {tok.vocab_size}-token byte-level BPE in {time.perf_counter() - t0:.1f}s -> {args.out}/tokenizer.json")
+    print(f"{'held-out source':<20}{'bytes':>12}{'tokens':>10}{'bytes/token':>13}")
+    for s in sources:
+        val = s.split()[1]
+        n = len(tok.encode(val))
+        print(f"{s.name:<20}{len(val.encode('utf-8')):>12,}{n:>10,}{len(val.encode('utf-8')) / max(n, 1):>13.2f}")
+
+
+def cmd_pretrain(args) -> None:
+    from ownllm.train.pretrain import pretrain
+
+    tcfg, model_over = _train_config(args)
+    resume_cfg = tcfg if args.resume else None
+    result = pretrain(args.out, resume_cfg if args.resume else tcfg, preset=args.preset, model_overrides=model_over,
+                      resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"trained {result['step']} steps in {result['elapsed_s']:.0f}s ({result['dtype']})")
+    _print_lm_eval(result["sources"])
+    _print_sample(args.out, "ROMEO:" if "chinese" not in (tcfg.data or "") else "春")
+
+
+def _print_lm_eval(rows: list[dict]) -> None:
+    print(f"{'held-out source':<20}{'tokens':>10}{'val_loss':>10}{'val_bpb':>9}")
+    for r in rows:
+        print(f"{r['source']:<20}{r['tokens']:>10,}{r['val_loss']:>10.4f}{r['val_bpb']:>9.4f}")
+    mean = sum(r["val_bpb"] for r in rows) / len(rows)
+    keys = " ".join(f"val_bpb_{r['source'].replace('-', '_')}={r['val_bpb']:.4f}" for r in rows)
+    print(f"RESULT val_bpb={mean:.4f} {keys}")
+
+
+def _print_sample(run: str, prompt: str, n: int = 120) -> None:
+    from ownllm.inference.generate import generate_text
+
+    print(f"--- sample (temperature 0.8, seed 1) ---\n{prompt}", end="")
+    for piece in generate_text(run, prompt, max_new_tokens=n, temperature=0.8, seed=1, stream=True):
+        print(piece, end="", flush=True)
+    print("\n---")
+
+
+def cmd_eval(args) -> None:
+    from ownllm.evaluation.runs import eval_run
+
+    _print_lm_eval(eval_run(args.run, args.data, max_tokens=args.max_tokens))
+
+
+def cmd_generate(args) -> None:
+    from ownllm.inference.generate import generate_text
+
+    if args.prompt is None:
+        raise OwnLLMError("--prompt: required")
+    sys.stdout.write(args.prompt)
+    for piece in generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                               seed=args.seed, stop=args.stop, stream=True):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_quickstart(args) -> None:
+    from ownllm.quickstart import quickstart
+
+    quickstart(args.out, time_budget=args.time_budget)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ownllm", description="Own your LLM: build, train and run it on your hardware.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="bundled data sets")
+    p.add_argument("action", choices=["list"])
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    p.add_argument("--data", default="shakespeare,chinese-poetry")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("pretrain", help="pretrain a model on raw text (next-token prediction)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="held-out loss and bits per byte of a run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", help="evaluate on these sources' held-out 10%% instead of the run's own")
+    p.add_argument("--max-tokens", type=int, help="cap tokens per source (faster, approximate)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt (streams)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--prompt")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--time-budget", type=float, default=180.0, help="seconds of pretraining")
+    p.set_defaults(func=cmd_quickstart)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except OwnLLMError as e:
+        print(f"ownllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nownllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

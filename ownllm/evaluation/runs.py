@@ -1,0 +1,34 @@
+"""Evaluate a run directory: held-out bits per byte per source (`ownllm eval --run R`).
+
+Uses the run's own packed validation shards, or the held-out 10% of `--data` tokenized with the
+run's tokenizer (so any two runs can be compared on the same text).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from ownllm.checkpoint import load_model
+from ownllm.data.corpora import load_sources
+from ownllm.data.shards import Shards, pack
+from ownllm.errors import OwnLLMError
+from ownllm.evaluation.lm import evaluate_sources
+from ownllm.tokenizer import Tokenizer
+
+
+def eval_run(run: str | Path, data: str | None = None, max_tokens: int | None = None) -> list[dict]:
+    run = Path(run)
+    model = load_model(run)
+    seq_len = model.config.max_seq_len
+    tc = run / "train_config.json"
+    if tc.exists():
+        seq_len = min(seq_len, json.loads(tc.read_text()).get("seq_len", seq_len))
+    if data is None:
+        if not (run / "data" / "meta.json").exists():
+            raise OwnLLMError(f"{run}: has no packed data/; pass --data to choose held-out text")
+        return evaluate_sources(model, Shards.open(run / "data"), seq_len, max_tokens)
+    tok = Tokenizer.load(run)
+    with tempfile.TemporaryDirectory() as tmp:
+        pack(tok, load_sources(data), tmp)
+        return evaluate_sources(model, Shards.open(tmp), seq_len, max_tokens)

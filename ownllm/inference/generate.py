@@ -1,0 +1,82 @@
+"""Text in, text out: load a run for inference and generate with stop strings and streaming.
+
+Where it sits: `ownllm generate`, the sample after pretraining, and (later) chat/serve call
+`generate_text`; batch callers use `Engine` directly with token ids.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ownllm.checkpoint import load_model
+from ownllm.errors import OwnLLMError
+from ownllm.inference.engine import Engine, SamplingParams
+from ownllm.tokenizer import Tokenizer
+
+
+@lru_cache(maxsize=4)
+def _load(run: str, mtime: float):
+    return load_model(run), Tokenizer.load(run)
+
+
+def load_run(run: str | Path):
+    """(model, tokenizer) for a run directory, cached until its weights change."""
+    p = Path(run)
+    if not p.is_dir():
+        raise OwnLLMError(f"--run {run}: no such run directory")
+    weights = p / "model.safetensors"
+    return _load(str(p.resolve()), weights.stat().st_mtime if weights.exists() else 0.0)
+
+
+def _stop_holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that could still begin a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: int | None = 50, top_p: float | None = 0.95, repetition_penalty: float = 1.0,
+                  seed: int | None = None, stop: list[str] | None = None, stream: bool = False):
+    """Continue `prompt`. With stream=True returns an iterator of text pieces, else the full string."""
+    model, tok = load_run(run)
+    ids = tok.encode(prompt) or [tok.bos_id]
+    ctx = model.config.max_seq_len
+    if len(ids) >= ctx:
+        raise OwnLLMError(f"prompt is {len(ids)} tokens; the model's context is {ctx}")
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed, stop_ids=(tok.eos_id, tok.end_id))
+    except ValueError as e:
+        raise OwnLLMError(str(e)) from None
+    pieces = _stream_text(Engine(model, tok.pad_id), tok, ids, params, stop or [])
+    return pieces if stream else "".join(pieces)
+
+
+def _stream_text(engine: Engine, tok: Tokenizer, ids: list[int], params: SamplingParams, stops: list[str]) -> Iterator[str]:
+    dec = tok.stream_decoder()
+    pending = ""
+    stop_ids = set(params.stop_ids)
+    for step in engine.stream([ids], params):
+        t = step[0]
+        if t is None or t in stop_ids:
+            break
+        pending += dec.push(t)
+        hit = min((pending.find(s) for s in stops if s in pending), default=-1)
+        if hit >= 0:
+            yield pending[:hit]
+            return
+        keep = _stop_holdback(pending, stops)
+        if len(pending) > keep:
+            yield pending[: len(pending) - keep]
+            pending = pending[len(pending) - keep:]
+    pending += dec.flush()
+    hit = min((pending.find(s) for s in stops if s in pending), default=-1)
+    yield pending if hit < 0 else pending[:hit]

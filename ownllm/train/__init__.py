@@ -1,0 +1,1 @@
+"""Training: one Trainer loop; objectives as small pure functions; stage entry points."""

@@ -1,0 +1,96 @@
+"""Pretraining: next-token prediction over raw text.
+
+Where it sits: `ownllm pretrain` → `runs/base/`, the first model stage of the flow. Reads
+`--data` (bundled names, files, directories, JSONL), trains or reuses a tokenizer on the training
+split, packs token shards into `<run>/data/`, trains with the shared Trainer, then evaluates
+bits per byte on every held-out source and prints a sample.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ownllm.checkpoint import commit_files, is_trained_run, load_model_config, recover
+from ownllm.config import ModelConfig, TrainConfig, from_json_file, model_config, to_json
+from ownllm.data.corpora import load_sources
+from ownllm.data.shards import Shards, pack, random_batch
+from ownllm.errors import OwnLLMError
+from ownllm.evaluation.lm import evaluate_sources, quick_eval_fn
+from ownllm.model import GPT
+from ownllm.tokenizer import Tokenizer, train_tokenizer
+from ownllm.train.objectives import lm_step
+from ownllm.train.trainer import Trainer
+
+
+def prepare_run(out: Path, tcfg: TrainConfig, preset: str | None, model_overrides: dict, overwrite: bool,
+                log=print) -> tuple[ModelConfig, Tokenizer]:
+    """Validate everything, then lay down config, tokenizer and shards in a fresh run dir."""
+    if is_trained_run(out) and not overwrite:
+        raise OwnLLMError(f"{out}: already holds a trained run; pass --resume to continue it or --overwrite to replace it")
+    sources = load_sources(tcfg.data)
+    mcfg = model_config(preset, model_overrides)
+    if tcfg.tokenizer:
+        tok = Tokenizer.load(tcfg.tokenizer)
+    else:
+        vocab = tcfg.vocab_size or mcfg.vocab_size
+        log(f"training a {vocab}-token byte-level BPE on the training split of {', '.join(s.name for s in sources)}")
+        tok = train_tokenizer((s.split()[0] for s in sources), vocab)
+    mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size, max_seq_len=max(mcfg.max_seq_len, tcfg.seq_len))
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out, model_max_length=mcfg.max_seq_len)
+    meta = pack(tok, sources, out / "data")
+    commit_files(out, {"config.json": to_json(mcfg).encode(), "train_config.json": to_json(tcfg).encode()})
+    for s in meta["sources"]:
+        log(f"  {s['name']}: train {s['train']['tokens']:,} tokens ({s['train']['bytes'] / s['train']['tokens']:.2f} bytes/token), "
+            f"val {s['val']['tokens']:,} tokens ({s['val']['bytes'] / s['val']['tokens']:.2f} bytes/token)")
+    return mcfg, tok
+
+
+def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | None = None,
+             model_overrides: dict | None = None, resume: bool = False, overwrite: bool = False,
+             progress: bool = True, stop_at_step: int | None = None, log=print) -> dict:
+    out = Path(out)
+    if resume:
+        recover(out)
+        if not (out / "state.pt").is_file():
+            raise OwnLLMError(f"{out}: nothing to resume (no state.pt); start it without --resume")
+        saved = json.loads((out / "train_config.json").read_text())
+        saved.pop("dtype_used", None)
+        tcfg = dataclasses.replace(TrainConfig(**saved), **({} if tcfg is None else _changed(tcfg)))
+        mcfg, tok = load_model_config(out), Tokenizer.load(out)
+    else:
+        tcfg = tcfg or TrainConfig()
+        mcfg, tok = prepare_run(out, tcfg, preset, model_overrides or {}, overwrite, log)
+    shards = Shards.open(out / "data")
+    torch.manual_seed(tcfg.seed)
+    model = GPT(mcfg)
+    log(f"model: {mcfg.num_params() / 1e6:.2f}M parameters ({mcfg.num_params(embeddings=False) / 1e6:.2f}M without "
+        f"embeddings), {mcfg.n_layers} layers, dim {mcfg.dim}, vocab {mcfg.vocab_size}, context {tcfg.seq_len}")
+
+    def next_batch(gen):
+        return random_batch(shards.train, tcfg.batch_size, tcfg.seq_len, gen)
+
+    trainer = Trainer(model, tcfg, out, next_batch, lm_step,
+                      evaluate=quick_eval_fn(shards, tcfg.seq_len, tcfg.eval_batches, tcfg.batch_size),
+                      resume=resume, tokens_per_batch=tcfg.batch_size * tcfg.seq_len, progress=progress)
+    result = trainer.run(stop_at_step=stop_at_step)
+    if result.get("stopped"):
+        return result
+    model.eval()
+    per_source = evaluate_sources(model, shards, tcfg.seq_len)
+    result["sources"] = per_source
+    (out / "eval.json").write_text(json.dumps(per_source, indent=2))
+    return result
+
+
+def _changed(tcfg: TrainConfig) -> dict:
+    """Fields the caller set away from the defaults (applied on top of a resumed config)."""
+    default = TrainConfig()
+    return {f.name: getattr(tcfg, f.name) for f in dataclasses.fields(tcfg)
+            if getattr(tcfg, f.name) != getattr(default, f.name)}

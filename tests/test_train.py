@@ -1,0 +1,129 @@
+import json
+import math
+
+import pytest
+import torch
+
+from ownllm.checkpoint import commit_files, load_model, recover, save_checkpoint
+from ownllm.config import TrainConfig
+from ownllm.errors import OwnLLMError
+from ownllm.metrics import MetricsLog
+from ownllm.model import GPT
+from ownllm.train.pretrain import pretrain
+from ownllm.train.schedule import lr_at
+
+TINY = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32)
+
+
+def _cfg(text_file, **kw):
+    base = dict(data=str(text_file), vocab_size=300, batch_size=4, seq_len=32, max_steps=12, time_budget=None,
+                eval_interval=6, eval_batches=2, warmup_steps=3, lr=3e-3, dtype="float32", threads=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(run):
+    return [(r["step"], r["train_loss"]) for r in MetricsLog.read(run / "metrics.jsonl") if "train_loss" in r]
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path, text_file):
+    full = tmp_path / "full"
+    pretrain(full, _cfg(text_file), model_overrides=TINY, progress=False, log=lambda *a: None)
+    part = tmp_path / "part"
+    r = pretrain(part, _cfg(text_file), model_overrides=TINY, progress=False, stop_at_step=5, log=lambda *a: None)
+    assert r == {"step": 5, "stopped": True}
+    pretrain(part, None, resume=True, progress=False, log=lambda *a: None)
+    a, b = _losses(full), _losses(part)
+    assert [s for s, _ in a] == list(range(1, 13)) and [s for s, _ in b] == list(range(1, 13))
+    assert [l for _, l in a] == pytest.approx([l for _, l in b], abs=1e-6)
+    wa = load_model(full).state_dict()
+    wb = load_model(part).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_run_directory_layout_metrics_and_learning(tmp_path, text_file):
+    run = tmp_path / "run"
+    res = pretrain(run, _cfg(text_file, max_steps=30, eval_interval=10), model_overrides=TINY, progress=False,
+                   log=lambda *a: None)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors", "train_config.json",
+              "metrics.jsonl", "state.pt", "plots/loss.png", "data/train.bin", "data/val.bin", "eval.json"):
+        assert (run / f).is_file(), f
+    rows = MetricsLog.read(run / "metrics.jsonl")
+    steps = [r for r in rows if "train_loss" in r]
+    assert {"step", "tokens", "elapsed_s", "lr", "train_loss"} <= set(steps[0])
+    evals = [r for r in rows if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30] and "val_loss" in evals[0]
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"] - 1.0  # it learns
+    assert steps[-1]["tokens"] == 30 * 4 * 32
+    assert 0 < res["sources"][0]["val_bpb"] < 8
+    assert not list(run.glob(".*.tmp")) and not (run / "commit.json").exists()
+
+
+def test_every_parameter_changes(tmp_path, text_file):
+    torch.manual_seed(0)
+    from ownllm.config import ModelConfig
+
+    before = {k: v.clone() for k, v in GPT(ModelConfig(vocab_size=300, **TINY)).state_dict().items()}
+    run = tmp_path / "r"
+    pretrain(run, _cfg(text_file, max_steps=3, seed=0), model_overrides=TINY, progress=False, log=lambda *a: None)
+    after = load_model(run).state_dict()
+    for k, v in after.items():
+        if k in before and before[k].shape == v.shape:
+            assert not torch.equal(before[k], v), f"{k} did not change"
+
+
+def test_existing_run_is_not_overwritten(tmp_path, text_file):
+    run = tmp_path / "run"
+    pretrain(run, _cfg(text_file, max_steps=2), model_overrides=TINY, progress=False, log=lambda *a: None)
+    weights = (run / "model.safetensors").read_bytes()
+    with pytest.raises(OwnLLMError, match="already holds a trained run"):
+        pretrain(run, _cfg(text_file, max_steps=2), model_overrides=TINY, progress=False, log=lambda *a: None)
+    with pytest.raises(OwnLLMError, match="no such file"):  # bad data with --overwrite: old run untouched
+        pretrain(run, _cfg(tmp_path / "missing.txt"), overwrite=True, progress=False, log=lambda *a: None)
+    assert (run / "model.safetensors").read_bytes() == weights
+
+
+def test_interrupted_commit_recovers(tmp_path, tiny_cfg):
+    model = GPT(tiny_cfg)
+    save_checkpoint(tmp_path, model, {"x": 1}, step=1)
+    # a second commit that died after its journal was written but before the renames
+    (tmp_path / ".model.safetensors.tmp").write_bytes((tmp_path / "model.safetensors").read_bytes())
+    (tmp_path / ".state.pt.tmp").write_bytes((tmp_path / "state.pt").read_bytes())
+    (tmp_path / "commit.json").write_text(json.dumps([[".model.safetensors.tmp", "model.safetensors"],
+                                                      [".state.pt.tmp", "state.pt"]]))
+    recover(tmp_path)
+    assert not (tmp_path / "commit.json").exists() and not (tmp_path / ".state.pt.tmp").exists()
+    load_model(tmp_path)
+    # a commit that died before its journal: temp files are ignored, the old checkpoint stands
+    (tmp_path / ".model.safetensors.tmp").write_bytes(b"garbage")
+    load_model(tmp_path)
+    commit_files(tmp_path, {"note.txt": b"hi"})
+    assert (tmp_path / "note.txt").read_text() == "hi"
+
+
+def test_corrupt_checkpoint_errors(tmp_path, tiny_cfg):
+    save_checkpoint(tmp_path, GPT(tiny_cfg), step=0)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(OwnLLMError, match="corrupt"):
+        load_model(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(OwnLLMError, match="missing"):
+        load_model(tmp_path)
+
+
+def test_lr_schedule_shapes():
+    kw = dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0.0, 0, **kw) == pytest.approx(0.1)
+    assert lr_at(0.0, 9, **kw) == pytest.approx(1.0)
+    assert lr_at(0.5, 50, kind="linear", **kw) == pytest.approx(0.55)
+    assert lr_at(1.0, 99, kind="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(0.4, 40, kind="wsd", **kw) == 1.0 and lr_at(1.0, 99, kind="wsd", **kw) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        lr_at(0.5, 50, kind="nope", **kw)
+
+
+def test_bf16_autocast_trains_finite(tmp_path, text_file):
+    run = tmp_path / "bf16"
+    res = pretrain(run, _cfg(text_file, max_steps=4, dtype="bfloat16"), model_overrides=TINY, progress=False,
+                   log=lambda *a: None)
+    assert res["dtype"] == "bfloat16" and math.isfinite(res["train_loss"])
