@@ -50,8 +50,8 @@ def main() -> None:
 
     def step():
         with autocast(dtype):
-            loss = lm_step(model, (x, y))
-        loss.backward()
+            loss, n = lm_step(model, (x, y))
+        (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

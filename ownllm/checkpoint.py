@@ -94,8 +94,9 @@ def load_model_config(run_dir: str | Path) -> ModelConfig:
     return from_json_file(ModelConfig, Path(run_dir) / "config.json")
 
 
-def load_weights(model: torch.nn.Module, run_dir: str | Path) -> int:
-    """Load model.safetensors into `model`; returns the step it was saved at."""
+def load_weights(model: torch.nn.Module, run_dir: str | Path, base_only: bool = False) -> int:
+    """Load model.safetensors into `model`; returns the step it was saved at. With base_only,
+    the run may lack the model's LoRA adapters (they keep their fresh initialisation)."""
     d = Path(run_dir)
     recover(d)
     path = d / "model.safetensors"
@@ -110,11 +111,15 @@ def load_weights(model: torch.nn.Module, run_dir: str | Path) -> int:
     if getattr(model.config, "tie_embeddings", False) and "embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     expected, got = set(model.state_dict()), set(sd)
+    if base_only:
+        expected = {k for k in expected if not k.endswith(("lora_A", "lora_B"))}
+        got = {k for k in got if not k.endswith(("lora_A", "lora_B"))}
+        sd = {k: v for k, v in sd.items() if k in got}
     if expected != got:
         diff = sorted(expected ^ got)[:5]
         raise OwnLLMError(f"{path}: weights do not match config.json (differs at {', '.join(diff)})")
     try:
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(sd, strict=not base_only)
     except RuntimeError as e:
         raise OwnLLMError(f"{path}: weights do not match config.json ({str(e).splitlines()[-1][:160]})") from None
     return int(meta.get("step", 0))

@@ -64,7 +64,15 @@ def _train_config(args) -> tuple:
 def cmd_data(args) -> None:
     from ownllm.data.corpora import describe_bundled
 
-    if args.action == "list":
+    if args.action == "tasks":
+        from ownllm.data.tasks import generate, write_jsonl
+
+        if not args.out:
+            raise OwnLLMError("data tasks: --out FILE is required")
+        examples = generate(args.n, args.split, seed=args.seed)
+        write_jsonl(examples, args.out)
+        print(f"wrote {len(examples)} {args.split} examples ({len(set(e.family for e in examples))} families) to {args.out}")
+    elif args.action == "list":
         print(f"{'name':<16}{'bytes':>12}{'chars':>12}{'packed':>11}  description")
         for r in describe_bundled():
             print(f"{r['name']:<16}{r['bytes']:>12,}{r['chars']:>12,}{r['compressed']:>11,}  {r['description']}")
@@ -117,6 +125,14 @@ def _print_sample(run: str, prompt: str, n: int = 120) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.suite == "tasks":
+        from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
+
+        res = evaluate_tasks(args.run, shots=args.shots, n_per_family=args.n)
+        if args.samples:
+            Path(args.samples).write_text("\n".join(json.dumps(a, ensure_ascii=False) for a in res["samples"]) + "\n")
+        print_task_report(res)
+        return
     from ownllm.evaluation.runs import eval_run
 
     _print_lm_eval(eval_run(args.run, args.data, max_tokens=args.max_tokens))
@@ -136,6 +152,47 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_sft(args) -> None:
+    from ownllm.config import apply_overrides
+    from ownllm.train.sft import sft, sft_config
+
+    over = {}
+    for item in args.set:
+        if "=" not in item:
+            raise OwnLLMError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        over[k] = v
+    for name in ("data", "format", "max_steps", "seed"):
+        if getattr(args, name) is not None:
+            over[name] = getattr(args, name)
+    if args.time_budget is not None:
+        over["time_budget"], over["max_steps"] = args.time_budget, over.get("max_steps")
+    for flag in ("skip_bad", "pack"):
+        if getattr(args, flag):
+            over[flag] = True
+    tcfg = apply_overrides(sft_config(), over, source="--set")
+    if not args.resume and not args.base:
+        raise OwnLLMError("sft: --base RUN is required (the pretrained run to fine-tune)")
+    res = sft(args.base, args.out, tcfg, lora_rank=args.lora_rank if args.lora else 0, lora_alpha=args.lora_alpha,
+              resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"fine-tuned {res['step']} steps in {res['elapsed_s']:.0f}s ({res['dtype']}); "
+          f"trainable {res['trainable_params']:,} of {res['total_params']:,} parameters "
+          f"({100 * res['trainable_params'] / res['total_params']:.2f}%); val_loss {res.get('val_loss', float('nan')):.4f}")
+
+
+def cmd_merge_lora(args) -> None:
+    from ownllm.train.merge import merge_lora
+
+    merge_lora(args.run, args.out)
+    print(f"merged adapters of {args.run} into {args.out}")
+
+
+def cmd_chat(args) -> None:
+    from ownllm.inference.chat import repl
+
+    repl(args.run, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
 def cmd_quickstart(args) -> None:
     from ownllm.quickstart import quickstart
 
@@ -146,8 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ownllm", description="Own your LLM: build, train and run it on your hardware.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("data", help="bundled data sets")
-    p.add_argument("action", choices=["list"])
+    p = sub.add_parser("data", help="bundled data sets: list them, or write the task suite as JSONL")
+    p.add_argument("action", choices=["list", "tasks"])
+    p.add_argument("--out", help="(tasks) output JSONL file")
+    p.add_argument("--n", type=int, default=1000, help="(tasks) number of examples")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
@@ -160,8 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("eval", help="held-out loss and bits per byte of a run")
+    p = sub.add_parser("eval", help="evaluate a run: lm (held-out bits per byte, default) or tasks (exact match)")
+    p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks"])
     p.add_argument("--run", required=True)
+    p.add_argument("--shots", type=int, default=0, help="(tasks) K-shot prompts from the train split")
+    p.add_argument("--n", type=int, default=50, help="(tasks) held-out prompts per family")
+    p.add_argument("--samples", help="(tasks) write every prompt/output/verdict to this JSONL file")
     p.add_argument("--data", help="evaluate on these sources' held-out 10%% instead of the run's own")
     p.add_argument("--max-tokens", type=int, help="cap tokens per source (faster, approximate)")
     p.set_defaults(func=cmd_eval)
@@ -177,6 +242,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (full or --lora)")
+    p.add_argument("--base", help="pretrained run directory")
+    p.add_argument("--data", help="'tasks' (bundled suite, default) or JSONL files, comma-separated")
+    p.add_argument("--format", help="messages | sharegpt | alpaca | completion (default: detect)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
+    p.add_argument("--pack", action="store_true", help="pack short examples into full rows (no cross-attention)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--time-budget", type=float)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters only")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into plain weights")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("chat", help="multi-turn chat with a fine-tuned run (streams)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")
     p.add_argument("--out", default="runs/quickstart")

@@ -31,6 +31,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    lora_rank: int = 0              # > 0: LoRA adapters on lora_targets (see lora.py)
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -93,6 +96,12 @@ class TrainConfig:
     dtype: str = "auto"                 # auto | bfloat16 | float32 (autocast for matmuls)
     compile: bool = False
     threads: int | None = None          # torch threads; None: one per core
+    stage: str = "pretrain"             # pretrain | sft (recorded so eval knows how to prompt the run)
+    # fine-tuning data (sft)
+    format: str | None = None           # messages | sharegpt | alpaca | completion (None: detect)
+    skip_bad: bool = False              # skip and count malformed records instead of failing
+    pack: bool = False                  # pack short examples per row (no attention across them)
+    task_examples: int = 20000          # examples drawn from the bundled task suite (`--data tasks`)
 
 
 def _coerce(value: Any, target_type: Any, name: str) -> Any:

@@ -80,14 +80,23 @@ class KVCache:
         return not bool(self.valid[:, : self.length].all())
 
 
+def linear(cfg: ModelConfig, name: str, d_in: int, d_out: int) -> nn.Linear:
+    """A bias-free projection; a LoRALinear when the config asks for adapters on `name`."""
+    if cfg.lora_rank > 0 and name in cfg.lora_targets.split(","):
+        from ownllm.lora import LoRALinear
+
+        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha)
+    return nn.Linear(d_in, d_out, bias=False)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = linear(cfg, "q_proj", cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.k_proj = linear(cfg, "k_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.v_proj = linear(cfg, "v_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.o_proj = linear(cfg, "o_proj", cfg.n_heads * cfg.head_dim, cfg.dim)
 
     def forward(self, x, cos, sin, *, layer: int = 0, cache: KVCache | None = None,
                 mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
@@ -95,7 +104,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             start, end = cache.length, cache.length + T
             cache.k[layer, :, :, start:end] = k
@@ -113,9 +123,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_proj = linear(cfg, "gate_proj", cfg.dim, cfg.ffn_dim)
+        self.up_proj = linear(cfg, "up_proj", cfg.dim, cfg.ffn_dim)
+        self.down_proj = linear(cfg, "down_proj", cfg.ffn_dim, cfg.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -153,6 +163,8 @@ class GPT(nn.Module):
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2·n_layers) (GPT-2)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
+            if name.endswith(("lora_A", "lora_B")):
+                continue  # LoRALinear initialises its own adapters (B = 0)
             if p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):

@@ -13,9 +13,14 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
-def lm_step(model, batch) -> torch.Tensor:
+def lm_step(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL, number of target tokens): the Trainer divides by the step's total
+    count, so a step's loss is a per-token mean however the batch is split into micro-batches."""
     x, y = batch
-    return lm_loss(model(x), y)
+    logits = model(x)
+    total = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total, (y != -100).sum()
 
 
 def bits_per_byte(loss_nats_per_token: float, tokens: int, n_bytes: int) -> float:

@@ -51,7 +51,7 @@ def measure_dtype(model, loss_fn, batch, reps: int = 3) -> tuple[str, dict[str, 
         for i in range(reps + 1):
             t0 = time.perf_counter()
             with autocast(dtype):
-                loss = loss_fn(model, batch)
+                loss, _ = loss_fn(model, batch)
             loss.backward()
             if i:  # first rep warms up kernels
                 best = min(best, time.perf_counter() - t0)
@@ -118,7 +118,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path,
-                 next_batch: Callable[[torch.Generator], Batch], loss_fn: Callable[[Any, Batch], torch.Tensor],
+                 next_batch: Callable[[torch.Generator], Batch], loss_fn: Callable[[Any, Batch], tuple[torch.Tensor, torch.Tensor]],
                  evaluate: Callable[[torch.nn.Module], dict] | None = None, resume: bool = False,
                  tokens_per_batch: int = 0, extra_files: dict[str, bytes] | None = None, progress: bool = True):
         self.model, self.cfg, self.run_dir = model, cfg, Path(run_dir)
@@ -128,6 +128,7 @@ class Trainer:
         self.progress = progress
         if cfg.max_steps is None and cfg.time_budget is None:
             raise ValueError("give max_steps or time_budget")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         set_threads(cfg.threads)
         self.optimizer = make_optimizer(model, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -177,22 +178,31 @@ class Trainer:
                      min_lr_ratio=self.cfg.min_lr_ratio, kind=self.cfg.schedule)
 
     def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss per target token.
+
+        Micro-batch losses are sums; gradients are divided by the step's total target count at
+        the end, so padding and uneven micro-batches weigh every token equally (batch 8 × accum 1
+        equals batch 1 × accum 8)."""
         lr = self._lr()
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        total = torch.zeros(())
+        total, count = torch.zeros(()), torch.zeros(())
         for _ in range(self.cfg.grad_accum):
             batch = self.next_batch(self.gen)
             with autocast(self.dtype):
-                loss = self.loss_fn(self.forward_model, batch) / self.cfg.grad_accum
-            loss.backward()
-            total += loss.detach().float()
+                loss_sum, n = self.loss_fn(self.forward_model, batch)
+            loss_sum.backward()
+            total += loss_sum.detach().float()
+            count += n
+        count = count.clamp(min=1)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        torch._foreach_div_(grads, count)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total
+        return total / count
 
     def run(self, stop_at_step: int | None = None) -> dict:
         """Train until the budget ends (or `stop_at_step`, which simulates a kill after a checkpoint)."""

@@ -1,0 +1,129 @@
+"""Chat datasets in the formats people have, read into one shape: a list of messages.
+
+Where it sits: `ownllm sft --data …` (and later reward/DPO data) reads records through here.
+Formats, auto-detected per file from its first record or named with `--format`:
+
+    messages     {"messages": [{"role": "user", "content": "…"}, {"role": "assistant", …}]}  (OpenAI)
+    sharegpt     {"conversations": [{"from": "human", "value": "…"}, {"from": "gpt", …}]}
+    alpaca       {"instruction": "…", "input": "…", "output": "…"}
+    completion   {"prompt": "…", "completion": "…"}
+
+A bad record raises OwnLLMError naming file, line and field; with skip_bad it is counted instead.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ownllm.errors import OwnLLMError
+
+FORMATS = ("messages", "sharegpt", "alpaca", "completion")
+ROLES = {"system", "user", "assistant", "tool"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool", "function": "tool", "observation": "tool"}
+
+
+class BadRecord(ValueError):
+    """A record that does not fit its format; the message names the field."""
+
+
+def detect_format(rec: dict) -> str:
+    if "messages" in rec:
+        return "messages"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if "prompt" in rec and "completion" in rec:
+        return "completion"
+    raise BadRecord(f"cannot tell the format from fields {sorted(rec)[:6]} (expected one of: "
+                    "'messages', 'conversations', 'instruction'+'output', 'prompt'+'completion')")
+
+
+def _text(rec: dict, key: str, where: str = "") -> str:
+    v = rec.get(key)
+    if not isinstance(v, str):
+        raise BadRecord(f"field '{where}{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def to_messages(rec: dict, fmt: str) -> list[dict]:
+    if not isinstance(rec, dict):
+        raise BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+    if fmt == "messages":
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise BadRecord("field 'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise BadRecord(f"field 'messages[{i}]' must be an object")
+            if m.get("role") not in ROLES:
+                raise BadRecord(f"field 'messages[{i}].role' must be one of {sorted(ROLES)}, got {m.get('role')!r}")
+            out.append({"role": m["role"], "content": _text(m, "content", f"messages[{i}].")})
+    elif fmt == "sharegpt":
+        conv = rec.get("conversations")
+        if not isinstance(conv, list) or not conv:
+            raise BadRecord("field 'conversations' must be a non-empty list")
+        out = []
+        for i, m in enumerate(conv):
+            if not isinstance(m, dict) or m.get("from") not in SHAREGPT_ROLES:
+                raise BadRecord(f"field 'conversations[{i}].from' must be one of {sorted(SHAREGPT_ROLES)}")
+            out.append({"role": SHAREGPT_ROLES[m["from"]], "content": _text(m, "value", f"conversations[{i}].")})
+        if isinstance(rec.get("system"), str) and rec["system"]:
+            out.insert(0, {"role": "system", "content": rec["system"]})
+    elif fmt == "alpaca":
+        instruction, output = _text(rec, "instruction"), _text(rec, "output")
+        extra = rec.get("input") or ""
+        if not isinstance(extra, str):
+            raise BadRecord("field 'input' must be a string")
+        out = [{"role": "user", "content": instruction + ("\n\n" + extra if extra else "")},
+               {"role": "assistant", "content": output}]
+    elif fmt == "completion":
+        out = [{"role": "user", "content": _text(rec, "prompt")}, {"role": "assistant", "content": _text(rec, "completion")}]
+    else:
+        raise OwnLLMError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if not any(m["role"] == "assistant" for m in out):
+        raise BadRecord("no assistant message to learn from")
+    return out
+
+
+@dataclass
+class ChatData:
+    conversations: list[list[dict]]
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few skipped records' reasons
+
+
+def read_chat_jsonl(path: str | Path, fmt: str | None = None, skip_bad: bool = False) -> ChatData:
+    p = Path(path)
+    if not p.is_file():
+        raise OwnLLMError(f"{p}: no such file")
+    if fmt is not None and fmt not in FORMATS:
+        raise OwnLLMError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    data = ChatData([])
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise OwnLLMError(f"{p}: not UTF-8 text") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadRecord(f"invalid JSON ({e.msg} at column {e.colno})") from None
+            if fmt is None and isinstance(rec, dict):
+                fmt = detect_format(rec)
+            data.conversations.append(to_messages(rec, fmt or "messages"))
+        except BadRecord as e:
+            if not skip_bad:
+                raise OwnLLMError(f"{p}:{lineno}: {e} (use --skip-bad to skip such records)") from None
+            data.skipped += 1
+            if len(data.errors) < 5:
+                data.errors.append(f"{p}:{lineno}: {e}")
+    if not data.conversations:
+        raise OwnLLMError(f"{p}: no usable records")
+    return data

@@ -1,0 +1,199 @@
+"""A bundled, seeded suite of instruction tasks in English and Chinese.
+
+Where it sits: `--data tasks` for `ownllm sft`, `ownllm data tasks --out FILE` to write it as
+OpenAI-messages JSONL, and `ownllm eval tasks` to score a run on the held-out prompts.
+
+Every family is a deterministic function prompt → answer, so exact match is a fair score.
+Train and test never share a prompt: a prompt belongs to the test split exactly when a hash of
+its text falls in the test bucket, so no generator seed can leak one into the other.
+
+Families: arithmetic (2-digit + and −), reverse (letters), count (a letter), sort (digits),
+json (key=value → JSON), zh_numeral (1–999 → 中文数字), poem_next (next line of a given poem
+from the bundled corpus), passage_qa (answer from a short passage).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+TEST_BUCKETS = 10  # 1 in 10 prompts belongs to the test split
+
+
+@dataclass(frozen=True)
+class Example:
+    family: str
+    lang: str
+    prompt: str
+    answer: str
+
+    @property
+    def split(self) -> str:
+        return "test" if prompt_bucket(self.prompt) == 0 else "train"
+
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}]
+
+
+def prompt_bucket(prompt: str) -> int:
+    return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:4], "little") % TEST_BUCKETS
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+NAMES = ["Tom", "Mia", "Ali", "Zoe", "Sam", "Ivy", "Max", "Eva", "Leo", "Ada", "Ben", "Amy"]
+ZH_NAMES = ["小明", "小红", "小刚", "小丽", "阿强", "小芳", "大伟", "小雨", "阿杰", "小林"]
+CITIES = ["Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Rome", "Delhi", "Seoul", "Quito", "Accra"]
+ZH_CITIES = ["北京", "上海", "广州", "成都", "西安", "杭州", "南京", "武汉", "重庆", "昆明"]
+THINGS = ["apples", "books", "cats", "pens", "cups", "kites", "shoes", "maps"]
+ZH_THINGS = ["苹果", "书", "猫", "笔", "杯子", "风筝", "鞋", "地图"]
+ZH_DIGITS = "零一二三四五六七八九"
+
+
+def zh_numeral(n: int) -> str:
+    """1–999 in Chinese numerals, with 零 for an inner zero (一百零五) and 十 alone for 10–19."""
+    if not 0 < n < 1000:
+        raise ValueError(n)
+    h, t, u = n // 100, n // 10 % 10, n % 10
+    out = ""
+    if h:
+        out += ZH_DIGITS[h] + "百"
+        if t == 0 and u:
+            return out + "零" + ZH_DIGITS[u]
+    if t:
+        out += ("" if (t == 1 and not h) else ZH_DIGITS[t]) + "十"
+    if u:
+        out += ZH_DIGITS[u]
+    return out
+
+
+def _arithmetic(r: random.Random, lang: str) -> tuple[str, str]:
+    a, b = r.randint(10, 99), r.randint(10, 99)
+    op = r.choice("+-")
+    if op == "-" and b > a:
+        a, b = b, a
+    ans = a + b if op == "+" else a - b
+    q = f"What is {a} {op} {b}?" if lang == "en" else f"计算：{a} {op} {b} 等于多少？"
+    return q, str(ans)
+
+
+def _reverse(r: random.Random, lang: str) -> tuple[str, str]:
+    letters = [r.choice(LETTERS) for _ in range(r.randint(3, 6))]
+    q = f"Reverse the letters: {' '.join(letters)}" if lang == "en" else f"把这些字母倒过来：{' '.join(letters)}"
+    return q, " ".join(reversed(letters))
+
+
+def _count(r: random.Random, lang: str) -> tuple[str, str]:
+    target = r.choice("abc")
+    letters = [r.choice("abcd") for _ in range(r.randint(4, 8))]
+    seq = " ".join(letters)
+    q = f"How many times does {target} appear in: {seq}" if lang == "en" else f"{target} 在这里出现了几次：{seq}"
+    return q, str(letters.count(target))
+
+
+def _sort(r: random.Random, lang: str) -> tuple[str, str]:
+    nums = [str(r.randint(0, 9)) for _ in range(r.randint(3, 7))]
+    q = f"Sort from smallest to largest: {' '.join(nums)}" if lang == "en" else f"从小到大排序：{' '.join(nums)}"
+    return q, " ".join(sorted(nums))
+
+
+def _json(r: random.Random, lang: str) -> tuple[str, str]:
+    name, city, age = r.choice(NAMES), r.choice(CITIES), r.randint(5, 90)
+    keys = r.sample([("name", name), ("city", city), ("age", age)], k=r.randint(2, 3))
+    src = ", ".join(f"{k}={v}" for k, v in keys)
+    q = f"Convert to JSON: {src}" if lang == "en" else f"转换成 JSON：{src}"
+    return q, json.dumps(dict(keys), ensure_ascii=False)
+
+
+def _zh_numeral(r: random.Random, lang: str) -> tuple[str, str]:
+    n = r.randint(1, 999)
+    q = f"Write {n} in Chinese numerals." if lang == "en" else f"把 {n} 写成中文数字。"
+    return q, zh_numeral(n)
+
+
+@lru_cache(maxsize=1)
+def _poems() -> list[list[str]]:
+    """Short poems (4–8 lines of at most 16 characters) from the bundled Chinese corpus."""
+    from ownllm.data.corpora import bundled_text
+
+    poems = []
+    for block in bundled_text("chinese-poetry").split("\n\n"):
+        lines = block.split("\n")[2:]  # drop title and author
+        if 4 <= len(lines) <= 8 and all(4 <= len(ln) <= 16 and "□" not in ln for ln in lines) \
+                and len(set(lines)) == len(lines):
+            poems.append(lines)
+    return poems
+
+
+def _poem_next(r: random.Random, lang: str) -> tuple[str, str]:
+    poem = r.choice(_poems())
+    i = r.randrange(len(poem) - 1)
+    body = "\n".join(poem)
+    if lang == "en":
+        q = f"Here is a poem:\n{body}\nWhich line comes after \"{poem[i]}\"?"
+    else:
+        q = f"诗：\n{body}\n“{poem[i]}”的下一句是什么？"
+    return q, poem[i + 1]
+
+
+def _passage_qa(r: random.Random, lang: str) -> tuple[str, str]:
+    if lang == "en":
+        people = r.sample(NAMES, 3)
+        cities = r.sample(CITIES, 3)
+        counts = [r.randint(2, 9) for _ in people]
+        thing = r.choice(THINGS)
+        facts = [f"{p} lives in {c} and has {n} {thing}." for p, c, n in zip(people, cities, counts)]
+        r.shuffle(facts)
+        k = r.randrange(3)
+        if r.random() < 0.5:
+            return f"{' '.join(facts)}\nQuestion: Where does {people[k]} live?", cities[k]
+        return f"{' '.join(facts)}\nQuestion: How many {thing} does {people[k]} have?", str(counts[k])
+    people = r.sample(ZH_NAMES, 3)
+    cities = r.sample(ZH_CITIES, 3)
+    counts = [r.randint(2, 9) for _ in people]
+    thing = r.choice(ZH_THINGS)
+    facts = [f"{p}住在{c}，有{n}个{thing}。" for p, c, n in zip(people, cities, counts)]
+    r.shuffle(facts)
+    k = r.randrange(3)
+    if r.random() < 0.5:
+        return f"{''.join(facts)}\n问题：{people[k]}住在哪里？", cities[k]
+    return f"{''.join(facts)}\n问题：{people[k]}有几个{thing}？", str(counts[k])
+
+
+FAMILIES = {
+    "arithmetic": _arithmetic, "reverse": _reverse, "count": _count, "sort": _sort, "json": _json,
+    "zh_numeral": _zh_numeral, "poem_next": _poem_next, "passage_qa": _passage_qa,
+}
+
+
+def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | None = None) -> list[Example]:
+    """`n` examples of `split` ('train' or 'test'), families in turn, language drawn at random.
+    Test prompts are distinct; train prompts may repeat (small families like zh_numeral have
+    only ~1,800 train prompts)."""
+    fams = families or list(FAMILIES)
+    unknown = set(fams) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown task families {sorted(unknown)} (known: {', '.join(FAMILIES)})")
+    r = random.Random(f"{split}:{seed}")
+    out, seen, tries = [], set(), 0
+    while len(out) < n:
+        fam = fams[len(out) % len(fams)]
+        lang = "en" if r.random() < 0.5 else "zh"
+        prompt, answer = FAMILIES[fam](r, lang)
+        tries += 1
+        if tries > 200 * n + 10_000:
+            raise RuntimeError(f"could not draw {n} distinct {split} examples")
+        ex = Example(fam, lang, prompt, answer)
+        if ex.split != split or (split == "test" and prompt in seen):
+            continue
+        seen.add(prompt)
+        out.append(ex)
+    return out
+
+
+def write_jsonl(examples: list[Example], path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({"messages": ex.messages(), "family": ex.family, "lang": ex.lang, "split": ex.split},
+                               ensure_ascii=False) + "\n")

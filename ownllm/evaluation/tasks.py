@@ -1,0 +1,92 @@
+"""Exact-match accuracy on the held-out task suite, zero- or few-shot.
+
+Where it sits: `ownllm eval tasks --run R [--shots K]`. A fine-tuned run (stage sft) is prompted
+with the chat template; K shots become earlier user/assistant turns. A base run never saw chat
+markers, so it gets plain text: K blocks of "Q: …\\nA: …" then "Q: …\\nA:", and its answer ends
+at the first newline. Shots come from the train split of the same family and language.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ownllm.data.tasks import FAMILIES, Example, generate
+from ownllm.inference.engine import Engine, SamplingParams
+from ownllm.inference.generate import load_run
+
+
+def run_stage(run: str | Path) -> str:
+    tc = Path(run) / "train_config.json"
+    return json.loads(tc.read_text()).get("stage", "pretrain") if tc.exists() else "pretrain"
+
+
+def _shots(ex: Example, pool: dict, k: int, r: random.Random) -> list[Example]:
+    cands = pool[(ex.family, ex.lang)]
+    return r.sample(cands, k) if k else []
+
+
+def build_prompt(tok, ex: Example, shots: list[Example], chat: bool) -> list[int]:
+    if chat:
+        msgs = [m for s in shots for m in s.messages()] + [{"role": "user", "content": ex.prompt}]
+        return tok.render(msgs, add_generation_prompt=True).ids
+    text = "".join(f"Q: {s.prompt}\nA: {s.answer}\n\n" for s in shots) + f"Q: {ex.prompt}\nA:"
+    return tok.encode(text)
+
+
+def evaluate_tasks(run: str | Path, shots: int = 0, n_per_family: int = 50, batch_size: int = 32,
+                   max_new_tokens: int = 40, families: list[str] | None = None, seed: int = 0) -> dict:
+    model, tok = load_run(run)
+    chat = run_stage(run) != "pretrain"
+    fams = families or list(FAMILIES)
+    tests = generate(n_per_family * len(fams), "test", seed=seed, families=fams)
+    pool = defaultdict(list)
+    for e in generate(200 * len(fams), "train", seed=seed + 1, families=fams):
+        pool[(e.family, e.lang)].append(e)
+    r = random.Random(seed)
+    ctx = model.config.max_seq_len
+    prompts = []
+    for ex in tests:
+        k = shots
+        ids = build_prompt(tok, ex, _shots(ex, pool, k, r), chat)
+        while len(ids) + max_new_tokens > ctx and k > 0:  # fewer shots when the context is full
+            k -= 1
+            ids = build_prompt(tok, ex, _shots(ex, pool, k, r), chat)
+        prompts.append(ids[-(ctx - max_new_tokens):])
+    engine = Engine(model, tok.pad_id)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=(tok.end_id, tok.eos_id))
+    answers = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    outs: dict[int, list[int]] = {}
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
+            for i, o in zip(idx, engine.generate([prompts[i] for i in idx], params)):
+                outs[i] = o
+    per = defaultdict(lambda: [0, 0])
+    for i, ex in enumerate(tests):
+        text = tok.decode([t for t in outs[i] if t not in (tok.end_id, tok.eos_id)])
+        if not chat:
+            text = text.split("\n")[0]
+        ok = text.strip() == ex.answer
+        per[ex.family][0] += ok
+        per[ex.family][1] += 1
+        answers.append({"family": ex.family, "lang": ex.lang, "prompt": ex.prompt, "answer": ex.answer,
+                        "output": text.strip(), "correct": ok})
+    acc = {f: c / n for f, (c, n) in per.items()}
+    return {"per_family": acc, "mean_exact_match": sum(acc.values()) / len(acc), "shots": shots, "chat": chat,
+            "n": len(tests), "samples": answers}
+
+
+def print_task_report(res: dict, out=print) -> None:
+    out(f"held-out task suite: {res['n']} prompts, {res['shots']}-shot, "
+        f"{'chat template' if res['chat'] else 'plain Q/A prompt'}, greedy")
+    out(f"{'family':<14}{'exact match':>12}")
+    for f, a in res["per_family"].items():
+        out(f"{f:<14}{a:>12.3f}")
+    out(f"{'mean':<14}{res['mean_exact_match']:>12.3f}")
+    keys = " ".join(f"{f}={a:.4f}" for f, a in res["per_family"].items())
+    out(f"RESULT mean_exact_match={res['mean_exact_match']:.4f} {keys}")

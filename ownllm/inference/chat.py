@@ -1,0 +1,99 @@
+"""`ownllm chat`: a multi-turn REPL over a fine-tuned run, streaming replies.
+
+Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /temp X
+(sampling temperature), /quit. Ctrl-C while a reply streams stops that reply and keeps the
+session; Ctrl-C or Ctrl-D at the prompt leaves.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterator
+
+from ownllm.inference.engine import Engine, SamplingParams
+from ownllm.inference.generate import load_run
+
+
+class ChatSession:
+    def __init__(self, run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None):
+        self.model, self.tok = load_run(run)
+        self.engine = Engine(self.model, self.tok.pad_id)
+        self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
+        self.system: str | None = None
+        self.history: list[dict] = []
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def reply(self, user_text: str) -> Iterator[str]:
+        """Stream the assistant's reply; the turn is recorded even if the caller stops early."""
+        self.history.append({"role": "user", "content": user_text})
+        ids = self.tok.render(self.messages(), add_generation_prompt=True).ids
+        ctx = self.model.config.max_seq_len
+        while len(ids) > ctx - 16 and len(self.history) > 1:  # drop the oldest turns to fit the context
+            self.history.pop(0)
+            ids = self.tok.render(self.messages(), add_generation_prompt=True).ids
+        ids = ids[-(ctx - 16):]
+        params = SamplingParams(max_new_tokens=min(self.max_new_tokens, ctx - len(ids)), temperature=self.temperature,
+                                seed=self.seed, stop_ids=(self.tok.end_id, self.tok.eos_id))
+        dec = self.tok.stream_decoder()
+        text = ""
+        self.history.append({"role": "assistant", "content": ""})
+        for step in self.engine.stream([ids], params):
+            t = step[0]
+            if t is None or t in params.stop_ids:
+                break
+            piece = dec.push(t)
+            text += piece
+            self.history[-1]["content"] = text
+            yield piece
+        tail = dec.flush()
+        self.history[-1]["content"] = text + tail
+        if tail:
+            yield tail
+
+    def command(self, line: str) -> str:
+        cmd, _, arg = line.partition(" ")
+        if cmd == "/reset":
+            self.history = []
+            return "(conversation reset)"
+        if cmd == "/system":
+            self.system = arg.strip() or None
+            self.history = []
+            return f"(system prompt {'set' if self.system else 'cleared'}; conversation reset)"
+        if cmd == "/temp":
+            try:
+                t = float(arg)
+                if t < 0:
+                    raise ValueError
+            except ValueError:
+                return "(usage: /temp X with X >= 0)"
+            self.temperature = t
+            return f"(temperature {t})"
+        return "(commands: /reset, /system TEXT, /temp X, /quit)"
+
+
+def repl(run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None,
+         read: Callable[[str], str] = input, write: Callable[[str], None] = None) -> None:
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    s = ChatSession(run, temperature, max_new_tokens, seed)
+    write(f"chatting with {run} (/reset, /system TEXT, /temp X, /quit; Ctrl-C stops a reply)\n")
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        if not line.strip():
+            continue
+        if line.strip() in ("/quit", "/exit"):
+            return
+        if line.startswith("/"):
+            write(s.command(line.strip()) + "\n")
+            continue
+        write("bot> ")
+        try:
+            for piece in s.reply(line):
+                write(piece)
+        except KeyboardInterrupt:
+            write(" [stopped]")
+        write("\n")

@@ -1,0 +1,140 @@
+"""Supervised fine-tuning: instruction → reference answer, loss on the answer only.
+
+Where it sits: `ownllm sft --base runs/base --data tasks --out runs/sft` (full) or with
+`--lora` (adapters only). Reads conversations (bundled task suite or JSONL in any supported
+format), renders them with the chat template, trains with the shared Trainer (same
+checkpoints, resume and metrics as pretraining) and writes a run directory that chat, eval
+and later stages load like any other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from ownllm.checkpoint import commit_files, is_trained_run, load_model_config, load_weights, recover
+from ownllm.config import TrainConfig, to_json
+from ownllm.data.chat import ChatExamples, collate_packed, collate_padded, encode_conversations, masked_lm_step
+from ownllm.data.formats import read_chat_jsonl
+from ownllm.errors import OwnLLMError
+from ownllm.lora import freeze_base
+from ownllm.model import GPT
+from ownllm.tokenizer import Tokenizer
+from ownllm.train.trainer import Trainer
+
+SFT_DEFAULTS = dict(lr=1e-3, warmup_steps=20, batch_size=32, seq_len=320, eval_interval=100, eval_batches=8,
+                    time_budget=None, max_steps=600, weight_decay=0.0, stage="sft", data="tasks")
+
+
+def sft_config(**overrides) -> TrainConfig:
+    return dataclasses.replace(TrainConfig(), **{**SFT_DEFAULTS, **overrides})
+
+
+def load_conversations(tcfg: TrainConfig, log=print) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(train, val) conversations from `tcfg.data`: 'tasks' or comma-separated JSONL files."""
+    if tcfg.data == "tasks":
+        from ownllm.data.tasks import generate
+
+        train = [e.messages() for e in generate(tcfg.task_examples, "train", seed=tcfg.seed)]
+        val = [e.messages() for e in generate(200, "test", seed=0)]
+        return train, val
+    convs = []
+    for path in [p.strip() for p in tcfg.data.split(",") if p.strip()]:
+        data = read_chat_jsonl(path, tcfg.format, tcfg.skip_bad)
+        if data.skipped:
+            log(f"{path}: skipped {data.skipped} bad record(s), e.g. {data.errors[0]}")
+        convs += data.conversations
+    g = torch.Generator().manual_seed(tcfg.seed)
+    order = torch.randperm(len(convs), generator=g).tolist()
+    n_val = max(1, len(convs) // 50) if len(convs) >= 20 else 0
+    val = [convs[i] for i in order[:n_val]]
+    train = [convs[i] for i in order[n_val:]]
+    return train, val or train[:1]
+
+
+def make_batcher(ex: ChatExamples, tcfg: TrainConfig, pad_id: int):
+    def next_batch(gen: torch.Generator) -> dict:
+        if not tcfg.pack:
+            idx = torch.randint(0, len(ex), (tcfg.batch_size,), generator=gen).tolist()
+            return collate_padded(ex, idx, pad_id)
+        # draw enough examples to fill batch_size rows; rows past batch_size are dropped
+        mean_len = sum(len(i) for i in ex.ids[:1000]) / min(len(ex), 1000)
+        n = max(1, int(tcfg.batch_size * tcfg.seq_len / mean_len))
+        idx = torch.randint(0, len(ex), (n,), generator=gen).tolist()
+        b = collate_packed(ex, idx, tcfg.seq_len, pad_id)
+        return {k: v[: tcfg.batch_size] for k, v in b.items()}
+    return next_batch
+
+
+def val_loss_fn(ex: ChatExamples, pad_id: int, batch: int = 32):
+    def run(model) -> dict:
+        total, count = 0.0, 0
+        for i in range(0, len(ex), batch):
+            s, n = masked_lm_step(model, collate_padded(ex, list(range(i, min(i + batch, len(ex)))), pad_id))
+            total, count = total + float(s), count + int(n)
+        return {"val_loss": total / max(count, 1)}
+    return run
+
+
+def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora_rank: int = 0,
+        lora_alpha: float = 16.0, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        stop_at_step: int | None = None, log=print) -> dict:
+    out = Path(out)
+    if resume:
+        recover(out)
+        if not (out / "state.pt").is_file():
+            raise OwnLLMError(f"{out}: nothing to resume (no state.pt); start it without --resume")
+        saved = json.loads((out / "train_config.json").read_text())
+        saved.pop("dtype_used", None)
+        tcfg = TrainConfig(**{**saved, **({} if tcfg is None else _changed(tcfg))})
+        mcfg = load_model_config(out)
+        tok = Tokenizer.load(out)
+    else:
+        base = Path(base)
+        tcfg = tcfg or sft_config()
+        if is_trained_run(out) and not overwrite:
+            raise OwnLLMError(f"{out}: already holds a trained run; pass --resume or --overwrite")
+        mcfg = load_model_config(base)
+        tok = Tokenizer.load(base)
+        mcfg = dataclasses.replace(mcfg, lora_rank=lora_rank, lora_alpha=lora_alpha)
+    train_convs, val_convs = load_conversations(tcfg, log)
+    seq_len = min(tcfg.seq_len, mcfg.max_seq_len)
+    train_ex = encode_conversations(tok, train_convs, seq_len)
+    val_ex = encode_conversations(tok, val_convs, seq_len)
+    if train_ex.truncated or train_ex.dropped:
+        log(f"note: {train_ex.truncated} of {len(train_convs)} training conversations truncated to {seq_len} tokens"
+            f"{f', {train_ex.dropped} dropped (no answer left)' if train_ex.dropped else ''}")
+    if not len(train_ex):
+        raise OwnLLMError(f"--data {tcfg.data}: no trainable examples")
+    torch.manual_seed(tcfg.seed)
+    model = GPT(mcfg)
+    if not resume:
+        load_weights(model, base, base_only=mcfg.lora_rank > 0)
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save(out, model_max_length=mcfg.max_seq_len)
+        commit_files(out, {"config.json": to_json(mcfg).encode(), "train_config.json": to_json(tcfg).encode()})
+    if mcfg.lora_rank > 0:
+        trainable, total = freeze_base(model)
+    else:
+        trainable = total = sum(p.numel() for p in model.parameters())
+    log(f"sft: {len(train_ex):,} train / {len(val_ex):,} val conversations, "
+        f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
+    avg = sum(int((m[1:] == 1).sum()) for m in train_ex.masks) / len(train_ex)
+    trainer = Trainer(model, dataclasses.replace(tcfg, seq_len=seq_len), out, make_batcher(train_ex, tcfg, tok.pad_id),
+                      masked_lm_step, evaluate=val_loss_fn(val_ex, tok.pad_id), resume=resume,
+                      tokens_per_batch=int(avg * tcfg.batch_size), progress=progress)
+    result = trainer.run(stop_at_step=stop_at_step)
+    result.update(trainable_params=trainable, total_params=total, truncated=train_ex.truncated)
+    return result
+
+
+def _changed(tcfg: TrainConfig) -> dict:
+    default = sft_config()
+    return {f.name: getattr(tcfg, f.name) for f in dataclasses.fields(tcfg)
+            if getattr(tcfg, f.name) != getattr(default, f.name)}

@@ -1,0 +1,155 @@
+import json
+
+import pytest
+import torch
+
+from ownllm.config import ModelConfig, TrainConfig
+from ownllm.data.chat import collate_packed, collate_padded, encode_conversations, masked_lm_step
+from ownllm.data.formats import read_chat_jsonl
+from ownllm.data.tasks import FAMILIES, generate, prompt_bucket, zh_numeral
+from ownllm.errors import OwnLLMError
+from ownllm.lora import freeze_base, merged_state_dict
+from ownllm.model import GPT
+from ownllm.train.trainer import Trainer
+
+CONVS = [
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Reverse: a b c"},
+     {"role": "assistant", "content": "c b a"}],
+    [{"role": "user", "content": "床前明月光的下一句？"}, {"role": "assistant", "content": "疑是地上霜。"},
+     {"role": "user", "content": "再来一句"}, {"role": "assistant", "content": "举头望明月。"}],
+]
+
+
+@pytest.mark.parametrize("fmt,rec,expected", [
+    ("messages", {"messages": CONVS[0]}, CONVS[0]),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "What is 2 + 2?"}, {"from": "gpt", "value": "4"}]}, CONVS[0]),
+    ("alpaca", {"instruction": "What is 2 + 2?", "input": "", "output": "4"}, CONVS[0]),
+    ("completion", {"prompt": "What is 2 + 2?", "completion": "4"}, CONVS[0]),
+])
+def test_formats_detected_and_converted(tmp_path, fmt, rec, expected):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(rec) + "\n")
+    assert read_chat_jsonl(p).conversations == [expected]
+    assert read_chat_jsonl(p, fmt=fmt).conversations == [expected]
+
+
+def test_bad_record_names_file_line_field_and_skip(tmp_path):
+    p = tmp_path / "d.jsonl"
+    good = json.dumps({"messages": CONVS[0]})
+    bad = json.dumps({"messages": [{"role": "user", "content": 5}]})
+    p.write_text("\n".join([good, bad, "{oops", good]) + "\n")
+    with pytest.raises(OwnLLMError, match=r"d.jsonl:2: field 'messages\[0\].content' must be a string"):
+        read_chat_jsonl(p)
+    data = read_chat_jsonl(p, skip_bad=True)
+    assert len(data.conversations) == 2 and data.skipped == 2 and ":3: invalid JSON" in data.errors[1]
+
+
+def test_loss_targets_only_assistant_tokens(small_tokenizer):
+    tok = small_tokenizer
+    ex = encode_conversations(tok, CONVS, max_len=200)
+    b = collate_padded(ex, [0, 2], tok.pad_id)
+    y0 = b["y"][0][b["y"][0] != -100].tolist()
+    assert y0 == tok.encode("4") + [tok.end_id]
+    y2 = b["y"][1][b["y"][1] != -100].tolist()
+    assert y2 == tok.encode("疑是地上霜。") + [tok.end_id] + tok.encode("举头望明月。") + [tok.end_id]
+    assert (b["x"][0][len(ex.ids[0]) - 1:] == tok.pad_id).all()
+
+
+def test_truncation_is_counted(small_tokenizer):
+    long = [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]
+    ex = encode_conversations(small_tokenizer, [long, CONVS[0]], max_len=64)
+    assert ex.truncated == 1 and ex.dropped == 1 and len(ex) == 1
+
+
+def test_packing_does_not_leak_across_examples(small_tokenizer, tiny_cfg):
+    tok = small_tokenizer
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "max_seq_len": 160})).eval()
+    ex = encode_conversations(tok, CONVS, max_len=60)
+    packed = collate_packed(ex, [0, 1, 2], seq_len=160, pad_id=tok.pad_id)
+    assert packed["x"].shape[0] == 1  # all three fit one row
+    s_packed, n_packed = masked_lm_step(model, packed)
+    s_sep = sum(masked_lm_step(model, collate_padded(ex, [i], tok.pad_id))[0] for i in range(3))
+    n_sep = sum(masked_lm_step(model, collate_padded(ex, [i], tok.pad_id))[1] for i in range(3))
+    assert int(n_packed) == int(n_sep)
+    torch.testing.assert_close(s_packed, s_sep, rtol=1e-4, atol=1e-4)
+
+
+def test_batch8_accum1_equals_batch1_accum8(small_tokenizer, tiny_cfg, tmp_path):
+    tok = small_tokenizer
+    convs = [e.messages() for e in generate(8, "train", seed=3, families=["arithmetic", "reverse", "sort", "json"])]
+    ex = encode_conversations(tok, convs, max_len=120)
+    assert len(ex) == 8 and len({len(i) for i in ex.ids}) > 3  # variable lengths: padding matters
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "max_seq_len": 128})
+    grads, losses = [], []
+    for bs, accum in ((8, 1), (1, 8)):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        order = iter(range(8))
+
+        def next_batch(gen, bs=bs):
+            return collate_padded(ex, [next(order) for _ in range(bs)], tok.pad_id)
+
+        tc = TrainConfig(batch_size=bs, grad_accum=accum, max_steps=1, time_budget=None, dtype="float32",
+                         grad_clip=0.0, lr=0.0, warmup_steps=0, threads=2)
+        tr = Trainer(model, tc, tmp_path / f"r{bs}", next_batch, masked_lm_step, progress=False)
+        captured = {}
+        orig = tr.optimizer.step
+        tr.optimizer.step = lambda: (captured.update({n: p.grad.clone() for n, p in model.named_parameters()}), orig())
+        losses.append(float(tr.train_step()))
+        grads.append(captured)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_trains_adapters_only_and_merges(small_tokenizer, tiny_cfg, tmp_path):
+    tok = small_tokenizer
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "lora_rank": 4, "lora_alpha": 8})
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
+    lora_before = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+    x = torch.randint(0, tok.vocab_size, (2, 10))
+    plain = GPT(ModelConfig(**{**cfg.__dict__, "lora_rank": 0}))
+    plain.load_state_dict(merged_state_dict(model))
+    torch.testing.assert_close(plain(x), model(x))  # B = 0: a fresh adapter changes nothing
+    trainable, total = freeze_base(model)
+    assert 0 < trainable < total * 0.5
+    ex = encode_conversations(tok, CONVS, max_len=60)
+    tc = TrainConfig(batch_size=3, max_steps=5, time_budget=None, dtype="float32", lr=1e-2, warmup_steps=0, threads=2)
+    Trainer(model, tc, tmp_path / "lora", lambda g: collate_padded(ex, [0, 1, 2], tok.pad_id), masked_lm_step,
+            progress=False).run()
+    after = model.state_dict()
+    for k, v in base_before.items():
+        assert torch.equal(after[k], v), f"base weight {k} changed"
+    assert all(not torch.equal(after[k], v) for k, v in lora_before.items() if k.endswith("lora_B"))
+    plain.load_state_dict(merged_state_dict(model))
+    model.eval(), plain.eval()
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_task_suite_split_never_overlaps_and_is_deterministic():
+    train = generate(4000, "train", seed=1)
+    test = generate(400, "test", seed=0)
+    assert {e.prompt for e in train}.isdisjoint({e.prompt for e in test})
+    assert all(prompt_bucket(e.prompt) == 0 for e in test) and all(prompt_bucket(e.prompt) != 0 for e in train)
+    assert generate(50, "train", seed=1) == train[:50]
+    assert {e.family for e in test} == set(FAMILIES) and {e.lang for e in test} == {"en", "zh"}
+    assert len({e.prompt for e in test}) == 400
+
+
+def test_task_answers_are_right():
+    assert [zh_numeral(n) for n in (1, 10, 15, 20, 101, 110, 999, 300, 305)] == [
+        "一", "十", "十五", "二十", "一百零一", "一百一十", "九百九十九", "三百", "三百零五"]
+    for e in generate(200, "train", seed=2):
+        if e.family == "arithmetic":
+            import re
+
+            a, op, b = re.search(r"(\d+) ([+-]) (\d+)", e.prompt).groups()
+            assert int(e.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        if e.family == "sort":
+            assert e.answer.split() == sorted(e.prompt.split("：")[-1].split(": ")[-1].split())
+        if e.family == "json":
+            json.loads(e.answer)
