@@ -77,3 +77,73 @@ def test_resume_and_refuse_overwrite(capsys, tiny_run, text_file):
 def test_module_entry_point_and_data_list():
     r = subprocess.run([sys.executable, "-m", "ownllm", "data", "list"], capture_output=True, text=True, check=True)
     assert "shakespeare" in r.stdout and "chinese-poetry" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory, tiny_run):
+    out = tmp_path_factory.mktemp("cli") / "sft"
+    argv = ["sft", "--base", str(tiny_run), "--out", str(out), "--max-steps", "3", "--no-progress", "--set",
+            "batch_size=4", "--set", "task_examples=64", "--set", "dtype=float32"]
+    assert main(argv) == 0
+    return out
+
+
+def test_sft_eval_tasks_and_resume(capsys, tiny_sft, tmp_path):
+    capsys.readouterr()
+    samples = tmp_path / "samples.jsonl"
+    assert main(["eval", "tasks", "--run", str(tiny_sft), "--n", "2", "--samples", str(samples)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("RESULT mean_exact_match=") and "zh_numeral=" in out[-1]
+    assert "chat template" in out[0]
+    assert len(samples.read_text().splitlines()) == 16
+    assert main(["sft", "--out", str(tiny_sft), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert "fine-tuned 4 steps" in capsys.readouterr().out
+
+
+def test_base_few_shot_prompt_is_plain_text(capsys, tiny_run):
+    assert main(["eval", "tasks", "--run", str(tiny_run), "--n", "1", "--shots", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "plain Q/A prompt" in out and "2-shot" in out
+
+
+def test_lora_sft_and_merge(capsys, tiny_run, tmp_path):
+    import torch
+
+    from ownllm.checkpoint import load_model
+
+    lora = tmp_path / "lora"
+    assert main(["sft", "--base", str(tiny_run), "--out", str(lora), "--lora", "--lora-rank", "2", "--max-steps", "2",
+                 "--no-progress", "--set", "batch_size=2", "--set", "task_examples=16", "--set", "dtype=float32"]) == 0
+    assert "trainable" in capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert main(["merge-lora", "--run", str(lora), "--out", str(merged)]) == 0
+    a, b = load_model(lora), load_model(merged)
+    assert b.config.lora_rank == 0
+    x = torch.randint(0, a.config.vocab_size, (1, 12))
+    torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+    code, err = _err(capsys, ["merge-lora", "--run", str(merged), "--out", str(tmp_path / "again")])
+    assert code == 2 and "no LoRA" in err[0]
+
+
+def test_chat_repl_commands_and_turns(tiny_sft):
+    from ownllm.inference.chat import repl
+
+    lines = iter(["/system Be brief.", "hello", "/temp 0", "again", "/temp x", "/reset", "/quit"])
+    out = []
+    repl(str(tiny_sft), max_new_tokens=5, read=lambda prompt: next(lines), write=out.append)
+    text = "".join(out)
+    assert "system prompt set" in text and "temperature 0.0" in text and "usage: /temp" in text
+    assert "conversation reset" in text and text.count("bot> ") == 2
+
+
+def test_data_tasks_writes_messages_jsonl(tmp_path):
+    import json
+
+    out = tmp_path / "tasks.jsonl"
+    assert main(["data", "tasks", "--out", str(out), "--n", "24", "--split", "test"]) == 0
+    recs = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+    assert len(recs) == 24 and all(r["split"] == "test" for r in recs)
+    assert recs[0]["messages"][0]["role"] == "user" and recs[0]["messages"][1]["role"] == "assistant"
+    from ownllm.data.formats import read_chat_jsonl
+
+    assert len(read_chat_jsonl(out).conversations) == 24  # readable back as SFT data
