@@ -6,6 +6,14 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def randomize_(model, scale: float = 0.05):
+    """Give every weight a random value (fresh models start with zero output projections)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
 @pytest.fixture
 def tiny_cfg():
     from ownllm.config import ModelConfig

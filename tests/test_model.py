@@ -4,6 +4,7 @@ import torch
 from ownllm.config import ModelConfig, model_config
 from ownllm.errors import OwnLLMError
 from ownllm.model import GPT, KVCache
+from tests.conftest import randomize_
 
 
 def _hf_model(model: GPT):
@@ -24,10 +25,9 @@ def test_logits_match_transformers_llama(tiny_cfg, tie):
     torch.manual_seed(0)
     cfg = ModelConfig(**{**tiny_cfg.__dict__, "tie_embeddings": tie})
     model = GPT(cfg).eval()
-    with torch.no_grad():  # perturb norms so their weights are exercised too
+    with torch.no_grad():  # perturb every weight (norms and zero-initialised projections included)
         for n, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+            p.add_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.05))
     hf = _hf_model(model)
     idx = torch.randint(0, cfg.vocab_size, (3, 37))
     with torch.no_grad():
@@ -38,7 +38,7 @@ def test_logits_match_transformers_llama(tiny_cfg, tie):
 
 def test_kv_cache_decode_equals_full_forward(tiny_cfg):
     torch.manual_seed(1)
-    model = GPT(tiny_cfg).eval()
+    model = randomize_(GPT(tiny_cfg)).eval()
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 20))
     with torch.no_grad():
         full = model(idx)
@@ -56,7 +56,7 @@ def test_left_padded_batch_matches_unpadded_rows(tiny_cfg):
     from ownllm.inference.engine import Engine
 
     torch.manual_seed(2)
-    model = GPT(tiny_cfg).eval()
+    model = randomize_(GPT(tiny_cfg)).eval()
     a = torch.randint(0, tiny_cfg.vocab_size, (1, 12))
     b = torch.randint(0, tiny_cfg.vocab_size, (1, 5))
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_batched_greedy_generation_equals_one_by_one(tiny_cfg):
     from ownllm.inference.engine import Engine, SamplingParams
 
     torch.manual_seed(3)
-    model = GPT(tiny_cfg).eval()
+    model = randomize_(GPT(tiny_cfg)).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     eng = Engine(model, pad_id=0)
     params = SamplingParams(max_new_tokens=12, temperature=0)
@@ -94,7 +94,7 @@ def test_sampling_seed_determinism_and_stop(tiny_cfg):
     from ownllm.inference.engine import Engine, SamplingParams
 
     torch.manual_seed(4)
-    model = GPT(tiny_cfg).eval()
+    model = randomize_(GPT(tiny_cfg)).eval()
     eng = Engine(model, pad_id=0)
     p = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.9, seed=7)
     a, b = eng.generate([[1, 2, 3]], p), eng.generate([[1, 2, 3]], p)

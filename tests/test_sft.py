@@ -11,6 +11,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.lora import freeze_base, merged_state_dict
 from ownllm.model import GPT
 from ownllm.train.trainer import Trainer
+from tests.conftest import randomize_
 
 CONVS = [
     [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
@@ -65,7 +66,7 @@ def test_truncation_is_counted(small_tokenizer):
 def test_packing_does_not_leak_across_examples(small_tokenizer, tiny_cfg):
     tok = small_tokenizer
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "max_seq_len": 160})).eval()
+    model = randomize_(GPT(ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "max_seq_len": 160}))).eval()
     ex = encode_conversations(tok, CONVS, max_len=60)
     packed = collate_packed(ex, [0, 1, 2], seq_len=160, pad_id=tok.pad_id)
     assert packed["x"].shape[0] == 1  # all three fit one row
@@ -85,7 +86,7 @@ def test_batch8_accum1_equals_batch1_accum8(small_tokenizer, tiny_cfg, tmp_path)
     grads, losses = [], []
     for bs, accum in ((8, 1), (1, 8)):
         torch.manual_seed(0)
-        model = GPT(cfg)
+        model = randomize_(GPT(cfg))
         order = iter(range(8))
 
         def next_batch(gen, bs=bs):
