@@ -35,11 +35,14 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--no-compile", action="store_true", help="eager (default: torch.compile each block, as training does)")
     args = ap.parse_args()
     threads = setup_threads()
     cfg = model_config(args.preset)
     torch.manual_seed(0)
     model = GPT(cfg).train()
+    if not args.no_compile:
+        model.compile_blocks()  # compiled during the dtype measurement / first step, before timing
     opt = make_optimizer(model, TrainConfig())
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len))
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len))
@@ -66,7 +69,7 @@ def main() -> None:
     achieved = train_flops_per_token(cfg, args.seq_len) * tokens / dt
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     print(f"preset {args.preset}: {cfg.num_params() / 1e6:.1f}M params, batch {args.batch}×{args.seq_len}, "
-          f"{threads} threads, {dtype}")
+          f"{threads} threads, {dtype}, {'eager' if args.no_compile else 'compiled blocks'}")
     print(f"{'':24}{'value':>14}")
     print(f"{'step time (median)':24}{dt * 1000:>11.0f} ms")
     print(f"{'tokens/s':24}{tokens / dt:>14,.0f}")

@@ -28,7 +28,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps to train")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a trained run already in --out")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-compile", action="store_true", help="run eagerly (default: torch.compile each block)")
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="TOML file with [train] and [model] tables of overrides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -52,8 +52,8 @@ def _train_config(args) -> tuple:
     for name in ("data", "tokenizer", "vocab_size", "max_steps", "seed"):
         if getattr(args, name, None) is not None:
             train_over[name] = getattr(args, name)
-    if args.compile:
-        train_over["compile"] = True
+    if args.no_compile:
+        train_over["compile"] = False
     if args.time_budget is not None:
         train_over["time_budget"] = args.time_budget
     elif args.max_steps is not None:
@@ -170,6 +170,8 @@ def cmd_sft(args) -> None:
     for flag in ("skip_bad", "pack"):
         if getattr(args, flag):
             over[flag] = True
+    if args.lora and "lr" not in over and not args.resume:
+        over["lr"] = 3e-3  # adapters start at zero and need a larger step than full fine-tuning
     tcfg = apply_overrides(sft_config(), over, source="--set")
     if not args.resume and not args.base:
         raise OwnLLMError("sft: --base RUN is required (the pretrained run to fine-tune)")
@@ -196,7 +198,7 @@ def cmd_chat(args) -> None:
 def cmd_quickstart(args) -> None:
     from ownllm.quickstart import quickstart
 
-    quickstart(args.out, time_budget=args.time_budget)
+    quickstart(args.out, pretrain_budget=args.pretrain_budget, sft_budget=args.sft_budget, n_eval=args.n_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--time-budget", type=float, default=180.0, help="seconds of pretraining")
+    p.add_argument("--pretrain-budget", type=float, default=240.0, help="seconds of pretraining")
+    p.add_argument("--sft-budget", type=float, default=300.0, help="seconds of supervised fine-tuning")
+    p.add_argument("--n-eval", type=int, default=25, help="held-out prompts per task family")
     p.set_defaults(func=cmd_quickstart)
     return ap
 

@@ -68,7 +68,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    """How a stage trains. Defaults are the tuned `tiny` pretraining recipe for 2 CPU cores."""
+    """How a stage trains. Defaults are the tuned pretraining recipe for 2 CPU cores (with the
+    `tiny` model): bench/pretrain_quality.py measures it, and README "Measured" says what it got
+    (tried and no better: lr 2e-3/3e-3/4e-3/6e-3, seq_len 128, vocab 2048, batch 8, WSD, Muon)."""
 
     data: str = "shakespeare"
     tokenizer: str | None = None     # run/tokenizer dir to reuse; None: train one on the train split
@@ -77,7 +79,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     seq_len: int = 256
-    lr: float = 3e-3
+    lr: float = 2.5e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 40
     schedule: str = "linear"            # linear | cosine | wsd | constant (see train/schedule.py)
@@ -94,7 +96,7 @@ class TrainConfig:
     eval_batches: int = 16
     checkpoint_interval: float = 60.0   # seconds between checkpoints
     dtype: str = "auto"                 # auto | bfloat16 | float32 (autocast for matmuls)
-    compile: bool = False
+    compile: bool = True                # torch.compile each block (warm-up runs before the clock starts)
     threads: int | None = None          # torch threads; None: one per core
     stage: str = "pretrain"             # pretrain | sft (recorded so eval knows how to prompt the run)
     # fine-tuning data (sft)

@@ -199,6 +199,11 @@ class GPT(nn.Module):
         """Logits (B, T, vocab). kwargs: cache, positions, mask (see hidden_states)."""
         return self.lm_head(self.hidden_states(idx, **kwargs))
 
+    def compile_blocks(self) -> None:
+        """torch.compile each Block in place; identical blocks share one compiled graph."""
+        for block in self.layers:
+            block.compile()
+
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device

@@ -1,8 +1,10 @@
 """`ownllm quickstart`: every stage that exists, on bundled data, on a laptop CPU, then a report card.
 
-Where it sits: the main job. For now the pipeline is tokenizer → pretrain (tiny preset) →
-held-out bits per byte → a sample in each language; later stages (SFT, RLHF, RAG, agent, serving)
-join here as they land. Writes `<out>/report.md` and PNG plots beside it.
+Where it sits: the main job. Pipeline now: tokenizer + pretraining (tiny preset, Shakespeare +
+Chinese poetry) → held-out bits per byte and samples → the base model prompted zero- and
+few-shot on the task suite → supervised fine-tuning on the suite → held-out exact match and a
+chat sample. Later stages (RLHF, RAG, agent, serving) join here as they land. Writes
+`<out>/report.md`, `<out>/report.json` and PNG plots beside them.
 """
 from __future__ import annotations
 
@@ -14,48 +16,114 @@ from ownllm.config import TrainConfig
 from ownllm.metrics import MetricsLog, plot_curves
 
 
-def quickstart(out: str | Path = "runs/quickstart", time_budget: float = 180.0, log=print) -> dict:
+def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 240.0, sft_budget: float = 300.0,
+               n_eval: int = 25, log=print) -> dict:
+    from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
+    from ownllm.inference.chat import ChatSession
+    from ownllm.inference.generate import generate_text
+    from ownllm.train.pretrain import pretrain
+    from ownllm.train.sft import sft, sft_config
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    from ownllm.train.pretrain import pretrain
-    from ownllm.inference.generate import generate_text
-
     data = "shakespeare,chinese-poetry"
-    log(f"== 1/2 tokenizer + pretrain: tiny preset on {data}, {time_budget:.0f}s of training ==")
-    tcfg = TrainConfig(data=data, vocab_size=4096, time_budget=time_budget, seed=1337)
+    log(f"== 1/4 tokenizer + pretraining: tiny preset on {data}, {pretrain_budget:.0f}s of training ==")
     base = out / "base"
-    result = pretrain(base, tcfg, preset="tiny", overwrite=True, log=log)
-    log("== 2/2 evaluation and samples ==")
-    rows = result["sources"]
-    for r in rows:
+    pre = pretrain(base, TrainConfig(data=data, vocab_size=4096, time_budget=pretrain_budget, seed=1337),
+                   preset="tiny", overwrite=True, log=log)
+    for r in pre["sources"]:
         log(f"  {r['source']:<16} val_loss {r['val_loss']:.4f}  val_bpb {r['val_bpb']:.4f}")
-    samples = {p: p + generate_text(base, p, max_new_tokens=100, temperature=0.8, seed=1)
-               for p in ("ROMEO:\n", "春风")}
+    samples = {p: p + generate_text(base, p, max_new_tokens=80, temperature=0.8, seed=1) for p in ("ROMEO:\n", "春风")}
     for s in samples.values():
         log("--- sample ---\n" + s)
-    plot_curves(MetricsLog.read(base / "metrics.jsonl"), out / "plots" / "pretrain_loss.png",
-                title="pretraining loss (nats/token)")
-    plot_curves(MetricsLog.read(base / "metrics.jsonl"), out / "plots" / "pretrain_bpb.png", keys=("val_bpb",),
+
+    log(f"== 2/4 prompting the base model: zero-shot vs 4-shot, {n_eval} held-out prompts per family ==")
+    base_tasks = {k: evaluate_tasks(base, shots=k, n_per_family=n_eval) for k in (0, 4)}
+    for res in base_tasks.values():
+        print_task_report(res, out=log)
+
+    log(f"== 3/4 supervised fine-tuning on the task suite, {sft_budget:.0f}s ==")
+    sft_run = out / "sft"
+    ft = sft(base, sft_run, sft_config(time_budget=sft_budget, max_steps=None), overwrite=True, log=log)
+
+    log("== 4/4 held-out task accuracy after SFT ==")
+    sft_tasks = evaluate_tasks(sft_run, shots=0, n_per_family=n_eval)
+    print_task_report(sft_tasks, out=log)
+    chat = ChatSession(str(sft_run), temperature=0)
+    chat_demo = []
+    for q in ("What is 48 + 27?", "把 305 写成中文数字。", "Sort from smallest to largest: 7 2 9 4"):
+        chat_demo.append((q, "".join(chat.reply(q))))
+        chat.command("/reset")
+        log(f"you> {q}\nbot> {chat_demo[-1][1]}")
+
+    plots = out / "plots"
+    plot_curves(MetricsLog.read(base / "metrics.jsonl"), plots / "pretrain_loss.png", title="pretraining loss (nats/token)")
+    plot_curves(MetricsLog.read(base / "metrics.jsonl"), plots / "pretrain_bpb.png", keys=("val_bpb",),
                 title="held-out bits per byte")
-    report = _report(result, samples, time.perf_counter() - t0)
-    (out / "report.md").write_text(report, encoding="utf-8")
-    (out / "report.json").write_text(json.dumps({"pretrain": rows}, indent=2))
-    log(f"report card: {out / 'report.md'} (plots in {out / 'plots'})")
-    mean = sum(r["val_bpb"] for r in rows) / len(rows)
-    log(f"RESULT val_bpb={mean:.4f} " + " ".join(f"val_bpb_{r['source'].replace('-', '_')}={r['val_bpb']:.4f}" for r in rows))
-    return {"pretrain": result}
+    plot_curves(MetricsLog.read(sft_run / "metrics.jsonl"), plots / "sft_loss.png", title="SFT loss on answer tokens")
+    _plot_tasks({"base 0-shot": base_tasks[0], "base 4-shot": base_tasks[4], "SFT 0-shot": sft_tasks},
+                plots / "task_accuracy.png")
+    wall = time.perf_counter() - t0
+    summary = {"pretrain": {k: pre[k] for k in ("step", "elapsed_s", "dtype", "sources")},
+               "base_tasks": {k: {"mean": v["mean_exact_match"], **v["per_family"]} for k, v in base_tasks.items()},
+               "sft": {"step": ft["step"], "elapsed_s": ft["elapsed_s"], "mean": sft_tasks["mean_exact_match"],
+                       **sft_tasks["per_family"]},
+               "wall_s": wall}
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall), encoding="utf-8")
+    log(f"report card: {out / 'report.md'} (plots in {plots})")
+    mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
+    log(f"RESULT val_bpb={mean_bpb:.4f} base_zero_shot={base_tasks[0]['mean_exact_match']:.4f} "
+        f"base_four_shot={base_tasks[4]['mean_exact_match']:.4f} sft_exact_match={sft_tasks['mean_exact_match']:.4f} "
+        f"wall_s={wall:.0f}")
+    return summary
 
 
-def _report(result: dict, samples: dict, wall: float) -> str:
-    lines = ["# ownllm quickstart report card", "",
-             f"Whole pipeline in {wall:.0f}s wall time. Each stage's run directory holds its metrics and plots.", "",
-             "## Pretraining (runs: `base/`)", "",
-             f"{result['step']} steps in {result['elapsed_s']:.0f}s of training ({result['dtype']}).", "",
-             "| held-out source | tokens | val loss (nats/token) | bits per byte |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['source']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |" for r in result["sources"]]
-    lines += ["", "![pretraining loss](plots/pretrain_loss.png)", "", "![bits per byte](plots/pretrain_bpb.png)", "",
-              "## Samples (temperature 0.8, seed 1)", ""]
+def _plot_tasks(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = list(next(iter(results.values()))["per_family"])
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
+    width = 0.8 / len(results)
+    for i, (name, res) in enumerate(results.items()):
+        ax.bar([j + i * width for j in range(len(fams))], [res["per_family"][f] for f in fams], width, label=name)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(fams))], fams, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("exact match (held-out)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall) -> str:
+    fams = list(sft_tasks["per_family"])
+    L = ["# ownllm quickstart report card", "",
+         f"The whole pipeline in {wall / 60:.1f} minutes of wall time on this machine. Each stage's run directory "
+         "holds its config, weights, metrics.jsonl and plots.", "",
+         "## 1. Pretraining (`base/`)", "",
+         f"{pre['step']} steps in {pre['elapsed_s']:.0f}s of training ({pre['dtype']}).", "",
+         "| held-out source | tokens | val loss (nats/token) | bits per byte |", "|---|---:|---:|---:|"]
+    L += [f"| {r['source']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |" for r in pre["sources"]]
+    L += ["", "![pretraining loss](plots/pretrain_loss.png) ![bits per byte](plots/pretrain_bpb.png)", "",
+          "Samples (temperature 0.8, seed 1):", ""]
     for s in samples.values():
-        lines += ["```", s, "```", ""]
-    return "\n".join(lines)
+        L += ["```", s, "```"]
+    L += ["", "## 2-4. Instruction following (held-out task suite, exact match, greedy)", "",
+          f"SFT: {ft['step']} steps in {ft['elapsed_s']:.0f}s.", "",
+          "| family | base 0-shot | base 4-shot | SFT 0-shot |", "|---|---:|---:|---:|"]
+    for f in fams:
+        L.append(f"| {f} | {base_tasks[0]['per_family'][f]:.2f} | {base_tasks[4]['per_family'][f]:.2f} | "
+                 f"{sft_tasks['per_family'][f]:.2f} |")
+    L.append(f"| **mean** | {base_tasks[0]['mean_exact_match']:.2f} | {base_tasks[4]['mean_exact_match']:.2f} | "
+             f"**{sft_tasks['mean_exact_match']:.2f}** |")
+    L += ["", "![task accuracy](plots/task_accuracy.png) ![SFT loss](plots/sft_loss.png)", "", "Chat (greedy):", "", "```"]
+    for q, a in chat_demo:
+        L += [f"you> {q}", f"bot> {a}"]
+    L += ["```", ""]
+    return "\n".join(L)

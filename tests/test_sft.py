@@ -93,7 +93,7 @@ def test_batch8_accum1_equals_batch1_accum8(small_tokenizer, tiny_cfg, tmp_path)
             return collate_padded(ex, [next(order) for _ in range(bs)], tok.pad_id)
 
         tc = TrainConfig(batch_size=bs, grad_accum=accum, max_steps=1, time_budget=None, dtype="float32",
-                         grad_clip=0.0, lr=0.0, warmup_steps=0, threads=2)
+                         grad_clip=0.0, lr=0.0, warmup_steps=0, threads=2, compile=False)
         tr = Trainer(model, tc, tmp_path / f"r{bs}", next_batch, masked_lm_step, progress=False)
         captured = {}
         orig = tr.optimizer.step
@@ -119,7 +119,8 @@ def test_lora_trains_adapters_only_and_merges(small_tokenizer, tiny_cfg, tmp_pat
     trainable, total = freeze_base(model)
     assert 0 < trainable < total * 0.5
     ex = encode_conversations(tok, CONVS, max_len=60)
-    tc = TrainConfig(batch_size=3, max_steps=5, time_budget=None, dtype="float32", lr=1e-2, warmup_steps=0, threads=2)
+    tc = TrainConfig(batch_size=3, max_steps=5, time_budget=None, dtype="float32", lr=1e-2, warmup_steps=0, threads=2,
+                     compile=False)
     Trainer(model, tc, tmp_path / "lora", lambda g: collate_padded(ex, [0, 1, 2], tok.pad_id), masked_lm_step,
             progress=False).run()
     after = model.state_dict()

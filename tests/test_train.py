@@ -17,7 +17,8 @@ TINY = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len
 
 def _cfg(text_file, **kw):
     base = dict(data=str(text_file), vocab_size=300, batch_size=4, seq_len=32, max_steps=12, time_budget=None,
-                eval_interval=6, eval_batches=2, warmup_steps=3, lr=3e-3, dtype="float32", threads=2)
+                eval_interval=6, eval_batches=2, warmup_steps=3, lr=3e-3, dtype="float32", threads=2,
+                compile=False)
     return TrainConfig(**{**base, **kw})
 
 

@@ -27,7 +27,8 @@ from ownllm.tokenizer import Tokenizer
 from ownllm.train.trainer import Trainer
 
 SFT_DEFAULTS = dict(lr=1e-3, warmup_steps=20, batch_size=32, seq_len=320, eval_interval=100, eval_batches=8,
-                    time_budget=None, max_steps=600, weight_decay=0.0, stage="sft", data="tasks")
+                    time_budget=None, max_steps=600, weight_decay=0.0, stage="sft", data="tasks",
+                    compile=False)  # variable-length batches would recompile
 
 
 def sft_config(**overrides) -> TrainConfig:
