@@ -1,10 +1,11 @@
 """Decode speed with the KV cache: our Engine vs HF `transformers` `generate` on the same weights.
 
-    python bench/generate_speed.py [--preset small] [--new-tokens 128] [--prompt-len 16]
+    python bench/generate_speed.py [--presets tiny,small] [--new-tokens 128] [--prompt-len 16]
 
 Both generate greedily the same number of new tokens (HF with min_new_tokens, ours without stop
 tokens) from the same prompts, fp32, in one process; the first tokens are checked to agree.
-Ends with `RESULT ours_b1_tok_s=… hf_b1_tok_s=… speedup_b1=… ours_b8_tok_s=… hf_b8_tok_s=… speedup_b8=…`.
+Ends with `RESULT ours_b1_tok_s=… hf_b1_tok_s=… speedup_b1=… ours_b8_tok_s=… hf_b8_tok_s=… speedup_b8=…`
+for the first preset, then the same keys prefixed with each further preset's name.
 """
 from __future__ import annotations
 
@@ -33,19 +34,13 @@ def best_of(fn, reps: int) -> float:
     return best
 
 
-def main() -> None:
-    import transformers
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
-    threads = setup_threads()
+def bench_preset(preset: str, args, transformers) -> dict[int, tuple[float, float, bool]]:
     torch.manual_seed(0)
-    cfg = model_config(args.preset)
+    cfg = model_config(preset)
     model = GPT(cfg).eval()
+    with torch.no_grad():  # fresh models have zero output projections; give every weight a value
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
     d = hf_config_dict(cfg)
     for k in ("architectures", "model_type", "torch_dtype"):
         d.pop(k)
@@ -60,27 +55,42 @@ def main() -> None:
     for batch in (1, 8):
         prompts = torch.randint(1, cfg.vocab_size, (batch, args.prompt_len))
         params = SamplingParams(max_new_tokens=n, temperature=0)
-        ours_out = engine.generate(prompts.tolist(), params)
-        with torch.inference_mode():
-            hf_out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, pad_token_id=0)[:, args.prompt_len:]
-        agree = all(o[:8] == h[:8].tolist() for o, h in zip(ours_out, hf_out))
-        t_ours = best_of(lambda: engine.generate(prompts.tolist(), params), args.reps)
 
         def run_hf():
             with torch.inference_mode():
-                hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=n,
-                            min_new_tokens=n, pad_token_id=0)
+                return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                   max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, args.prompt_len:]
 
+        agree = all(o[:8] == h[:8].tolist() for o, h in zip(engine.generate(prompts.tolist(), params), run_hf()))
+        t_ours = best_of(lambda: engine.generate(prompts.tolist(), params), args.reps)
         t_hf = best_of(run_hf, args.reps)
         rows[batch] = (batch * n / t_ours, batch * n / t_hf, agree)
-    print(f"preset {args.preset} ({cfg.num_params() / 1e6:.1f}M params), prompt {args.prompt_len}, {n} new tokens, "
-          f"greedy, fp32, {threads} threads, transformers {transformers.__version__}")
+    print(f"preset {preset} ({cfg.num_params() / 1e6:.1f}M params), prompt {args.prompt_len}, {n} new tokens, greedy, "
+          f"fp32, transformers {transformers.__version__}")
     print(f"{'batch':>6}{'ownllm tok/s':>14}{'HF tok/s':>12}{'speedup':>10}{'same tokens':>13}")
     for b, (o, h, agree) in rows.items():
         print(f"{b:>6}{o:>14.1f}{h:>12.1f}{o / h:>10.2f}{str(agree):>13}")
-    print(result_line(ours_b1_tok_s=rows[1][0], hf_b1_tok_s=rows[1][1], speedup_b1=rows[1][0] / rows[1][1],
-                      ours_b8_tok_s=rows[8][0], hf_b8_tok_s=rows[8][1], speedup_b8=rows[8][0] / rows[8][1]))
+    return rows
+
+
+def main() -> None:
+    import transformers
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="tiny,small", help="comma-separated; RESULT's unprefixed keys are the first")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    print(f"{setup_threads()} threads")
+    results = {p: bench_preset(p, args, transformers) for p in args.presets.split(",")}
+    keys = {}
+    for i, (preset, rows) in enumerate(results.items()):
+        prefix = "" if i == 0 else f"{preset.replace('-', '_')}_"
+        keys.update({f"{prefix}ours_b1_tok_s": rows[1][0], f"{prefix}hf_b1_tok_s": rows[1][1],
+                     f"{prefix}speedup_b1": rows[1][0] / rows[1][1], f"{prefix}ours_b8_tok_s": rows[8][0],
+                     f"{prefix}hf_b8_tok_s": rows[8][1], f"{prefix}speedup_b8": rows[8][0] / rows[8][1]})
+    print(result_line(**keys))
 
 
 if __name__ == "__main__":
