@@ -136,6 +136,26 @@ def load_state(run_dir: str | Path) -> dict:
         raise OwnLLMError(f"{path}: corrupt training state ({str(e)[:160]})") from None
 
 
+def resumed_train_config(run_dir: str | Path, overrides=None, defaults=None):
+    """The TrainConfig saved in run_dir, with the fields `overrides` sets away from `defaults`
+    applied on top (e.g. a longer --time-budget or --max-steps to continue further)."""
+    import dataclasses
+
+    from ownllm.config import TrainConfig
+
+    d = Path(run_dir)
+    recover(d)
+    if not (d / "state.pt").is_file():
+        raise OwnLLMError(f"{d}: nothing to resume (no state.pt); start it without --resume")
+    saved = from_json_file(TrainConfig, d / "train_config.json", ignore=("dtype_used",))
+    if overrides is None:
+        return saved
+    defaults = defaults or TrainConfig()
+    changed = {f.name: getattr(overrides, f.name) for f in dataclasses.fields(overrides)
+               if getattr(overrides, f.name) != getattr(defaults, f.name)}
+    return dataclasses.replace(saved, **changed)
+
+
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     """Build the GPT described by run_dir/config.json and load its weights (eval mode)."""
     from ownllm.model import GPT

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -162,13 +162,14 @@ def to_json(cfg: Any) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
 
 
-def from_json_file(cls: type, path: Path) -> Any:
+def from_json_file(cls: type, path: Path, ignore: tuple[str, ...] = ()) -> Any:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OwnLLMError(f"{path}: missing (expected a {cls.__name__} JSON file)") from None
     except json.JSONDecodeError as e:
         raise OwnLLMError(f"{path}: corrupt JSON at line {e.lineno} ({e.msg})") from None
+    raw = {k: v for k, v in raw.items() if k not in ignore}
     known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
     if unknown:

@@ -9,7 +9,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-import torch
 
 from ownllm.checkpoint import load_model
 from ownllm.errors import OwnLLMError

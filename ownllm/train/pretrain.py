@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ownllm.checkpoint import commit_files, is_trained_run, load_model_config, recover
-from ownllm.config import ModelConfig, TrainConfig, from_json_file, model_config, to_json
+from ownllm.checkpoint import commit_files, is_trained_run, load_model_config, resumed_train_config
+from ownllm.config import ModelConfig, TrainConfig, model_config, to_json
 from ownllm.data.corpora import load_sources
 from ownllm.data.shards import Shards, pack, random_batch
 from ownllm.errors import OwnLLMError
@@ -57,12 +57,7 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
              progress: bool = True, stop_at_step: int | None = None, log=print) -> dict:
     out = Path(out)
     if resume:
-        recover(out)
-        if not (out / "state.pt").is_file():
-            raise OwnLLMError(f"{out}: nothing to resume (no state.pt); start it without --resume")
-        saved = json.loads((out / "train_config.json").read_text())
-        saved.pop("dtype_used", None)
-        tcfg = dataclasses.replace(TrainConfig(**saved), **({} if tcfg is None else _changed(tcfg)))
+        tcfg = resumed_train_config(out, tcfg)
         mcfg, tok = load_model_config(out), Tokenizer.load(out)
     else:
         tcfg = tcfg or TrainConfig()
@@ -87,10 +82,3 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
     result["sources"] = per_source
     (out / "eval.json").write_text(json.dumps(per_source, indent=2))
     return result
-
-
-def _changed(tcfg: TrainConfig) -> dict:
-    """Fields the caller set away from the defaults (applied on top of a resumed config)."""
-    default = TrainConfig()
-    return {f.name: getattr(tcfg, f.name) for f in dataclasses.fields(tcfg)
-            if getattr(tcfg, f.name) != getattr(default, f.name)}

@@ -9,14 +9,12 @@ and later stages load like any other.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import shutil
 from pathlib import Path
 
 import torch
 
-from ownllm.checkpoint import commit_files, is_trained_run, load_model_config, load_weights, recover
+from ownllm.checkpoint import commit_files, is_trained_run, load_model_config, load_weights, resumed_train_config
 from ownllm.config import TrainConfig, to_json
 from ownllm.data.chat import ChatExamples, collate_packed, collate_padded, encode_conversations, masked_lm_step
 from ownllm.data.formats import read_chat_jsonl
@@ -86,12 +84,7 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
         stop_at_step: int | None = None, log=print) -> dict:
     out = Path(out)
     if resume:
-        recover(out)
-        if not (out / "state.pt").is_file():
-            raise OwnLLMError(f"{out}: nothing to resume (no state.pt); start it without --resume")
-        saved = json.loads((out / "train_config.json").read_text())
-        saved.pop("dtype_used", None)
-        tcfg = TrainConfig(**{**saved, **({} if tcfg is None else _changed(tcfg))})
+        tcfg = resumed_train_config(out, tcfg, defaults=sft_config())
         mcfg = load_model_config(out)
         tok = Tokenizer.load(out)
     else:
@@ -133,9 +126,3 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
     result = trainer.run(stop_at_step=stop_at_step)
     result.update(trainable_params=trainable, total_params=total, truncated=train_ex.truncated)
     return result
-
-
-def _changed(tcfg: TrainConfig) -> dict:
-    default = sft_config()
-    return {f.name: getattr(tcfg, f.name) for f in dataclasses.fields(tcfg)
-            if getattr(tcfg, f.name) != getattr(default, f.name)}
