@@ -105,3 +105,29 @@ def test_sampling_seed_determinism_and_stop(tiny_cfg):
     stopped = eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.9,
                                                        seed=7, stop_ids=(stop_tok,)))
     assert stopped[0] == a[0][: first + 1]
+
+
+def test_fused_inference_projections_follow_weight_updates(tiny_cfg):
+    """q/k/v and gate/up are fused at inference; an in-place update must not leave them stale."""
+    torch.manual_seed(5)
+    model = randomize_(GPT(tiny_cfg)).eval()
+    idx = torch.randint(0, tiny_cfg.vocab_size, (1, 9))
+
+    def cached_logits():
+        cache = KVCache.empty(tiny_cfg, batch=1, max_len=16)
+        cache.valid[:, :9] = True
+        with torch.no_grad():
+            return model(idx, cache=cache)
+
+    before = cached_logits()
+    with torch.no_grad():
+        model.layers[0].self_attn.k_proj.weight.mul_(1.5)
+        model.layers[1].mlp.up_proj.weight.add_(0.1)
+        full = model(idx)
+    after = cached_logits()
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, full, rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():  # training path: plain projections, gradients flow
+        model.train()
+        model(idx).sum().backward()
+    assert model.layers[0].self_attn.q_proj.weight.grad is not None
