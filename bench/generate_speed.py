@@ -4,6 +4,8 @@
 
 Both generate greedily the same number of new tokens (HF with min_new_tokens, ours without stop
 tokens) from the same prompts, fp32, in one process; the first tokens are checked to agree.
+Each side gets one untimed warm-up call (ours compiles its batch-1 decode step there), then the
+best of --reps timed calls counts.
 Ends with `RESULT ours_b1_tok_s=… hf_b1_tok_s=… speedup_b1=… ours_b8_tok_s=… hf_b8_tok_s=… speedup_b8=…`
 for the first preset, then the same keys prefixed with each further preset's name.
 """
@@ -49,7 +51,7 @@ def bench_preset(preset: str, args, transformers) -> dict[int, tuple[float, floa
     hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=False)
     if cfg.tie_embeddings:
         hf.tie_weights()
-    engine = Engine(model, pad_id=0)
+    engine = Engine(model, pad_id=0, compile=not args.no_compile)
     n = args.new_tokens
     rows = {}
     for batch in (1, 8):
@@ -81,6 +83,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="eager decode (default: Engine(compile=True), "
+                    "whose one-off compile happens in the untimed warm-up)")
     args = ap.parse_args()
     print(f"{setup_threads()} threads")
     results = {p: bench_preset(p, args, transformers) for p in args.presets.split(",")}

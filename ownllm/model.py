@@ -126,7 +126,8 @@ class FusedLinears:
 
 
 def fusable(*linears: nn.Module) -> bool:
-    return all(type(lin) is nn.Linear for lin in linears)
+    """Plain Linears outside torch.compile (a compiled graph does its own scheduling)."""
+    return all(type(lin) is nn.Linear for lin in linears) and not torch.compiler.is_compiling()
 
 
 class Attention(nn.Module):
@@ -139,7 +140,8 @@ class Attention(nn.Module):
         self.o_proj = linear(cfg, "o_proj", cfg.n_heads * cfg.head_dim, cfg.dim)
 
     def forward(self, x, cos, sin, *, layer: int = 0, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+                mask: torch.Tensor | None = None, causal: bool = True,
+                static_slot: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         if cache is not None and not torch.is_grad_enabled() and fusable(self.q_proj, self.k_proj, self.v_proj):
             if "_qkv" not in self.__dict__:
@@ -152,7 +154,11 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if static_slot is not None:  # fixed-shape decode: write one slot, attend over the whole masked cache
+            cache.k[layer].index_copy_(2, static_slot, k)
+            cache.v[layer].index_copy_(2, static_slot, v)
+            k, v, causal = cache.k[layer], cache.v[layer], False
+        elif cache is not None:
             start, end = cache.length, cache.length + T
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
@@ -250,6 +256,17 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         return self.norm(x)
+
+    def decode_static(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor,
+                      slot: torch.Tensor) -> torch.Tensor:
+        """One decode step whose tensor shapes never change (idx (B, 1), the whole cache, a
+        (B, 1, 1, max_len) key mask, the slot as a 1-element tensor), so torch.compile builds it
+        once; the caller advances `cache.length`. Returns logits (B, vocab)."""
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        x = self.embed_tokens(idx)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, layer=i, cache=cache, mask=mask, static_slot=slot)
+        return self.lm_head(self.norm(x))[:, -1]
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, T, vocab). kwargs: cache, positions, mask (see hidden_states)."""

@@ -131,3 +131,13 @@ def test_fused_inference_projections_follow_weight_updates(tiny_cfg):
         model.train()
         model(idx).sum().backward()
     assert model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_compiled_static_decode_matches_eager(tiny_cfg):
+    from ownllm.inference.engine import Engine, SamplingParams
+
+    torch.manual_seed(6)
+    model = randomize_(GPT(tiny_cfg)).eval()
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    prompt = [[3, 4, 5, 6, 7]]
+    assert Engine(model, compile=True).generate(prompt, params) == Engine(model).generate(prompt, params)

@@ -61,10 +61,20 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
 
 
 class Engine:
-    def __init__(self, model: GPT, pad_id: int = 0):
+    """Generation over a model. With compile=True the decode step runs as one torch.compile'd
+    fixed-shape graph (C++ wrapper, no Python per op) for single-sequence decoding: compiled once
+    per context length on first use (seconds), about twice the eager speed afterwards on the tiny
+    preset. Batched decoding stays eager: the compiled graph measured slower there (965 vs 2,284
+    tok/s at batch 8)."""
+
+    def __init__(self, model: GPT, pad_id: int = 0, compile: bool = False):
         self.model = model.eval()
         self.cfg = model.config
         self.pad_id = pad_id
+        self._decode = None
+        if compile:
+            self._decode = torch.compile(model.decode_static, dynamic=False, fullgraph=True,
+                                         options={"cpp_wrapper": True})
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], max_len: int) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
@@ -119,7 +129,13 @@ class Engine:
             if history is not None:
                 history = torch.cat([history, tok[:, None]], dim=1)
             cache.valid[:, cache.length] = True
-            if last_pos is None:
+            if self._decode is not None and B == 1:  # measured: 2x eager at batch 1, slower than eager at 8
+                pos = (last_pos + 1) if last_pos is not None else torch.full((B,), cache.length, device=tok.device)
+                last_pos = pos if last_pos is not None else None
+                slot = torch.tensor([cache.length], device=tok.device)
+                logits = self._decode(tok[:, None], pos[:, None], cache, cache.valid[:, None, None, :], slot)
+                cache.length += 1
+            elif last_pos is None:
                 logits = self.model(tok[:, None], cache=cache)[:, -1]
             else:
                 last_pos = last_pos + 1
