@@ -155,3 +155,5 @@ def test_task_answers_are_right():
             assert e.answer.split() == sorted(e.prompt.split("：")[-1].split(": ")[-1].split())
         if e.family == "json":
             json.loads(e.answer)
+        if e.family in ("passage_qa", "poem_next"):
+            assert e.answer in e.prompt  # answerable from the prompt alone

@@ -137,28 +137,26 @@ def _poem_next(r: random.Random, lang: str) -> tuple[str, str]:
     return q, poem[i + 1]
 
 
+PASSAGE_QA = {
+    "en": dict(names=NAMES, cities=CITIES, things=THINGS, sep=" ", fact="{p} lives in {c} and has {n} {t}.",
+               where="{facts}\nQuestion: Where does {p} live?", count="{facts}\nQuestion: How many {t} does {p} have?"),
+    "zh": dict(names=ZH_NAMES, cities=ZH_CITIES, things=ZH_THINGS, sep="", fact="{p}住在{c}，有{n}个{t}。",
+               where="{facts}\n问题：{p}住在哪里？", count="{facts}\n问题：{p}有几个{t}？"),
+}
+
+
 def _passage_qa(r: random.Random, lang: str) -> tuple[str, str]:
-    if lang == "en":
-        people = r.sample(NAMES, 3)
-        cities = r.sample(CITIES, 3)
-        counts = [r.randint(2, 9) for _ in people]
-        thing = r.choice(THINGS)
-        facts = [f"{p} lives in {c} and has {n} {thing}." for p, c, n in zip(people, cities, counts)]
-        r.shuffle(facts)
-        k = r.randrange(3)
-        if r.random() < 0.5:
-            return f"{' '.join(facts)}\nQuestion: Where does {people[k]} live?", cities[k]
-        return f"{' '.join(facts)}\nQuestion: How many {thing} does {people[k]} have?", str(counts[k])
-    people = r.sample(ZH_NAMES, 3)
-    cities = r.sample(ZH_CITIES, 3)
+    L = PASSAGE_QA[lang]
+    people, cities = r.sample(L["names"], 3), r.sample(L["cities"], 3)
     counts = [r.randint(2, 9) for _ in people]
-    thing = r.choice(ZH_THINGS)
-    facts = [f"{p}住在{c}，有{n}个{thing}。" for p, c, n in zip(people, cities, counts)]
+    thing = r.choice(L["things"])
+    facts = [L["fact"].format(p=p, c=c, n=n, t=thing) for p, c, n in zip(people, cities, counts)]
     r.shuffle(facts)
     k = r.randrange(3)
+    joined = L["sep"].join(facts)
     if r.random() < 0.5:
-        return f"{''.join(facts)}\n问题：{people[k]}住在哪里？", cities[k]
-    return f"{''.join(facts)}\n问题：{people[k]}有几个{thing}？", str(counts[k])
+        return L["where"].format(facts=joined, p=people[k]), cities[k]
+    return L["count"].format(facts=joined, p=people[k], t=thing), str(counts[k])
 
 
 FAMILIES = {
