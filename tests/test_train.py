@@ -128,3 +128,10 @@ def test_bf16_autocast_trains_finite(tmp_path, text_file):
     res = pretrain(run, _cfg(text_file, max_steps=4, dtype="bfloat16"), model_overrides=TINY, progress=False,
                    log=lambda *a: None)
     assert res["dtype"] == "bfloat16" and math.isfinite(res["train_loss"])
+
+
+def test_divergence_is_a_clear_error(tmp_path, text_file):
+    run = tmp_path / "diverge"
+    with pytest.raises(OwnLLMError, match="training diverged"):
+        pretrain(run, _cfg(text_file, lr=1e6, warmup_steps=0, max_steps=30, log_interval=1, grad_clip=0.0),
+                 model_overrides=TINY, progress=False, log=lambda *a: None)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ownllm.checkpoint import load_state, load_weights, save_checkpoint
 from ownllm.config import TrainConfig
+from ownllm.errors import OwnLLMError
 from ownllm.metrics import MetricsLog, plot_curves
 from ownllm.train.schedule import lr_at
 
@@ -240,7 +241,8 @@ class Trainer:
                     last = self._flush(pending, bar)
                     pending = []
                     if not math.isfinite(last["train_loss"]):
-                        raise FloatingPointError(f"loss became {last['train_loss']} at step {self.step}; lower --lr")
+                        raise OwnLLMError(f"training diverged: loss became {last['train_loss']} at step {self.step} "
+                                          f"(lr {self.cfg.lr:g}); lower it with --set lr=…; the last checkpoint is kept")
                 if self.evaluate and self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0:
                     last.update(self._eval())
                 if stop_at_step is not None and self.step >= stop_at_step:
