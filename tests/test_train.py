@@ -135,3 +135,13 @@ def test_divergence_is_a_clear_error(tmp_path, text_file):
     with pytest.raises(OwnLLMError, match="training diverged"):
         pretrain(run, _cfg(text_file, lr=1e6, warmup_steps=0, max_steps=30, log_interval=1, grad_clip=0.0),
                  model_overrides=TINY, progress=False, log=lambda *a: None)
+
+
+def test_muon_option_trains_and_resumes(tmp_path, text_file):
+    run = tmp_path / "muon"
+    pretrain(run, _cfg(text_file, optimizer="muon", max_steps=4), model_overrides=TINY, progress=False,
+             log=lambda *a: None)
+    losses = [l for _, l in _losses(run)]
+    assert len(losses) == 4 and all(math.isfinite(l) for l in losses)
+    pretrain(run, _cfg(text_file, optimizer="muon", max_steps=6), resume=True, progress=False, log=lambda *a: None)
+    assert [s for s, _ in _losses(run)] == list(range(1, 7))
