@@ -77,10 +77,6 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    @property
-    def padded(self) -> bool:
-        return not bool(self.valid[:, : self.length].all())
-
 
 def linear(cfg: ModelConfig, name: str, d_in: int, d_out: int) -> nn.Linear:
     """A bias-free projection; a LoRALinear when the config asks for adapters on `name`."""

@@ -94,11 +94,7 @@ def collate_packed(examples: ChatExamples, index: list[int], seq_len: int, pad_i
 
 def masked_lm_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL over target tokens, target count) for a chat batch (padded or packed)."""
-    import torch.nn.functional as F
+    from ownllm.train.objectives import summed_nll
 
     kwargs = {k: batch[k] for k in ("positions", "mask") if k in batch}
-    logits = model(batch["x"], **kwargs)
-    y = batch["y"]
-    total = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
-                            reduction="sum")
-    return total, (y != -100).sum()
+    return summed_nll(model(batch["x"], **kwargs), batch["y"])

@@ -6,13 +6,11 @@ different tokenizers compare fairly.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ownllm.data.shards import Shards, random_batch, sequential_windows
+from ownllm.train.objectives import bits_per_byte, summed_nll
 
 
 @torch.no_grad()
@@ -20,10 +18,8 @@ def nll_sum(model, data: np.ndarray, seq_len: int, batch: int = 16) -> tuple[flo
     """Total NLL (nats) and count of predicted tokens over `data`, in non-overlapping windows."""
     total, count = 0.0, 0
     for x, y in sequential_windows(data, seq_len, batch):
-        logits = model(x)
-        total += float(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1),
-                                       ignore_index=-100, reduction="sum"))
-        count += int((y != -100).sum())
+        s, n = summed_nll(model(x), y)
+        total, count = total + float(s), count + int(n)
     return total, count
 
 
@@ -37,7 +33,7 @@ def evaluate_sources(model, shards: Shards, seq_len: int, max_tokens: int | None
         total, count = nll_sum(model, data, seq_len)
         n_bytes = v["bytes"] * (count / max(v["tokens"] - 1, 1))  # bytes covered, pro rata when capped
         rows.append({"source": src["name"], "tokens": count, "val_loss": total / count,
-                     "val_bpb": total / (math.log(2) * n_bytes)})
+                     "val_bpb": bits_per_byte(total, n_bytes)})
     return rows
 
 
@@ -48,8 +44,8 @@ def quick_eval_fn(shards: Shards, seq_len: int, batches: int, batch_size: int = 
     bpt = shards.val_bytes_per_token()
 
     def run(model) -> dict:
-        losses = [float(F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())) for x, y in fixed]
-        loss = sum(losses) / len(losses)
-        return {"val_loss": loss, "val_bpb": loss / (math.log(2) * bpt)}
+        sums = [summed_nll(model(x), y) for x, y in fixed]
+        loss = sum(float(s) for s, _ in sums) / sum(int(n) for _, n in sums)
+        return {"val_loss": loss, "val_bpb": bits_per_byte(loss, bpt)}  # per token: nats / (bytes per token)
 
     return run
