@@ -130,10 +130,8 @@ class Engine:
                 history = torch.cat([history, tok[:, None]], dim=1)
             cache.valid[:, cache.length] = True
             if self._decode is not None and B == 1:  # measured: 2x eager at batch 1, slower than eager at 8
-                pos = (last_pos + 1) if last_pos is not None else torch.full((B,), cache.length, device=tok.device)
-                last_pos = pos if last_pos is not None else None
-                slot = torch.tensor([cache.length], device=tok.device)
-                logits = self._decode(tok[:, None], pos[:, None], cache, cache.valid[:, None, None, :], slot)
+                slot = torch.tensor([cache.length], device=tok.device)  # one row: never padded, position = slot
+                logits = self._decode(tok[:, None], slot[None], cache, cache.valid[:, None, None, :], slot)
                 cache.length += 1
             elif last_pos is None:
                 logits = self.model(tok[:, None], cache=cache)[:, -1]
