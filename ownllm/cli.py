@@ -36,6 +36,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` options as a dict (values stay strings; apply_overrides types them)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise OwnLLMError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
 def _train_config(args) -> tuple:
     from ownllm.config import TrainConfig, apply_overrides, load_toml
 
@@ -44,10 +55,7 @@ def _train_config(args) -> tuple:
         raw = load_toml(args.config)
         train_over.update(raw.get("train", {}))
         model_over.update(raw.get("model", {}))
-    for item in args.set:
-        if "=" not in item:
-            raise OwnLLMError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
+    for k, v in _parse_sets(args.set).items():
         (model_over if k.startswith("model.") else train_over)[k.removeprefix("model.")] = v
     for name in ("data", "tokenizer", "vocab_size", "max_steps", "seed"):
         if getattr(args, name, None) is not None:
@@ -156,12 +164,7 @@ def cmd_sft(args) -> None:
     from ownllm.config import apply_overrides
     from ownllm.train.sft import sft, sft_config
 
-    over = {}
-    for item in args.set:
-        if "=" not in item:
-            raise OwnLLMError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        over[k] = v
+    over = _parse_sets(args.set)
     for name in ("data", "format", "max_steps", "seed"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)

@@ -56,14 +56,15 @@ def load_conversations(tcfg: TrainConfig, log=print) -> tuple[list[list[dict]], 
 
 
 def make_batcher(ex: ChatExamples, tcfg: TrainConfig, pad_id: int):
+    # packed: draw enough examples to fill batch_size rows; rows past batch_size are dropped
+    mean_len = sum(len(i) for i in ex.ids[:1000]) / min(len(ex), 1000)
+    n_packed = max(1, int(tcfg.batch_size * tcfg.seq_len / mean_len))
+
     def next_batch(gen: torch.Generator) -> dict:
         if not tcfg.pack:
             idx = torch.randint(0, len(ex), (tcfg.batch_size,), generator=gen).tolist()
             return collate_padded(ex, idx, pad_id)
-        # draw enough examples to fill batch_size rows; rows past batch_size are dropped
-        mean_len = sum(len(i) for i in ex.ids[:1000]) / min(len(ex), 1000)
-        n = max(1, int(tcfg.batch_size * tcfg.seq_len / mean_len))
-        idx = torch.randint(0, len(ex), (n,), generator=gen).tolist()
+        idx = torch.randint(0, len(ex), (n_packed,), generator=gen).tolist()
         b = collate_packed(ex, idx, tcfg.seq_len, pad_id)
         return {k: v[: tcfg.batch_size] for k, v in b.items()}
     return next_batch

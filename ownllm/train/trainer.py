@@ -102,8 +102,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
     output head and norms. Each group's lr is `schedule × lr_scale`."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = [p for n, p in named if p.dim() < 2]
-    edge = [p for n, p in named if p.dim() >= 2 and ("embed" in n or "lm_head" in n or "head" in n.split(".")[0])]
-    hidden = [p for n, p in named if p.dim() >= 2 and not any(p is q for q in edge)]
+    matrices = [(n, p) for n, p in named if p.dim() >= 2]
+    is_edge = lambda name: "embed" in name.split(".")[0] or "head" in name.split(".")[0]  # noqa: E731
+    edge = [p for n, p in matrices if is_edge(n)]
+    hidden = [p for n, p in matrices if not is_edge(n)]
     if cfg.optimizer == "adamw":
         return Optimizers(_adamw([{"params": edge + hidden, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
                                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg))
