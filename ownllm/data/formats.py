@@ -48,29 +48,29 @@ def _text(rec: dict, key: str, where: str = "") -> str:
     return v
 
 
+def _turns(rec: dict, list_key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    """A list of turn objects (OpenAI `messages` or ShareGPT `conversations`) as our messages."""
+    turns = rec.get(list_key)
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord(f"field '{list_key}' must be a non-empty list")
+    out = []
+    for i, m in enumerate(turns):
+        where = f"{list_key}[{i}]"
+        if not isinstance(m, dict):
+            raise BadRecord(f"field '{where}' must be an object")
+        if m.get(role_key) not in roles:
+            raise BadRecord(f"field '{where}.{role_key}' must be one of {sorted(roles)}, got {m.get(role_key)!r}")
+        out.append({"role": roles[m[role_key]], "content": _text(m, text_key, f"{where}.")})
+    return out
+
+
 def to_messages(rec: dict, fmt: str) -> list[dict]:
     if not isinstance(rec, dict):
         raise BadRecord(f"expected a JSON object, got {type(rec).__name__}")
     if fmt == "messages":
-        msgs = rec.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise BadRecord("field 'messages' must be a non-empty list")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise BadRecord(f"field 'messages[{i}]' must be an object")
-            if m.get("role") not in ROLES:
-                raise BadRecord(f"field 'messages[{i}].role' must be one of {sorted(ROLES)}, got {m.get('role')!r}")
-            out.append({"role": m["role"], "content": _text(m, "content", f"messages[{i}].")})
+        out = _turns(rec, "messages", "role", "content", {r: r for r in ROLES})
     elif fmt == "sharegpt":
-        conv = rec.get("conversations")
-        if not isinstance(conv, list) or not conv:
-            raise BadRecord("field 'conversations' must be a non-empty list")
-        out = []
-        for i, m in enumerate(conv):
-            if not isinstance(m, dict) or m.get("from") not in SHAREGPT_ROLES:
-                raise BadRecord(f"field 'conversations[{i}].from' must be one of {sorted(SHAREGPT_ROLES)}")
-            out.append({"role": SHAREGPT_ROLES[m["from"]], "content": _text(m, "value", f"conversations[{i}].")})
+        out = _turns(rec, "conversations", "from", "value", SHAREGPT_ROLES)
         if isinstance(rec.get("system"), str) and rec["system"]:
             out.insert(0, {"role": "system", "content": rec["system"]})
     elif fmt == "alpaca":
