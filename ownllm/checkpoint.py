@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,21 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
 def is_trained_run(run_dir: str | Path) -> bool:
     d = Path(run_dir)
     return (d / "model.safetensors").is_file() or (d / JOURNAL).is_file()
+
+
+def refuse_overwrite(run_dir: str | Path, overwrite: bool) -> None:
+    """A new run must not land on a trained one unless the user said --overwrite."""
+    if is_trained_run(run_dir) and not overwrite:
+        raise OwnLLMError(f"{run_dir}: already holds a trained run; pass --resume to continue it or --overwrite to replace it")
+
+
+def start_run(run_dir: str | Path, tokenizer, model_cfg, train_cfg, overwrite: bool) -> Path:
+    """Lay down a fresh run directory: tokenizer, config.json and train_config.json. Call it only
+    after every input is validated, so bad input never costs the user the run it would replace."""
+    d = Path(run_dir)
+    if overwrite and d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(d, model_max_length=model_cfg.max_seq_len)
+    commit_files(d, {"config.json": to_json(model_cfg).encode(), "train_config.json": to_json(train_cfg).encode()})
+    return d

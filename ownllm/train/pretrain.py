@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from ownllm.checkpoint import commit_files, is_trained_run, load_model_config, resumed_train_config
-from ownllm.config import ModelConfig, TrainConfig, model_config, to_json
+from ownllm.checkpoint import load_model_config, refuse_overwrite, resumed_train_config, start_run
+from ownllm.config import ModelConfig, TrainConfig, model_config
 from ownllm.data.corpora import load_sources
 from ownllm.data.shards import Shards, pack, random_batch
-from ownllm.errors import OwnLLMError
 from ownllm.evaluation.lm import evaluate_sources, quick_eval_fn
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer, train_tokenizer
@@ -29,8 +27,7 @@ from ownllm.train.trainer import Trainer
 def prepare_run(out: Path, tcfg: TrainConfig, preset: str | None, model_overrides: dict, overwrite: bool,
                 log=print) -> tuple[ModelConfig, Tokenizer]:
     """Validate everything, then lay down config, tokenizer and shards in a fresh run dir."""
-    if is_trained_run(out) and not overwrite:
-        raise OwnLLMError(f"{out}: already holds a trained run; pass --resume to continue it or --overwrite to replace it")
+    refuse_overwrite(out, overwrite)
     sources = load_sources(tcfg.data)
     mcfg = model_config(preset, model_overrides)
     if tcfg.tokenizer:
@@ -40,12 +37,8 @@ def prepare_run(out: Path, tcfg: TrainConfig, preset: str | None, model_override
         log(f"training a {vocab}-token byte-level BPE on the training split of {', '.join(s.name for s in sources)}")
         tok = train_tokenizer((s.split()[0] for s in sources), vocab)
     mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size, max_seq_len=max(mcfg.max_seq_len, tcfg.seq_len))
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(out, model_max_length=mcfg.max_seq_len)
+    start_run(out, tok, mcfg, tcfg, overwrite)
     meta = pack(tok, sources, out / "data")
-    commit_files(out, {"config.json": to_json(mcfg).encode(), "train_config.json": to_json(tcfg).encode()})
     for s in meta["sources"]:
         log(f"  {s['name']}: train {s['train']['tokens']:,} tokens ({s['train']['bytes'] / s['train']['tokens']:.2f} bytes/token), "
             f"val {s['val']['tokens']:,} tokens ({s['val']['bytes'] / s['val']['tokens']:.2f} bytes/token)")

@@ -9,13 +9,12 @@ and later stages load like any other.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import torch
 
-from ownllm.checkpoint import commit_files, is_trained_run, load_model_config, load_weights, resumed_train_config
-from ownllm.config import TrainConfig, to_json
+from ownllm.checkpoint import load_model_config, load_weights, refuse_overwrite, resumed_train_config, start_run
+from ownllm.config import TrainConfig
 from ownllm.data.chat import ChatExamples, collate_packed, collate_padded, encode_conversations, masked_lm_step
 from ownllm.data.formats import read_chat_jsonl
 from ownllm.errors import OwnLLMError
@@ -91,8 +90,7 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
     else:
         base = Path(base)
         tcfg = tcfg or sft_config()
-        if is_trained_run(out) and not overwrite:
-            raise OwnLLMError(f"{out}: already holds a trained run; pass --resume or --overwrite")
+        refuse_overwrite(out, overwrite)
         mcfg = load_model_config(base)
         tok = Tokenizer.load(base)
         mcfg = dataclasses.replace(mcfg, lora_rank=lora_rank, lora_alpha=lora_alpha)
@@ -109,11 +107,7 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
     model = GPT(mcfg)
     if not resume:
         load_weights(model, base, base_only=mcfg.lora_rank > 0)
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save(out, model_max_length=mcfg.max_seq_len)
-        commit_files(out, {"config.json": to_json(mcfg).encode(), "train_config.json": to_json(tcfg).encode()})
+        start_run(out, tok, mcfg, tcfg, overwrite)
     if mcfg.lora_rank > 0:
         trainable, total = freeze_base(model)
     else:
