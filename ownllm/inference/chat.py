@@ -10,7 +10,7 @@ import sys
 from typing import Callable, Iterator
 
 from ownllm.inference.engine import Engine, SamplingParams
-from ownllm.inference.generate import load_run
+from ownllm.inference.generate import load_run, stream_text
 
 
 class ChatSession:
@@ -35,21 +35,11 @@ class ChatSession:
         ids = ids[-(ctx - 16):]
         params = SamplingParams(max_new_tokens=min(self.max_new_tokens, ctx - len(ids)), temperature=self.temperature,
                                 seed=self.seed, stop_ids=(self.tok.end_id, self.tok.eos_id))
-        dec = self.tok.stream_decoder()
-        text = ""
         self.history.append({"role": "assistant", "content": ""})
-        for step in self.engine.stream([ids], params):
-            t = step[0]
-            if t is None or t in params.stop_ids:
-                break
-            piece = dec.push(t)
-            text += piece
-            self.history[-1]["content"] = text
-            yield piece
-        tail = dec.flush()
-        self.history[-1]["content"] = text + tail
-        if tail:
-            yield tail
+        for piece in stream_text(self.engine, self.tok, ids, params):
+            self.history[-1]["content"] += piece
+            if piece:
+                yield piece
 
     def command(self, line: str) -> str:
         cmd, _, arg = line.partition(" ")

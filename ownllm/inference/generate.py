@@ -55,11 +55,14 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
                                 repetition_penalty=repetition_penalty, seed=seed, stop_ids=(tok.eos_id, tok.end_id))
     except ValueError as e:
         raise OwnLLMError(str(e)) from None
-    pieces = _stream_text(Engine(model, tok.pad_id), tok, ids, params, stop or [])
+    pieces = stream_text(Engine(model, tok.pad_id), tok, ids, params, stop or [])
     return pieces if stream else "".join(pieces)
 
 
-def _stream_text(engine: Engine, tok: Tokenizer, ids: list[int], params: SamplingParams, stops: list[str]) -> Iterator[str]:
+def stream_text(engine: Engine, tok: Tokenizer, ids: list[int], params: SamplingParams,
+                stops: list[str] = ()) -> Iterator[str]:
+    """Text pieces of one sequence's continuation, ending at a stop token or stop string (excluded);
+    multi-byte characters are never split."""
     dec = tok.stream_decoder()
     pending = ""
     stop_ids = set(params.stop_ids)
