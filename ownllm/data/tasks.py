@@ -9,7 +9,8 @@ its text falls in the test bucket, so no generator seed can leak one into the ot
 
 Families: arithmetic (2-digit + and −), reverse (letters), count (a letter), sort (digits),
 json (key=value → JSON), zh_numeral (1–999 → 中文数字), poem_next (next line of a given poem
-from the bundled corpus), passage_qa (answer from a short passage).
+from the bundled corpus), passage_qa (answer from a short passage), rag_qa (answer from
+numbered sources and cite one, or say the sources do not say: the grounding RAG relies on).
 """
 from __future__ import annotations
 
@@ -159,9 +160,28 @@ def _passage_qa(r: random.Random, lang: str) -> tuple[str, str]:
     return L["count"].format(facts=joined, p=people[k], t=thing), str(counts[k])
 
 
+def _rag_qa(r: random.Random, lang: str) -> tuple[str, str]:
+    """Numbered sources (articles of the *train* world of rag/demo.py) + a question → the answer
+    cited as [n], or the refusal when no source says (missing fact, or a town not in the sources)."""
+    from ownllm.rag.demo import ATTRIBUTES, QUESTIONS, make_world
+    from ownllm.rag.grounded import cited_answer, sources_prompt
+
+    towns = [t for t in make_world("train").towns if t.lang == lang]
+    picked = r.sample(towns, 4)
+    shown, target = picked[: r.choice((2, 3))], picked[0]
+    if r.random() < 0.15:
+        target = picked[3]  # asked about a town none of the sources mentions
+    r.shuffle(shown)
+    attr = r.choice(ATTRIBUTES)
+    q = sources_prompt(QUESTIONS[lang][attr].format(n=target.name), [t.article() for t in shown])
+    if target in shown and attr in target.facts:
+        return q, cited_answer(target.facts[attr], shown.index(target) + 1, lang)
+    return q, cited_answer("", None, lang)
+
+
 FAMILIES = {
     "arithmetic": _arithmetic, "reverse": _reverse, "count": _count, "sort": _sort, "json": _json,
-    "zh_numeral": _zh_numeral, "poem_next": _poem_next, "passage_qa": _passage_qa,
+    "zh_numeral": _zh_numeral, "poem_next": _poem_next, "passage_qa": _passage_qa, "rag_qa": _rag_qa,
 }
 
 

@@ -1,0 +1,151 @@
+"""`ownllm eval rag`: retrieval quality, grounded vs closed-book answers, hallucination, citations.
+
+Where it sits: scores a run and a knowledge base on the held-out questions of the demo world
+(rag/demo.py), whose gold answers and gold source documents are known.
+
+Definitions (all over the sampled questions):
+- recall@5 / MRR: the gold document has a chunk among the top 5 / 1 ÷ rank of its first chunk,
+  over questions about towns in the KB; for bm25, dense and hybrid where available.
+- exact match: the answer (citations stripped) equals the gold answer, over answerable questions.
+- hallucination: an answer that asserts something the KB does not support — any non-refusal to
+  a question the KB cannot answer, or a non-refusal that is not the gold answer — over all.
+- citation accuracy: among non-refusal RAG answers that cite, the share whose first cited
+  source contains the gold answer (answerable questions).
+- unanswerable accuracy: the share of questions the KB cannot answer that get the refusal.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ownllm.inference.engine import Engine, SamplingParams
+from ownllm.inference.generate import load_run
+from ownllm.rag.answer import MIN_RELEVANCE, prompt_ids
+from ownllm.rag.demo import Question, make_world, slug
+from ownllm.rag.grounded import REFUSAL, is_refusal, parse_answer
+from ownllm.rag.store import KnowledgeBase
+
+
+def sample_questions(n: int, seed: int = 0) -> list[Question]:
+    """n questions of the demo world: ~70% answerable, the rest split between missing facts and
+    unknown towns; both languages."""
+    qs = make_world("demo").questions()
+    by = defaultdict(list)
+    for q in qs:
+        by[q.kind].append(q)
+    r = random.Random(seed)
+    want = {"answerable": int(n * 0.7), "missing_fact": n - int(n * 0.7) - int(n * 0.15), "unknown_town": int(n * 0.15)}
+    out = []
+    for kind, m in want.items():
+        out += r.sample(by[kind], min(m, len(by[kind])))
+    r.shuffle(out)
+    return out
+
+
+def retrieval_metrics(kb: KnowledgeBase, questions: list[Question], mode: str, k: int = 5) -> dict:
+    recall, rr, n = 0, 0.0, 0
+    for q in questions:
+        if q.kind == "unknown_town":
+            continue
+        n += 1
+        hits = kb.search(q.question, k=k, mode=mode)
+        ranks = [h.rank for h in hits if Path(h.path).stem == slug(q.town)]
+        if ranks:
+            recall += ranks[0] <= k
+            rr += 1.0 / ranks[0]
+    return {"recall_at_5": recall / max(n, 1), "mrr": rr / max(n, 1), "n": n}
+
+
+def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    engine = Engine(model, tok.pad_id)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=(tok.end_id, tok.eos_id))
+    outs: dict[int, str] = {}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
+            for i, o in zip(idx, engine.generate([prompts[i] for i in idx], params)):
+                outs[i] = tok.decode([t for t in o if t not in (tok.end_id, tok.eos_id)]).strip()
+    return [outs[i] for i in range(len(prompts))]
+
+
+def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, min_relevance: float = MIN_RELEVANCE,
+                 max_new_tokens: int = 32, seed: int = 0, log=print) -> dict:
+    model, tok = load_run(run)
+    questions = sample_questions(n, seed)
+    modes = ["bm25"] + (["dense", "hybrid"] if kb.embedder is not None and kb.has_vectors else [])
+    retrieval = {m: retrieval_metrics(kb, questions, m) for m in modes}
+    main_mode = modes[-1]
+
+    budget = model.config.max_seq_len - max_new_tokens
+    rag_text: list[str | None] = []
+    rag_hits, prompts, slots = [], [], []
+    for i, q in enumerate(questions):
+        hits = kb.search(q.question, k=k, mode=main_mode)
+        if not hits or max(h.relevance for h in hits) < min_relevance:
+            rag_text.append(REFUSAL[q.lang])
+            rag_hits.append([])
+            continue
+        ids, shown = prompt_ids(tok, q.question, hits, budget)
+        rag_text.append(None)
+        rag_hits.append(shown)
+        prompts.append(ids)
+        slots.append(i)
+    for i, text in zip(slots, _generate(model, tok, prompts, max_new_tokens)):
+        rag_text[i] = text
+    closed = _generate(model, tok, [tok.render([{"role": "user", "content": q.question}], add_generation_prompt=True).ids
+                                    for q in questions], max_new_tokens)
+
+    def score(texts: list[str], hits_list=None) -> dict:
+        em = hall = unans_ok = cited = cite_ok = 0
+        n_ans = n_unans = 0
+        for j, (q, t) in enumerate(zip(questions, texts)):
+            ans, cites = parse_answer(t)
+            refused = is_refusal(ans) or is_refusal(t)
+            if q.answer is None:
+                n_unans += 1
+                unans_ok += refused
+                hall += not refused
+                continue
+            n_ans += 1
+            em += ans == q.answer
+            hall += (not refused) and ans != q.answer
+            if hits_list is not None and not refused and cites:
+                shown = hits_list[j]
+                cited += 1
+                c = cites[0]
+                cite_ok += 0 < c <= len(shown) and q.answer in shown[c - 1].text
+        return {"exact_match": em / max(n_ans, 1), "hallucination": hall / max(len(questions), 1),
+                "unanswerable_accuracy": unans_ok / max(n_unans, 1),
+                "citation_accuracy": cite_ok / max(cited, 1) if hits_list is not None else None,
+                "answerable": n_ans, "unanswerable": n_unans}
+
+    rag = score(rag_text, rag_hits)
+    cb = score(closed)
+    samples = [{"question": q.question, "kind": q.kind, "gold": q.answer, "rag": t, "closed_book": c}
+               for q, t, c in zip(questions, rag_text, closed)]
+    return {"retrieval": retrieval, "mode": main_mode, "rag": rag, "closed_book": cb, "n": len(questions),
+            "samples": samples}
+
+
+def print_rag_report(res: dict, out=print) -> None:
+    out(f"retrieval over {next(iter(res['retrieval'].values()))['n']} questions about towns in the KB")
+    out(f"{'mode':<8}{'recall@5':>10}{'MRR':>8}")
+    for m, r in res["retrieval"].items():
+        out(f"{m:<8}{r['recall_at_5']:>10.3f}{r['mrr']:>8.3f}")
+    rag, cb = res["rag"], res["closed_book"]
+    out(f"answers: {res['n']} questions ({rag['answerable']} answerable, {rag['unanswerable']} not), greedy, "
+        f"RAG retrieval: {res['mode']}")
+    out(f"{'':<24}{'closed-book':>12}{'RAG':>8}")
+    for key in ("exact_match", "hallucination", "unanswerable_accuracy"):
+        out(f"{key:<24}{cb[key]:>12.3f}{rag[key]:>8.3f}")
+    out(f"{'citation_accuracy':<24}{'-':>12}{rag['citation_accuracy']:>8.3f}")
+    best = res["retrieval"][res["mode"]]
+    out(f"RESULT recall_at_5={best['recall_at_5']:.4f} mrr={best['mrr']:.4f} rag_exact_match={rag['exact_match']:.4f} "
+        f"closed_book_exact_match={cb['exact_match']:.4f} hallucination_rag={rag['hallucination']:.4f} "
+        f"hallucination_closed_book={cb['hallucination']:.4f} citation_accuracy={rag['citation_accuracy']:.4f} "
+        f"unanswerable_accuracy={rag['unanswerable_accuracy']:.4f} "
+        + " ".join(f"recall_at_5_{m}={r['recall_at_5']:.4f} mrr_{m}={r['mrr']:.4f}" for m, r in res["retrieval"].items()))

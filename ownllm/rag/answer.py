@@ -1,0 +1,75 @@
+"""`ownllm ask`: retrieve, decide whether the sources are relevant, answer from them with citations.
+
+Where it sits: the user-facing RAG step, shared by the CLI, the evaluation (evaluation/rag.py),
+the agent's search tool and the server. Retrieval finds the top chunks; when even the best one
+covers too little of the question (`min_relevance`, the IDF-weighted share of the question's
+terms it contains) the answer is the refusal without asking the model at all. Otherwise the
+chunks that fit the model's context become numbered sources (grounded.sources_prompt), the
+model answers, and the citations it gives are mapped back to `path:line`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ownllm.rag.grounded import REFUSAL, language, parse_answer, sources_prompt
+from ownllm.rag.store import Hit, KnowledgeBase
+
+MIN_RELEVANCE = 0.5
+
+
+@dataclass
+class GroundedAnswer:
+    question: str
+    text: str = ""                              # the model's reply (or the refusal)
+    hits: list[Hit] = field(default_factory=list)  # the sources shown to the model, in order
+    retrieved: bool = True                      # False: nothing relevant, the model was not asked
+
+    @property
+    def answer(self) -> str:
+        return parse_answer(self.text)[0]
+
+    @property
+    def cited(self) -> list[Hit]:
+        return [self.hits[i - 1] for i in parse_answer(self.text)[1] if 0 < i <= len(self.hits)]
+
+
+def prompt_ids(tok, question: str, hits: list[Hit], budget: int) -> tuple[list[int], list[Hit]]:
+    """Chat prompt ids with as many of `hits` (best first) as fit `budget` tokens."""
+    shown = list(hits)
+    while True:
+        content = sources_prompt(question, [h.text for h in shown])
+        ids = tok.render([{"role": "user", "content": content}], add_generation_prompt=True).ids
+        if len(ids) <= budget or len(shown) <= 1:
+            return ids[-budget:], shown
+        shown.pop()
+
+
+def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_relevance: float = MIN_RELEVANCE,
+               max_new_tokens: int = 48, temperature: float = 0.0, mode: str | None = None,
+               engine=None) -> Iterator[str | GroundedAnswer]:
+    """Yields text pieces as they stream, then the finished GroundedAnswer."""
+    from ownllm.inference.engine import Engine, SamplingParams
+    from ownllm.inference.generate import stream_text
+
+    result = GroundedAnswer(question)
+    hits = kb.search(question, k=k, mode=mode)
+    if not hits or max(h.relevance for h in hits) < min_relevance:
+        result.retrieved = False
+        result.text = REFUSAL[language(question)]
+        yield result.text
+        yield result
+        return
+    ids, result.hits = prompt_ids(tok, question, hits, model.config.max_seq_len - max_new_tokens)
+    pieces = []
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=(tok.end_id, tok.eos_id))
+    for piece in stream_text(engine or Engine(model, tok.pad_id), tok, ids, params):
+        pieces.append(piece)
+        yield piece
+    result.text = "".join(pieces).strip()
+    yield result
+
+
+def ask(model, tok, kb: KnowledgeBase, question: str, **kw) -> GroundedAnswer:
+    *_, result = ask_stream(model, tok, kb, question, **kw)
+    return result

