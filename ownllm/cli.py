@@ -201,7 +201,56 @@ def cmd_ask(args) -> None:
         print(f"  [{i}] {h.source}{'  (cited)' if id(h) in cited else ''}")
 
 
+def _registry(tools: str, kb: str | None, db: str | None, embedder: str | None = None):
+    """(ToolRegistry, [things to close]) for `--tools a,b` with the --kb / --db they need."""
+    from ownllm.agent.sql import ReadOnlyDB, resolve_db
+    from ownllm.agent.tools import builtin_tools
+
+    names = [t.strip() for t in tools.split(",") if t.strip()]
+    kb_obj = _open_kb(kb, embedder) if kb and "search" in names else None
+    db_obj = ReadOnlyDB(resolve_db(db)) if db and "sql" in names else None
+    return builtin_tools(names, kb=kb_obj, db=db_obj), [x for x in (kb_obj, db_obj) if x is not None]
+
+
+def _print_event(kind: str, data) -> None:
+    if kind == "call":
+        print(f"→ call   {data.raw}" + ("" if data.valid else "   (invalid)"))
+    elif kind == "result":
+        print("← result " + data.result.replace("\n", "\n         "))
+
+
+def cmd_agent(args) -> None:
+    from ownllm.agent.loop import Agent
+    from ownllm.inference.generate import load_run
+
+    model, tok = load_run(args.run)
+    reg, owned = _registry(args.tools, args.kb, args.db, args.embedder)
+    try:
+        agent = Agent(model, tok, reg, max_steps=args.max_steps, temperature=args.temperature, seed=args.seed)
+        res = agent.run(args.question, on_event=_print_event)
+        print(f"answer: {res.answer}")
+        if not res.finished:
+            print(f"(stopped after {res.turns} model turns)")
+    finally:
+        for x in owned:
+            x.close()
+
+
 def cmd_eval(args) -> None:
+    if args.suite == "agent":
+        from ownllm.agent.sql import ReadOnlyDB, resolve_db
+        from ownllm.evaluation.agent import evaluate_agent, print_agent_report
+
+        kb = _open_kb(args.kb or "demo", args.embedder)
+        db = ReadOnlyDB(resolve_db(args.db or "demo"))
+        try:
+            res = evaluate_agent(args.run, kb=kb, db=db, n_arith=args.n or 40, n_sql=args.n or 40, n_search=args.n or 20)
+        finally:
+            kb.close(), db.close()
+        if args.samples:
+            Path(args.samples).write_text("\n".join(json.dumps(a, ensure_ascii=False) for a in res["samples"]) + "\n")
+        print_agent_report(res)
+        return
     if args.suite == "rag":
         from ownllm.evaluation.rag import evaluate_rag, print_rag_report
 
@@ -305,11 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="evaluate a run: lm (held-out bits per byte, default) or tasks (exact match)")
-    p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks", "rag"])
+    p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks", "rag", "agent"])
     p.add_argument("--run", required=True)
     p.add_argument("--shots", type=int, default=0, help="(tasks) K-shot prompts from the train split")
     p.add_argument("--n", type=int, help="(tasks) held-out prompts per family (50); (rag) questions (200)")
-    p.add_argument("--kb", help="(rag) knowledge base file, or 'demo' (default)")
+    p.add_argument("--kb", help="(rag, agent) knowledge base file, or 'demo' (default)")
+    p.add_argument("--db", help="(agent) SQLite database for the sql tool, or 'demo' (default)")
     p.add_argument("--embedder", help="(rag) sentence-embedding model directory, or 'none'")
     p.add_argument("--samples", help="(tasks) write every prompt/output/verdict to this JSONL file")
     p.add_argument("--data", help="evaluate on these sources' held-out 10%% instead of the run's own")
@@ -341,6 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("agent", help="answer a question with tools (calculator, search, sql), printing the trace")
+    p.add_argument("question")
+    p.add_argument("--run", required=True)
+    p.add_argument("--tools", default="calculator", help="comma-separated: calculator, search, sql")
+    p.add_argument("--kb", help="knowledge base for the search tool (file or 'demo')")
+    p.add_argument("--db", help="SQLite database for the sql tool (file or 'demo'), opened read-only")
+    p.add_argument("--embedder", help="sentence-embedding model directory for search, or 'none'")
+    p.add_argument("--max-steps", type=int, default=4, help="model turns before giving up")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("generate", help="continue a prompt (streams)")
     p.add_argument("--run", required=True)

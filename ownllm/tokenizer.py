@@ -30,11 +30,43 @@ ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": T
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, every special token, at least one merge
 
 # Jinja chat template for HF tooling (PreTrainedTokenizerFast.apply_chat_template); `render`
-# below is the same format in Python and also returns the loss mask.
+# below is the same format in Python and also returns the loss mask. Tools (OpenAI schema) are
+# listed in a system turn, one line each: `name(param: type, ...): description`; an assistant
+# tool call is `<|tool_call|>{"name": "…", "arguments": {…}}<|/tool_call|>`; a tool result is
+# a `<|tool|>` turn.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{{ bos_token }}"
+    "{% if tools %}<|system|>Tools:{% for t in tools %}{% set f = t.function if t.function is defined else t %}{{ '\\n' }}"
+    "{{ f.name }}({% for k, v in (f.parameters.properties if f.parameters is defined else {}).items() %}"
+    "{{ k }}: {{ v.type }}{% if not loop.last %}, {% endif %}{% endfor %}): {{ f.description }}{% endfor %}"
+    "<|end|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] if m['content'] else '' }}"
+    "{% if m.tool_calls is defined and m.tool_calls %}{% for c in m.tool_calls %}"
+    "{% set f = c.function if c.function is defined else c %}"
+    "<|tool_call|>{\"name\": \"{{ f.name }}\", \"arguments\": "
+    "{{ f.arguments if f.arguments is string else f.arguments | tojson }}}<|/tool_call|>{% endfor %}{% endif %}"
+    "<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+def tools_text(tools: list[dict]) -> str:
+    """The system text that lists tools (OpenAI schema: {"type": "function", "function": {...}})."""
+    lines = ["Tools:"]
+    for t in tools:
+        f = t.get("function", t)
+        params = ", ".join(f"{k}: {v.get('type', 'any')}" for k, v in f.get("parameters", {}).get("properties", {}).items())
+        lines.append(f"{f['name']}({params}): {f.get('description', '')}")
+    return "\n".join(lines)
+
+
+def tool_call_text(call: dict) -> str:
+    """`{"name": …, "arguments": …}` of an OpenAI tool call (arguments: a JSON string or an object)."""
+    f = call.get("function", call)
+    args = f.get("arguments", "{}")
+    if not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    return f'{{"name": "{f["name"]}", "arguments": {args}}}'
 
 
 def _pre_tokenizer():
@@ -98,14 +130,22 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
-        """Chat template: bos, then `<|role|>content<|end|>` per message; mask marks assistant turns."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> Rendered:
+        """Chat template: bos, the tool list (if any), then `<|role|>content<|end|>` per message, an
+        assistant's tool calls before its end; mask marks assistant turns (calls included)."""
         ids, mask = [self.bos_id], [0]
+        if tools:
+            body = self.encode(tools_text(tools))
+            ids += [self.special[SYSTEM], *body, self.end_id]
+            mask += [0] * (len(body) + 2)
         for i, m in enumerate(messages):
             role = m.get("role")
             if role not in ROLE_TOKENS:
                 raise OwnLLMError(f"message {i}: unknown role {role!r} (expected {', '.join(ROLE_TOKENS)})")
             body = self.encode(m.get("content") or "")
+            for call in m.get("tool_calls") or () if role == "assistant" else ():
+                body += [self.special[TOOL_CALL], *self.encode(tool_call_text(call)), self.special[TOOL_CALL_END]]
             train = 1 if role == "assistant" else 0
             ids += [self.special[ROLE_TOKENS[role]], *body, self.end_id]
             mask += [0, *([train] * len(body)), train]

@@ -65,6 +65,27 @@ def test_save_load_and_transformers_identical_ids(small_tokenizer, tmp_path):
     assert hf.apply_chat_template(msgs, tokenize=False) == small_tokenizer.decode(small_tokenizer.render(msgs).ids)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert cfg["pad_token"] != cfg["eos_token"]
+    # tools and tool calls render identically through the Jinja template
+    tools = [{"type": "function", "function": {"name": "calculator", "description": "exact arithmetic",
+              "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}]
+    msgs = [{"role": "user", "content": "12×34?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "12*34"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "408"}, {"role": "assistant", "content": "408"}]
+    ours = small_tokenizer.decode(small_tokenizer.render(msgs, tools=tools).ids)
+    assert hf.apply_chat_template(msgs, tools=tools, tokenize=False) == ours
+    assert "<|system|>Tools:\ncalculator(expression: string): exact arithmetic<|end|>" in ours
+    assert '<|tool_call|>{"name": "calculator", "arguments": {"expression": "12*34"}}<|/tool_call|><|end|>' in ours
+
+
+def test_tool_turns_are_masked(small_tokenizer):
+    tok = small_tokenizer
+    call = {"function": {"name": "calculator", "arguments": {"expression": "1+1"}}}
+    r = tok.render([{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}],
+                   tools=[{"name": "calculator", "description": "d", "parameters": {"properties": {}}}])
+    trained = tok.decode([i for i, m in zip(r.ids, r.mask) if m])
+    assert trained == '<|tool_call|>{"name": "calculator", "arguments": {"expression": "1+1"}}<|/tool_call|><|end|>2<|end|>'
 
 
 def test_stream_decoder_matches_decode(small_tokenizer):

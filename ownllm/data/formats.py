@@ -60,7 +60,22 @@ def _turns(rec: dict, list_key: str, role_key: str, text_key: str, roles: dict[s
             raise BadRecord(f"field '{where}' must be an object")
         if m.get(role_key) not in roles:
             raise BadRecord(f"field '{where}.{role_key}' must be one of {sorted(roles)}, got {m.get(role_key)!r}")
-        out.append({"role": roles[m[role_key]], "content": _text(m, text_key, f"{where}.")})
+        calls = m.get("tool_calls")
+        if calls is None:
+            out.append({"role": roles[m[role_key]], "content": _text(m, text_key, f"{where}.")})
+            continue
+        if roles[m[role_key]] != "assistant" or not isinstance(calls, list):
+            raise BadRecord(f"field '{where}.tool_calls' must be a list on an assistant turn")
+        for j, c in enumerate(calls):
+            f = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(f, dict) or not isinstance(f.get("name"), str) or \
+                    not isinstance(f.get("arguments", "{}"), (str, dict)):
+                raise BadRecord(f"field '{where}.tool_calls[{j}].function' must have a string 'name' and "
+                                "'arguments' (a JSON string or object)")
+        content = m.get(text_key)
+        if content is not None and not isinstance(content, str):
+            raise BadRecord(f"field '{where}.{text_key}' must be a string or null")
+        out.append({"role": "assistant", "content": content or "", "tool_calls": calls})
     return out
 
 

@@ -29,12 +29,15 @@ class Example:
     lang: str
     prompt: str
     answer: str
+    trace: tuple = ()   # a whole conversation (tool use: tools, question, calls, results, answer)
 
     @property
     def split(self) -> str:
         return "test" if prompt_bucket(self.prompt) == 0 else "train"
 
     def messages(self) -> list[dict]:
+        if self.trace:
+            return [dict(m) for m in self.trace]
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}]
 
 
@@ -179,10 +182,20 @@ def _rag_qa(r: random.Random, lang: str) -> tuple[str, str]:
     return q, cited_answer("", None, lang)
 
 
+def _tool_use(r: random.Random, lang: str) -> tuple[str, str, tuple]:
+    from ownllm.agent.traces import tool_trace
+
+    return tool_trace(r, lang)
+
+
+# single-turn families, scored by `ownllm eval tasks`
 FAMILIES = {
     "arithmetic": _arithmetic, "reverse": _reverse, "count": _count, "sort": _sort, "json": _json,
     "zh_numeral": _zh_numeral, "poem_next": _poem_next, "passage_qa": _passage_qa, "rag_qa": _rag_qa,
 }
+# multi-turn traces, trained on by SFT and scored through the agent loop by `ownllm eval agent`
+TRACE_FAMILIES = {"tool_use": _tool_use}
+ALL_FAMILIES = {**FAMILIES, **TRACE_FAMILIES}
 
 
 def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | None = None) -> list[Example]:
@@ -190,19 +203,19 @@ def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | 
     Test prompts are distinct; train prompts may repeat (small families like zh_numeral have
     only ~1,800 train prompts)."""
     fams = families or list(FAMILIES)
-    unknown = set(fams) - set(FAMILIES)
+    unknown = set(fams) - set(ALL_FAMILIES)
     if unknown:
-        raise ValueError(f"unknown task families {sorted(unknown)} (known: {', '.join(FAMILIES)})")
+        raise ValueError(f"unknown task families {sorted(unknown)} (known: {', '.join(ALL_FAMILIES)})")
     r = random.Random(f"{split}:{seed}")
     out, seen, tries = [], set(), 0
     while len(out) < n:
         fam = fams[len(out) % len(fams)]
         lang = "en" if r.random() < 0.5 else "zh"
-        prompt, answer = FAMILIES[fam](r, lang)
+        prompt, answer, *trace = ALL_FAMILIES[fam](r, lang)
         tries += 1
         if tries > 200 * n + 10_000:
             raise RuntimeError(f"could not draw {n} distinct {split} examples")
-        ex = Example(fam, lang, prompt, answer)
+        ex = Example(fam, lang, prompt, answer, tuple(trace[0]) if trace else ())
         if ex.split != split or (split == "test" and prompt in seen):
             continue
         seen.add(prompt)

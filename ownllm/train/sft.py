@@ -35,10 +35,10 @@ def sft_config(**overrides) -> TrainConfig:
 def load_conversations(tcfg: TrainConfig, log=print) -> tuple[list[list[dict]], list[list[dict]]]:
     """(train, val) conversations from `tcfg.data`: 'tasks' or comma-separated JSONL files."""
     if tcfg.data == "tasks":
-        from ownllm.data.tasks import generate
+        from ownllm.data.tasks import ALL_FAMILIES, generate
 
-        train = [e.messages() for e in generate(tcfg.task_examples, "train", seed=tcfg.seed)]
-        val = [e.messages() for e in generate(200, "test", seed=0)]
+        train = [e.messages() for e in generate(tcfg.task_examples, "train", seed=tcfg.seed, families=list(ALL_FAMILIES))]
+        val = [e.messages() for e in generate(200, "test", seed=0, families=list(ALL_FAMILIES))]
         return train, val
     convs = []
     for path in [p.strip() for p in tcfg.data.split(",") if p.strip()]:

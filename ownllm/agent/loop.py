@@ -1,0 +1,132 @@
+"""The agent loop: generate → parse tool calls → run them → append results → generate again.
+
+Where it sits: `ownllm agent`, `ownllm chat --tools`, `ownllm eval agent` and the server run an
+`Agent`. The model writes calls in its turn as `<|tool_call|>{"name": …, "arguments": {…}}
+<|/tool_call|>` (chat template, tokenizer.py); several calls in one turn run in order. A call
+that does not parse, names an unknown tool or has bad arguments is not fatal: its error text
+goes back as the tool result, so the model can correct itself. The loop ends when the model
+answers without calling a tool, or after `max_steps` model turns.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from ownllm.agent.tools import ToolError, ToolRegistry
+from ownllm.inference.engine import Engine, SamplingParams
+from ownllm.tokenizer import TOOL_CALL, TOOL_CALL_END
+
+MAX_RESULT_CHARS = 600
+
+
+@dataclass
+class Call:
+    name: str | None
+    arguments: dict | str | None
+    raw: str
+    valid: bool = False          # parsed, known tool, arguments match its schema
+    result: str = ""
+    error: str | None = None
+
+
+@dataclass
+class AgentResult:
+    answer: str
+    messages: list[dict]
+    calls: list[Call] = field(default_factory=list)
+    turns: int = 0
+    finished: bool = True        # False: max_steps reached before a final answer
+
+
+def split_calls(tok, ids: list[int]) -> tuple[str, list[str]]:
+    """(plain text, [raw call texts]) of one generated assistant turn, split on the marker tokens."""
+    open_id, close_id = tok.special[TOOL_CALL], tok.special[TOOL_CALL_END]
+    text_ids, calls, cur = [], [], None
+    for t in ids:
+        if t == open_id:
+            cur = []
+        elif t == close_id and cur is not None:
+            calls.append(tok.decode(cur))
+            cur = None
+        elif cur is not None:
+            cur.append(t)
+        else:
+            text_ids.append(t)
+    if cur is not None:  # an unterminated call still counts (and fails to parse if cut short)
+        calls.append(tok.decode(cur))
+    return tok.decode(text_ids).strip(), calls
+
+
+def parse_call(raw: str, registry: ToolRegistry) -> Call:
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return Call(None, None, raw, error=f"error: the tool call is not valid JSON ({e.msg} at position {e.pos})")
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return Call(None, None, raw, error='error: a tool call must be {"name": ..., "arguments": {...}}')
+    try:
+        args = registry.validate(obj["name"], obj.get("arguments", {}))
+    except ToolError as e:
+        return Call(obj["name"], obj.get("arguments"), raw, error=f"error: {e}")
+    return Call(obj["name"], args, raw, valid=True)
+
+
+class Agent:
+    def __init__(self, model, tok, registry: ToolRegistry, max_steps: int = 4, max_new_tokens: int = 96,
+                 temperature: float = 0.0, seed: int | None = None):
+        self.model, self.tok, self.registry = model, tok, registry
+        self.max_steps, self.max_new_tokens = max_steps, max_new_tokens
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                     stop_ids=(tok.end_id, tok.eos_id))
+        self.engine = Engine(model, tok.pad_id)
+
+    def _generate(self, messages: list[dict]) -> list[int] | None:
+        ids = self.tok.render(messages, add_generation_prompt=True, tools=self.registry.schemas()).ids
+        if len(ids) + self.max_new_tokens > self.model.config.max_seq_len:
+            return None
+        with torch.inference_mode():
+            out = self.engine.generate([ids], self.params)[0]
+        return [t for t in out if t not in (self.tok.end_id, self.tok.eos_id)]
+
+    def run(self, question: str | list[dict], on_event=None) -> AgentResult:
+        """Answer `question` (a user message, or a whole conversation so far). `on_event(kind, data)`
+        sees each 'call', 'result' and 'answer' as it happens (for printing a live trace)."""
+        messages = [{"role": "user", "content": question}] if isinstance(question, str) else list(question)
+        res = AgentResult("", messages)
+        for turn in range(self.max_steps):
+            out = self._generate(messages)
+            res.turns = turn + 1
+            if out is None:
+                res.answer, res.finished = "(the conversation no longer fits the model's context)", False
+                break
+            text, raws = split_calls(self.tok, out)
+            if not raws:
+                res.answer = text
+                messages.append({"role": "assistant", "content": text})
+                if on_event:
+                    on_event("answer", text)
+                return res
+            calls = [parse_call(r, self.registry) for r in raws]
+            messages.append({"role": "assistant", "content": text, "tool_calls": [
+                {"id": f"call_{len(res.calls) + i}", "type": "function",
+                 "function": {"name": c.name or "?", "arguments": c.raw if not c.valid else json.dumps(c.arguments, ensure_ascii=False)}}
+                for i, c in enumerate(calls)]})
+            for i, c in enumerate(calls):
+                if on_event:
+                    on_event("call", c)
+                if c.valid:
+                    try:
+                        c.result = self.registry.call(c.name, c.arguments)
+                    except ToolError as e:
+                        c.error = f"error: {e}"
+                c.result = (c.error or c.result)[:MAX_RESULT_CHARS]
+                messages.append({"role": "tool", "tool_call_id": f"call_{len(res.calls) + i}", "content": c.result})
+                if on_event:
+                    on_event("result", c)
+            res.calls += calls
+        else:
+            res.finished = False
+            res.answer = "(no final answer within the step limit)"
+        return res
