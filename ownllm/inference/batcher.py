@@ -1,0 +1,203 @@
+"""Continuous batching: requests join the running decode batch and leave it when they finish.
+
+Where it sits: the server (serve/app.py) submits every generation here; one background thread
+owns the model. The decode batch has `slots` rows over one shared KV cache (model.KVCache):
+every step writes one column for all rows, and each row has its own RoPE position and its own
+key mask, so rows of different ages share a step. A new request is prefilled on its own and its
+keys/values are copied into a free row, right-aligned to the shared write column; when the
+cache is full (or a prompt is longer than the column), `_compact` right-aligns every row's real
+entries again — keys carry their rotary positions, so moving them changes nothing. A finished,
+failed or cancelled request frees its row at the next step.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ownllm.inference.engine import SamplingParams, sample_next
+from ownllm.model import GPT, KVCache
+
+
+@dataclass
+class Request:
+    ids: list[int]
+    params: SamplingParams
+    emit: Callable[[int | None, str | None], None]   # (token, None) per token; (None, finish_reason) at the end
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    pos: int = 0                                      # position of the next input token
+    last: int = 0                                     # last sampled token (next input)
+    gen: torch.Generator | None = None
+    history: torch.Tensor | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ContinuousBatcher:
+    def __init__(self, model: GPT, pad_id: int, slots: int = 8):
+        self.model = model.eval()
+        self.cfg = model.config
+        self.pad_id = pad_id
+        self.slots: list[Request | None] = [None] * slots
+        dtype = model.embed_tokens.weight.dtype
+        self.cache = KVCache.empty(self.cfg, slots, self.cfg.max_seq_len, dtype=dtype, device=model.device)
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.lock = threading.Lock()   # serialises model use with other callers (e.g. embeddings)
+        self.steps = 0
+        self.max_active = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._loop, name="ownllm-batcher", daemon=True)
+        self.thread.start()
+
+    # -- public --------------------------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        if not req.ids:
+            raise ValueError("empty prompt")
+        if len(req.ids) >= self.cfg.max_seq_len:
+            raise ValueError(f"prompt of {len(req.ids)} tokens does not fit the context of {self.cfg.max_seq_len}")
+        if req.params.seed is not None:
+            req.gen = torch.Generator(device=self.model.device).manual_seed(req.params.seed)
+        self.waiting.put(req)
+        return req
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def close(self) -> None:
+        self._stop = True
+        self.waiting.put(None)  # type: ignore[arg-type]
+        self.thread.join(timeout=5)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                if self.active == 0:
+                    req = self.waiting.get()
+                    if req is None:
+                        return
+                    self._admit(req)
+                while None in self.slots and not self.waiting.empty():
+                    req = self.waiting.get_nowait()
+                    if req is None:
+                        return
+                    self._admit(req)
+                self._drop_cancelled()
+                if self.active:
+                    self._step()
+            except Exception as e:  # never die silently: fail the requests in flight, keep serving
+                for i, r in enumerate(self.slots):
+                    if r is not None:
+                        r.emit(None, f"error: {type(e).__name__}: {e}")
+                        self._free(i)
+
+    def _free(self, i: int) -> None:
+        self.slots[i] = None
+        self.cache.valid[i] = False
+
+    def _finish(self, i: int, reason: str) -> None:
+        r = self.slots[i]
+        self._free(i)
+        r.emit(None, reason)
+
+    def _drop_cancelled(self) -> None:
+        for i, r in enumerate(self.slots):
+            if r is not None and r.cancelled:
+                self._free(i)
+
+    def _compact(self, need: int = 0) -> None:
+        """Right-align every active row's real cache entries so the write column is as small as
+        possible (at least `need`)."""
+        c = self.cache
+        counts = [int(c.valid[i, : c.length].sum()) if r is not None else 0 for i, r in enumerate(self.slots)]
+        new_len = max(counts + [need])
+        k, v = torch.zeros_like(c.k), torch.zeros_like(c.v)
+        valid = torch.zeros_like(c.valid)
+        for i, r in enumerate(self.slots):
+            if r is None or not counts[i]:
+                continue
+            cols = c.valid[i, : c.length].nonzero().squeeze(1)
+            dst = slice(new_len - counts[i], new_len)
+            k[:, i, :, dst] = c.k[:, i, :, cols]
+            v[:, i, :, dst] = c.v[:, i, :, cols]
+            valid[i, dst] = True
+        c.k.copy_(k)
+        c.v.copy_(v)
+        c.valid.copy_(valid)
+        c.length = new_len
+
+    @torch.inference_mode()
+    def _admit(self, req: Request) -> None:
+        if req.cancelled:
+            return
+        slot = self.slots.index(None)
+        L = len(req.ids)
+        with self.lock:
+            tmp = KVCache.empty(self.cfg, 1, L, dtype=self.cache.k.dtype, device=self.model.device)
+            tmp.valid[:, :L] = True
+            logits = self.model(torch.tensor([req.ids], device=self.model.device), cache=tmp)[:, -1]
+        c = self.cache
+        if c.length < L or c.length >= c.max_len:
+            self._compact(need=L)
+        if c.length >= c.max_len:  # every column in use by rows at full context: make room
+            self._compact(need=L)
+        dst = slice(c.length - L, c.length)
+        c.k[:, slot, :, dst] = tmp.k[:, 0]
+        c.v[:, slot, :, dst] = tmp.v[:, 0]
+        c.valid[slot] = False
+        c.valid[slot, dst] = True
+        req.pos = L
+        if req.params.repetition_penalty != 1.0:
+            req.history = torch.tensor([req.ids], device=self.model.device)
+        self.slots[slot] = req
+        self._sampled(slot, logits)
+        self.max_active = max(self.max_active, self.active)
+
+    def _sampled(self, i: int, logits: torch.Tensor) -> None:
+        """Sample row i's next token from (1, V) logits, emit it, and finish the row if it is done."""
+        r = self.slots[i]
+        tok = int(sample_next(logits, r.params, r.gen, r.history)[0])
+        if tok in r.params.stop_ids:
+            self._finish(i, "stop")
+            return
+        r.generated.append(tok)
+        r.last = tok
+        if r.history is not None:
+            r.history = torch.cat([r.history, torch.tensor([[tok]], device=r.history.device)], dim=1)
+        r.emit(tok, None)
+        if r.cancelled:
+            self._free(i)
+        elif len(r.generated) >= r.params.max_new_tokens:
+            self._finish(i, "length")
+        elif r.pos + 1 >= self.cfg.max_seq_len:
+            self._finish(i, "length")
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        c = self.cache
+        if c.length >= c.max_len:
+            self._compact()
+            if c.length >= c.max_len:  # cannot happen: a row at full context has finished
+                raise RuntimeError("KV cache full")
+        S = len(self.slots)
+        toks = torch.full((S, 1), self.pad_id, dtype=torch.long, device=self.model.device)
+        pos = torch.zeros((S, 1), dtype=torch.long, device=self.model.device)
+        for i, r in enumerate(self.slots):
+            if r is not None:
+                toks[i, 0], pos[i, 0] = r.last, r.pos
+        c.valid[:, c.length] = True  # each row sees its own new entry (idle rows: only that, no NaN)
+        with self.lock:
+            logits = self.model(toks, cache=c, positions=pos, mask=c.valid[:, None, None, : c.length + 1])[:, -1]
+        self.steps += 1
+        for i, r in enumerate(self.slots):
+            if r is None:
+                c.valid[i] = False
+                continue
+            r.pos += 1
+            self._sampled(i, logits[i: i + 1])

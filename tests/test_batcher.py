@@ -1,0 +1,72 @@
+"""Continuous batching gives every request exactly the tokens it would get alone."""
+import threading
+
+import torch
+
+from ownllm.inference.batcher import ContinuousBatcher, Request
+from ownllm.inference.engine import Engine, SamplingParams
+from ownllm.model import GPT
+from tests.conftest import randomize_
+
+
+def _collect(batcher, ids, params, started=None):
+    out, done = [], threading.Event()
+    reason = []
+
+    def emit(tok, finish):
+        if finish is None:
+            out.append(tok)
+        else:
+            reason.append(finish)
+            done.set()
+    req = batcher.submit(Request(ids, params, emit))
+    return req, out, reason, done
+
+
+def test_joining_requests_match_solo_generation(tiny_cfg):
+    torch.manual_seed(0)
+    model = randomize_(GPT(tiny_cfg), 0.3).eval()
+    engine = Engine(model, pad_id=0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, tiny_cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 3, 12)]
+    lengths = [20, 8, 30, 25, 40, 15]
+    solo = [engine.generate([p], SamplingParams(max_new_tokens=n, temperature=0))[0] for p, n in zip(prompts, lengths)]
+    batcher = ContinuousBatcher(model, pad_id=0, slots=3)  # fewer slots than requests: some wait, rows are reused
+    runs = []
+    for p, n in zip(prompts, lengths):
+        runs.append(_collect(batcher, p, SamplingParams(max_new_tokens=n, temperature=0)))
+    for (_, out, reason, done), ref, n in zip(runs, solo, lengths):
+        assert done.wait(30)
+        assert out == ref[:n]
+        assert reason == ["length"]
+    assert batcher.max_active == 3
+    # contexts fill up (max_seq_len 64): compaction kicks in and results stay identical
+    long_prompts = [torch.randint(3, tiny_cfg.vocab_size, (n,), generator=g).tolist() for n in (40, 10, 25)]
+    solo = [engine.generate([p], SamplingParams(max_new_tokens=60, temperature=0))[0] for p in long_prompts]
+    runs = [_collect(batcher, p, SamplingParams(max_new_tokens=60, temperature=0)) for p in long_prompts]
+    for (_, out, reason, done), ref, p in zip(runs, solo, long_prompts):
+        assert done.wait(30)
+        assert out == ref and reason == ["length"]
+        assert len(out) == min(60, tiny_cfg.max_seq_len - len(p))  # stopped by the context, not the budget
+    batcher.close()
+
+
+def test_stop_tokens_cancel_and_seeded_sampling(tiny_cfg):
+    torch.manual_seed(0)
+    model = randomize_(GPT(tiny_cfg), 0.3).eval()
+    batcher = ContinuousBatcher(model, pad_id=0, slots=2)
+    ref = Engine(model, 0).generate([[5, 6, 7]], SamplingParams(max_new_tokens=12, temperature=0))[0]
+    stop = ref[4]
+    _, out, reason, done = _collect(batcher, [5, 6, 7], SamplingParams(max_new_tokens=12, temperature=0, stop_ids=(stop,)))
+    assert done.wait(30) and reason == ["stop"] and stop not in out and out == ref[: ref.index(stop)]
+    a = _collect(batcher, [9, 9], SamplingParams(max_new_tokens=20, temperature=1.0, seed=3))
+    b = _collect(batcher, [9, 9], SamplingParams(max_new_tokens=20, temperature=1.0, seed=3))
+    assert a[3].wait(30) and b[3].wait(30) and a[1] == b[1]
+    req, out, reason, done = _collect(batcher, [1, 2], SamplingParams(max_new_tokens=10_000, temperature=0))
+    req.cancel()
+    for _ in range(200):
+        if batcher.active == 0:
+            break
+        threading.Event().wait(0.01)
+    assert batcher.active == 0  # the slot is free again
+    batcher.close()
