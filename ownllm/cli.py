@@ -236,6 +236,55 @@ def cmd_agent(args) -> None:
             x.close()
 
 
+def build_server_state(args):
+    """ServerState for `ownllm serve` (also used by tests and bench/serve_load.py)."""
+    from ownllm.checkpoint import load_model
+    from ownllm.inference.batcher import ContinuousBatcher
+    from ownllm.serve.app import ServerState
+    from ownllm.tokenizer import Tokenizer
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise OwnLLMError(f"--run {run}: no such run directory")
+    model, tok = load_model(run), Tokenizer.load(run)
+    if getattr(args, "quantize", None):
+        from ownllm.inference.quantize import quantize_int8
+
+        if args.quantize != "int8":
+            raise OwnLLMError(f"--quantize {args.quantize}: only int8 is supported")
+        quantize_int8(model)
+    torch_threads(getattr(args, "threads", None))
+    reg = kb = None
+    if getattr(args, "tools", None):
+        reg, _ = _registry(args.tools, args.kb, args.db, args.embedder)
+    elif getattr(args, "kb", None):
+        kb = _open_kb(args.kb, args.embedder)
+    return ServerState(model=model, tok=tok, model_id=run.resolve().name, api_key=args.api_key,
+                       batcher=ContinuousBatcher(model, tok.pad_id, slots=args.slots), kb=kb, registry=reg)
+
+
+def torch_threads(n: int | None) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(n or min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from ownllm.serve.app import create_app
+
+    state = build_server_state(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    print(f"ownllm serve: {state.model_id} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)"
+          + (f"; knowledge base {args.kb}" if state.kb is not None else "")
+          + (f"; tools {args.tools}" if state.registry is not None else ""))
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_eval(args) -> None:
     if args.suite == "agent":
         from ownllm.agent.sql import ReadOnlyDB, resolve_db
@@ -403,6 +452,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    p.add_argument("--run", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--kb", help="answer chat turns from this knowledge base (file or 'demo'), with sources")
+    p.add_argument("--tools", help="run these built-in tools server-side: calculator, search, sql")
+    p.add_argument("--db", help="SQLite database for the sql tool (file or 'demo')")
+    p.add_argument("--embedder", help="sentence-embedding model directory, or 'none'")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together (continuous batching)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="continue a prompt (streams)")
     p.add_argument("--run", required=True)

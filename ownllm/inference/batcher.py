@@ -50,6 +50,7 @@ class ContinuousBatcher:
         self.lock = threading.Lock()   # serialises model use with other callers (e.g. embeddings)
         self.steps = 0
         self.max_active = 0
+        self.cancelled = 0   # requests dropped because their client went away
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="ownllm-batcher", daemon=True)
         self.thread.start()
@@ -110,6 +111,7 @@ class ContinuousBatcher:
         for i, r in enumerate(self.slots):
             if r is not None and r.cancelled:
                 self._free(i)
+                self.cancelled += 1
 
     def _compact(self, need: int = 0) -> None:
         """Right-align every active row's real cache entries so the write column is as small as
@@ -173,6 +175,7 @@ class ContinuousBatcher:
         r.emit(tok, None)
         if r.cancelled:
             self._free(i)
+            self.cancelled += 1
         elif len(r.generated) >= r.params.max_new_tokens:
             self._finish(i, "length")
         elif r.pos + 1 >= self.cfg.max_seq_len:

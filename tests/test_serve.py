@@ -1,0 +1,248 @@
+"""The OpenAI-compatible server: the official client works unchanged; bad input never gets a 5xx."""
+import argparse
+import json
+import socket
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ownllm.cli import build_server_state, main
+from ownllm.serve.app import create_app
+from tests.test_cli import TINY
+
+fastapi_testclient = pytest.importorskip("fastapi.testclient")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("serve") / "base"
+    assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--max-steps", "2",
+                 "--set", "model.max_seq_len=128", *TINY]) == 0
+    return out
+
+
+def _state(run_dir, **kw):
+    ns = argparse.Namespace(run=str(run_dir), api_key=None, kb=None, tools=None, db=None, embedder="none",
+                            quantize=None, slots=4, threads=None)
+    for k, v in kw.items():
+        setattr(ns, k, v)
+    return build_server_state(ns)
+
+
+@pytest.fixture(scope="module")
+def client(run_dir):
+    state = _state(run_dir)
+    with fastapi_testclient.TestClient(create_app(state)) as c:
+        c.state = state
+        yield c
+    state.batcher.close()
+
+
+def test_models_health_and_page(client):
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "base"
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>ownllm chat</title>" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: everything is local
+
+
+def test_chat_completion_plain_and_streamed(client):
+    body = {"model": "base", "messages": [{"role": "user", "content": "Hello 你好"}], "max_tokens": 8,
+            "temperature": 0, "seed": 1}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    j = r.json()
+    assert j["object"] == "chat.completion" and j["choices"][0]["message"]["role"] == "assistant"
+    assert j["choices"][0]["finish_reason"] in ("stop", "length")
+    assert j["usage"]["completion_tokens"] <= 8 and j["usage"]["total_tokens"] == j["usage"]["prompt_tokens"] + j["usage"]["completion_tokens"]
+    with client.stream("POST", "/v1/chat/completions",
+                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+        lines = [ln for ln in s.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == j["choices"][0]["message"]["content"]  # greedy: streamed == non-streamed
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == j["usage"]["completion_tokens"]
+
+
+def test_completions_and_embeddings(client):
+    r = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200 and r.json()["object"] == "text_completion" and r.json()["usage"]["prompt_tokens"] > 0
+    e = client.post("/v1/embeddings", json={"input": ["a", "春"]}).json()
+    assert len(e["data"]) == 2 and abs(sum(x * x for x in e["data"][0]["embedding"]) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None), (b"[1, 2]", 400, None), (b'"text"', 400, None),
+    ({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ({"messages": []}, 400, "messages"), ({"messages": "hi"}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"function": {}}]}, 400, "tools"),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(client, body, status, param):
+    r = client.post("/v1/chat/completions", content=body if isinstance(body, bytes) else json.dumps(body),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] and err["param"] == param
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_body_limit_and_api_key(run_dir):
+    state = _state(run_dir, api_key="s3cret")
+    state.max_body = 2000
+    with fastapi_testclient.TestClient(create_app(state)) as c:
+        msg = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        assert c.post("/v1/chat/completions", json=msg).status_code == 401
+        assert c.post("/v1/chat/completions", json=msg, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = c.post("/v1/chat/completions", json=msg, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+        r = c.post("/v1/chat/completions", json=big, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        assert c.get("/health").status_code == 200  # health needs no key
+    state.batcher.close()
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False)
+                           | st.text(max_size=20), lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=12)
+bodies = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from(["base", "x"]) | json_values,
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "x"]),
+                                                "content": st.text(max_size=30) | json_values}), max_size=3) | json_values,
+    "max_tokens": st.integers(-5, 300) | json_values, "temperature": st.floats(-1, 3) | json_values,
+    "top_p": json_values, "stop": json_values, "seed": json_values, "stream": st.booleans() | json_values,
+    "tools": json_values, "prompt": st.text(max_size=20) | json_values, "input": json_values,
+})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]))
+def test_random_bodies_never_5xx(client, body, path):
+    if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0:
+        body["max_tokens"] = min(body["max_tokens"], 4)  # keep generation short
+    r = client.post(path, json=body)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert "message" in r.json()["error"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ScriptedBatcher:
+    """Stands in for the model: every request gets the same scripted tokens (here: a tool call)."""
+
+    def __init__(self, tokens):
+        self.tokens, self.active, self.lock = tokens, 0, threading.Lock()
+
+    def submit(self, req):
+        def go():
+            for t in self.tokens:
+                req.emit(t, None)
+            req.emit(None, "stop")
+        threading.Thread(target=go).start()
+        return req
+
+
+@pytest.fixture(scope="module")
+def live_server(run_dir):
+    import uvicorn
+
+    state = _state(run_dir)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", state
+    server.should_exit = True
+    t.join(5)
+    state.batcher.close()
+
+
+def test_official_openai_client(live_server):
+    openai = pytest.importorskip("openai")
+    url, state = live_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["base"]
+    r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                       temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 6
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == r.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    # a tool call: the model's turn is scripted, the plumbing is real
+    tok = state.tok
+    call = '{"name": "calculator", "arguments": {"expression": "12*34"}}'
+    real = state.batcher
+    state.batcher = ScriptedBatcher([tok.special["<|tool_call|>"], *tok.encode(call), tok.special["<|/tool_call|>"]])
+    try:
+        tools = [{"type": "function", "function": {"name": "calculator", "description": "exact arithmetic",
+                                                   "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}]
+        r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "12×34?"}], tools=tools)
+        assert r.choices[0].finish_reason == "tool_calls"
+        tc = r.choices[0].message.tool_calls[0]
+        assert tc.function.name == "calculator" and json.loads(tc.function.arguments) == {"expression": "12*34"}
+        chunks = list(client.chat.completions.create(model="base", messages=[{"role": "user", "content": "12×34?"}],
+                                                     tools=tools, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert chunks[0].choices[0].delta.tool_calls[0].function.name == "calculator"
+    finally:
+        state.batcher = real
+
+
+def test_disconnect_frees_the_slot(live_server):
+    import http.client
+
+    import urllib.request
+
+    url, state = live_server
+    body = {"messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 100, "temperature": 1.0}
+    for seed in range(30):  # a seed whose reply runs the full 100 tokens (an untrained model may stop early)
+        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({**body, "seed": seed}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        if json.loads(urllib.request.urlopen(req).read())["choices"][0]["finish_reason"] == "length":
+            break
+    b = state.batcher
+    step = b._step
+    b._step = lambda: (time.sleep(0.03), step())  # slow decoding down: 100 tokens would take 3 s
+    try:
+        cancelled = b.cancelled
+        body = {**body, "seed": seed, "stream": True}
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read(40).startswith(b"data: ")
+        assert b.active == 1
+        t0 = time.perf_counter()
+        conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
+        conn.close()
+        while b.active and time.perf_counter() - t0 < 2.5:
+            time.sleep(0.01)
+        assert b.active == 0 and b.cancelled == cancelled + 1
+        assert time.perf_counter() - t0 < 1.5  # freed long before the 100 tokens would have finished
+    finally:
+        b._step = step
