@@ -59,7 +59,8 @@ class ModelConfig:
 
 # Presets: overrides of the defaults above. `tiny` is the tuned 2-core CPU recipe (bench/pretrain_quality.py).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=1024, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=704, max_seq_len=256),
+    # max_seq_len 512: pretraining reads 256-token windows; tool traces and RAG prompts need more
+    "tiny": dict(vocab_size=1024, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=704, max_seq_len=512),
     "small": dict(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=512),
     "gpt2-124m": dict(vocab_size=32768, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
                       max_seq_len=1024, tie_embeddings=True),

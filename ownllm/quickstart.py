@@ -2,9 +2,10 @@
 
 Where it sits: the main job. Pipeline now: tokenizer + pretraining (tiny preset, Shakespeare +
 Chinese poetry) → held-out bits per byte and samples → the base model prompted zero- and
-few-shot on the task suite → supervised fine-tuning on the suite → held-out exact match and a
-chat sample. Later stages (RLHF, RAG, agent, serving) join here as they land. Writes
-`<out>/report.md`, `<out>/report.json` and PNG plots beside them.
+few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
+tool-use traces) → held-out exact match and a chat sample → RAG over the demo knowledge base
+(retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools.
+RLHF joins here when it lands. Writes `<out>/report.md`, `<out>/report.json` and PNG plots.
 """
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ from ownllm.config import TrainConfig
 from ownllm.metrics import MetricsLog, plot_curves
 
 
-def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 240.0, sft_budget: float = 300.0,
+def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120.0, sft_budget: float = 420.0,
                n_eval: int = 25, log=print) -> dict:
+    from ownllm.agent.sql import ReadOnlyDB, demo_shop_path
+    from ownllm.evaluation.agent import evaluate_agent, print_agent_report
+    from ownllm.evaluation.rag import evaluate_rag, print_rag_report
     from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
+    from ownllm.rag.demo import demo_kb_path
+    from ownllm.rag.embed import find_embedder
+    from ownllm.rag.store import KnowledgeBase
     from ownllm.inference.chat import ChatSession
     from ownllm.inference.generate import generate_text
     from ownllm.train.pretrain import pretrain
@@ -28,7 +35,7 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 240
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = "shakespeare,chinese-poetry"
-    log(f"== 1/4 tokenizer + pretraining: tiny preset on {data}, {pretrain_budget:.0f}s of training ==")
+    log(f"== 1/6 tokenizer + pretraining: tiny preset on {data}, {pretrain_budget:.0f}s of training ==")
     base = out / "base"
     pre = pretrain(base, TrainConfig(data=data, vocab_size=4096, time_budget=pretrain_budget, seed=1337),
                    preset="tiny", overwrite=True, log=log)
@@ -38,16 +45,16 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 240
     for s in samples.values():
         log("--- sample ---\n" + s)
 
-    log(f"== 2/4 prompting the base model: zero-shot vs 4-shot, {n_eval} held-out prompts per family ==")
+    log(f"== 2/6 prompting the base model: zero-shot vs 4-shot, {n_eval} held-out prompts per family ==")
     base_tasks = {k: evaluate_tasks(base, shots=k, n_per_family=n_eval) for k in (0, 4)}
     for res in base_tasks.values():
         print_task_report(res, out=log)
 
-    log(f"== 3/4 supervised fine-tuning on the task suite, {sft_budget:.0f}s ==")
+    log(f"== 3/6 supervised fine-tuning on the task suite, {sft_budget:.0f}s ==")
     sft_run = out / "sft"
     ft = sft(base, sft_run, sft_config(time_budget=sft_budget, max_steps=None), overwrite=True, log=log)
 
-    log("== 4/4 held-out task accuracy after SFT ==")
+    log("== 4/6 held-out task accuracy after SFT ==")
     sft_tasks = evaluate_tasks(sft_run, shots=0, n_per_family=n_eval)
     print_task_report(sft_tasks, out=log)
     chat = ChatSession(str(sft_run), temperature=0)
@@ -56,6 +63,18 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 240
         chat_demo.append((q, "".join(chat.reply(q))))
         chat.command("/reset")
         log(f"you> {q}\nbot> {chat_demo[-1][1]}")
+
+    log("== 5/6 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
+    embedder = find_embedder()
+    kb = KnowledgeBase(demo_kb_path(embedder, log=log), embedder=embedder)
+    rag = evaluate_rag(sft_run, kb, n=100)
+    print_rag_report(rag, out=log)
+
+    log("== 6/6 agent: calculator, knowledge search and the demo shop database ==")
+    db = ReadOnlyDB(demo_shop_path())
+    agent = evaluate_agent(sft_run, kb=kb, db=db, n_arith=20, n_sql=20, n_search=10)
+    print_agent_report(agent, out=log)
+    kb.close(), db.close()
 
     plots = out / "plots"
     plot_curves(MetricsLog.read(base / "metrics.jsonl"), plots / "pretrain_loss.png", title="pretraining loss (nats/token)")
@@ -69,14 +88,20 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 240
                "base_tasks": {k: {"mean": v["mean_exact_match"], **v["per_family"]} for k, v in base_tasks.items()},
                "sft": {"step": ft["step"], "elapsed_s": ft["elapsed_s"], "mean": sft_tasks["mean_exact_match"],
                        **sft_tasks["per_family"]},
+               "rag": {"retrieval": rag["retrieval"], "rag": rag["rag"], "closed_book": rag["closed_book"]},
+               "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
                "wall_s": wall}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall), encoding="utf-8")
+    (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent),
+                                   encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
     log(f"RESULT val_bpb={mean_bpb:.4f} base_zero_shot={base_tasks[0]['mean_exact_match']:.4f} "
         f"base_four_shot={base_tasks[4]['mean_exact_match']:.4f} sft_exact_match={sft_tasks['mean_exact_match']:.4f} "
-        f"wall_s={wall:.0f}")
+        f"rag_exact_match={rag['rag']['exact_match']:.4f} closed_book_exact_match={rag['closed_book']['exact_match']:.4f} "
+        f"hallucination_rag={rag['rag']['hallucination']:.4f} hallucination_closed_book={rag['closed_book']['hallucination']:.4f} "
+        f"arithmetic_with_tools={agent['with_tools']['arithmetic']:.4f} "
+        f"arithmetic_without_tools={agent['arithmetic_without_tools']:.4f} wall_s={wall:.0f}")
     return summary
 
 
@@ -101,7 +126,7 @@ def _plot_tasks(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall) -> str:
+def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent) -> str:
     fams = list(sft_tasks["per_family"])
     L = ["# ownllm quickstart report card", "",
          f"The whole pipeline in {wall / 60:.1f} minutes of wall time on this machine. Each stage's run directory "
@@ -125,5 +150,17 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall) -> str:
     L += ["", "![task accuracy](plots/task_accuracy.png) ![SFT loss](plots/sft_loss.png)", "", "Chat (greedy):", "", "```"]
     for q, a in chat_demo:
         L += [f"you> {q}", f"bot> {a}"]
-    L += ["```", ""]
+    L += ["```", "", "## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
+          "| retrieval | recall@5 | MRR |", "|---|---:|---:|"]
+    L += [f"| {m} | {r['recall_at_5']:.3f} | {r['mrr']:.3f} |" for m, r in rag["retrieval"].items()]
+    cb, rg = rag["closed_book"], rag["rag"]
+    L += ["", "| answers | closed-book | with RAG |", "|---|---:|---:|",
+          f"| exact match (answerable) | {cb['exact_match']:.3f} | {rg['exact_match']:.3f} |",
+          f"| hallucination (all) | {cb['hallucination']:.3f} | {rg['hallucination']:.3f} |",
+          f"| \"not in the sources\" when unanswerable | {cb['unanswerable_accuracy']:.3f} | {rg['unanswerable_accuracy']:.3f} |",
+          f"| citation accuracy | - | {rg['citation_accuracy']:.3f} |", "",
+          "## 6. Agent (`ownllm eval agent --run sft`)", "", "| questions | accuracy |", "|---|---:|"]
+    L += [f"| {f} (with tools) | {a:.3f} |" for f, a in agent["with_tools"].items()]
+    L += [f"| arithmetic without tools | {agent['arithmetic_without_tools']:.3f} |",
+          f"| tool-call validity ({agent['calls']} calls) | {agent['call_validity']:.3f} |", ""]
     return "\n".join(L)

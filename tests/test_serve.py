@@ -1,5 +1,6 @@
 """The OpenAI-compatible server: the official client works unchanged; bad input never gets a 5xx."""
 import argparse
+import contextlib
 import json
 import socket
 import threading
@@ -149,36 +150,46 @@ def _free_port() -> int:
 
 
 class ScriptedBatcher:
-    """Stands in for the model: every request gets the same scripted tokens (here: a tool call)."""
+    """Stands in for the model: every request gets the same scripted tokens (a tool call, a reply)."""
 
-    def __init__(self, tokens):
-        self.tokens, self.active, self.lock = tokens, 0, threading.Lock()
+    def __init__(self, tokens, delay: float = 0.0):
+        self.tokens, self.delay, self.active, self.lock = tokens, delay, 0, threading.Lock()
 
     def submit(self, req):
         def go():
             for t in self.tokens:
+                time.sleep(self.delay)
                 req.emit(t, None)
             req.emit(None, "stop")
         threading.Thread(target=go).start()
         return req
 
 
-@pytest.fixture(scope="module")
-def live_server(run_dir):
+@contextlib.contextmanager
+def start_server(state):
+    """uvicorn serving the app on a free loopback port, in a thread; yields the base URL."""
     import uvicorn
 
-    state = _state(run_dir)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
-    for _ in range(100):
+    for _ in range(200):
         if server.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", state
-    server.should_exit = True
-    t.join(5)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(5)
+
+
+@pytest.fixture(scope="module")
+def live_server(run_dir):
+    state = _state(run_dir)
+    with start_server(state) as url:
+        yield url, state
     state.batcher.close()
 
 

@@ -59,9 +59,12 @@ def collate_padded(examples: ChatExamples, index: list[int], pad_id: int) -> dic
     return {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
 
 
-def collate_packed(examples: ChatExamples, index: list[int], seq_len: int, pad_id: int) -> dict:
+def collate_packed(examples: ChatExamples, index: list[int], seq_len: int, pad_id: int,
+                   n_rows: int | None = None) -> dict:
     """Greedily pack examples (in the given order) into rows of seq_len; returns x, y, positions
-    and a (rows, 1, T, T) boolean mask that is causal within each example and False across them."""
+    and a (rows, 1, T, T) boolean mask that is causal within each example and False across them.
+    With n_rows, exactly that many rows (extra examples dropped, missing rows empty): a fixed
+    shape, so a compiled model never recompiles."""
     rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
     used = 0
     for i in index:
@@ -71,6 +74,7 @@ def collate_packed(examples: ChatExamples, index: list[int], seq_len: int, pad_i
             used = 0
         rows[-1].append(xy)
         used += len(xy[0])
+    rows = rows if n_rows is None else (rows + [[] for _ in range(n_rows - len(rows))])[:n_rows]
     B = len(rows)
     x = np.full((B, seq_len), pad_id, dtype=np.int64)
     y = np.full((B, seq_len), -100, dtype=np.int64)

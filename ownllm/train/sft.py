@@ -23,9 +23,11 @@ from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
 from ownllm.train.trainer import Trainer
 
-SFT_DEFAULTS = dict(lr=1e-3, warmup_steps=20, batch_size=32, seq_len=320, eval_interval=100, eval_batches=8,
-                    time_budget=None, max_steps=600, weight_decay=0.0, stage="sft", data="tasks",
-                    compile=False)  # variable-length batches would recompile
+# Measured on the quickstart base (README "Measured"): packed rows + torch.compile (fixed shapes)
+# and small batches (more steps per second) learned the suite fastest; lr 4e-3 was worse than 2e-3.
+SFT_DEFAULTS = dict(lr=2e-3, warmup_steps=20, batch_size=8, seq_len=512, eval_interval=100, eval_batches=8,
+                    time_budget=None, max_steps=1200, weight_decay=0.0, stage="sft", data="tasks",
+                    pack=True, compile=True)
 
 
 def sft_config(**overrides) -> TrainConfig:
@@ -64,8 +66,7 @@ def make_batcher(ex: ChatExamples, tcfg: TrainConfig, pad_id: int):
             idx = torch.randint(0, len(ex), (tcfg.batch_size,), generator=gen).tolist()
             return collate_padded(ex, idx, pad_id)
         idx = torch.randint(0, len(ex), (n_packed,), generator=gen).tolist()
-        b = collate_packed(ex, idx, tcfg.seq_len, pad_id)
-        return {k: v[: tcfg.batch_size] for k, v in b.items()}
+        return collate_packed(ex, idx, tcfg.seq_len, pad_id, n_rows=tcfg.batch_size)
     return next_batch
 
 

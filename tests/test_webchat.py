@@ -1,0 +1,71 @@
+"""The web chat page in a real headless Chromium: load, send, watch the streamed reply, screenshot.
+
+Needs Debian's chromium + chromium-driver and the selenium package (`.ci/run` installs them, so
+CI always runs this). Elsewhere it is skipped with the reason. The screenshot is written to
+test-artifacts/webchat.png (or $OWNLLM_TEST_ARTIFACTS).
+"""
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_serve import ScriptedBatcher, _state, run_dir, start_server  # noqa: F401 (run_dir: fixture)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+selenium = pytest.importorskip("selenium", reason="selenium not installed (make test installs it)")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="no chromium/chromedriver found (Debian: apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700", "--lang=zh-CN"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield drv
+    drv.quit()
+
+
+def test_page_streams_a_reply_and_renders_markdown(run_dir, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    state = _state(run_dir)
+    tok = state.tok
+    real = state.batcher
+    reply = "**Hello** from ownllm, 你好世界！\n\n- one\n- two"
+    state.batcher = ScriptedBatcher(tok.encode(reply), delay=0.02)  # the page's plumbing is real, the words scripted
+    with start_server(state) as url:
+        browser.get(url + "/")
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "model").text == "base")
+        box = browser.find_element(By.ID, "input")
+        box.send_keys("你好, who are you?")
+        box.send_keys(Keys.ENTER)
+        # mid-stream: the reply grows before it is done
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-streaming='1']"))
+        seen_partial = False
+        t0 = time.time()
+        while time.time() - t0 < 10 and not browser.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']"):
+            text = browser.find_element(By.CSS_SELECTOR, ".assistant").text
+            seen_partial |= 0 < len(text) < len("Hello from ownllm")
+            time.sleep(0.005)
+        done = browser.find_element(By.CSS_SELECTOR, ".assistant[data-done='1']")
+        assert "你好世界" in done.text and done.find_element(By.TAG_NAME, "strong").text == "Hello"
+        assert [li.text for li in done.find_elements(By.TAG_NAME, "li")] == ["one", "two"]
+        assert browser.find_element(By.CSS_SELECTOR, ".user").text == "你好, who are you?"
+        assert seen_partial, "the reply should appear piece by piece"
+        assert browser.find_element(By.ID, "error").text == ""
+        out = Path(os.environ.get("OWNLLM_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+        out.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(out / "webchat.png"))
+    state.batcher = real
+    real.close()
