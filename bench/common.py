@@ -1,8 +1,11 @@
 """Shared helpers for bench scripts: matmul peak, timing, the RESULT line."""
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,3 +30,19 @@ def matmul_peak(dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
 
 def result_line(**kv) -> str:
     return "RESULT " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items())
+
+
+@contextlib.contextmanager
+def run_or_pretrain(run: str | None, seconds: float):
+    """Yield `run`, or (when None) a tiny model pretrained for `seconds` on Shakespeare in a temp dir."""
+    if run is not None:
+        yield Path(run)
+        return
+    from ownllm.config import TrainConfig
+    from ownllm.train.pretrain import pretrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"no --run: pretraining a tiny model for {seconds:.0f}s …")
+        pretrain(Path(tmp) / "base", TrainConfig(data="shakespeare", time_budget=seconds), preset="tiny",
+                 progress=False, log=lambda *a: None)
+        yield Path(tmp) / "base"

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import result_line, setup_threads  # noqa: E402
+from common import result_line, run_or_pretrain, setup_threads  # noqa: E402
 
 
 def decode_speed(model, pad_id: int, prompt: list[int], n: int, reps: int = 3) -> float:
@@ -44,24 +43,17 @@ def main() -> None:
     ap.add_argument("--max-eval-tokens", type=int, default=60_000)
     args = ap.parse_args()
     setup_threads()
+    with run_or_pretrain(args.run, args.train_seconds) as run:
+        report(run, args)
+
+
+def report(run: Path, args) -> None:
     from ownllm.checkpoint import load_model
     from ownllm.data.shards import Shards
     from ownllm.evaluation.lm import evaluate_sources
     from ownllm.inference.quantize import linear_weight_bytes, quantize_int8
     from ownllm.tokenizer import Tokenizer
 
-    tmp = None
-    run = args.run
-    if run is None:
-        from ownllm.config import TrainConfig
-        from ownllm.train.pretrain import pretrain
-
-        tmp = tempfile.TemporaryDirectory()
-        run = Path(tmp.name) / "base"
-        print(f"pretraining a tiny model for {args.train_seconds:.0f}s …")
-        pretrain(run, TrainConfig(data="shakespeare", time_budget=args.train_seconds), preset="tiny", progress=False,
-                 log=lambda *a: None)
-    run = Path(run)
     fp32 = load_model(run).float().eval()
     tok = Tokenizer.load(run)
     int8 = copy.deepcopy(fp32)
@@ -82,8 +74,6 @@ def main() -> None:
     print(f"{'decode tok/s':<14}{s32:>12.1f}{s8:>12.1f}")
     print(f"{'val bpb':<14}{mean(b32):>12.4f}{mean(b8):>12.4f}")
     print(result_line(memory_ratio=mem32 / mem8, speed_ratio=s8 / s32, bpb_delta=mean(b8) - mean(b32)))
-    if tmp:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ import json
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import result_line, setup_threads  # noqa: E402
+from common import result_line, run_or_pretrain, setup_threads  # noqa: E402
 
 QUESTIONS = ["What is 48 + 27?", "Sort from smallest to largest: 7 2 9 4", "把 305 写成中文数字。",
              "Reverse the letters: a b c d", "Tell me about Verona.", "写一首关于春天的诗。"]
@@ -91,21 +90,16 @@ def main() -> None:
     ap.add_argument("--train-seconds", type=float, default=30)
     args = ap.parse_args()
     setup_threads()
+    with run_or_pretrain(args.run, args.train_seconds) as run:
+        serve_and_load(str(run), args)
+
+
+def serve_and_load(run: str, args) -> None:
     import uvicorn
 
     from ownllm.cli import build_server_state
     from ownllm.serve.app import create_app
 
-    tmp = None
-    run = args.run
-    if run is None:
-        from ownllm.config import TrainConfig
-        from ownllm.train.pretrain import pretrain
-
-        tmp = tempfile.TemporaryDirectory()
-        run = str(Path(tmp.name) / "base")
-        pretrain(run, TrainConfig(data="shakespeare", time_budget=args.train_seconds), preset="tiny", progress=False,
-                 log=lambda *a: None)
     ns = argparse.Namespace(run=run, api_key=None, kb=None, tools=None, db=None, embedder="none", quantize=None,
                             slots=8, threads=None)
     state = build_server_state(ns)
@@ -129,8 +123,6 @@ def main() -> None:
     print(result_line(**{f"speedup_{top['clients']}_clients": top["tok_s"] / base["tok_s"],
                          "ttft_p50_ms": top["ttft_p50"] * 1000, "latency_p95_s": top["lat_p95"],
                          "errors": sum(r["errors"] for r in rows)}))
-    if tmp:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -39,3 +39,15 @@ def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("data") / "plays.txt"
     p.write_text(bundled_text("shakespeare")[:60_000], encoding="utf-8")
     return p
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, text_file):
+    """A tiny pretrained run (2 steps, 128-token context) for serving and browser tests."""
+    from ownllm.cli import main
+    from tests.test_cli import TINY
+
+    out = tmp_path_factory.mktemp("serve") / "base"
+    assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--max-steps", "2",
+                 "--set", "model.max_seq_len=128", *TINY]) == 0
+    return out

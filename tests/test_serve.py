@@ -9,19 +9,10 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ownllm.cli import build_server_state, main
+from ownllm.cli import build_server_state
 from ownllm.serve.app import create_app
-from tests.test_cli import TINY
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, text_file):
-    out = tmp_path_factory.mktemp("serve") / "base"
-    assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--max-steps", "2",
-                 "--set", "model.max_seq_len=128", *TINY]) == 0
-    return out
 
 
 def _state(run_dir, **kw):

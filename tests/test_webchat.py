@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import ScriptedBatcher, _state, run_dir, start_server  # noqa: F401 (run_dir: fixture)
+from tests.test_serve import ScriptedBatcher, _state, start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
