@@ -74,7 +74,7 @@ def parse_call(raw: str, registry: ToolRegistry) -> Call:
 
 
 class Agent:
-    def __init__(self, model, tok, registry: ToolRegistry, max_steps: int = 4, max_new_tokens: int = 96,
+    def __init__(self, model, tok, registry: ToolRegistry, max_steps: int = 4, max_new_tokens: int = 160,
                  temperature: float = 0.0, seed: int | None = None):
         self.model, self.tok, self.registry = model, tok, registry
         self.max_steps, self.max_new_tokens = max_steps, max_new_tokens
