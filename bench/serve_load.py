@@ -4,7 +4,7 @@
 
 Starts the server in-process (uvicorn on 127.0.0.1, a free port), then for each client count
 runs that many threads for a bounded time; each sends streaming chat requests back to back
-(max_tokens 64) and records time to first token, total latency and completion tokens (from
+(max_tokens 64; text continuations by default, so replies run long) and records time to first token, total latency and completion tokens (from
 `stream_options.include_usage`). Without --run a tiny model is pretrained briefly first. Run
 alone: the machine has 2 cores. Ends with `RESULT speedup_8_clients=… ttft_p50_ms=… errors=…`.
 """
@@ -25,15 +25,22 @@ from common import result_line, run_or_pretrain, setup_threads  # noqa: E402
 
 QUESTIONS = ["What is 48 + 27?", "Sort from smallest to largest: 7 2 9 4", "把 305 写成中文数字。",
              "Reverse the letters: a b c d", "Tell me about Verona.", "写一首关于春天的诗。"]
+PROMPTS = ["ROMEO:\n", "JULIET:\nO ", "KING HENRY:\n", "春风", "明月", "HAMLET:\nTo be"]
+ENDPOINT = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
-def one_request(port: int, i: int, max_tokens: int) -> tuple[float, float, int]:
-    """(ttft_s, latency_s, completion_tokens) of one streamed chat request."""
-    body = {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "max_tokens": max_tokens,
-            "temperature": 0.8, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+def one_request(port: int, i: int, max_tokens: int, endpoint: str = "completions") -> tuple[float, float, int]:
+    """(ttft_s, latency_s, completion_tokens) of one streamed request. `completions` continues text
+    (replies run to max_tokens, so decoding dominates); `chat` asks short questions."""
+    body = {"max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+    else:
+        body["prompt"] = PROMPTS[i % len(PROMPTS)]
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    conn.request("POST", ENDPOINT[endpoint], body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}")
@@ -43,7 +50,8 @@ def one_request(port: int, i: int, max_tokens: int) -> tuple[float, float, int]:
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         chunk = json.loads(line[6:])
-        if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+        choice = chunk["choices"][0] if chunk["choices"] else {}
+        if ttft is None and (choice.get("text") or choice.get("delta", {}).get("content")):
             ttft = time.perf_counter() - t0
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
@@ -52,7 +60,7 @@ def one_request(port: int, i: int, max_tokens: int) -> tuple[float, float, int]:
     return (ttft if ttft is not None else lat), lat, tokens
 
 
-def load(port: int, clients: int, seconds: float, max_tokens: int) -> dict:
+def load(port: int, clients: int, seconds: float, max_tokens: int, endpoint: str) -> dict:
     stats, errors, lock = [], [0], threading.Lock()
     deadline = time.perf_counter() + seconds
 
@@ -60,7 +68,7 @@ def load(port: int, clients: int, seconds: float, max_tokens: int) -> dict:
         i = c
         while time.perf_counter() < deadline:
             try:
-                r = one_request(port, i, max_tokens)
+                r = one_request(port, i, max_tokens, endpoint)
                 with lock:
                     stats.append(r)
             except Exception:
@@ -87,6 +95,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     ap.add_argument("--train-seconds", type=float, default=30)
     args = ap.parse_args()
     setup_threads()
@@ -111,8 +120,8 @@ def serve_and_load(run: str, args) -> None:
     while not server.started:
         time.sleep(0.05)
     one_request(port, 0, 8)  # warm-up
-    rows = [load(port, int(c), args.seconds, args.max_tokens) for c in args.clients.split(",")]
-    print(f"run {run}, {args.seconds:.0f}s per load level, max_tokens {args.max_tokens}, 8 decode slots")
+    rows = [load(port, int(c), args.seconds, args.max_tokens, args.endpoint) for c in args.clients.split(",")]
+    print(f"run {run}, /v1/{args.endpoint}, {args.seconds:.0f}s per load level, max_tokens {args.max_tokens}, 8 decode slots")
     print(f"{'clients':>8}{'requests':>10}{'tokens':>8}{'tok/s':>9}{'TTFT p50 ms':>13}{'lat p50 s':>11}{'lat p95 s':>11}{'errors':>8}")
     for r in rows:
         print(f"{r['clients']:>8}{r['requests']:>10}{r['tokens']:>8}{r['tok_s']:>9.1f}{r['ttft_p50'] * 1000:>13.1f}"

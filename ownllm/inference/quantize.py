@@ -2,10 +2,11 @@
 
 Where it sits: `ownllm serve --quantize int8` and bench/quantize.py. Each nn.Linear in the
 blocks becomes an `Int8Linear`: int8 weights plus one fp32 scale per output row
-(scale = max|w_row| / 127, w ≈ scale · q), 4x smaller than fp32. The matmul runs through
-PyTorch's CPU int8 weight-only kernel (`_weight_int8pack_mm`) where available, else it
-dequantises on the fly. Embeddings and the (tied) output head stay in full precision: they are
-few parameters at this size and the most sensitive to rounding.
+(scale = max|w_row| / 127, w ≈ scale · q), ~4x smaller than fp32. The matmul dequantises on the
+fly: PyTorch's CPU int8 weight-only kernel (`aten._weight_int8pack_mm`) measured 7x slower than
+fp32 at one row and 110x at 4,096 rows here (256→704), the dequantising path 2x slower per layer.
+So int8 buys memory, not speed, on this CPU. Embeddings and the (tied) output head stay in full
+precision: few parameters at this size, and the most sensitive to rounding.
 """
 from __future__ import annotations
 
@@ -22,17 +23,8 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
-        self._fast = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if self._fast and x2.dtype in (torch.float32, torch.bfloat16, torch.float16) and x2.device.type == "cpu":
-            try:
-                out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(x2.dtype))
-                return out.reshape(*shape[:-1], self.out_features)
-            except RuntimeError:
-                self._fast = False
         return F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
