@@ -253,3 +253,43 @@ def test_disconnect_frees_the_slot(live_server):
         assert time.perf_counter() - t0 < 1.5  # freed long before the 100 tokens would have finished
     finally:
         b._step = step
+
+
+def test_stop_strings_cut_the_reply_even_across_tokens(run_dir):
+    state = _state(run_dir)
+    real = state.batcher
+    state.batcher = ScriptedBatcher(state.tok.encode("Hello world. Bye now"))
+    with fastapi_testclient.TestClient(create_app(state)) as c:
+        body = {"messages": [{"role": "user", "content": "hi"}], "stop": ["ld. B", "zzz"]}
+        j = c.post("/v1/chat/completions", json=body).json()
+        assert j["choices"][0]["message"]["content"] == "Hello wor" and j["choices"][0]["finish_reason"] == "stop"
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            chunks = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+        assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == "Hello wor"
+        j = c.post("/v1/completions", json={"prompt": "x", "stop": "now"}).json()
+        assert j["choices"][0]["text"] == "Hello world. Bye "
+    real.close()
+
+
+def test_rag_sources_and_server_side_tools(run_dir, tmp_path):
+    from ownllm.rag.store import KnowledgeBase
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "varnok.md").write_text("Varnok is a town in the Selam valley. The mayor of Varnok is Irdel Fask.\n")
+    kb_path = tmp_path / "kb.sqlite"
+    with KnowledgeBase(kb_path, create=True) as kb:
+        kb.index([docs])
+    state = _state(run_dir, kb=str(kb_path))
+    with fastapi_testclient.TestClient(create_app(state)) as c:
+        j = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Who is the mayor of Varnok?"}],
+                                                  "max_tokens": 4}).json()
+        assert j["sources"][0]["path"].endswith("varnok.md") and "Irdel Fask" in j["sources"][0]["text"]
+        j = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Who founded Zembla?"}]}).json()
+        assert j["sources"] == [] and j["choices"][0]["message"]["content"] == "The sources do not say."
+    state.batcher.close()
+    state = _state(run_dir, tools="calculator")
+    with fastapi_testclient.TestClient(create_app(state)) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "12 × 34?"}]})
+        assert r.status_code == 200 and "tool_trace" in r.json() and r.json()["choices"][0]["message"]["role"] == "assistant"
+    state.batcher.close()

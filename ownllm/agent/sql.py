@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class ReadOnlyDB:
         self._schema = self._read_schema()
         self.db.set_authorizer(_authorizer)
         self.max_rows, self.time_limit = max_rows, time_limit
+        self.lock = threading.Lock()  # one connection, used from the server's threads one at a time
 
     def _read_schema(self) -> dict[str, list[str]]:
         tables = [r[0] for r in self.db.execute(
@@ -60,6 +62,10 @@ class ReadOnlyDB:
         """Rows as a small text table: a header line, then one line per row, ' | ' between columns."""
         if not isinstance(sql, str) or not sql.strip():
             raise SQLToolError("query must be a non-empty string")
+        with self.lock:
+            return self._query(sql)
+
+    def _query(self, sql: str) -> str:
         deadline = time.monotonic() + self.time_limit
         self.db.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
         try:

@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,8 @@ class KnowledgeBase:
         if not create and not self.path.is_file():
             raise OwnLLMError(f"{self.path}: no knowledge base here (build one with `ownllm rag index PATH --kb {self.path}`)")
         try:
-            self.db = sqlite3.connect(str(self.path))
+            # one connection shared by the server's threads; `self.lock` serialises its use
+            self.db = sqlite3.connect(str(self.path), check_same_thread=False)
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
             version = self._meta("schema_version")
@@ -103,6 +105,7 @@ class KnowledgeBase:
             raise OwnLLMError(f"{self.path}: vectors were made with {stored}, not {embedder.name}; "
                               "re-index into a new file or use the same embedder")
         self._matrix: tuple[np.ndarray, np.ndarray] | None = None
+        self.lock = threading.RLock()
 
     # -- metadata -------------------------------------------------------------------------------
     def _meta(self, key: str) -> str | None:
@@ -261,6 +264,10 @@ class KnowledgeBase:
         return [(int(ids[i]), s) for i, s in cosine_topk(mat, qv, k)]
 
     def search(self, query: str, k: int = 5, mode: str | None = None) -> list[Hit]:
+        with self.lock:
+            return self._search(query, k, mode)
+
+    def _search(self, query: str, k: int, mode: str | None) -> list[Hit]:
         """Top-k chunks for `query`. mode: bm25 (default) | dense | hybrid. BM25 is the default because
         it measured best on the demo questions (recall@5 1.00 vs dense 0.44, hybrid 0.56: MiniLM is
         English-only and the demo's names are invented words); hybrid helps when queries paraphrase."""
