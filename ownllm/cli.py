@@ -330,7 +330,7 @@ def cmd_generate(args) -> None:
     sys.stdout.write(args.prompt)
     for piece in generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                               seed=args.seed, stop=args.stop, stream=True):
+                               seed=args.seed, stop=args.stop, stream=True, quantize=args.quantize):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -374,7 +374,13 @@ def cmd_merge_lora(args) -> None:
 def cmd_chat(args) -> None:
     from ownllm.inference.chat import repl
 
-    repl(args.run, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    reg, owned = _registry(args.tools, args.kb, args.db, args.embedder) if args.tools else (None, [])
+    try:
+        repl(args.run, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+             quantize=args.quantize, registry=reg)
+    finally:
+        for x in owned:
+            x.close()
 
 
 def cmd_quickstart(args) -> None:
@@ -480,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat data (full or --lora)")
@@ -513,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int)
+    p.add_argument("--tools", help="answer with tools (agent loop): calculator, search, sql")
+    p.add_argument("--kb", help="knowledge base for the search tool (file or 'demo')")
+    p.add_argument("--db", help="SQLite database for the sql tool (file or 'demo')")
+    p.add_argument("--embedder", help="sentence-embedding model directory, or 'none'")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")

@@ -213,6 +213,12 @@ def test_cli_agent_and_eval_agent_run_end_to_end(tmp_path, monkeypatch, capsys, 
     assert main(["eval", "agent", "--run", str(run), "--n", "2", "--embedder", "none"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT arithmetic_with_tools=") and "sql_accuracy=" in last and "call_validity=" in last
+    from ownllm.inference.chat import ChatSession
+
+    chat = ChatSession(str(run), temperature=0, registry=builtin_tools(["calculator"]))  # `ownllm chat --tools`
+    reply = "".join(chat.reply("What is 12 × 34?"))
+    assert chat.history[0] == {"role": "user", "content": "What is 12 × 34?"}
+    assert chat.history[-1]["role"] == "assistant" and reply.endswith(chat.history[-1]["content"])
     assert main(["agent", "x", "--run", str(run), "--tools", "sql"]) == 2
     assert "needs a database" in capsys.readouterr().err
     assert main(["agent", "x", "--run", str(run), "--tools", "shell"]) == 2

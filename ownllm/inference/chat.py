@@ -14,8 +14,10 @@ from ownllm.inference.generate import load_run, stream_text
 
 
 class ChatSession:
-    def __init__(self, run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None):
-        self.model, self.tok = load_run(run)
+    def __init__(self, run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None,
+                 quantize: str | None = None, registry=None):
+        self.model, self.tok = load_run(run, quantize)
+        self.registry = registry  # tools (agent/tools.py): each turn runs the agent loop
         self.engine = Engine(self.model, self.tok.pad_id)
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.system: str | None = None
@@ -26,6 +28,9 @@ class ChatSession:
 
     def reply(self, user_text: str) -> Iterator[str]:
         """Stream the assistant's reply; the turn is recorded even if the caller stops early."""
+        if self.registry is not None:
+            yield from self._agent_reply(user_text)
+            return
         self.history.append({"role": "user", "content": user_text})
         ids = self.tok.render(self.messages(), add_generation_prompt=True).ids
         ctx = self.model.config.max_seq_len
@@ -40,6 +45,18 @@ class ChatSession:
             self.history[-1]["content"] += piece
             if piece:
                 yield piece
+
+    def _agent_reply(self, user_text: str) -> Iterator[str]:
+        """With tools: the agent loop answers; each call and its result is shown before the answer."""
+        from ownllm.agent.loop import Agent
+
+        self.history.append({"role": "user", "content": user_text})
+        agent = Agent(self.model, self.tok, self.registry, temperature=self.temperature, seed=self.seed)
+        res = agent.run(self.messages())
+        for c in res.calls:
+            yield f"[{c.raw} → {c.result}]\n"
+        self.history = [m for m in res.messages if m.get("role") != "system"]
+        yield res.answer
 
     def command(self, line: str) -> str:
         cmd, _, arg = line.partition(" ")
@@ -63,9 +80,10 @@ class ChatSession:
 
 
 def repl(run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None,
-         read: Callable[[str], str] = input, write: Callable[[str], None] = None) -> None:
+         read: Callable[[str], str] = input, write: Callable[[str], None] = None, quantize: str | None = None,
+         registry=None) -> None:
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    s = ChatSession(run, temperature, max_new_tokens, seed)
+    s = ChatSession(run, temperature, max_new_tokens, seed, quantize=quantize, registry=registry)
     write(f"chatting with {run} (/reset, /system TEXT, /temp X, /quit; Ctrl-C stops a reply)\n")
     while True:
         try:

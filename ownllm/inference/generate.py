@@ -17,17 +17,25 @@ from ownllm.tokenizer import Tokenizer
 
 
 @lru_cache(maxsize=4)
-def _load(run: str, mtime: float):
-    return load_model(run), Tokenizer.load(run)
+def _load(run: str, mtime: float, quantize: str | None):
+    model = load_model(run)
+    if quantize == "int8":
+        from ownllm.inference.quantize import quantize_int8
+
+        quantize_int8(model)
+    elif quantize is not None:
+        raise OwnLLMError(f"--quantize {quantize}: only int8 is supported")
+    return model, Tokenizer.load(run)
 
 
-def load_run(run: str | Path):
-    """(model, tokenizer) for a run directory, cached until its weights change."""
+def load_run(run: str | Path, quantize: str | None = None):
+    """(model, tokenizer) for a run directory, cached until its weights change; quantize='int8'
+    gives weight-only int8 linear layers (inference/quantize.py)."""
     p = Path(run)
     if not p.is_dir():
         raise OwnLLMError(f"--run {run}: no such run directory")
     weights = p / "model.safetensors"
-    return _load(str(p.resolve()), weights.stat().st_mtime if weights.exists() else 0.0)
+    return _load(str(p.resolve()), weights.stat().st_mtime if weights.exists() else 0.0, quantize)
 
 
 def _stop_holdback(text: str, stops: list[str]) -> int:
@@ -43,9 +51,10 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
 
 def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = 0.95, repetition_penalty: float = 1.0,
-                  seed: int | None = None, stop: list[str] | None = None, stream: bool = False):
+                  seed: int | None = None, stop: list[str] | None = None, stream: bool = False,
+                  quantize: str | None = None):
     """Continue `prompt`. With stream=True returns an iterator of text pieces, else the full string."""
-    model, tok = load_run(run)
+    model, tok = load_run(run, quantize)
     ids = tok.encode(prompt) or [tok.bos_id]
     ctx = model.config.max_seq_len
     if len(ids) >= ctx:
