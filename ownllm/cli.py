@@ -84,6 +84,10 @@ def cmd_data(args) -> None:
         print(f"{'name':<16}{'bytes':>12}{'chars':>12}{'packed':>11}  description")
         for r in describe_bundled():
             print(f"{r['name']:<16}{r['bytes']:>12,}{r['chars']:>12,}{r['compressed']:>11,}  {r['description']}")
+        from ownllm.data.corpora import GENERATED
+
+        for name, desc in GENERATED.items():
+            print(f"{name:<16}{'-':>12}{'-':>12}{'-':>11}  {desc}")
 
 
 def cmd_tokenizer(args) -> None:
@@ -386,7 +390,8 @@ def cmd_chat(args) -> None:
 def cmd_quickstart(args) -> None:
     from ownllm.quickstart import quickstart
 
-    quickstart(args.out, pretrain_budget=args.pretrain_budget, sft_budget=args.sft_budget, n_eval=args.n_eval)
+    quickstart(args.out, pretrain_budget=args.pretrain_budget, sft_budget=args.sft_budget, n_eval=args.n_eval,
+               data=args.data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -532,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-budget", type=float, default=120.0, help="seconds of pretraining")
     p.add_argument("--sft-budget", type=float, default=420.0, help="seconds of supervised fine-tuning (the task suite learns faster from SFT time than from pretraining time: README)")
     p.add_argument("--n-eval", type=int, default=25, help="held-out prompts per task family")
+    p.add_argument("--data", default="shakespeare,chinese-poetry", help="pretraining sources ('tasks' adds the "
+                   "task suite's train split as text)")
     p.set_defaults(func=cmd_quickstart)
     return ap
 

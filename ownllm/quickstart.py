@@ -18,7 +18,7 @@ from ownllm.metrics import MetricsLog, plot_curves
 
 
 def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120.0, sft_budget: float = 420.0,
-               n_eval: int = 25, log=print) -> dict:
+               n_eval: int = 25, data: str = "shakespeare,chinese-poetry", log=print) -> dict:
     from ownllm.agent.sql import ReadOnlyDB, demo_shop_path
     from ownllm.evaluation.agent import evaluate_agent, print_agent_report
     from ownllm.evaluation.rag import evaluate_rag, print_rag_report
@@ -34,7 +34,6 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = "shakespeare,chinese-poetry"
     log(f"== 1/6 tokenizer + pretraining: tiny preset on {data}, {pretrain_budget:.0f}s of training ==")
     base = out / "base"
     pre = pretrain(base, TrainConfig(data=data, vocab_size=4096, time_budget=pretrain_budget, seed=1337),

@@ -77,3 +77,15 @@ def test_pack_shards(small_tokenizer, tmp_path, text_file):
     assert meta["sources"][0]["val"]["bytes"] == len(val_text.encode())
     seen = np.concatenate([y[y != -100].numpy() for _, y in sequential_windows(sh.val, 64, 4)])
     assert np.array_equal(seen, np.asarray(sh.val[1:], dtype=np.int64))  # every target exactly once
+
+
+def test_tasks_text_source_is_train_split_only():
+    from ownllm.data.corpora import load_sources
+    from ownllm.data.tasks import generate
+
+    (src,) = load_sources("tasks")
+    assert src.name == "tasks" and src.text.startswith("Q: ")
+    blocks = src.text.split("\n\nQ: ")
+    assert len(blocks) > 30_000
+    test_prompts = {e.prompt for e in generate(300, "test")}
+    assert not any(f"Q: {p}\nA: " in src.text for p in test_prompts)  # no held-out prompt leaks in

@@ -76,9 +76,22 @@ def _read_jsonl(path: Path) -> str:
     return "\n\n".join(texts)
 
 
+def task_text(n: int = 40_000, seed: int = 0) -> str:
+    """The train split of the task suite (data/tasks.py) as plain text, in the same `Q: …\nA: …`
+    form the base model is prompted with few-shot — never a held-out prompt."""
+    from ownllm.data.tasks import generate
+
+    return "".join(f"Q: {e.prompt}\nA: {e.answer}\n\n" for e in generate(n, "train", seed=seed))
+
+
+GENERATED = {"tasks": "the task suite's train split as Q:/A: text (generated, seeded; for pretraining mixes)"}
+
+
 def _load_one(item: str) -> Source:
     if item in BUNDLED:
         return Source(item, bundled_text(item))
+    if item in GENERATED:
+        return Source(item, task_text())
     path = Path(item).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | {".jsonl"})
@@ -89,7 +102,7 @@ def _load_one(item: str) -> Source:
         text = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_text_file(path)
     else:
         raise OwnLLMError(f"--data {item!r}: no such file, directory or bundled corpus "
-                          f"(bundled: {', '.join(BUNDLED)})")
+                          f"(bundled: {', '.join(BUNDLED)}; generated: {', '.join(GENERATED)})")
     if not text.strip():
         raise OwnLLMError(f"{path}: empty; expected text to train on")
     return Source(path.stem if path.is_file() else path.name, text)
