@@ -1,7 +1,7 @@
 """`ownllm quickstart`: every stage that exists, on bundled data, on a laptop CPU, then a report card.
 
 Where it sits: the main job. Pipeline now: tokenizer + pretraining (tiny preset, Shakespeare +
-Chinese poetry) → held-out bits per byte and samples → the base model prompted zero- and
+Chinese poetry + the task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
 tool-use traces) → held-out exact match and a chat sample → RAG over the demo knowledge base
 (retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools.
@@ -18,7 +18,9 @@ from ownllm.metrics import MetricsLog, plot_curves
 
 
 def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120.0, sft_budget: float = 420.0,
-               n_eval: int = 25, data: str = "shakespeare,chinese-poetry", log=print) -> dict:
+               n_eval: int = 25, data: str = "shakespeare,chinese-poetry,tasks", log=print) -> dict:
+    """`data`: the pretraining mix. With `tasks` (the suite's train split as text, ~25% of tokens)
+    SFT reached 0.342 held-out mean exact match vs 0.147 without, in the same 120 s + 420 s."""
     from ownllm.agent.sql import ReadOnlyDB, demo_shop_path
     from ownllm.evaluation.agent import evaluate_agent, print_agent_report
     from ownllm.evaluation.rag import evaluate_rag, print_rag_report
