@@ -6,6 +6,20 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ownllm_home(tmp_path_factory):
+    """Demo knowledge base and shop database are built under $OWNLLM_HOME on first use: give the
+    suite its own, so tests never touch ~/.cache and always exercise the first-use build."""
+    home = tmp_path_factory.mktemp("ownllm-home")
+    old = os.environ.get("OWNLLM_HOME")
+    os.environ["OWNLLM_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("OWNLLM_HOME", None)
+    else:
+        os.environ["OWNLLM_HOME"] = old
+
+
 def randomize_(model, scale: float = 0.05):
     """Give every weight a random value (fresh models start with zero output projections)."""
     with torch.no_grad():
