@@ -242,21 +242,12 @@ def cmd_agent(args) -> None:
 
 def build_server_state(args):
     """ServerState for `ownllm serve` (also used by tests and bench/serve_load.py)."""
-    from ownllm.checkpoint import load_model
     from ownllm.inference.batcher import ContinuousBatcher
+    from ownllm.inference.generate import load_run
     from ownllm.serve.app import ServerState
-    from ownllm.tokenizer import Tokenizer
 
     run = Path(args.run)
-    if not run.is_dir():
-        raise OwnLLMError(f"--run {run}: no such run directory")
-    model, tok = load_model(run), Tokenizer.load(run)
-    if getattr(args, "quantize", None):
-        from ownllm.inference.quantize import quantize_int8
-
-        if args.quantize != "int8":
-            raise OwnLLMError(f"--quantize {args.quantize}: only int8 is supported")
-        quantize_int8(model)
+    model, tok = load_run(run, getattr(args, "quantize", None))
     torch_threads(getattr(args, "threads", None))
     reg = kb = None
     if getattr(args, "tools", None):

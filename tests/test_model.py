@@ -141,3 +141,16 @@ def test_compiled_static_decode_matches_eager(tiny_cfg):
     params = SamplingParams(max_new_tokens=10, temperature=0)
     prompt = [[3, 4, 5, 6, 7]]
     assert Engine(model, compile=True).generate(prompt, params) == Engine(model).generate(prompt, params)
+
+
+def test_stop_strings_hold_back_and_cut_across_pieces():
+    from ownllm.inference.generate import StopStrings
+
+    s = StopStrings(["END", "", "<|x"])
+    assert s.push("Hello E") == "Hello "       # "E" could begin END: held back
+    assert s.push("N") == "" and not s.hit
+    assert s.push("Dgame") == "" and s.hit      # cut at the stop string, the rest dropped
+    t = StopStrings(["END"])
+    assert t.push("abcE") == "abc" and t.flush("ND!") == "" and t.hit  # completed by the last bytes
+    u = StopStrings(["END"])
+    assert u.push("abcE") == "abc" and u.flush("x") == "Ex" and not u.hit

@@ -38,11 +38,8 @@ def held_out(kind: str, n: int, seed: int = 0) -> list[tuple[str, str, str]]:
 
 def evaluate_agent(run, kb=None, db=None, n_arith: int = 40, n_sql: int = 40, n_search: int = 20, seed: int = 0,
                    log=None) -> dict:
-    import torch
-
     from ownllm.agent.tools import builtin_tools
-    from ownllm.inference.engine import Engine, SamplingParams
-    from ownllm.inference.generate import load_run
+    from ownllm.inference.generate import greedy_texts, load_run
 
     model, tok = load_run(run)
     names = ["calculator"] + (["search"] if kb is not None else []) + (["sql"] if db is not None else [])
@@ -72,17 +69,10 @@ def evaluate_agent(run, kb=None, db=None, n_arith: int = 40, n_sql: int = 40, n_
         if log:
             log(f"{'ok ' if ok else 'bad'} {fam:<10} {q[:50]:<50} -> {res.answer[:40]}")
     # the same arithmetic as one plain chat turn, no tools
-    engine = Engine(model, tok.pad_id)
-    params = SamplingParams(max_new_tokens=24, temperature=0, stop_ids=(tok.end_id, tok.eos_id))
     arith = [(q, a) for f, q, a in questions if f == "arithmetic"]
-    no_tools = 0
-    with torch.inference_mode():
-        for b in range(0, len(arith), 16):
-            batch = arith[b: b + 16]
-            outs = engine.generate([tok.render([{"role": "user", "content": q}], add_generation_prompt=True).ids
-                                    for q, _ in batch], params)
-            for (q, a), o in zip(batch, outs):
-                no_tools += tok.decode([t for t in o if t not in (tok.end_id, tok.eos_id)]).strip() == a
+    outs = greedy_texts(model, tok, [tok.render([{"role": "user", "content": q}], add_generation_prompt=True).ids
+                                     for q, _ in arith], max_new_tokens=24)
+    no_tools = sum(o.strip() == a for (_, a), o in zip(arith, outs))
     acc = {f: c / n for f, (c, n) in per.items()}
     return {"with_tools": acc, "arithmetic_without_tools": no_tools / max(len(arith), 1),
             "call_validity": valid / max(calls, 1), "calls": calls, "n": len(questions),

@@ -19,11 +19,8 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
-from ownllm.inference.engine import Engine, SamplingParams
-from ownllm.inference.generate import load_run
-from ownllm.rag.answer import MIN_RELEVANCE, prompt_ids
+from ownllm.inference.generate import greedy_texts, load_run
+from ownllm.rag.answer import MIN_RELEVANCE, prompt_ids, retrieve
 from ownllm.rag.demo import Question, make_world, slug
 from ownllm.rag.grounded import REFUSAL, is_refusal, parse_answer
 from ownllm.rag.store import KnowledgeBase
@@ -59,19 +56,6 @@ def retrieval_metrics(kb: KnowledgeBase, questions: list[Question], mode: str, k
     return {"recall_at_5": recall / max(n, 1), "mrr": rr / max(n, 1), "n": n}
 
 
-def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    engine = Engine(model, tok.pad_id)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=(tok.end_id, tok.eos_id))
-    outs: dict[int, str] = {}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    with torch.inference_mode():
-        for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
-            for i, o in zip(idx, engine.generate([prompts[i] for i in idx], params)):
-                outs[i] = tok.decode([t for t in o if t not in (tok.end_id, tok.eos_id)]).strip()
-    return [outs[i] for i in range(len(prompts))]
-
-
 def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, min_relevance: float = MIN_RELEVANCE,
                  max_new_tokens: int = 32, seed: int = 0, mode: str = "bm25", log=print) -> dict:
     """Retrieval is measured for every mode available; answers use `mode` (what `ask` uses)."""
@@ -85,8 +69,8 @@ def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, m
     rag_text: list[str | None] = []
     rag_hits, prompts, slots = [], [], []
     for i, q in enumerate(questions):
-        hits = kb.search(q.question, k=k, mode=main_mode)
-        if not hits or max(h.relevance for h in hits) < min_relevance:
+        hits = retrieve(kb, q.question, k, min_relevance, main_mode)
+        if not hits:
             rag_text.append(REFUSAL[q.lang])
             rag_hits.append([])
             continue
@@ -95,10 +79,11 @@ def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, m
         rag_hits.append(shown)
         prompts.append(ids)
         slots.append(i)
-    for i, text in zip(slots, _generate(model, tok, prompts, max_new_tokens)):
-        rag_text[i] = text
-    closed = _generate(model, tok, [tok.render([{"role": "user", "content": q.question}], add_generation_prompt=True).ids
-                                    for q in questions], max_new_tokens)
+    for i, text in zip(slots, greedy_texts(model, tok, prompts, max_new_tokens)):
+        rag_text[i] = text.strip()
+    closed = [t.strip() for t in greedy_texts(model, tok, [tok.render([{"role": "user", "content": q.question}],
+                                                                      add_generation_prompt=True).ids
+                                                           for q in questions], max_new_tokens)]
 
     def score(texts: list[str], hits_list=None) -> dict:
         em = hall = unans_ok = cited = cite_ok = 0

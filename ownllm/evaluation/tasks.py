@@ -12,11 +12,8 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from ownllm.data.tasks import FAMILIES, Example, generate
-from ownllm.inference.engine import Engine, SamplingParams
-from ownllm.inference.generate import load_run
+from ownllm.inference.generate import greedy_texts, load_run
 
 
 def run_stage(run: str | Path) -> str:
@@ -56,19 +53,9 @@ def evaluate_tasks(run: str | Path, shots: int = 0, n_per_family: int = 50, batc
             k -= 1
             ids = build_prompt(tok, ex, _shots(ex, pool, k, r), chat)
         prompts.append(ids[-(ctx - max_new_tokens):])
-    engine = Engine(model, tok.pad_id)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=(tok.end_id, tok.eos_id))
     answers = []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
-    outs: dict[int, list[int]] = {}
-    with torch.inference_mode():
-        for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
-            for i, o in zip(idx, engine.generate([prompts[i] for i in idx], params)):
-                outs[i] = o
     per = defaultdict(lambda: [0, 0])
-    for i, ex in enumerate(tests):
-        text = tok.decode([t for t in outs[i] if t not in (tok.end_id, tok.eos_id)])
+    for ex, text in zip(tests, greedy_texts(model, tok, prompts, max_new_tokens, batch_size)):
         if not chat:
             text = text.split("\n")[0]
         ok = text.strip() == ex.answer

@@ -145,9 +145,7 @@ class ContinuousBatcher:
             tmp.valid[:, :L] = True
             logits = self.model(torch.tensor([req.ids], device=self.model.device), cache=tmp)[:, -1]
         c = self.cache
-        if c.length < L or c.length >= c.max_len:
-            self._compact(need=L)
-        if c.length >= c.max_len:  # every column in use by rows at full context: make room
+        if c.length < L or c.length >= c.max_len:  # prompt longer than the column, or cache full
             self._compact(need=L)
         dst = slice(c.length - L, c.length)
         c.k[:, slot, :, dst] = tmp.k[:, 0]

@@ -49,6 +49,50 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
     return best
 
 
+class StopStrings:
+    """Streamed text in, text safe to show out: holds back a tail that could begin a stop string
+    and cuts at the first one (excluded), then sets `hit`. Used by stream_text and the server."""
+
+    def __init__(self, stops) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        at = min((self.pending.find(s) for s in self.stops if s in self.pending), default=-1)
+        if at >= 0:
+            out, self.pending, self.hit = self.pending[:at], "", True
+            return out
+        cut = len(self.pending) - _stop_holdback(self.pending, self.stops)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self, text: str = "") -> str:
+        """The rest, at the end of the stream (`text`: the decoder's last bytes)."""
+        out = self.push(text)
+        rest, self.pending = ("" if self.hit else self.pending), ""
+        return out + rest
+
+
+def greedy_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                 batch_size: int = 16) -> list[str]:
+    """Greedy continuations of many prompts (batched by similar length, stopping at end of turn or
+    eos), decoded without those tokens; in prompt order. For evaluations."""
+    import torch
+
+    engine = Engine(model, tok.pad_id)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=(tok.end_id, tok.eos_id))
+    outs: dict[int, str] = {}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
+            for i, o in zip(idx, engine.generate([prompts[i] for i in idx], params)):
+                outs[i] = tok.decode([t for t in o if t not in (tok.end_id, tok.eos_id)])
+    return [outs[i] for i in range(len(prompts))]
+
+
 def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = 0.95, repetition_penalty: float = 1.0,
                   seed: int | None = None, stop: list[str] | None = None, stream: bool = False,
@@ -73,21 +117,16 @@ def stream_text(engine: Engine, tok: Tokenizer, ids: list[int], params: Sampling
     """Text pieces of one sequence's continuation, ending at a stop token or stop string (excluded);
     multi-byte characters are never split."""
     dec = tok.stream_decoder()
-    pending = ""
+    text = StopStrings(stops)
     stop_ids = set(params.stop_ids)
     for step in engine.stream([ids], params):
         t = step[0]
         if t is None or t in stop_ids:
             break
-        pending += dec.push(t)
-        hit = min((pending.find(s) for s in stops if s in pending), default=-1)
-        if hit >= 0:
-            yield pending[:hit]
+        out = text.push(dec.push(t))
+        if text.hit:
+            yield out
             return
-        keep = _stop_holdback(pending, stops)
-        if len(pending) > keep:
-            yield pending[: len(pending) - keep]
-            pending = pending[len(pending) - keep:]
-    pending += dec.flush()
-    hit = min((pending.find(s) for s in stops if s in pending), default=-1)
-    yield pending if hit < 0 else pending[:hit]
+        if out:
+            yield out
+    yield text.flush(dec.flush())

@@ -34,6 +34,13 @@ class GroundedAnswer:
         return [self.hits[i - 1] for i in parse_answer(self.text)[1] if 0 < i <= len(self.hits)]
 
 
+def retrieve(kb: KnowledgeBase, question: str, k: int = 3, min_relevance: float = MIN_RELEVANCE,
+             mode: str | None = None) -> list[Hit]:
+    """The top-k chunks, or none when even the best covers less than `min_relevance` of the question."""
+    hits = kb.search(question, k=k, mode=mode)
+    return hits if hits and max(h.relevance for h in hits) >= min_relevance else []
+
+
 def prompt_ids(tok, question: str, hits: list[Hit], budget: int) -> tuple[list[int], list[Hit]]:
     """Chat prompt ids with as many of `hits` (best first) as fit `budget` tokens."""
     shown = list(hits)
@@ -53,8 +60,8 @@ def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_rel
     from ownllm.inference.generate import stream_text
 
     result = GroundedAnswer(question)
-    hits = kb.search(question, k=k, mode=mode)
-    if not hits or max(h.relevance for h in hits) < min_relevance:
+    hits = retrieve(kb, question, k, min_relevance, mode)
+    if not hits:
         result.retrieved = False
         result.text = REFUSAL[language(question)]
         yield result.text

@@ -174,27 +174,6 @@ class KnowledgeBase:
         rep.seconds = time.perf_counter() - t0
         return rep
 
-    def add_texts(self, items: list[tuple[str, str]]) -> int:
-        """Index in-memory documents: (name, text) pairs, name used as the path. Returns chunks written."""
-        n = 0
-        with self.db:
-            for name, text in items:
-                digest = hashlib.sha256(text.encode()).hexdigest()
-                row = self.db.execute("SELECT id FROM documents WHERE path=?", (name,)).fetchone()
-                if row:
-                    self._delete_doc(row[0])
-                chunks = split_chunks(text)
-                cur = self.db.execute(
-                    "INSERT INTO documents(path, sha256, size, mtime, n_chunks, indexed_at) VALUES(?,?,?,?,?,?)",
-                    (name, digest, len(text.encode()), time.time(), len(chunks), time.time()))
-                self._insert_chunks(cur.lastrowid, chunks)
-                n += len(chunks)
-        if self.embedder is not None:
-            self._set_meta("embedder", self.embedder.name)
-            self.db.commit()
-        self._matrix = None
-        return n
-
     def _insert_chunks(self, doc_id: int, chunks) -> None:
         vecs = self.embedder.encode([c.text for c in chunks]) if (self.embedder is not None and chunks) else None
         for i, c in enumerate(chunks):

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from ownllm.inference.batcher import ContinuousBatcher, Request
 from ownllm.inference.engine import SamplingParams
-from ownllm.inference.generate import _stop_holdback
+from ownllm.inference.generate import StopStrings
 
 MAX_BODY = 1 << 20  # bytes
 
@@ -160,7 +160,7 @@ class TextStream:
         tok = self.state.tok
         dec = tok.stream_decoder()
         special = set(tok.special.values())
-        pending = ""
+        text = StopStrings(self.stops)
         try:
             while True:
                 t, reason = await self.queue.get()
@@ -172,21 +172,20 @@ class TextStream:
                 self.tokens.append(t)
                 if t in special and not self.keep_special:
                     continue
-                pending += dec.push(t) if t not in special else tok.decode([t])
-                hit = min((pending.find(s) for s in self.stops if s in pending), default=-1)
-                if hit >= 0:
+                out = text.push(dec.push(t) if t not in special else tok.decode([t]))
+                if text.hit:
                     self.req.cancel()
                     self.finish_reason = "stop"
-                    if pending[:hit]:
-                        yield pending[:hit]
+                    if out:
+                        yield out
                     return
-                keep = _stop_holdback(pending, self.stops)
-                if len(pending) > keep:
-                    yield pending[: len(pending) - keep]
-                    pending = pending[len(pending) - keep:]
-            pending += dec.flush()
-            if pending:
-                yield pending
+                if out:
+                    yield out
+            out = text.flush(dec.flush())
+            if text.hit:  # a stop string completed by the decoder's last bytes
+                self.finish_reason = "stop"
+            if out:
+                yield out
         finally:
             self.req.cancel()  # a client that went away frees its slot at the next step
 
@@ -296,12 +295,12 @@ def create_app(state: ServerState) -> FastAPI:
         if state.registry is not None and tools is None:
             return await _agent_reply(body, messages, stream, opts, cid, created)
         if state.kb is not None and tools is None and messages[-1]["role"] == "user" and body.get("rag", True):
-            from ownllm.rag.answer import MIN_RELEVANCE, prompt_ids
+            from ownllm.rag.answer import prompt_ids, retrieve
             from ownllm.rag.grounded import REFUSAL, language
 
             q = messages[-1]["content"]
-            hits = state.kb.search(q, k=3)
-            if not hits or max(h.relevance for h in hits) < MIN_RELEVANCE:
+            hits = retrieve(state.kb, q)
+            if not hits:
                 extra["sources"] = []
                 return _fixed_reply(REFUSAL[language(q)], stream, opts, cid, created, extra, len(tok.encode(q)))
             ids, shown = prompt_ids(tok, q, hits, state.model.config.max_seq_len - 64)
