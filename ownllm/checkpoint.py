@@ -97,7 +97,8 @@ def load_model_config(run_dir: str | Path) -> ModelConfig:
 
 def load_weights(model: torch.nn.Module, run_dir: str | Path, base_only: bool = False) -> int:
     """Load model.safetensors into `model`; returns the step it was saved at. With base_only,
-    the run may lack the model's LoRA adapters (they keep their fresh initialisation)."""
+    the run may lack the model's LoRA adapters and scalar head (they keep their fresh
+    initialisation), and a scalar head it has that `model` lacks is ignored."""
     d = Path(run_dir)
     recover(d)
     path = d / "model.safetensors"
@@ -113,8 +114,9 @@ def load_weights(model: torch.nn.Module, run_dir: str | Path, base_only: bool = 
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     expected, got = set(model.state_dict()), set(sd)
     if base_only:
-        expected = {k for k in expected if not k.endswith(("lora_A", "lora_B"))}
-        got = {k for k in got if not k.endswith(("lora_A", "lora_B"))}
+        fresh = ("lora_A", "lora_B", "score.weight")
+        expected = {k for k in expected if not k.endswith(fresh)}
+        got = {k for k in got if not k.endswith(fresh)}
         sd = {k: v for k, v in sd.items() if k in got}
     if expected != got:
         diff = sorted(expected ^ got)[:5]

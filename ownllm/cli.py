@@ -72,7 +72,16 @@ def _train_config(args) -> tuple:
 def cmd_data(args) -> None:
     from ownllm.data.corpora import describe_bundled
 
-    if args.action == "tasks":
+    if args.action == "prefs":
+        from ownllm.data.preferences import generate_preferences, write_preferences
+
+        if not args.out:
+            raise OwnLLMError("data prefs: --out FILE is required")
+        pairs = generate_preferences(args.n, args.split, run=args.run, seed=args.seed)
+        write_preferences(pairs, args.out)
+        print(f"wrote {len(pairs)} {args.split} preference pairs from {args.n} prompts to {args.out}"
+              f"{f' (answers sampled from {args.run} + perturbations)' if args.run else ' (perturbations only)'}")
+    elif args.action == "tasks":
         from ownllm.data.tasks import generate, write_jsonl
 
         if not args.out:
@@ -280,7 +289,27 @@ def cmd_serve(args) -> None:
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
 
 
+def _write_samples(path: str | None, res: dict) -> None:
+    """--samples FILE: every prompt, output and verdict of an evaluation as JSONL."""
+    if path:
+        Path(path).write_text("\n".join(json.dumps(a, ensure_ascii=False) for a in res["samples"]) + "\n")
+
+
 def cmd_eval(args) -> None:
+    if args.suite == "prefs":
+        from ownllm.evaluation.prefs import evaluate_prefs, print_prefs_report
+
+        if not args.against:
+            raise OwnLLMError("eval prefs: --against RUN is required (e.g. the SFT run the policy started from)")
+        res = evaluate_prefs(args.run, args.against, n=args.n or 200, temperature=args.temperature, reward=args.reward)
+        _write_samples(args.samples, res)
+        print_prefs_report(res, args.run, args.against)
+        return
+    if args.suite == "reward":
+        from ownllm.evaluation.prefs import evaluate_reward, print_reward_report
+
+        print_reward_report(evaluate_reward(args.run, data=args.data, n=args.n or 200))
+        return
     if args.suite == "agent":
         from ownllm.agent.sql import ReadOnlyDB, resolve_db
         from ownllm.evaluation.agent import evaluate_agent, print_agent_report
@@ -291,8 +320,7 @@ def cmd_eval(args) -> None:
             res = evaluate_agent(args.run, kb=kb, db=db, n_arith=args.n or 40, n_sql=args.n or 40, n_search=args.n or 20)
         finally:
             kb.close(), db.close()
-        if args.samples:
-            Path(args.samples).write_text("\n".join(json.dumps(a, ensure_ascii=False) for a in res["samples"]) + "\n")
+        _write_samples(args.samples, res)
         print_agent_report(res)
         return
     if args.suite == "rag":
@@ -300,16 +328,14 @@ def cmd_eval(args) -> None:
 
         with _open_kb(args.kb or "demo", args.embedder) as kb:
             res = evaluate_rag(args.run, kb, n=args.n or 200)
-        if args.samples:
-            Path(args.samples).write_text("\n".join(json.dumps(a, ensure_ascii=False) for a in res["samples"]) + "\n")
+        _write_samples(args.samples, res)
         print_rag_report(res)
         return
     if args.suite == "tasks":
         from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
 
         res = evaluate_tasks(args.run, shots=args.shots, n_per_family=args.n or 50)
-        if args.samples:
-            Path(args.samples).write_text("\n".join(json.dumps(a, ensure_ascii=False) for a in res["samples"]) + "\n")
+        _write_samples(args.samples, res)
         print_task_report(res)
         return
     from ownllm.evaluation.runs import eval_run
@@ -359,6 +385,76 @@ def cmd_sft(args) -> None:
           f"({100 * res['trainable_params'] / res['total_params']:.2f}%); val_loss {res.get('val_loss', float('nan')):.4f}")
 
 
+def _stage_configs(args, defaults: dict, stage_cls):
+    """TrainConfig and the stage's own dataclass from flags and --set KEY=VALUE (a key of the stage
+    dataclass goes there, any other to TrainConfig)."""
+    import dataclasses
+
+    from ownllm.config import TrainConfig, apply_overrides
+
+    fields = {f.name for f in dataclasses.fields(stage_cls)}
+    train_over, stage_over = {}, {}
+    for k, v in _parse_sets(args.set).items():
+        (stage_over if k in fields else train_over)[k] = v
+    for name in ("data", "max_steps", "seed", "batch_size", "lr"):
+        if getattr(args, name, None) is not None:
+            train_over[name] = getattr(args, name)
+    if args.time_budget is not None:
+        train_over["time_budget"], train_over["max_steps"] = args.time_budget, train_over.get("max_steps")
+    for name in fields:
+        if getattr(args, name, None) is not None:
+            stage_over[name] = getattr(args, name)
+    tcfg = apply_overrides(dataclasses.replace(TrainConfig(), **defaults), train_over, source="--set")
+    return tcfg, apply_overrides(stage_cls(), stage_over, source="--set")
+
+
+def _need(args, name: str, flag: str) -> None:
+    if not args.resume and not getattr(args, name):
+        raise OwnLLMError(f"{args.command}: {flag} RUN is required (the run to start from)")
+
+
+def _print_stage(res: dict, what: str) -> None:
+    keys = [k for k in ("val_pair_accuracy", "val_reward_accuracy", "reward", "kl", "exact_match", "train_loss") if k in res]
+    print(f"{what}: {res['step']} steps in {res['elapsed_s']:.0f}s; " + ", ".join(f"{k} {res[k]:.4f}" for k in keys))
+
+
+def cmd_reward(args) -> None:
+    from ownllm.train.preference import REWARD_DEFAULTS, RewardConfig, train_reward
+
+    _need(args, "base", "--base")
+    tcfg, rcfg = _stage_configs(args, REWARD_DEFAULTS, RewardConfig)
+    _print_stage(train_reward(args.base, args.out, tcfg, rcfg, resume=args.resume, overwrite=args.overwrite,
+                              progress=not args.no_progress), "reward model")
+
+
+def cmd_dpo(args) -> None:
+    from ownllm.train.preference import DPO_DEFAULTS, DPOConfig, train_dpo
+
+    _need(args, "policy", "--policy")
+    tcfg, dcfg = _stage_configs(args, DPO_DEFAULTS, DPOConfig)
+    res = train_dpo(args.policy, args.out, tcfg, dcfg, lora_rank=args.lora_rank if args.lora else 0,
+                    lora_alpha=args.lora_alpha, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    _print_stage(res, f"dpo ({res['trainable_params']:,} of {res['total_params']:,} parameters trained)")
+
+
+def cmd_ppo(args) -> None:
+    from ownllm.train.rl import PPO_DEFAULTS, PPOConfig, train_ppo
+
+    _need(args, "policy", "--policy")
+    tcfg, pcfg = _stage_configs(args, PPO_DEFAULTS, PPOConfig)
+    _print_stage(train_ppo(args.policy, args.out, args.reward, tcfg, pcfg, resume=args.resume, overwrite=args.overwrite,
+                           progress=not args.no_progress), "ppo")
+
+
+def cmd_grpo(args) -> None:
+    from ownllm.train.rl import GRPO_DEFAULTS, GRPOConfig, train_grpo
+
+    _need(args, "policy", "--policy")
+    tcfg, gcfg = _stage_configs(args, GRPO_DEFAULTS, GRPOConfig)
+    _print_stage(train_grpo(args.policy, args.out, args.reward, tcfg, gcfg, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.no_progress), "grpo")
+
+
 def cmd_merge_lora(args) -> None:
     from ownllm.train.merge import merge_lora
 
@@ -382,17 +478,18 @@ def cmd_quickstart(args) -> None:
     from ownllm.quickstart import quickstart
 
     quickstart(args.out, pretrain_budget=args.pretrain_budget, sft_budget=args.sft_budget, n_eval=args.n_eval,
-               data=args.data)
+               data=args.data, rlhf_budget=args.rlhf_budget)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ownllm", description="Own your LLM: build, train and run it on your hardware.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("data", help="bundled data sets: list them, or write the task suite as JSONL")
-    p.add_argument("action", choices=["list", "tasks"])
-    p.add_argument("--out", help="(tasks) output JSONL file")
-    p.add_argument("--n", type=int, default=1000, help="(tasks) number of examples")
+    p = sub.add_parser("data", help="bundled data sets: list them, or write the task suite / preference pairs as JSONL")
+    p.add_argument("action", choices=["list", "tasks", "prefs"])
+    p.add_argument("--out", help="(tasks, prefs) output JSONL file")
+    p.add_argument("--n", type=int, default=1000, help="(tasks) number of examples; (prefs) number of prompts")
+    p.add_argument("--run", help="(prefs) chat run whose sampled answers join the candidates")
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data)
@@ -408,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="evaluate a run: lm (held-out bits per byte, default) or tasks (exact match)")
-    p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks", "rag", "agent"])
+    p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks", "rag", "agent", "prefs", "reward"])
     p.add_argument("--run", required=True)
     p.add_argument("--shots", type=int, default=0, help="(tasks) K-shot prompts from the train split")
     p.add_argument("--n", type=int, help="(tasks) held-out prompts per family (50); (rag) questions (200)")
@@ -418,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", help="(tasks) write every prompt/output/verdict to this JSONL file")
     p.add_argument("--data", help="evaluate on these sources' held-out 10%% instead of the run's own")
     p.add_argument("--max-tokens", type=int, help="cap tokens per source (faster, approximate)")
+    p.add_argument("--against", help="(prefs) the run to compare with, e.g. runs/sft")
+    p.add_argument("--reward", help="(prefs) also report this reward model's mean score of both")
+    p.add_argument("--temperature", type=float, default=1.0, help="(prefs) sampling temperature of the compared answers")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("rag", help="knowledge base: index documents, list, remove, search")
@@ -506,6 +606,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sft)
 
+    def stage(name, help, start, start_help):
+        p = sub.add_parser(name, help=help)
+        p.add_argument(start, help=start_help)
+        p.add_argument("--data", help="'prefs' (bundled preference generator, answers sampled from the starting run; "
+                       "default) or JSONL files with prompt/chosen/rejected or prompt/responses/ranking")
+        p.add_argument("--out", required=True)
+        p.add_argument("--time-budget", type=float)
+        p.add_argument("--max-steps", type=int)
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--resume", action="store_true")
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a TrainConfig field or a field of the stage's own config")
+        p.add_argument("--no-progress", action="store_true")
+        return p
+
+    p = stage("reward", "train a reward model (Bradley–Terry) on preference pairs", "--base", "the SFT run to start from")
+    p.add_argument("--margin", type=float, help="required score gap in the loss (default 0)")
+    p.add_argument("--center-coef", type=float, help="weight of (r_c + r_r)² keeping rewards centred (default 0.01)")
+    p.set_defaults(func=cmd_reward)
+
+    p = stage("dpo", "direct preference optimisation of a policy on preference pairs", "--policy", "the SFT run")
+    p.add_argument("--beta", type=float, help="strength of the pull toward the reference (default 0.1)")
+    p.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], help="sigmoid (DPO, default), ipo or hinge")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters only")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.set_defaults(func=cmd_dpo)
+
+    p = stage("ppo", "PPO of a policy against a reward model, KL-penalised to the SFT reference", "--policy", "the SFT run")
+    p.add_argument("--reward", help="reward-model run directory (from `ownllm reward`)")
+    p.add_argument("--kl-coef", type=float, help="KL penalty coefficient (default 0.05)")
+    p.add_argument("--target-kl", type=float, help="adapt the coefficient toward this KL per answer (nats)")
+    p.add_argument("--kl-estimator", choices=["k1", "k3"])
+    p.add_argument("--ppo-epochs", type=int)
+    p.add_argument("--gamma", type=float)
+    p.add_argument("--lam", type=float)
+    p.set_defaults(func=cmd_ppo)
+
+    p = stage("grpo", "GRPO: group-normalised policy optimisation against a verifier or reward model", "--policy",
+              "the SFT run")
+    p.add_argument("--reward", help="verifier:arithmetic (default), verifier:FAMILY+FAMILY, verifier:tasks, or a "
+                   "reward-model run")
+    p.add_argument("--num-generations", type=int, help="answers per prompt (default 8)")
+    p.add_argument("--beta", type=float, help="KL penalty to the reference (default 0)")
+    p.add_argument("--epochs", type=int, help="optimisation passes per batch of answers (default 1)")
+    p.set_defaults(func=cmd_grpo)
+
     p = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into plain weights")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
@@ -530,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=25, help="held-out prompts per task family")
     p.add_argument("--data", default="shakespeare,chinese-poetry,tasks", help="pretraining sources ('tasks': the "
                    "task suite's train split as text)")
+    p.add_argument("--rlhf-budget", type=float, default=240.0, help="seconds of training for the reward model, DPO, "
+                   "PPO and GRPO together (a quarter each)")
     p.set_defaults(func=cmd_quickstart)
     return ap
 

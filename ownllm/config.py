@@ -34,6 +34,7 @@ class ModelConfig:
     lora_rank: int = 0              # > 0: LoRA adapters on lora_targets (see lora.py)
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    score_head: bool = False        # a scalar head `score` on the final hidden state (reward / value models)
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -163,16 +164,23 @@ def to_json(cfg: Any) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
 
 
-def from_json_file(cls: type, path: Path, ignore: tuple[str, ...] = ()) -> Any:
+def read_json(path: Path, what: str = "JSON file") -> Any:
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise OwnLLMError(f"{path}: missing (expected a {cls.__name__} JSON file)") from None
+        raise OwnLLMError(f"{path}: missing (expected a {what})") from None
     except json.JSONDecodeError as e:
         raise OwnLLMError(f"{path}: corrupt JSON at line {e.lineno} ({e.msg})") from None
-    raw = {k: v for k, v in raw.items() if k not in ignore}
+
+
+def from_json_file(cls: type, path: Path, ignore: tuple[str, ...] = ()) -> Any:
+    raw = read_json(path, f"{cls.__name__} JSON file")
+    return from_json_dict(cls, {k: v for k, v in raw.items() if k not in ignore}, source=str(path))
+
+
+def from_json_dict(cls: type, raw: dict, source: str = "config") -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
     if unknown:
-        raise OwnLLMError(f"{path}: unknown field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
+        raise OwnLLMError(f"{source}: unknown field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
     return cls(**raw)

@@ -207,6 +207,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if cfg.score_head:  # reward / value model: one scalar per position
+            self.score = nn.Linear(cfg.dim, 1, bias=False)
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -263,6 +265,10 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, T, vocab). kwargs: cache, positions, mask (see hidden_states)."""
         return self.lm_head(self.hidden_states(idx, **kwargs))
+
+    def scores(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Scalar head per position (B, T): reward (read at a sequence's last token) or value."""
+        return self.score(self.hidden_states(idx, **kwargs)).squeeze(-1)
 
     def compile_blocks(self) -> None:
         """torch.compile each Block in place; identical blocks share one compiled graph."""

@@ -4,8 +4,10 @@ Where it sits: the main job. Pipeline now: tokenizer + pretraining (tiny preset,
 Chinese poetry + the task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
 tool-use traces) → held-out exact match and a chat sample → RAG over the demo knowledge base
-(retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools.
-RLHF joins here when it lands. Writes `<out>/report.md`, `<out>/report.json` and PNG plots.
+(retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools →
+alignment: preference pairs ranked by the hidden rule, a reward model, DPO, PPO against the reward
+model and GRPO against the arithmetic verifier, each judged on held-out prompts.
+Writes `<out>/report.md`, `<out>/report.json` and PNG plots.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from ownllm.metrics import MetricsLog, plot_curves
 
 
 def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120.0, sft_budget: float = 420.0,
-               n_eval: int = 25, data: str = "shakespeare,chinese-poetry,tasks", log=print) -> dict:
+               n_eval: int = 25, data: str = "shakespeare,chinese-poetry,tasks", rlhf_budget: float = 240.0,
+               log=print) -> dict:
     """`data`: the pretraining mix. With `tasks` (the suite's train split as text, ~25% of tokens)
     SFT reached 0.342 held-out mean exact match vs 0.147 without, in the same 120 s + 420 s."""
     from ownllm.agent.sql import ReadOnlyDB, demo_shop_path
@@ -36,7 +39,7 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    log(f"== 1/6 tokenizer + pretraining: tiny preset on {data}, {pretrain_budget:.0f}s of training ==")
+    log(f"== 1/7 tokenizer + pretraining: tiny preset on {data}, {pretrain_budget:.0f}s of training ==")
     base = out / "base"
     pre = pretrain(base, TrainConfig(data=data, vocab_size=4096, time_budget=pretrain_budget, seed=1337),
                    preset="tiny", overwrite=True, log=log)
@@ -46,16 +49,16 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
     for s in samples.values():
         log("--- sample ---\n" + s)
 
-    log(f"== 2/6 prompting the base model: zero-shot vs 4-shot, {n_eval} held-out prompts per family ==")
+    log(f"== 2/7 prompting the base model: zero-shot vs 4-shot, {n_eval} held-out prompts per family ==")
     base_tasks = {k: evaluate_tasks(base, shots=k, n_per_family=n_eval) for k in (0, 4)}
     for res in base_tasks.values():
         print_task_report(res, out=log)
 
-    log(f"== 3/6 supervised fine-tuning on the task suite, {sft_budget:.0f}s ==")
+    log(f"== 3/7 supervised fine-tuning on the task suite, {sft_budget:.0f}s ==")
     sft_run = out / "sft"
     ft = sft(base, sft_run, sft_config(time_budget=sft_budget, max_steps=None), overwrite=True, log=log)
 
-    log("== 4/6 held-out task accuracy after SFT ==")
+    log("== 4/7 held-out task accuracy after SFT ==")
     sft_tasks = evaluate_tasks(sft_run, shots=0, n_per_family=n_eval)
     print_task_report(sft_tasks, out=log)
     chat = ChatSession(str(sft_run), temperature=0)
@@ -65,17 +68,20 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
         chat.command("/reset")
         log(f"you> {q}\nbot> {chat_demo[-1][1]}")
 
-    log("== 5/6 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
+    log("== 5/7 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
     embedder = find_embedder()
     kb = KnowledgeBase(demo_kb_path(embedder, log=log), embedder=embedder)
     rag = evaluate_rag(sft_run, kb, n=100)
     print_rag_report(rag, out=log)
 
-    log("== 6/6 agent: calculator, knowledge search and the demo shop database ==")
+    log("== 6/7 agent: calculator, knowledge search and the demo shop database ==")
     db = ReadOnlyDB(demo_shop_path())
     agent = evaluate_agent(sft_run, kb=kb, db=db, n_arith=20, n_sql=20, n_search=10)
     print_agent_report(agent, out=log)
     kb.close(), db.close()
+
+    log(f"== 7/7 alignment: preferences, reward model, DPO, PPO, GRPO ({rlhf_budget:.0f}s of training) ==")
+    rlhf = align(out, sft_run, rlhf_budget, n_eval, log)
 
     plots = out / "plots"
     plot_curves(MetricsLog.read(base / "metrics.jsonl"), plots / "pretrain_loss.png", title="pretraining loss (nats/token)")
@@ -91,10 +97,10 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
                        **sft_tasks["per_family"]},
                "rag": {"retrieval": rag["retrieval"], "rag": rag["rag"], "closed_book": rag["closed_book"]},
                "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
-               "wall_s": wall}
+               "rlhf": rlhf, "wall_s": wall}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent),
-                                   encoding="utf-8")
+    (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent)
+                                   + _rlhf_report(rlhf), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
     log(f"RESULT val_bpb={mean_bpb:.4f} base_zero_shot={base_tasks[0]['mean_exact_match']:.4f} "
@@ -102,8 +108,58 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
         f"rag_exact_match={rag['rag']['exact_match']:.4f} closed_book_exact_match={rag['closed_book']['exact_match']:.4f} "
         f"hallucination_rag={rag['rag']['hallucination']:.4f} hallucination_closed_book={rag['closed_book']['hallucination']:.4f} "
         f"arithmetic_with_tools={agent['with_tools']['arithmetic']:.4f} "
-        f"arithmetic_without_tools={agent['arithmetic_without_tools']:.4f} wall_s={wall:.0f}")
+        f"arithmetic_without_tools={agent['arithmetic_without_tools']:.4f} "
+        f"pair_accuracy={rlhf['reward']['pair_accuracy']:.4f} dpo_win_rate={rlhf['dpo']['win_rate']:.4f} "
+        f"ppo_win_rate={rlhf['ppo']['win_rate']:.4f} grpo_arithmetic={rlhf['grpo']['arithmetic']:.4f} "
+        f"sft_arithmetic={rlhf['grpo']['sft_arithmetic']:.4f} wall_s={wall:.0f}")
     return summary
+
+
+def align(out: Path, sft_run: Path, budget: float, n_eval: int, log=print) -> dict:
+    """Stage 7: pairs from the SFT model's samples ranked by the hidden rule → reward model → DPO,
+    PPO (against the reward model) and GRPO (against the arithmetic verifier), a quarter of the
+    budget each; then each policy against SFT on held-out prompts."""
+    from ownllm.data.preferences import generate_preferences, write_preferences
+    from ownllm.evaluation.prefs import evaluate_prefs, evaluate_reward, print_prefs_report, print_reward_report
+    from ownllm.evaluation.tasks import evaluate_tasks
+    from ownllm.train.preference import DPO_DEFAULTS, REWARD_DEFAULTS, stage_train_config, train_dpo, train_reward
+    from ownllm.train.rl import GRPO_DEFAULTS, PPO_DEFAULTS, train_grpo, train_ppo
+
+    quarter = dict(time_budget=budget / 4, max_steps=None)
+    prefs = out / "prefs.jsonl"
+    write_preferences(generate_preferences(1500, "train", run=sft_run, seed=0), prefs)
+    train_reward(sft_run, out / "rm", stage_train_config(REWARD_DEFAULTS, data=str(prefs), **quarter), overwrite=True, log=log)
+    reward = evaluate_reward(out / "rm")
+    print_reward_report(reward, out=log)
+    train_dpo(sft_run, out / "dpo", stage_train_config(DPO_DEFAULTS, data=str(prefs), **quarter), overwrite=True, log=log)
+    train_ppo(sft_run, out / "ppo", str(out / "rm"), stage_train_config(PPO_DEFAULTS, **quarter), overwrite=True, log=log)
+    train_grpo(sft_run, out / "grpo", "verifier:arithmetic", stage_train_config(GRPO_DEFAULTS, **quarter),
+               overwrite=True, log=log)
+    res: dict = {"reward": {k: reward[k] for k in ("pair_accuracy", "n_pairs", "by_rule")}}
+    for name in ("dpo", "ppo"):
+        r = evaluate_prefs(out / name, sft_run, n=200, reward=out / "rm", n_task=n_eval)
+        print_prefs_report(r, name, "sft", out=log)
+        res[name] = {k: v for k, v in r.items() if k != "samples"}
+    arith = {name: evaluate_tasks(run, n_per_family=100, families=["arithmetic"])["per_family"]["arithmetic"]
+             for name, run in (("grpo", out / "grpo"), ("sft", sft_run))}
+    log(f"GRPO (verifier:arithmetic): held-out arithmetic exact match {arith['grpo']:.3f} vs SFT {arith['sft']:.3f}")
+    res["grpo"] = {"arithmetic": arith["grpo"], "sft_arithmetic": arith["sft"]}
+    return res
+
+
+def _rlhf_report(r: dict) -> str:
+    L = ["## 7. Alignment (`ownllm reward | dpo | ppo | grpo`, judged by the hidden rule on held-out prompts)", "",
+         f"Reward model: pairwise accuracy **{r['reward']['pair_accuracy']:.3f}** on {r['reward']['n_pairs']} held-out pairs "
+         "(" + ", ".join(f"{k} {a:.2f}" for k, (a, _) in r["reward"]["by_rule"].items()) + ").", "",
+         "| policy vs SFT | win rate (ties ½) | of decided | KL to SFT (nats) | reward | task accuracy (SFT) |",
+         "|---|---:|---:|---:|---:|---:|"]
+    for name in ("dpo", "ppo"):
+        p = r[name]
+        L.append(f"| {name.upper()} | {p['win_rate']:.3f} | {p['decisive_win_rate']:.3f} | {p['kl']:.2f} | "
+                 f"{p['reward']:.2f} vs {p['against_reward']:.2f} | {p['task_accuracy']:.3f} ({p['against_task_accuracy']:.3f}) |")
+    L += ["", f"GRPO with the arithmetic verifier: held-out arithmetic exact match **{r['grpo']['arithmetic']:.3f}** "
+          f"vs SFT {r['grpo']['sft_arithmetic']:.3f}.", ""]
+    return "\n".join(L)
 
 
 def _plot_tasks(results: dict, path: Path) -> None:

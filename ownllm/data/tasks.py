@@ -188,6 +188,17 @@ def _tool_use(r: random.Random, lang: str) -> tuple[str, str, tuple]:
     return tool_trace(r, lang)
 
 
+def _closed_book(r: random.Random, lang: str) -> tuple[str, str]:
+    """A question about a fictional town with no sources given: nothing the model read holds the
+    answer, so the honest reply is "I don't know". Not in the SFT mix: it is the honesty that
+    preference learning adds (data/preferences.py), measured by `ownllm eval prefs`."""
+    from ownllm.rag.demo import ATTRIBUTES, QUESTIONS, make_world
+    from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL
+
+    town = r.choice([t for t in make_world("train").towns if t.lang == lang])
+    return QUESTIONS[lang][r.choice(ATTRIBUTES)].format(n=town.name), CLOSED_BOOK_REFUSAL[lang]
+
+
 # single-turn families, scored by `ownllm eval tasks`
 FAMILIES = {
     "arithmetic": _arithmetic, "reverse": _reverse, "count": _count, "sort": _sort, "json": _json,
@@ -196,6 +207,9 @@ FAMILIES = {
 # multi-turn traces, trained on by SFT and scored through the agent loop by `ownllm eval agent`
 TRACE_FAMILIES = {"tool_use": _tool_use}
 ALL_FAMILIES = {**FAMILIES, **TRACE_FAMILIES}
+# prompts only preference learning sees (never in the SFT mix)
+PREFERENCE_ONLY_FAMILIES = {"closed_book": _closed_book}
+_GENERATORS = {**ALL_FAMILIES, **PREFERENCE_ONLY_FAMILIES}
 
 
 def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | None = None) -> list[Example]:
@@ -203,15 +217,15 @@ def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | 
     Test prompts are distinct; train prompts may repeat (small families like zh_numeral have
     only ~1,800 train prompts)."""
     fams = families or list(FAMILIES)
-    unknown = set(fams) - set(ALL_FAMILIES)
+    unknown = set(fams) - set(_GENERATORS)
     if unknown:
-        raise ValueError(f"unknown task families {sorted(unknown)} (known: {', '.join(ALL_FAMILIES)})")
+        raise ValueError(f"unknown task families {sorted(unknown)} (known: {', '.join(_GENERATORS)})")
     r = random.Random(f"{split}:{seed}")
     out, seen, tries = [], set(), 0
     while len(out) < n:
         fam = fams[len(out) % len(fams)]
         lang = "en" if r.random() < 0.5 else "zh"
-        prompt, answer, *trace = ALL_FAMILIES[fam](r, lang)
+        prompt, answer, *trace = _GENERATORS[fam](r, lang)
         tries += 1
         if tries > 200 * n + 10_000:
             raise RuntimeError(f"could not draw {n} distinct {split} examples")

@@ -122,8 +122,14 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path,
                  next_batch: Callable[[torch.Generator], Batch], loss_fn: Callable[[Any, Batch], tuple[torch.Tensor, torch.Tensor]],
                  evaluate: Callable[[torch.nn.Module], dict] | None = None, resume: bool = False,
-                 tokens_per_batch: int = 0, extra_files: dict[str, bytes] | None = None, progress: bool = True):
+                 tokens_per_batch: int = 0, extra_files: dict[str, bytes] | None = None, progress: bool = True,
+                 step_stats: Callable[[], dict] | None = None, aux: Any = None,
+                 plots: dict[str, tuple[str, ...]] | None = None):
+        """step_stats: called after each step, its numbers join that step's metrics row (RL stages:
+        reward, KL, entropy…); aux: an object with state_dict()/load_state_dict() saved with the
+        checkpoint (e.g. an adaptive KL coefficient); plots: extra PNGs, file stem → metric keys."""
         self.model, self.cfg, self.run_dir = model, cfg, Path(run_dir)
+        self.step_stats, self.aux, self.plots = step_stats, aux, plots or {}
         self.next_batch, self.loss_fn, self.evaluate = next_batch, loss_fn, evaluate
         self.tokens_per_batch = tokens_per_batch
         self.extra_files = extra_files or {}
@@ -150,8 +156,9 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "elapsed": self.elapsed, "dtype": self.dtype,
-                "data_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        state = {"optimizer": self.optimizer.state_dict(), "elapsed": self.elapsed, "dtype": self.dtype,
+                 "data_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        return {**state, "aux": self.aux.state_dict()} if self.aux is not None else state
 
     def _restore(self) -> None:
         state = load_state(self.run_dir)
@@ -162,14 +169,18 @@ class Trainer:
         self.elapsed, self.dtype = state["elapsed"], state["dtype"]
         self.gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if self.aux is not None and "aux" in state:
+            self.aux.load_state_dict(state["aux"])
 
     def checkpoint(self) -> None:
         self.metrics.flush()
         files = {"train_config.json": json.dumps({**asdict(self.cfg), "dtype_used": self.dtype}, indent=2).encode(),
                  **self.extra_files}
         save_checkpoint(self.run_dir, self.model, self._state(), self.step, files)
-        plot_curves(MetricsLog.read(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png",
-                    title=f"{self.run_dir.name}: loss (nats/token)")
+        rows = MetricsLog.read(self.run_dir / "metrics.jsonl")
+        plot_curves(rows, self.run_dir / "plots" / "loss.png", title=f"{self.run_dir.name}: loss")
+        for stem, keys in self.plots.items():
+            plot_curves(rows, self.run_dir / "plots" / f"{stem}.png", keys=keys, title=f"{self.run_dir.name}: {stem}")
 
     # -- loop ----------------------------------------------------------------------------
     def progress_fraction(self) -> float:
@@ -238,7 +249,7 @@ class Trainer:
                 lr = self._lr()
                 loss = self.train_step()
                 self.elapsed += time.perf_counter() - t0
-                pending.append((self.step, loss, lr, self.elapsed))
+                pending.append((self.step, loss, lr, self.elapsed, self.step_stats() if self.step_stats else {}))
                 if len(pending) >= self.cfg.log_interval or self._done():
                     last = self._flush(pending, bar)
                     pending = []
@@ -274,9 +285,9 @@ class Trainer:
             return {}
         losses = torch.stack([p[1] for p in pending]).tolist()  # one host sync for the whole window
         row = {}
-        for (step, _, lr, elapsed), loss in zip(pending, losses):
+        for (step, _, lr, elapsed, stats), loss in zip(pending, losses):
             row = dict(step=step, tokens=step * self.tokens_per_batch * self.cfg.grad_accum,
-                       elapsed_s=round(elapsed, 3), lr=lr, train_loss=loss)
+                       elapsed_s=round(elapsed, 3), lr=lr, train_loss=loss, **stats)
             self.metrics.write(**row)
         bar.update(pending[-1][0] - bar.n)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{pending[-1][2]:.2e}", s=f"{pending[-1][3]:.0f}")

@@ -1,0 +1,276 @@
+"""Learning from preference pairs: the reward model (Bradley–Terry) and DPO (+ IPO, hinge).
+
+Where it sits: `ownllm reward --base runs/sft --data prefs --out runs/rm` trains a scalar head on
+the SFT transformer so that r(chosen) > r(rejected); PPO and GRPO then optimise against it.
+`ownllm dpo --policy runs/sft --data prefs --out runs/dpo` skips the reward model: it raises the
+policy's log-probability margin of chosen over rejected relative to the reference (the SFT model),
+whose log-probs are computed once before training, so no second model stays in memory.
+Both run on the shared Trainer (checkpoints, resume, metrics.jsonl, plots, progress bar) and read
+pairs from data/preferences.py; the hidden rule that produced the bundled pairs is never seen here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ownllm.checkpoint import load_model_config, load_weights, refuse_overwrite, resumed_train_config, start_run
+from ownllm.config import TrainConfig, from_json_dict, read_json
+from ownllm.data.chat import ChatExamples, collate_padded
+from ownllm.data.preferences import Pair, generate_preferences, load_pairs
+from ownllm.data.tasks import prompt_bucket
+from ownllm.errors import OwnLLMError
+from ownllm.lora import freeze_base
+from ownllm.model import GPT
+from ownllm.tokenizer import Tokenizer
+from ownllm.train.objectives import bradley_terry_loss, dpo_loss
+from ownllm.train.trainer import Trainer
+
+STAGE_FILE = "stage_config.json"
+
+
+@dataclass
+class RewardConfig:
+    margin: float = 0.0           # required score gap: −log σ(r_c − r_r − margin)
+    center_coef: float = 0.01     # + coef·(r_c + r_r)²: rewards centred on zero
+    n_prompts: int = 1500         # --data prefs: prompts to draw pairs for
+    val_prompts: int = 200        # held-out prompts (test split) for pair accuracy
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss: str = "sigmoid"         # sigmoid (DPO) | ipo | hinge
+    n_prompts: int = 1500
+    val_prompts: int = 200
+
+
+REWARD_DEFAULTS = dict(lr=3e-4, warmup_steps=10, batch_size=16, eval_interval=50, time_budget=None, max_steps=300,
+                       weight_decay=0.0, stage="reward", data="prefs", compile=False, checkpoint_interval=120.0)
+DPO_DEFAULTS = dict(REWARD_DEFAULTS, lr=1e-4, stage="dpo")
+
+
+def stage_train_config(defaults: dict, **overrides) -> TrainConfig:
+    return dataclasses.replace(TrainConfig(), **{**defaults, **overrides})
+
+
+# -- pairs as tensors -----------------------------------------------------------------------------
+def encode_pairs(tok: Tokenizer, pairs: list[Pair], max_len: int) -> tuple[ChatExamples, list[Pair]]:
+    """Rendered conversations, chosen then rejected for each kept pair (rows 2i and 2i+1); pairs
+    whose longer side exceeds max_len tokens are dropped (counted in `.dropped`)."""
+    ex, kept = ChatExamples([], []), []
+    for p in pairs:
+        rows = [tok.render(p.messages(a)) for a in (p.chosen, p.rejected)]
+        if max(len(r.ids) for r in rows) > max_len:
+            ex.dropped += 1
+            continue
+        for r in rows:
+            ex.ids.append(np.asarray(r.ids, dtype=np.int64))
+            ex.masks.append(np.asarray(r.mask, dtype=np.int8))
+        kept.append(p)
+    return ex, kept
+
+
+def reward_batch(ex: ChatExamples, pair_idx: list[int], pad_id: int) -> dict:
+    return sequence_batch([ex.ids[2 * i + k] for i in pair_idx for k in (0, 1)], pad_id)
+
+
+def sequence_batch(rows: list[np.ndarray], pad_id: int) -> dict:
+    """Whole sequences right-padded, and the index of each one's last token (where r is read)."""
+    L = max(len(r) for r in rows)
+    x = np.full((len(rows), L), pad_id, dtype=np.int64)
+    for j, r in enumerate(rows):
+        x[j, : len(r)] = r
+    return {"x": torch.from_numpy(x), "last": torch.tensor([len(r) - 1 for r in rows])}
+
+
+def sequence_rewards(model: GPT, batch: dict) -> torch.Tensor:
+    s = model.scores(batch["x"]).float()
+    return s[torch.arange(len(s)), batch["last"]]
+
+
+def completion_logps(model: GPT, batch: dict) -> torch.Tensor:
+    """Summed log-probability of each row's assistant tokens (targets ≠ −100), in fp32."""
+    logits = model(batch["x"]).float()
+    y = batch["y"]
+    logp = torch.gather(F.log_softmax(logits, -1), 2, y.clamp(min=0)[..., None]).squeeze(-1)
+    return (logp * (y != -100)).sum(-1)
+
+
+# -- run set-up shared by the preference and RL stages ---------------------------------------------
+def open_run(start: str | Path | None, out: str | Path, tcfg: TrainConfig, defaults: TrainConfig, resume: bool,
+             overwrite: bool, score_head: bool = False, lora_rank: int = 0, lora_alpha: float = 16.0):
+    """(model with the start run's weights or the resumed ones, tokenizer, train config, start run).
+    A fresh run keeps the starting run's model config, adding a scalar head or LoRA adapters."""
+    out = Path(out)
+    if resume:
+        tcfg = resumed_train_config(out, tcfg, defaults=defaults)
+        saved = read_json(out / STAGE_FILE)
+        start = saved.get("start", start)
+        mcfg, tok = load_model_config(out), Tokenizer.load(out)
+        model = GPT(mcfg)
+        return model, tok, tcfg, Path(start), saved
+    if start is None:
+        raise OwnLLMError("give the run to start from")
+    start = Path(start)
+    refuse_overwrite(out, overwrite)
+    mcfg = dataclasses.replace(load_model_config(start), score_head=score_head, lora_rank=lora_rank,
+                               lora_alpha=lora_alpha)
+    tok = Tokenizer.load(start)
+    torch.manual_seed(tcfg.seed)
+    model = GPT(mcfg)
+    load_weights(model, start, base_only=True)
+    return model, tok, tcfg, start, {}
+
+
+def begin(out, tok, model, tcfg, overwrite: bool, start, stage_cfg, extra: dict | None = None) -> None:
+    """Lay the run directory down (only after every input was read and validated)."""
+    from ownllm.checkpoint import commit_files
+
+    start_run(out, tok, model.config, tcfg, overwrite)
+    commit_files(out, {STAGE_FILE: json.dumps({"start": str(start), **(extra or {}),
+                                               "config": dataclasses.asdict(stage_cfg)}, indent=2).encode()})
+
+
+def stage_config(cls, saved: dict, given):
+    """The stage dataclass saved in the run (resume) or the one given."""
+    return from_json_dict(cls, saved["config"]) if saved else (given or cls())
+
+
+def _split_pairs(pairs: list[Pair]) -> tuple[list[Pair], list[Pair]]:
+    """User files: held-out pairs are those whose prompt falls in the test bucket (never trained on)."""
+    val = [p for p in pairs if prompt_bucket(p.prompt[-1][1]) == 0]
+    train = [p for p in pairs if prompt_bucket(p.prompt[-1][1]) != 0]
+    return (train, val) if train and val else (pairs, pairs[: max(1, len(pairs) // 20)])
+
+
+def training_pairs(tcfg, n_prompts: int, val_prompts: int, start, log) -> tuple[list[Pair], list[Pair]]:
+    pairs = load_pairs(tcfg.data, run=start, n_prompts=n_prompts, seed=tcfg.seed, log=log)
+    if tcfg.data == "prefs":
+        return pairs, generate_preferences(val_prompts, "test", run=start, seed=0, progress=False)
+    return _split_pairs(pairs)
+
+
+def pair_batcher(n_pairs: int, batch_size: int, make):
+    def next_batch(gen: torch.Generator):
+        return make(torch.randint(0, n_pairs, (batch_size,), generator=gen).tolist())
+    return next_batch
+
+
+# -- reward model ----------------------------------------------------------------------------------
+def reward_step(rcfg: RewardConfig):
+    def loss_fn(model, batch):
+        r = sequence_rewards(model, batch)
+        return bradley_terry_loss(r[0::2], r[1::2], rcfg.margin, rcfg.center_coef).sum(), torch.tensor(len(r) // 2)
+    return loss_fn
+
+
+def reward_accuracy(model: GPT, ex: ChatExamples, pad_id: int, batch_size: int = 32) -> dict:
+    """Held-out pairwise accuracy (r_chosen > r_rejected), and the reward statistics."""
+    correct, gaps, scores = [], [], []
+    with torch.no_grad():
+        for b in range(0, len(ex) // 2, batch_size):
+            r = sequence_rewards(model, reward_batch(ex, list(range(b, min(b + batch_size, len(ex) // 2))), pad_id))
+            correct += (r[0::2] > r[1::2]).tolist()
+            gaps += (r[0::2] - r[1::2]).tolist()
+            scores += r.tolist()
+    n = max(len(correct), 1)
+    return {"val_pair_accuracy": sum(correct) / n, "val_reward_gap": sum(gaps) / n,
+            "val_reward_mean": sum(scores) / max(len(scores), 1), "correct": correct}
+
+
+def train_reward(base, out, tcfg: TrainConfig | None = None, rcfg: RewardConfig | None = None, resume=False,
+                 overwrite=False, progress=True, stop_at_step=None, log=print) -> dict:
+    defaults = stage_train_config(REWARD_DEFAULTS)
+    model, tok, tcfg, start, saved = open_run(base, out, tcfg or defaults, defaults, resume, overwrite, score_head=True)
+    rcfg = stage_config(RewardConfig, saved, rcfg)
+    train_pairs, val_pairs = training_pairs(tcfg, rcfg.n_prompts, rcfg.val_prompts, start, log)
+    ex, kept = encode_pairs(tok, train_pairs, model.config.max_seq_len)
+    val_ex, _ = encode_pairs(tok, val_pairs, model.config.max_seq_len)
+    if not kept:
+        raise OwnLLMError(f"--data {tcfg.data}: no pair fits the context of {model.config.max_seq_len} tokens")
+    if not resume:  # a resumed run's weights are restored by the Trainer
+        begin(out, tok, model, tcfg, overwrite, start, rcfg)
+    log(f"reward model: {len(kept):,} train / {len(val_ex) // 2:,} held-out pairs"
+        f"{f' ({ex.dropped} too long, dropped)' if ex.dropped else ''}")
+
+    def evaluate(m):
+        res = reward_accuracy(m, val_ex, tok.pad_id)
+        res.pop("correct")
+        return res
+
+    trainer = Trainer(model, tcfg, out, pair_batcher(len(kept), tcfg.batch_size, lambda i: reward_batch(ex, i, tok.pad_id)),
+                      reward_step(rcfg), evaluate=evaluate, resume=resume, progress=progress,
+                      plots={"pair_accuracy": ("val_pair_accuracy",)})
+    return trainer.run(stop_at_step=stop_at_step)
+
+
+# -- DPO -------------------------------------------------------------------------------------------
+def reference_logps(model: GPT, ex: ChatExamples, pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Summed completion log-probs of every row under the model as it is now (the reference)."""
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(ex), batch_size):
+            out.append(completion_logps(model, collate_padded(ex, list(range(b, min(b + batch_size, len(ex)))), pad_id)))
+    return torch.cat(out)
+
+
+def dpo_batch(ex: ChatExamples, ref: torch.Tensor, pair_idx: list[int], pad_id: int) -> dict:
+    rows = [2 * i + k for i in pair_idx for k in (0, 1)]
+    return {**collate_padded(ex, rows, pad_id), "ref": ref[rows]}
+
+
+def dpo_step(dcfg: DPOConfig):
+    def loss_fn(model, batch):
+        pi = completion_logps(model, batch)
+        ref = batch["ref"]
+        loss = dpo_loss(pi[0::2], pi[1::2], ref[0::2], ref[1::2], dcfg.beta, dcfg.loss)
+        return loss.sum(), torch.tensor(len(pi) // 2)
+    return loss_fn
+
+
+def dpo_accuracy(model, ex, ref, pad_id, beta, batch_size: int = 32) -> dict:
+    """Held-out implicit-reward accuracy: β·(log π − log ref) higher for chosen than rejected."""
+    pi = reference_logps(model, ex, pad_id, batch_size)
+    r = beta * (pi - ref)
+    return {"val_reward_accuracy": float((r[0::2] > r[1::2]).float().mean()),
+            "val_reward_margin": float((r[0::2] - r[1::2]).mean())}
+
+
+def train_dpo(policy, out, tcfg: TrainConfig | None = None, dcfg: DPOConfig | None = None, lora_rank: int = 0,
+              lora_alpha: float = 16.0, resume=False, overwrite=False, progress=True, stop_at_step=None,
+              log=print) -> dict:
+    defaults = stage_train_config(DPO_DEFAULTS)
+    model, tok, tcfg, start, saved = open_run(policy, out, tcfg or defaults, defaults, resume, overwrite,
+                                              lora_rank=lora_rank, lora_alpha=lora_alpha)
+    dcfg = stage_config(DPOConfig, saved, dcfg)
+    if dcfg.loss not in ("sigmoid", "ipo", "hinge"):
+        raise OwnLLMError(f"--loss {dcfg.loss!r}: expected sigmoid, ipo or hinge")
+    train_pairs, val_pairs = training_pairs(tcfg, dcfg.n_prompts, dcfg.val_prompts, start, log)
+    ex, kept = encode_pairs(tok, train_pairs, model.config.max_seq_len)
+    val_ex, _ = encode_pairs(tok, val_pairs, model.config.max_seq_len)
+    if not kept:
+        raise OwnLLMError(f"--data {tcfg.data}: no pair fits the context of {model.config.max_seq_len} tokens")
+    # the reference is the starting policy: its log-probs, once, before any update (on resume they
+    # come from the start run's weights, loaded into a temporary model)
+    ref_model = model if not resume else GPT(dataclasses.replace(model.config, lora_rank=0))
+    if resume:
+        load_weights(ref_model, start, base_only=True)
+    ref, val_ref = reference_logps(ref_model, ex, tok.pad_id), reference_logps(ref_model, val_ex, tok.pad_id)
+    del ref_model
+    if not resume:
+        begin(out, tok, model, tcfg, overwrite, start, dcfg)
+    trainable, total = freeze_base(model) if model.config.lora_rank else (sum(p.numel() for p in model.parameters()),) * 2
+    log(f"dpo ({dcfg.loss}, beta {dcfg.beta}): {len(kept):,} train / {len(val_ex) // 2:,} held-out pairs, "
+        f"{trainable:,} of {total:,} parameters trainable")
+    trainer = Trainer(model, tcfg, out, pair_batcher(len(kept), tcfg.batch_size,
+                                                     lambda i: dpo_batch(ex, ref, i, tok.pad_id)),
+                      dpo_step(dcfg), evaluate=lambda m: dpo_accuracy(m, val_ex, val_ref, tok.pad_id, dcfg.beta),
+                      resume=resume, progress=progress, plots={"reward_accuracy": ("val_reward_accuracy",)})
+    result = trainer.run(stop_at_step=stop_at_step)
+    return {**result, "trainable_params": trainable, "total_params": total}

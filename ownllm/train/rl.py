@@ -1,0 +1,332 @@
+"""Reinforcement learning on the policy's own samples: PPO against a reward model, GRPO against a
+verifier (or a reward model).
+
+Where it sits: `ownllm ppo --policy runs/sft --reward runs/rm --out runs/ppo` and
+`ownllm grpo --policy runs/sft --reward verifier:arithmetic --out runs/grpo`. Both run on the
+shared Trainer: its `next_batch` here samples a batch of answers with the inference Engine (KV
+cache), scores them and keeps them as a buffer of minibatches for several optimisation epochs; its
+`loss_fn` is the clipped surrogate (objectives.py). So checkpoints, resume (the adaptive KL
+coefficient travels in state.pt), metrics.jsonl, plots and the progress bar are the Trainer's.
+
+PPO: a value head (`score`) on the policy's own trunk estimates V; per-token reward is
+−β·KL(π‖ref) on every answer token plus the reward model's (whitened) score on the last one, minus a
+penalty when the answer never ended its turn; GAE(γ, λ) gives advantages (whitened); policy loss
+clipped at 1±ε, value loss clipped at ±ε_v; β fixed or adapted toward a target KL.
+GRPO: no value model: each prompt gets G answers and an answer's advantage is its reward minus the
+group mean over the group std; clipped surrogate; optional KL to the reference (β = 0 by default).
+The reference (the starting policy) stays resident and frozen; with β = 0 it is only read to report KL.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ownllm.checkpoint import load_model
+from ownllm.config import TrainConfig
+from ownllm.data.tasks import FAMILIES, Example, generate
+from ownllm.errors import OwnLLMError
+from ownllm.inference.engine import Engine, SamplingParams
+from ownllm.model import GPT
+from ownllm.rag.grounded import is_refusal
+from ownllm.train.objectives import (AdaptiveKL, gae, group_advantages, kl_penalty, masked_mean, ppo_policy_loss,
+                                     ppo_value_loss, whiten)
+from ownllm.train.preference import begin, open_run, stage_config, stage_train_config
+from ownllm.train.trainer import Trainer
+
+
+@dataclass
+class PPOConfig:
+    reward: str = ""                   # reward-model run directory
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    ppo_epochs: int = 2                # passes over each rollout batch
+    minibatches: int = 2               # optimizer steps per pass (Trainer batch = rollout / minibatches)
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"           # k1 | k3
+    target_kl: float | None = None     # set: adapt kl_coef toward this sequence KL (nats)
+    kl_horizon: int = 10000
+    missing_end_penalty: float = 1.0   # subtracted from the score of an answer that never ends its turn
+    whiten_rewards: bool = True
+    n_prompts: int = 4000              # pool of train-split prompts rollouts draw from
+
+
+@dataclass
+class GRPOConfig:
+    reward: str = "verifier:arithmetic"  # verifier:FAMILY[+FAMILY…] | verifier:tasks | a reward-model run
+    num_generations: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    epochs: int = 1
+    clip: float = 0.2
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    n_prompts: int = 4000
+
+
+RL_DEFAULTS = dict(lr=5e-5, warmup_steps=5, batch_size=32, eval_interval=0, time_budget=None, max_steps=100,
+                   weight_decay=0.0, data="prefs", compile=False, dtype="float32", checkpoint_interval=120.0,
+                   log_interval=1, grad_clip=1.0)
+PPO_DEFAULTS = dict(RL_DEFAULTS, stage="ppo")
+GRPO_DEFAULTS = dict(RL_DEFAULTS, stage="grpo", batch_size=8, lr=1e-4)
+
+
+# -- rollouts ----------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    x: torch.Tensor            # (B, L) prompt + answer, right-padded
+    prompt_len: torch.Tensor   # (B,)
+    tokens: torch.Tensor       # (B, R) answer tokens, left-aligned, pad after
+    mask: torch.Tensor         # (B, R) 1 on answer tokens
+    has_end: torch.Tensor      # (B,) the answer ended its turn
+    texts: list[str]           # answers as text (without the end-of-turn token)
+
+    def rows(self, idx: torch.Tensor) -> "Rollout":
+        return Rollout(self.x[idx], self.prompt_len[idx], self.tokens[idx], self.mask[idx], self.has_end[idx],
+                       [self.texts[i] for i in idx.tolist()])
+
+
+def rollout(model: GPT, tok, prompts: list[list[int]], params: SamplingParams) -> Rollout:
+    """Sample one answer per prompt with the KV-cache engine (left-padded batch)."""
+    outs = Engine(model, tok.pad_id).generate(prompts, params)
+    model.train()
+    stops = set(params.stop_ids)
+    B, R = len(prompts), max(1, max(len(o) for o in outs))
+    L = max(len(p) + len(o) for p, o in zip(prompts, outs))
+    x = torch.full((B, L), tok.pad_id, dtype=torch.long)
+    tokens = torch.full((B, R), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros(B, R)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        x[i, : len(p) + len(o)] = torch.tensor(p + o)
+        tokens[i, : len(o)] = torch.tensor(o, dtype=torch.long)
+        mask[i, : len(o)] = 1
+    has_end = torch.tensor([bool(o) and o[-1] in stops for o in outs])
+    texts = [tok.decode([t for t in o if t not in stops]).strip() for o in outs]
+    return Rollout(x, torch.tensor([len(p) for p in prompts]), tokens, mask, has_end, texts)
+
+
+def answer_stats(model: GPT, ro: Rollout, values: bool = False) -> dict:
+    """Per answer token: log π(token), entropy of π, and (values=True) the value head's V, read at
+    the position that predicts the token; the LM head runs on answer positions only."""
+    h = model.hidden_states(ro.x)
+    R = ro.tokens.shape[1]
+    at = (ro.prompt_len[:, None] - 1 + torch.arange(R)[None]).clamp(max=ro.x.shape[1] - 1)
+    h = torch.gather(h, 1, at[..., None].expand(-1, -1, h.shape[-1]))
+    logp_all = F.log_softmax(model.lm_head(h).float(), -1)
+    out = {"logp": torch.gather(logp_all, 2, ro.tokens[..., None]).squeeze(-1),
+           "entropy": -(logp_all.exp() * logp_all).sum(-1)}
+    if values:
+        out["values"] = model.score(h).squeeze(-1).float()
+    return out
+
+
+def last_token_scores(reward_model: GPT, ro: Rollout) -> torch.Tensor:
+    last = ro.prompt_len + ro.mask.sum(1).long() - 1
+    with torch.no_grad():
+        return reward_model.scores(ro.x).float()[torch.arange(len(last)), last]
+
+
+class Verifier:
+    """Reward 1 for an answer that ended its turn and equals the task's reference answer exactly;
+    for a prompt with no answer the reference is a refusal, and any refusal counts."""
+
+    def __init__(self, spec: str):
+        name = spec.split(":", 1)[1]
+        self.families = list(FAMILIES) if name == "tasks" else [f for f in name.split("+") if f]
+        unknown = set(self.families) - set(FAMILIES)
+        if unknown or not self.families:
+            raise OwnLLMError(f"--reward {spec}: unknown task family {sorted(unknown)} "
+                              f"(verifier:tasks or verifier:{'+'.join(list(FAMILIES)[:2])}…; families: {', '.join(FAMILIES)})")
+
+    def __call__(self, examples: list[Example], ro: Rollout) -> torch.Tensor:
+        return torch.tensor([float(ok) for ok in exact(examples, ro)]) * ro.has_end.float()
+
+
+def exact(examples: list[Example], ro: Rollout) -> list[bool]:
+    return [t == ex.answer or (is_refusal(ex.answer) and is_refusal(t)) for ex, t in zip(examples, ro.texts)]
+
+
+def prompt_ids(tok, examples: list[Example], max_len: int) -> list[list[int]]:
+    return [tok.render([{"role": "user", "content": ex.prompt}], add_generation_prompt=True).ids[-max_len:]
+            for ex in examples]
+
+
+class KLState:
+    """The adaptive KL coefficient as checkpointable state (Trainer aux)."""
+
+    def __init__(self, ctl: AdaptiveKL):
+        self.ctl = ctl
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.ctl.coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ctl.coef = float(state["kl_coef"])
+
+
+class RolloutBuffer:
+    """Minibatches of one scored rollout, for `epochs` passes; refilled by `refill(gen)` when empty."""
+
+    def __init__(self, refill, epochs: int, minibatches: int):
+        self.refill, self.epochs, self.minibatches = refill, epochs, minibatches
+        self.queue: list[dict] = []
+        self.stats: dict = {}
+
+    def next_batch(self, gen: torch.Generator) -> dict:
+        if not self.queue:
+            data = self.refill(gen)
+            B = len(data["ro"].texts)
+            for _ in range(self.epochs):
+                order = torch.randperm(B, generator=gen)
+                for idx in order.chunk(self.minibatches):
+                    self.queue.append({k: (v.rows(idx) if isinstance(v, Rollout) else v[idx]) for k, v in data.items()})
+        return self.queue.pop(0)
+
+
+def _pool(cfg_n: int, families: list[str] | None, seed: int) -> list[Example]:
+    from ownllm.data.preferences import preference_prompts
+
+    return generate(cfg_n, "train", seed=seed, families=families) if families else preference_prompts(cfg_n, "train", seed)
+
+
+def _draw(pool: list[Example], n: int, gen: torch.Generator) -> list[Example]:
+    return [pool[i] for i in torch.randint(0, len(pool), (n,), generator=gen).tolist()]
+
+
+def _params(max_new_tokens: int, temperature: float, tok, gen: torch.Generator) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=None, top_p=None,
+                          seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), stop_ids=(tok.end_id, tok.eos_id))
+
+
+# -- PPO ---------------------------------------------------------------------------------------------
+def train_ppo(policy, out, reward: str | None = None, tcfg: TrainConfig | None = None, pcfg: PPOConfig | None = None,
+              resume=False, overwrite=False, progress=True, stop_at_step=None, log=print) -> dict:
+    defaults = stage_train_config(PPO_DEFAULTS)
+    model, tok, tcfg, start, saved = open_run(policy, out, tcfg or defaults, defaults, resume, overwrite, score_head=True)
+    pcfg = stage_config(PPOConfig, saved, dataclasses.replace(pcfg or PPOConfig(), reward=reward or (pcfg or PPOConfig()).reward))
+    if not pcfg.reward:
+        raise OwnLLMError("ppo needs --reward RUN (a reward model from `ownllm reward`)")
+    if pcfg.kl_estimator not in ("k1", "k3"):
+        raise OwnLLMError(f"--kl-estimator {pcfg.kl_estimator!r}: expected k1 or k3")
+    rm = load_model(pcfg.reward)
+    if not rm.config.score_head:
+        raise OwnLLMError(f"--reward {pcfg.reward}: not a reward model (its config has no score head)")
+    ref = load_model(start)
+    for p in [*rm.parameters(), *ref.parameters()]:
+        p.requires_grad_(False)
+    pool = _pool(pcfg.n_prompts, None, tcfg.seed)
+    ctx = model.config.max_seq_len - pcfg.max_new_tokens
+    kl = KLState(AdaptiveKL(pcfg.kl_coef, pcfg.target_kl, pcfg.kl_horizon))
+    if not resume:
+        begin(out, tok, model, tcfg, overwrite, start, pcfg)
+    stats: dict = {}
+
+    def refill(gen):
+        examples = _draw(pool, tcfg.batch_size, gen)
+        ro = rollout(model, tok, prompt_ids(tok, examples, ctx), _params(pcfg.max_new_tokens, pcfg.temperature, tok, gen))
+        with torch.no_grad():
+            old = answer_stats(model, ro, values=True)
+            ref_logp = answer_stats(ref, ro)["logp"]
+        score = last_token_scores(rm, ro)
+        penalised = score - pcfg.missing_end_penalty * (~ro.has_end).float()
+        final = whiten(penalised) if pcfg.whiten_rewards and len(penalised) > 1 else penalised
+        token_kl = kl_penalty(old["logp"], ref_logp, pcfg.kl_estimator) * ro.mask
+        rewards = -kl.ctl.coef * token_kl
+        last = (ro.mask.sum(1).long() - 1).clamp(min=0)
+        rewards[torch.arange(len(last)), last] += final
+        adv, returns = gae(rewards, old["values"] * ro.mask, ro.mask, pcfg.gamma, pcfg.lam)
+        adv = whiten(adv, ro.mask) * ro.mask
+        seq_kl = float(token_kl.sum(1).mean())
+        stats.update(reward=float(score.mean()), kl=seq_kl, kl_coef=kl.ctl.coef,
+                     exact_match=sum(exact(examples, ro)) / len(examples), ended=float(ro.has_end.float().mean()),
+                     answer_tokens=float(ro.mask.sum(1).mean()))
+        kl.ctl.update(seq_kl, len(examples))
+        return {"ro": ro, "old_logp": old["logp"], "old_values": old["values"], "adv": adv, "returns": returns}
+
+    def loss_fn(m, mb):
+        ro = mb["ro"]
+        now = answer_stats(m, ro, values=True)
+        pg, clipfrac = ppo_policy_loss(now["logp"], mb["old_logp"], mb["adv"], ro.mask, pcfg.clip)
+        vf = ppo_value_loss(now["values"], mb["old_values"], mb["returns"], ro.mask, pcfg.value_clip)
+        stats.update(policy_loss=float(pg.detach()), value_loss=float(vf.detach()), clipfrac=float(clipfrac),
+                     entropy=float(masked_mean(now["entropy"].detach(), ro.mask)))
+        return pg + pcfg.vf_coef * vf, torch.tensor(1.0)
+
+    buffer = RolloutBuffer(refill, pcfg.ppo_epochs, pcfg.minibatches)
+    log(f"ppo: reward model {pcfg.reward}, {tcfg.batch_size} answers per rollout, {pcfg.ppo_epochs} epochs × "
+        f"{pcfg.minibatches} minibatches, KL coef {kl.ctl.coef} ({pcfg.kl_estimator}"
+        f"{f', adaptive to {pcfg.target_kl}' if pcfg.target_kl else ', fixed'})")
+    trainer = Trainer(model, tcfg, out, buffer.next_batch, loss_fn, resume=resume, progress=progress,
+                      step_stats=lambda: dict(stats), aux=kl,
+                      plots={"reward": ("reward",), "kl": ("kl",), "entropy": ("entropy",), "clipfrac": ("clipfrac",)})
+    return trainer.run(stop_at_step=stop_at_step)
+
+
+# -- GRPO --------------------------------------------------------------------------------------------
+def train_grpo(policy, out, reward: str | None = None, tcfg: TrainConfig | None = None, gcfg: GRPOConfig | None = None,
+               resume=False, overwrite=False, progress=True, stop_at_step=None, log=print) -> dict:
+    defaults = stage_train_config(GRPO_DEFAULTS)
+    model, tok, tcfg, start, saved = open_run(policy, out, tcfg or defaults, defaults, resume, overwrite)
+    gcfg = stage_config(GRPOConfig, saved, dataclasses.replace(gcfg or GRPOConfig(), reward=reward or (gcfg or GRPOConfig()).reward))
+    if gcfg.num_generations < 2:
+        raise OwnLLMError("--num-generations must be >= 2 (advantages compare answers within a group)")
+    if gcfg.reward.startswith("verifier:"):
+        verifier = Verifier(gcfg.reward)
+        pool = _pool(gcfg.n_prompts, verifier.families, tcfg.seed)
+        score_fn = verifier
+    else:
+        rm = load_model(gcfg.reward)
+        if not rm.config.score_head:
+            raise OwnLLMError(f"--reward {gcfg.reward}: not a reward model or verifier:NAME")
+        pool = _pool(gcfg.n_prompts, None, tcfg.seed)
+        score_fn = lambda examples, ro: last_token_scores(rm, ro)  # noqa: E731
+    ref = load_model(start)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    ctx = model.config.max_seq_len - gcfg.max_new_tokens
+    G = gcfg.num_generations
+    if not resume:
+        begin(out, tok, model, tcfg, overwrite, start, gcfg)
+    stats: dict = {}
+
+    def refill(gen):
+        examples = [ex for ex in _draw(pool, tcfg.batch_size, gen) for _ in range(G)]
+        ro = rollout(model, tok, prompt_ids(tok, examples, ctx), _params(gcfg.max_new_tokens, gcfg.temperature, tok, gen))
+        rewards = score_fn(examples, ro)
+        adv = group_advantages(rewards.view(-1, G)).view(-1)
+        with torch.no_grad():
+            old_logp = answer_stats(model, ro)["logp"]
+            ref_logp = answer_stats(ref, ro)["logp"]
+        stats.update(reward=float(rewards.mean()), exact_match=sum(exact(examples, ro)) / len(examples),
+                     kl=float((kl_penalty(old_logp, ref_logp, "k1") * ro.mask).sum(1).mean()),
+                     groups_with_signal=float((rewards.view(-1, G).std(1) > 0).float().mean()),
+                     answer_tokens=float(ro.mask.sum(1).mean()))
+        return {"ro": ro, "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv}
+
+    def loss_fn(m, mb):
+        ro = mb["ro"]
+        now = answer_stats(m, ro)
+        ratio = torch.exp(now["logp"] - mb["old_logp"])
+        adv = mb["adv"][:, None]
+        per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - gcfg.clip, 1 + gcfg.clip) * adv)
+        if gcfg.beta:
+            per_token = per_token + gcfg.beta * kl_penalty(now["logp"], mb["ref_logp"], gcfg.kl_estimator)
+        loss = masked_mean(per_token, ro.mask, dim=1).mean()   # each answer weighs the same
+        clipped = ((ratio - 1).abs() > gcfg.clip).float()
+        stats.update(clipfrac=float(masked_mean(clipped, ro.mask)), entropy=float(masked_mean(now["entropy"], ro.mask)))
+        return loss, torch.tensor(1.0)
+
+    buffer = RolloutBuffer(refill, gcfg.epochs, 1)
+    log(f"grpo: reward {gcfg.reward}, {tcfg.batch_size} prompts × {G} answers per step, beta {gcfg.beta}")
+    trainer = Trainer(model, tcfg, out, buffer.next_batch, loss_fn, resume=resume, progress=progress,
+                      step_stats=lambda: dict(stats),
+                      plots={"reward": ("reward", "exact_match"), "kl": ("kl",), "entropy": ("entropy",)})
+    return trainer.run(stop_at_step=stop_at_step)

@@ -1,0 +1,272 @@
+"""RLHF: losses against hand-computed values, GAE against a direct loop, the preference formats and
+the hidden rule, and each stage training a few steps on a tiny run (what changes, what must not)."""
+import json
+import math
+
+import pytest
+import torch
+
+from ownllm.train.objectives import (AdaptiveKL, bradley_terry_loss, dpo_loss, gae, group_advantages, kl_penalty,
+                                     ppo_policy_loss, ppo_value_loss, whiten)
+from tests.test_cli import tiny_run, tiny_sft  # noqa: F401  (fixtures)
+
+
+def t(*x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+# -- losses by hand ------------------------------------------------------------------------------
+def test_bradley_terry_by_hand():
+    assert bradley_terry_loss(t(1.0), t(0.0)).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    assert bradley_terry_loss(t(1.0), t(0.0), margin=0.5).item() == pytest.approx(math.log(1 + math.exp(-0.5)))
+    assert bradley_terry_loss(t(1.0), t(0.0), center_coef=0.1).item() == pytest.approx(math.log(1 + math.exp(-1)) + 0.1)
+    # only the difference matters without centring
+    assert bradley_terry_loss(t(5.0), t(4.0)).item() == pytest.approx(bradley_terry_loss(t(1.0), t(0.0)).item())
+
+
+def test_dpo_losses_by_hand():
+    args = (t(-1.0), t(-3.0), t(-2.0), t(-2.0))  # h = (−1 + 3) − 0 = 2
+    assert dpo_loss(*args, beta=0.1, kind="sigmoid").item() == pytest.approx(math.log(1 + math.exp(-0.2)))
+    assert dpo_loss(*args, beta=0.1, kind="ipo").item() == pytest.approx((2 - 5) ** 2)
+    assert dpo_loss(*args, beta=0.1, kind="hinge").item() == pytest.approx(0.8)
+    assert dpo_loss(*args, beta=1.0, kind="hinge").item() == 0.0
+    with pytest.raises(ValueError):
+        dpo_loss(*args, kind="nope")
+
+
+def test_kl_estimators_by_hand():
+    assert kl_penalty(t(-1.0), t(-2.0), "k1").item() == pytest.approx(1.0)
+    assert kl_penalty(t(-1.0), t(-2.0), "k3").item() == pytest.approx(math.exp(-1) - 1 + 1)
+    assert kl_penalty(t(-1.0), t(-1.0), "k3").item() == 0.0
+    # both are unbiased estimates of KL(p‖q) from samples of p
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    exact = float((p * (p / q).log()).sum())
+    for kind in ("k1", "k3"):
+        est = float((p * kl_penalty(p.log(), q.log(), kind)).sum())
+        assert est == pytest.approx(exact, abs=1e-6) if kind == "k1" else est == pytest.approx(
+            float((p * ((q / p) - 1 - (q / p).log())).sum()))
+
+
+def test_gae_by_hand_and_against_a_direct_loop():
+    adv, ret = gae(t(0, 0, 1)[None], t(0.5, 0.4, 0.3)[None], torch.ones(1, 3), gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, t(0.5, 0.6, 0.7)[None])
+    torch.testing.assert_close(ret, t(1.0, 1.0, 1.0)[None])
+    g = torch.Generator().manual_seed(0)
+    B, T, gamma, lam = 4, 7, 0.9, 0.8
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    lengths = [7, 3, 1, 5]
+    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        for s in range(T):
+            if s >= n:
+                assert adv[b, s] == 0 and ret[b, s] == 0
+                continue
+            want = 0.0  # A_s = Σ_l (γλ)^l δ_{s+l} over the row's own tokens
+            for k in range(s, n):
+                next_v = values[b, k + 1].item() if k + 1 < n else 0.0
+                delta = rewards[b, k].item() + gamma * next_v - values[b, k].item()
+                want += (gamma * lam) ** (k - s) * delta
+            assert adv[b, s].item() == pytest.approx(want, abs=1e-5)
+            assert ret[b, s].item() == pytest.approx(want + values[b, s].item(), abs=1e-5)
+
+
+def test_ppo_losses_by_hand():
+    m = torch.ones(1, 1)
+    loss, frac = ppo_policy_loss(t(math.log(1.5))[None], t(0.0)[None], t(1.0)[None], m, clip=0.2)
+    assert loss.item() == pytest.approx(-1.2) and frac.item() == 1.0  # gain capped at 1 + ε
+    loss, frac = ppo_policy_loss(t(math.log(1.5))[None], t(0.0)[None], t(-1.0)[None], m, clip=0.2)
+    assert loss.item() == pytest.approx(1.5) and frac.item() == 0.0   # a loss is never clipped away
+    # padding tokens do not count
+    loss, _ = ppo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), t(2.0, 100.0)[None], t(1.0, 0.0)[None])
+    assert loss.item() == pytest.approx(-2.0)
+    assert ppo_value_loss(t(1.0)[None], t(0.0)[None], t(0.0)[None], m, clip=0.2).item() == pytest.approx(0.5)
+    assert ppo_value_loss(t(0.1)[None], t(0.0)[None], t(1.0)[None], m, clip=0.2).item() == pytest.approx(0.5 * 0.81)
+
+
+def test_group_advantages_whiten_and_adaptive_kl():
+    a = group_advantages(t(1, 0, 0, 1)[None])
+    s = math.sqrt(4 * 0.25 / 3)
+    torch.testing.assert_close(a, t(0.5 / (s + 1e-4), -0.5 / (s + 1e-4), -0.5 / (s + 1e-4), 0.5 / (s + 1e-4))[None])
+    assert group_advantages(t(1, 1, 1, 1)[None]).abs().sum() == 0  # nothing to learn from a uniform group
+    w = whiten(t(1.0, 2.0, 3.0, 100.0), t(1, 1, 1, 0))
+    assert w[:3].mean().abs() < 1e-6 and w[:3].pow(2).mean().item() == pytest.approx(1.0, abs=1e-5)
+    ctl = AdaptiveKL(0.1, target=1.0, horizon=1000)
+    assert ctl.update(2.0, 100) == pytest.approx(0.1 * 1.02)   # error clipped to +0.2
+    assert ctl.update(1.0, 100) == pytest.approx(0.1 * 1.02)   # on target: unchanged
+    assert AdaptiveKL(0.1).update(50.0, 100) == 0.1             # no target: fixed
+
+
+# -- the hidden rule and the preference data --------------------------------------------------------
+def test_hidden_rule_ranks_like_a_person():
+    from ownllm.data.tasks import Example
+    from ownllm.evaluation.judge import deciding_rule, grade, prefer
+
+    q = Example("arithmetic", "en", "What is 12 + 30?", "42")
+    assert prefer(q, "42", "43") == 1 and deciding_rule(q, "42", "43") == "truth"
+    assert prefer(q, "I don't know.", "43") == 1             # honest beats wrong
+    assert prefer(q, "42", "I don't know.") == 1             # but right beats honest
+    ramble = "Let me think about this at length, so the answer is: 42"
+    assert prefer(q, "42", ramble) == 1 and deciding_rule(q, "42", ramble) == "directness"
+    assert prefer(q, ramble, "I don't know.") == 1 and prefer(q, "So the answer is: 142", "I don't know.") == -1
+    unknown = Example("closed_book", "zh", "翠岚镇的镇长是谁？", "我不知道。")
+    assert prefer(unknown, "我不知道。", "许安澜") == 1       # honest beats invention
+    assert prefer(unknown, "我不知道。", "I don't know.") == 1 and deciding_rule(unknown, "我不知道。", "I don't know.") == "language"
+    numeral = Example("zh_numeral", "en", "Write 5 in Chinese numerals.", "五")
+    assert grade(numeral, "五")[1] == 1 and grade(numeral, "five")[1] == 0
+    long = Example("json", "en", "Convert to JSON: name=Tom", '{"name": "Tom"}')
+    assert grade(long, '{"name": "Tom"}') == (2, 1, 1)
+
+
+def test_preference_formats_and_errors(tmp_path):
+    from ownllm.data.preferences import read_preferences
+    from ownllm.errors import OwnLLMError
+
+    p = tmp_path / "prefs.jsonl"
+    recs = [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
+            {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+             "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "No."}]},
+            {"prompt": "Pick", "responses": ["b", "a", "c"], "ranking": [1, 0, 2]}]
+    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    pairs = read_preferences(p)
+    assert len(pairs) == 1 + 1 + 3
+    assert pairs[1].prompt == (("system", "Be kind."), ("user", "Hi?")) and pairs[1].rejected == "No."
+    assert [(x.chosen, x.rejected) for x in pairs[2:]] == [("a", "b"), ("a", "c"), ("b", "c")]
+    for bad, msg in [({"prompt": "x", "chosen": "a"}, "'chosen' and 'rejected'"),
+                     ({"prompt": 3, "chosen": "a", "rejected": "b"}, "field 'prompt'"),
+                     ({"prompt": "x", "chosen": "a", "rejected": 5}, "field 'rejected'"),
+                     ({"prompt": "x", "responses": ["a", "b"], "ranking": [0, 0]}, "field 'ranking'")]:
+        p.write_text(json.dumps(recs[0]) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(OwnLLMError, match=rf"prefs.jsonl:2: .*{msg}"):
+            read_preferences(p)
+
+
+def test_bundled_preferences_follow_the_rule_and_are_deterministic():
+    from ownllm.data.preferences import generate_preferences
+    from ownllm.data.tasks import prompt_bucket
+
+    a = generate_preferences(30, "train", seed=3, progress=False)
+    assert a == generate_preferences(30, "train", seed=3, progress=False)
+    assert {p.rule for p in a} >= {"truth", "directness"} and all(p.chosen != p.rejected for p in a)
+    assert {p.family for p in a} >= {"closed_book", "arithmetic"}
+    test = generate_preferences(20, "test", seed=3, progress=False)
+    assert all(prompt_bucket(p.prompt[-1][1]) == 0 for p in test)
+    assert not {p.prompt for p in test} & {p.prompt for p in a}
+
+
+# -- the stages, a few steps each on a tiny run ------------------------------------------------------
+from ownllm.cli import main  # noqa: E402
+
+FAST = ["--no-progress", "--batch-size", "4"]
+
+
+def weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+def file_digest(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def prefs_file(tmp_path_factory, tiny_sft):
+    out = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
+    assert main(["data", "prefs", "--run", str(tiny_sft), "--n", "30", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, tiny_sft, prefs_file):
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    assert main(["reward", "--base", str(tiny_sft), "--data", str(prefs_file), "--out", str(out), "--max-steps", "3",
+                 "--lr", "1e-3", *FAST]) == 0
+    return out
+
+
+def test_reward_model_trains_every_parameter_and_reports_accuracy(capsys, tiny_sft, reward_run, prefs_file):
+    before, after = weights(tiny_sft), weights(reward_run)
+    assert "score.weight" in after and after["score.weight"].shape[0] == 1
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"not trained: {unchanged}"
+    rows = [json.loads(x) for x in (reward_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_pair_accuracy" in r for r in rows) and (reward_run / "plots" / "pair_accuracy.png").exists()
+    capsys.readouterr()
+    assert main(["eval", "reward", "--run", str(reward_run), "--data", str(prefs_file)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT pair_accuracy=") and 0 <= float(last.split()[1].split("=")[1]) <= 1
+    assert main(["reward", "--out", str(reward_run), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert "4 steps" in capsys.readouterr().out
+
+
+def test_dpo_full_and_lora(capsys, tiny_sft, prefs_file, tmp_path):
+    sft_digest = file_digest(tiny_sft / "model.safetensors")
+    before = weights(tiny_sft)
+    assert main(["dpo", "--policy", str(tiny_sft), "--data", str(prefs_file), "--out", str(tmp_path / "dpo"),
+                 "--max-steps", "3", "--lr", "1e-3", "--loss", "ipo", *FAST]) == 0
+    after = weights(tmp_path / "dpo")
+    assert not [k for k in before if torch.equal(before[k], after[k])]
+    assert json.loads((tmp_path / "dpo" / "stage_config.json").read_text())["config"]["loss"] == "ipo"
+    assert main(["dpo", "--policy", str(tiny_sft), "--data", str(prefs_file), "--out", str(tmp_path / "lora"),
+                 "--max-steps", "3", "--lr", "1e-2", "--lora", "--lora-rank", "2", *FAST]) == 0
+    lora = weights(tmp_path / "lora")
+    for k, v in before.items():
+        assert torch.equal(lora[k], v), f"LoRA DPO changed base weight {k}"
+    assert all(lora[k].abs().sum() > 0 for k in lora if k.endswith("lora_B"))  # adapters moved off zero
+    assert file_digest(tiny_sft / "model.safetensors") == sft_digest       # the reference run is untouched
+    capsys.readouterr()
+    assert main(["eval", "prefs", "--run", str(tmp_path / "dpo"), "--against", str(tiny_sft), "--n", "6"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT win_rate=") and " kl=" in last and " task_accuracy=" in last
+
+
+def test_ppo_trains_policy_and_value_head_reference_frozen(capsys, tiny_sft, reward_run, tmp_path):
+    sft_digest, rm_digest = file_digest(tiny_sft / "model.safetensors"), file_digest(reward_run / "model.safetensors")
+    before = weights(tiny_sft)
+    out = tmp_path / "ppo"
+    assert main(["ppo", "--policy", str(tiny_sft), "--reward", str(reward_run), "--out", str(out), "--max-steps", "4",
+                 "--lr", "1e-3", "--target-kl", "0.5", "--kl-estimator", "k3", "--set", "max_new_tokens=8",
+                 "--set", "n_prompts=40", *FAST]) == 0
+    after = weights(out)
+    assert "score.weight" in after  # the value head
+    assert not [k for k in before if torch.equal(before[k], after[k])]
+    assert file_digest(tiny_sft / "model.safetensors") == sft_digest and file_digest(reward_run / "model.safetensors") == rm_digest
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("reward", "kl", "entropy", "clipfrac", "value_loss", "kl_coef", "exact_match"):
+        assert all(key in r for r in rows if "train_loss" in r), key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    assert (out / "plots" / "reward.png").exists() and (out / "plots" / "kl.png").exists()
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["aux"]["kl_coef"] != 0.05  # adapted toward the target
+    assert main(["ppo", "--out", str(out), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    assert "6 steps" in capsys.readouterr().out
+
+
+def test_grpo_with_reward_model_and_verifier(capsys, tiny_sft, reward_run, tmp_path):
+    before = weights(tiny_sft)
+    out = tmp_path / "grpo"
+    assert main(["grpo", "--policy", str(tiny_sft), "--reward", str(reward_run), "--out", str(out), "--max-steps", "3",
+                 "--lr", "1e-3", "--num-generations", "4", "--batch-size", "2", "--set", "max_new_tokens=6",
+                 "--set", "n_prompts=20", "--no-progress"]) == 0
+    after = weights(out)
+    assert not [k for k in before if torch.equal(before[k], after[k])]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("groups_with_signal" in r and "reward" in r for r in rows if "train_loss" in r)
+    capsys.readouterr()
+    assert main(["grpo", "--policy", str(tiny_sft), "--reward", "verifier:nope", "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 2
+    assert "unknown task family" in capsys.readouterr().err
+
+
+def test_verifier_rewards_exact_answers_that_end_their_turn():
+    from ownllm.data.tasks import Example
+    from ownllm.train.rl import Rollout, Verifier
+
+    v = Verifier("verifier:arithmetic")
+    exs = [Example("arithmetic", "en", "What is 1 + 2?", "3")] * 3 + [Example("arithmetic", "en", "q", "I don't know.")]
+    ro = Rollout(torch.zeros(4, 2, dtype=torch.long), torch.ones(4, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long),
+                 torch.ones(4, 1), torch.tensor([True, True, False, True]), ["3", "4", "3", "我不知道。"])
+    assert v(exs, ro).tolist() == [1.0, 0.0, 0.0, 1.0]
