@@ -270,3 +270,27 @@ def test_verifier_rewards_exact_answers_that_end_their_turn():
     ro = Rollout(torch.zeros(4, 2, dtype=torch.long), torch.ones(4, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long),
                  torch.ones(4, 1), torch.tensor([True, True, False, True]), ["3", "4", "3", "我不知道。"])
     assert v(exs, ro).tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_generation_sees_weights_updated_by_the_trainers_fused_optimizer(tiny_cfg):
+    """The fused q/k/v weight cached for generation must follow every optimizer step (fused AdamW
+    does not bump version counters by itself): otherwise RL would sample a stale policy."""
+    from ownllm.config import TrainConfig
+    from ownllm.model import GPT
+    from ownllm.train.trainer import make_optimizer
+    from tests.conftest import randomize_
+
+    model = randomize_(GPT(tiny_cfg)).eval()
+    x = torch.randint(0, tiny_cfg.vocab_size, (1, 8))
+    opt = make_optimizer(model, TrainConfig(lr=1e-2))
+    with torch.inference_mode():
+        model(x)  # builds the fused cache
+    model.train()
+    model(x).float().pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    with torch.inference_mode():
+        cached = model(x)
+    with torch.no_grad():
+        fresh = model.train()(x)  # unfused path
+    torch.testing.assert_close(cached, fresh)

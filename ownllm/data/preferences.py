@@ -147,14 +147,20 @@ def _corrupt(r: random.Random, answer: str, others: list[str]) -> str:
     return r.choice([o for o in others if o != answer] or [answer + "0"])
 
 
+def _inventions(lang: str) -> list[str]:
+    """Confident answers to questions nothing answers: facts of other fictional towns."""
+    from ownllm.rag.demo import make_world
+
+    return [v for t in make_world("train").towns[:40] if t.lang == lang for v in t.facts.values()]
+
+
 def perturbations(r: random.Random, ex: Example, others: list[str]) -> list[str]:
     """Candidate answers a rater might see besides the model's own: the reference, the reference
     rambling, a wrong or invented answer, refusals in both languages."""
     from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL, is_refusal
 
     other_lang = "en" if ex.lang == "zh" else "zh"
-    wrong = r.choice([o for o in others if not is_refusal(o)] or ["42"]) if is_refusal(ex.answer) \
-        else _corrupt(r, ex.answer, others)
+    wrong = r.choice(_inventions(ex.lang)) if is_refusal(ex.answer) else _corrupt(r, ex.answer, others)
     return [ex.answer, RAMBLE[ex.lang].format(a=ex.answer), wrong, RAMBLE[ex.lang].format(a=wrong),
             CLOSED_BOOK_REFUSAL[ex.lang], CLOSED_BOOK_REFUSAL[other_lang]]
 

@@ -321,7 +321,7 @@ def train_grpo(policy, out, reward: str | None = None, tcfg: TrainConfig | None 
             per_token = per_token + gcfg.beta * kl_penalty(now["logp"], mb["ref_logp"], gcfg.kl_estimator)
         loss = masked_mean(per_token, ro.mask, dim=1).mean()   # each answer weighs the same
         clipped = ((ratio - 1).abs() > gcfg.clip).float()
-        stats.update(clipfrac=float(masked_mean(clipped, ro.mask)), entropy=float(masked_mean(now["entropy"], ro.mask)))
+        stats.update(clipfrac=float(masked_mean(clipped, ro.mask)), entropy=float(masked_mean(now["entropy"].detach(), ro.mask)))
         return loss, torch.tensor(1.0)
 
     buffer = RolloutBuffer(refill, gcfg.epochs, 1)

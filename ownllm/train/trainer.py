@@ -74,6 +74,12 @@ class Optimizers:
     def step(self) -> None:
         for o in self.opts:
             o.step()
+            if any(g.get("fused") for g in o.param_groups):
+                # fused AdamW updates weights in place without bumping their version counters;
+                # bump them, so caches keyed on versions (the fused q/k/v weight used when
+                # generating, model.FusedLinears) see the new weights: RL rollouts sample the
+                # current policy, not the one from before training
+                torch.autograd.graph.increment_version([p for g in o.param_groups for p in g["params"]])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.opts:
