@@ -270,6 +270,13 @@ def test_verifier_rewards_exact_answers_that_end_their_turn():
     ro = Rollout(torch.zeros(4, 2, dtype=torch.long), torch.ones(4, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long),
                  torch.ones(4, 1), torch.tensor([True, True, False, True]), ["3", "4", "3", "我不知道。"])
     assert v(exs, ro).tolist() == [1.0, 0.0, 0.0, 1.0]
+    partial = Verifier("verifier:arithmetic", partial_credit=0.5)
+    ro.texts[1] = "13"  # units digit right, tens wrong
+    assert partial(exs, ro).tolist() == [1.0, 0.25, 0.0, 1.0]
+    from ownllm.train.rl import digit_share
+
+    assert digit_share("123", "123") == 1 and digit_share("-5", "5") == 0 and digit_share("abc", "12") == 0
+    assert digit_share("1123", "123") == 0.75
 
 
 def test_generation_sees_weights_updated_by_the_trainers_fused_optimizer(tiny_cfg):

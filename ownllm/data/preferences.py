@@ -151,7 +151,7 @@ def _inventions(lang: str) -> list[str]:
     """Confident answers to questions nothing answers: facts of other fictional towns."""
     from ownllm.rag.demo import make_world
 
-    return [v for t in make_world("train").towns[:40] if t.lang == lang for v in t.facts.values()]
+    return [v for t in [t for t in make_world("train").towns if t.lang == lang][:40] for v in t.facts.values()]
 
 
 def perturbations(r: random.Random, ex: Example, others: list[str]) -> list[str]:

@@ -46,6 +46,7 @@ class RewardConfig:
 class DPOConfig:
     beta: float = 0.1
     loss: str = "sigmoid"         # sigmoid (DPO) | ipo | hinge
+    nll_coef: float = 0.0         # + coef × mean NLL of the chosen answer's tokens (RPO): keeps chosen likely
     n_prompts: int = 1500
     val_prompts: int = 200
 
@@ -100,6 +101,10 @@ def completion_logps(model: GPT, batch: dict) -> torch.Tensor:
     y = batch["y"]
     logp = torch.gather(F.log_softmax(logits, -1), 2, y.clamp(min=0)[..., None]).squeeze(-1)
     return (logp * (y != -100)).sum(-1)
+
+
+def answer_lengths(batch: dict) -> torch.Tensor:
+    return (batch["y"] != -100).sum(-1)
 
 
 # -- run set-up shared by the preference and RL stages ---------------------------------------------
@@ -230,6 +235,8 @@ def dpo_step(dcfg: DPOConfig):
         pi = completion_logps(model, batch)
         ref = batch["ref"]
         loss = dpo_loss(pi[0::2], pi[1::2], ref[0::2], ref[1::2], dcfg.beta, dcfg.loss)
+        if dcfg.nll_coef:
+            loss = loss - dcfg.nll_coef * pi[0::2] / answer_lengths(batch)[0::2].clamp(min=1)
         return loss.sum(), torch.tensor(len(pi) // 2)
     return loss_fn
 

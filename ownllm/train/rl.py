@@ -19,6 +19,7 @@ The reference (the starting policy) stays resident and frozen; with β = 0 it is
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from ownllm.train.objectives import (AdaptiveKL, gae, group_advantages, kl_penal
                                      ppo_value_loss, whiten)
 from ownllm.train.preference import begin, open_run, stage_config, stage_train_config
 from ownllm.train.trainer import Trainer
+
+_INT = re.compile(r"-?\d+")
 
 
 @dataclass
@@ -62,6 +65,7 @@ class PPOConfig:
 @dataclass
 class GRPOConfig:
     reward: str = "verifier:arithmetic"  # verifier:FAMILY[+FAMILY…] | verifier:tasks | a reward-model run
+    partial_credit: float = 0.5        # verifier: a wrong number earns this × its share of right digits
     num_generations: int = 8
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -136,9 +140,13 @@ def last_token_scores(reward_model: GPT, ro: Rollout) -> torch.Tensor:
 
 class Verifier:
     """Reward 1 for an answer that ended its turn and equals the task's reference answer exactly;
-    for a prompt with no answer the reference is a refusal, and any refusal counts."""
+    for a prompt with no answer the reference is a refusal, and any refusal counts. With
+    partial_credit > 0 a wrong number whose reference is a number earns partial_credit × the share
+    of its digits that are right (aligned from the units): a denser signal where exact answers are
+    rare at first (units digits come before carries), still maximal only for the exact answer."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, partial_credit: float = 0.0):
+        self.partial_credit = partial_credit
         name = spec.split(":", 1)[1]
         self.families = list(FAMILIES) if name == "tasks" else [f for f in name.split("+") if f]
         unknown = set(self.families) - set(FAMILIES)
@@ -147,7 +155,19 @@ class Verifier:
                               f"(verifier:tasks or verifier:{'+'.join(list(FAMILIES)[:2])}…; families: {', '.join(FAMILIES)})")
 
     def __call__(self, examples: list[Example], ro: Rollout) -> torch.Tensor:
-        return torch.tensor([float(ok) for ok in exact(examples, ro)]) * ro.has_end.float()
+        scores = [1.0 if ok else self.partial_credit * digit_share(t, ex.answer)
+                  for ex, t, ok in zip(examples, ro.texts, exact(examples, ro))]
+        return torch.tensor(scores) * ro.has_end.float()
+
+
+def digit_share(text: str, answer: str) -> float:
+    """Share of right digits, aligned from the units, of a numeric `text` against a numeric answer
+    (0 when either is not a plain integer); the longer length is the denominator."""
+    if not (_INT.fullmatch(text) and _INT.fullmatch(answer)):
+        return 0.0
+    a, b = text.lstrip("-")[::-1], answer.lstrip("-")[::-1]
+    same_sign = text.startswith("-") == answer.startswith("-")
+    return same_sign * sum(x == y for x, y in zip(a, b)) / max(len(a), len(b))
 
 
 def exact(examples: list[Example], ro: Rollout) -> list[bool]:
@@ -279,7 +299,7 @@ def train_grpo(policy, out, reward: str | None = None, tcfg: TrainConfig | None 
     if gcfg.num_generations < 2:
         raise OwnLLMError("--num-generations must be >= 2 (advantages compare answers within a group)")
     if gcfg.reward.startswith("verifier:"):
-        verifier = Verifier(gcfg.reward)
+        verifier = Verifier(gcfg.reward, gcfg.partial_credit)
         pool = _pool(gcfg.n_prompts, verifier.families, tcfg.seed)
         score_fn = verifier
     else:
