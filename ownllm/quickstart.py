@@ -81,7 +81,7 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
     kb.close(), db.close()
 
     log(f"== 7/7 alignment: preferences, reward model, DPO, PPO, GRPO ({rlhf_budget:.0f}s of training) ==")
-    rlhf = align(out, sft_run, rlhf_budget, n_eval, log)
+    rlhf = align(out, sft_run, rlhf_budget, n_eval, sft_tasks["mean_exact_match"], log)
 
     plots = out / "plots"
     plot_curves(MetricsLog.read(base / "metrics.jsonl"), plots / "pretrain_loss.png", title="pretraining loss (nats/token)")
@@ -115,7 +115,8 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
     return summary
 
 
-def align(out: Path, sft_run: Path, budget: float, n_eval: int, log=print) -> dict:
+def align(out: Path, sft_run: Path, budget: float, n_eval: int, sft_accuracy: float, n_prompts: int = 1500,
+          n_judge: int = 200, log=print) -> dict:
     """Stage 7: pairs from the SFT model's samples ranked by the hidden rule → reward model → DPO,
     PPO (against the reward model) and GRPO (against the arithmetic verifier), a quarter of the
     budget each; then each policy against SFT on held-out prompts."""
@@ -127,9 +128,9 @@ def align(out: Path, sft_run: Path, budget: float, n_eval: int, log=print) -> di
 
     quarter = dict(time_budget=budget / 4, max_steps=None)
     prefs = out / "prefs.jsonl"
-    write_preferences(generate_preferences(1500, "train", run=sft_run, seed=0), prefs)
+    write_preferences(generate_preferences(n_prompts, "train", run=sft_run, seed=0), prefs)
     train_reward(sft_run, out / "rm", stage_train_config(REWARD_DEFAULTS, data=str(prefs), **quarter), overwrite=True, log=log)
-    reward = evaluate_reward(out / "rm")
+    reward = evaluate_reward(out / "rm", n=n_judge)
     print_reward_report(reward, out=log)
     train_dpo(sft_run, out / "dpo", stage_train_config(DPO_DEFAULTS, data=str(prefs), **quarter), overwrite=True, log=log)
     train_ppo(sft_run, out / "ppo", str(out / "rm"), stage_train_config(PPO_DEFAULTS, **quarter), overwrite=True, log=log)
@@ -137,10 +138,10 @@ def align(out: Path, sft_run: Path, budget: float, n_eval: int, log=print) -> di
                overwrite=True, log=log)
     res: dict = {"reward": {k: reward[k] for k in ("pair_accuracy", "n_pairs", "by_rule")}}
     for name in ("dpo", "ppo"):
-        r = evaluate_prefs(out / name, sft_run, n=200, reward=out / "rm", n_task=n_eval)
+        r = evaluate_prefs(out / name, sft_run, n=n_judge, reward=out / "rm", n_task=n_eval, against_task_accuracy=sft_accuracy)
         print_prefs_report(r, name, "sft", out=log)
         res[name] = {k: v for k, v in r.items() if k != "samples"}
-    arith = {name: evaluate_tasks(run, n_per_family=100, families=["arithmetic"])["per_family"]["arithmetic"]
+    arith = {name: evaluate_tasks(run, n_per_family=n_judge // 2, families=["arithmetic"])["per_family"]["arithmetic"]
              for name, run in (("grpo", out / "grpo"), ("sft", sft_run))}
     log(f"GRPO (verifier:arithmetic): held-out arithmetic exact match {arith['grpo']:.3f} vs SFT {arith['sft']:.3f}")
     res["grpo"] = {"arithmetic": arith["grpo"], "sft_arithmetic": arith["sft"]}

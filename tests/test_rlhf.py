@@ -301,3 +301,14 @@ def test_generation_sees_weights_updated_by_the_trainers_fused_optimizer(tiny_cf
     with torch.no_grad():
         fresh = model.train()(x)  # unfused path
     torch.testing.assert_close(cached, fresh)
+
+
+def test_quickstart_alignment_stage_runs_every_step_and_reports(tiny_sft, tmp_path):
+    from ownllm.quickstart import _rlhf_report, align
+
+    res = align(tmp_path, tiny_sft, budget=4.0, n_eval=1, sft_accuracy=0.0, n_prompts=12, n_judge=8, log=lambda *a: None)
+    for run in ("rm", "dpo", "ppo", "grpo"):
+        assert (tmp_path / run / "model.safetensors").exists() and (tmp_path / run / "metrics.jsonl").exists()
+    assert 0 <= res["reward"]["pair_accuracy"] <= 1 and res["dpo"]["wins"] + res["dpo"]["ties"] + res["dpo"]["losses"] == 8
+    report = _rlhf_report(res)
+    assert "Reward model: pairwise accuracy" in report and "| PPO |" in report and "GRPO" in report

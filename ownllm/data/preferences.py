@@ -155,14 +155,13 @@ def _inventions(lang: str) -> list[str]:
 
 
 def perturbations(r: random.Random, ex: Example, others: list[str]) -> list[str]:
-    """Candidate answers a rater might see besides the model's own: the reference, the reference
-    rambling, a wrong or invented answer, refusals in both languages."""
+    """Candidates a rater sees besides the model's own answers: the reference (what a careful
+    person would write), the reference wrapped in rambling, a confident wrong answer (one value
+    changed, or an invention where nothing answers), and an honest refusal in the question's language."""
     from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL, is_refusal
 
-    other_lang = "en" if ex.lang == "zh" else "zh"
     wrong = r.choice(_inventions(ex.lang)) if is_refusal(ex.answer) else _corrupt(r, ex.answer, others)
-    return [ex.answer, RAMBLE[ex.lang].format(a=ex.answer), wrong, RAMBLE[ex.lang].format(a=wrong),
-            CLOSED_BOOK_REFUSAL[ex.lang], CLOSED_BOOK_REFUSAL[other_lang]]
+    return [ex.answer, RAMBLE[ex.lang].format(a=ex.answer), wrong, CLOSED_BOOK_REFUSAL[ex.lang]]
 
 
 def preference_prompts(n: int, split: str = "train", seed: int = 0) -> list[Example]:
@@ -196,14 +195,17 @@ def sample_answers(run, examples: list[Example], samples: int, seed: int, max_ne
     return [[outs[i * samples + j] for j in range(samples)] for i in range(len(examples))]
 
 
-def generate_preferences(n_prompts: int, split: str = "train", run=None, samples: int = 2, pairs_per_prompt: int = 4,
+def generate_preferences(n_prompts: int, split: str = "train", run=None, samples: int = 3, pairs_per_prompt: int = 4,
                          seed: int = 0, progress: bool = True) -> list[Pair]:
-    """Ranked pairs for `n_prompts` prompts of `split`: candidates are `samples` answers sampled
-    from the chat model in `run` (when given) plus perturbations; the hidden rule ranks them."""
+    """Ranked pairs for `n_prompts` prompts of `split`: candidates are the chat model's greedy answer
+    and `samples` sampled ones (when `run` is given) plus perturbations; the hidden rule ranks them."""
     from ownllm.evaluation.judge import deciding_rule, prefer
 
     examples = preference_prompts(n_prompts, split, seed)
-    sampled = sample_answers(run, examples, samples, seed, progress=progress) if run else [[] for _ in examples]
+    sampled = [[] for _ in examples]
+    if run:  # the model's greedy answer and `samples` sampled ones (temperature 1)
+        greedy = sample_answers(run, examples, 1, seed, temperature=0.0, progress=progress)
+        sampled = [g + s for g, s in zip(greedy, sample_answers(run, examples, samples, seed, progress=progress))]
     by_family: dict[str, list[str]] = {}
     for ex in examples:
         by_family.setdefault(ex.family, []).append(ex.answer)

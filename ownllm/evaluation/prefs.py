@@ -53,7 +53,8 @@ def _conversations(examples, answers: list[str]) -> list[list[dict]]:
 
 
 def evaluate_prefs(run, against, n: int = 200, temperature: float = 1.0, reward=None, n_task: int = 25,
-                   seed: int = 0, progress: bool = True) -> dict:
+                   seed: int = 0, progress: bool = True, against_task_accuracy: float | None = None) -> dict:
+    """`against_task_accuracy`: the compared run's task accuracy when already measured (same n_task)."""
     from ownllm.evaluation.tasks import evaluate_tasks
 
     examples = preference_prompts(n, "test", seed)
@@ -77,7 +78,8 @@ def evaluate_prefs(run, against, n: int = 200, temperature: float = 1.0, reward=
         res["reward"] = sum(reward_scores(reward, examples, mine)) / n
         res["against_reward"] = sum(reward_scores(reward, examples, theirs)) / n
     res["task_accuracy"] = evaluate_tasks(run, n_per_family=n_task)["mean_exact_match"]
-    res["against_task_accuracy"] = evaluate_tasks(against, n_per_family=n_task)["mean_exact_match"]
+    res["against_task_accuracy"] = against_task_accuracy if against_task_accuracy is not None else \
+        evaluate_tasks(against, n_per_family=n_task)["mean_exact_match"]
     res["samples"] = [{"family": e.family, "prompt": e.prompt, "reference": e.answer, "answer": a, "against": b,
                        "verdict": v} for e, a, b, v in zip(examples, mine, theirs, verdicts)]
     return res

@@ -51,7 +51,7 @@ class DPOConfig:
     val_prompts: int = 200
 
 
-REWARD_DEFAULTS = dict(lr=3e-4, warmup_steps=10, batch_size=16, eval_interval=50, time_budget=None, max_steps=300,
+REWARD_DEFAULTS = dict(lr=1e-3, warmup_steps=10, batch_size=16, eval_interval=50, time_budget=None, max_steps=300,
                        weight_decay=0.0, stage="reward", data="prefs", compile=False, checkpoint_interval=120.0)
 DPO_DEFAULTS = dict(REWARD_DEFAULTS, lr=1e-4, stage="dpo")
 
