@@ -81,7 +81,7 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
     kb.close(), db.close()
 
     log(f"== 7/7 alignment: preferences, reward model, DPO, PPO, GRPO ({rlhf_budget:.0f}s of training) ==")
-    rlhf = align(out, sft_run, rlhf_budget, n_eval, sft_tasks["mean_exact_match"], log)
+    rlhf = align(out, sft_run, rlhf_budget, n_eval, sft_tasks["mean_exact_match"], log=log)
 
     plots = out / "plots"
     plot_curves(MetricsLog.read(base / "metrics.jsonl"), plots / "pretrain_loss.png", title="pretraining loss (nats/token)")

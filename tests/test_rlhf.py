@@ -147,6 +147,7 @@ def test_bundled_preferences_follow_the_rule_and_are_deterministic():
 
     a = generate_preferences(30, "train", seed=3, progress=False)
     assert a == generate_preferences(30, "train", seed=3, progress=False)
+    assert not any(p.on_policy for p in a)  # no model: every answer is a perturbation
     assert {p.rule for p in a} >= {"truth", "directness"} and all(p.chosen != p.rejected for p in a)
     assert {p.family for p in a} >= {"closed_book", "arithmetic"}
     test = generate_preferences(20, "test", seed=3, progress=False)
@@ -176,6 +177,10 @@ def file_digest(path):
 def prefs_file(tmp_path_factory, tiny_sft):
     out = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
     assert main(["data", "prefs", "--run", str(tiny_sft), "--n", "30", "--out", str(out)]) == 0
+    from ownllm.data.preferences import read_preferences
+
+    pairs = read_preferences(out)
+    assert any(p.on_policy for p in pairs) or not pairs  # the model's own answers are paired first
     return out
 
 

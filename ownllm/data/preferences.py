@@ -40,6 +40,7 @@ class Pair:
     rejected: str
     family: str = ""                      # bundled pairs: the task family (for per-family accuracy)
     rule: str = ""                        # bundled pairs: which preference decided (truth / language / directness)
+    on_policy: bool = False               # both answers were written by the model being aligned
 
     def messages(self, answer: str) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.prompt] + [{"role": "assistant", "content": answer}]
@@ -48,7 +49,8 @@ class Pair:
         msgs = [{"role": r, "content": c} for r, c in self.prompt]
         prompt = msgs[0]["content"] if len(msgs) == 1 and msgs[0]["role"] == "user" else msgs
         rec = {"prompt": prompt, "chosen": self.chosen, "rejected": self.rejected}
-        return {**rec, **({"family": self.family} if self.family else {}), **({"rule": self.rule} if self.rule else {})}
+        extra = {"family": self.family, "rule": self.rule, "on_policy": self.on_policy}
+        return {**rec, **{k: v for k, v in extra.items() if v}}
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def record_pairs(rec: dict) -> list[Pair]:
     if "chosen" not in rec or "rejected" not in rec:
         raise BadRecord("expected fields 'chosen' and 'rejected' (or 'responses' and 'ranking')")
     return [Pair(prompt, _answer(rec["chosen"], "chosen"), _answer(rec["rejected"], "rejected"),
-                 str(rec.get("family", "")), str(rec.get("rule", "")))]
+                 str(rec.get("family", "")), str(rec.get("rule", "")), rec.get("on_policy") is True)]
 
 
 def read_preferences(path: str | Path) -> list[Pair]:
@@ -214,11 +216,12 @@ def generate_preferences(n_prompts: int, split: str = "train", run=None, samples
     for ex, own in zip(examples, sampled):
         cands = list(dict.fromkeys(own + perturbations(r, ex, by_family[ex.family])))  # dedupe, keep order
         ordered = [(a, b) for a in cands for b in cands if prefer(ex, a, b) > 0]
-        # model samples are what alignment must move: pairs with one go first, the rest at random
+        # the model's own answers are what alignment must move: pairs of two of them first, then
+        # pairs with one, then the rest, at random within each
         r.shuffle(ordered)
-        ordered.sort(key=lambda ab: not (ab[0] in own or ab[1] in own))
+        ordered.sort(key=lambda ab: -((ab[0] in own) + (ab[1] in own)))
         for a, b in ordered[:pairs_per_prompt]:
-            pairs.append(Pair((("user", ex.prompt),), a, b, ex.family, deciding_rule(ex, a, b)))
+            pairs.append(Pair((("user", ex.prompt),), a, b, ex.family, deciding_rule(ex, a, b), a in own and b in own))
     return pairs
 
 

@@ -47,6 +47,7 @@ class DPOConfig:
     beta: float = 0.1
     loss: str = "sigmoid"         # sigmoid (DPO) | ipo | hinge
     nll_coef: float = 0.0         # + coef × mean NLL of the chosen answer's tokens (RPO): keeps chosen likely
+    pairs: str = "all"            # all | on_policy (only pairs of two answers the policy itself wrote)
     n_prompts: int = 1500
     val_prompts: int = 200
 
@@ -259,6 +260,13 @@ def train_dpo(policy, out, tcfg: TrainConfig | None = None, dcfg: DPOConfig | No
     if dcfg.loss not in ("sigmoid", "ipo", "hinge"):
         raise OwnLLMError(f"--loss {dcfg.loss!r}: expected sigmoid, ipo or hinge")
     train_pairs, val_pairs = training_pairs(tcfg, dcfg.n_prompts, dcfg.val_prompts, start, log)
+    if dcfg.pairs not in ("all", "on_policy"):
+        raise OwnLLMError(f"--set pairs={dcfg.pairs!r}: expected all or on_policy")
+    if dcfg.pairs == "on_policy":
+        train_pairs, val_pairs = [p for p in train_pairs if p.on_policy], [p for p in val_pairs if p.on_policy]
+        log(f"on-policy pairs only: {len(train_pairs):,} train / {len(val_pairs):,} held-out")
+        if not train_pairs or not val_pairs:
+            raise OwnLLMError(f"--data {tcfg.data}: no on-policy pairs (records with \"on_policy\": true)")
     ex, kept = encode_pairs(tok, train_pairs, model.config.max_seq_len)
     val_ex, _ = encode_pairs(tok, val_pairs, model.config.max_seq_len)
     if not kept:

@@ -80,7 +80,7 @@ RL_DEFAULTS = dict(lr=5e-5, warmup_steps=5, batch_size=32, eval_interval=0, time
                    weight_decay=0.0, data="prefs", compile=False, dtype="float32", checkpoint_interval=120.0,
                    log_interval=1, grad_clip=1.0)
 PPO_DEFAULTS = dict(RL_DEFAULTS, stage="ppo")
-GRPO_DEFAULTS = dict(RL_DEFAULTS, stage="grpo", batch_size=8, lr=1e-4)
+GRPO_DEFAULTS = dict(RL_DEFAULTS, stage="grpo", batch_size=8, lr=5e-5)
 
 
 # -- rollouts ----------------------------------------------------------------------------------------
