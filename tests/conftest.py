@@ -65,3 +65,26 @@ def run_dir(tmp_path_factory, text_file):
     assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--max-steps", "2",
                  "--set", "model.max_seq_len=128", *TINY]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, text_file):
+    """A tiny pretrained run (6 steps) for CLI tests; one per test module that asks for it."""
+    from ownllm.cli import main
+    from tests.test_cli import TINY
+
+    out = tmp_path_factory.mktemp("cli") / "base"
+    assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--max-steps", "6", *TINY]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory, tiny_run):
+    """A tiny fine-tuned run (3 SFT steps on the task suite) on top of tiny_run."""
+    from ownllm.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "sft"
+    argv = ["sft", "--base", str(tiny_run), "--out", str(out), "--max-steps", "3", "--no-progress", "--no-compile", "--set",
+            "batch_size=4", "--set", "task_examples=64", "--set", "dtype=float32"]
+    assert main(argv) == 0
+    return out

@@ -11,13 +11,6 @@ TINY = ["--set", "model.dim=32", "--set", "model.n_layers=2", "--set", "model.n_
         "--set", "dtype=float32", "--vocab-size", "300", "--no-progress", "--no-compile"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, text_file):
-    out = tmp_path_factory.mktemp("cli") / "base"
-    assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--max-steps", "6", *TINY]) == 0
-    return out
-
-
 def _err(capsys, argv):
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
@@ -77,15 +70,6 @@ def test_resume_and_refuse_overwrite(capsys, tiny_run, text_file):
 def test_module_entry_point_and_data_list():
     r = subprocess.run([sys.executable, "-m", "ownllm", "data", "list"], capture_output=True, text=True, check=True)
     assert "shakespeare" in r.stdout and "chinese-poetry" in r.stdout
-
-
-@pytest.fixture(scope="module")
-def tiny_sft(tmp_path_factory, tiny_run):
-    out = tmp_path_factory.mktemp("cli") / "sft"
-    argv = ["sft", "--base", str(tiny_run), "--out", str(out), "--max-steps", "3", "--no-progress", "--no-compile", "--set",
-            "batch_size=4", "--set", "task_examples=64", "--set", "dtype=float32"]
-    assert main(argv) == 0
-    return out
 
 
 def test_sft_eval_tasks_and_resume(capsys, tiny_sft, tmp_path):

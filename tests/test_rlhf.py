@@ -8,7 +8,6 @@ import torch
 
 from ownllm.train.objectives import (AdaptiveKL, bradley_terry_loss, dpo_loss, gae, group_advantages, kl_penalty,
                                      ppo_policy_loss, ppo_value_loss, whiten)
-from tests.test_cli import tiny_run, tiny_sft  # noqa: F401  (fixtures)
 
 
 def t(*x):
