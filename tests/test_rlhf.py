@@ -204,6 +204,8 @@ def test_reward_model_trains_every_parameter_and_reports_accuracy(capsys, tiny_s
     assert last.startswith("RESULT pair_accuracy=") and 0 <= float(last.split()[1].split("=")[1]) <= 1
     assert main(["reward", "--out", str(reward_run), "--resume", "--max-steps", "4", "--no-progress"]) == 0
     assert "4 steps" in capsys.readouterr().out
+    assert main(["eval", "reward", "--run", str(tiny_sft)]) == 2  # a policy is not a reward model
+    assert "not a reward model" in capsys.readouterr().err
 
 
 def test_dpo_full_and_lora(capsys, tiny_sft, prefs_file, tmp_path):
@@ -263,6 +265,9 @@ def test_grpo_with_reward_model_and_verifier(capsys, tiny_sft, reward_run, tmp_p
     assert main(["grpo", "--policy", str(tiny_sft), "--reward", "verifier:nope", "--out", str(tmp_path / "x"),
                  "--no-progress"]) == 2
     assert "unknown task family" in capsys.readouterr().err
+    assert main(["ppo", "--policy", str(tiny_sft), "--reward", str(tiny_sft), "--out", str(tmp_path / "y"),
+                 "--no-progress"]) == 2
+    assert "not a reward model" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 def test_verifier_rewards_exact_answers_that_end_their_turn():

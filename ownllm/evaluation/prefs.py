@@ -37,9 +37,9 @@ def answer_logps(run, examples, answers: list[str], batch_size: int = 32) -> tor
 
 
 def reward_scores(rm_run, examples, answers: list[str], batch_size: int = 32) -> list[float]:
-    from ownllm.train.preference import sequence_batch, sequence_rewards
+    from ownllm.train.preference import load_reward_model, sequence_batch, sequence_rewards
 
-    rm, tok = load_model(rm_run), Tokenizer.load(rm_run)
+    rm, tok = load_reward_model(rm_run), Tokenizer.load(rm_run)
     ex = encode_conversations(tok, _conversations(examples, answers), rm.config.max_seq_len)
     out: list[float] = []
     with torch.no_grad():
@@ -108,7 +108,7 @@ def print_prefs_report(res: dict, run, against, out=print) -> None:
 def evaluate_reward(run, data: str | None = None, n: int = 200, seed: int = 0, progress: bool = True) -> dict:
     """Pairwise accuracy on held-out pairs: from `data` (JSONL) or the bundled generator's test split,
     sampling answers from the run the reward model started from (as its training pairs did)."""
-    from ownllm.train.preference import STAGE_FILE, encode_pairs, reward_accuracy
+    from ownllm.train.preference import STAGE_FILE, encode_pairs, load_reward_model, reward_accuracy
 
     if data:
         pairs: list[Pair] = [p for path in data.split(",") for p in read_preferences(path.strip())]
@@ -117,7 +117,7 @@ def evaluate_reward(run, data: str | None = None, n: int = 200, seed: int = 0, p
         start = json.loads(stage.read_text()).get("start") if stage.exists() else None
         pairs = generate_preferences(n, "test", run=start if start and Path(start).exists() else None, seed=seed,
                                      progress=progress)
-    rm, tok = load_model(run), Tokenizer.load(run)
+    rm, tok = load_reward_model(run), Tokenizer.load(run)
     ex, kept = encode_pairs(tok, pairs, rm.config.max_seq_len)
     res = reward_accuracy(rm, ex, tok.pad_id)
     by = {"rule": defaultdict(list), "family": defaultdict(list)}

@@ -91,6 +91,20 @@ def sequence_batch(rows: list[np.ndarray], pad_id: int) -> dict:
     return {"x": torch.from_numpy(x), "last": torch.tensor([len(r) - 1 for r in rows])}
 
 
+def load_reward_model(run) -> GPT:
+    """A reward-model run (from `ownllm reward`), frozen; a clear error for any other run."""
+    from ownllm.checkpoint import load_model
+
+    if not (Path(run) / "config.json").is_file():
+        raise OwnLLMError(f"{run}: not a run directory (expected a reward model from `ownllm reward`)")
+    rm = load_model(run)
+    if not rm.config.score_head:
+        raise OwnLLMError(f"{run}: not a reward model (its config has no score head; train one with `ownllm reward`)")
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return rm
+
+
 def sequence_rewards(model: GPT, batch: dict) -> torch.Tensor:
     s = model.scores(batch["x"]).float()
     return s[torch.arange(len(s)), batch["last"]]

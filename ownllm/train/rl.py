@@ -34,7 +34,7 @@ from ownllm.model import GPT
 from ownllm.rag.grounded import is_refusal
 from ownllm.train.objectives import (AdaptiveKL, gae, group_advantages, kl_penalty, masked_mean, ppo_policy_loss,
                                      ppo_value_loss, whiten)
-from ownllm.train.preference import begin, open_run, stage_config, stage_train_config
+from ownllm.train.preference import begin, load_reward_model, open_run, stage_config, stage_train_config
 from ownllm.train.trainer import Trainer
 
 _INT = re.compile(r"-?\d+")
@@ -235,11 +235,9 @@ def train_ppo(policy, out, reward: str | None = None, tcfg: TrainConfig | None =
         raise OwnLLMError("ppo needs --reward RUN (a reward model from `ownllm reward`)")
     if pcfg.kl_estimator not in ("k1", "k3"):
         raise OwnLLMError(f"--kl-estimator {pcfg.kl_estimator!r}: expected k1 or k3")
-    rm = load_model(pcfg.reward)
-    if not rm.config.score_head:
-        raise OwnLLMError(f"--reward {pcfg.reward}: not a reward model (its config has no score head)")
+    rm = load_reward_model(pcfg.reward)
     ref = load_model(start)
-    for p in [*rm.parameters(), *ref.parameters()]:
+    for p in ref.parameters():
         p.requires_grad_(False)
     pool = _pool(pcfg.n_prompts, None, tcfg.seed)
     ctx = model.config.max_seq_len - pcfg.max_new_tokens
@@ -302,9 +300,7 @@ def train_grpo(policy, out, reward: str | None = None, tcfg: TrainConfig | None 
         pool = _pool(gcfg.n_prompts, verifier.families, tcfg.seed)
         score_fn = verifier
     else:
-        rm = load_model(gcfg.reward)
-        if not rm.config.score_head:
-            raise OwnLLMError(f"--reward {gcfg.reward}: not a reward model or verifier:NAME")
+        rm = load_reward_model(gcfg.reward)
         pool = _pool(gcfg.n_prompts, None, tcfg.seed)
         score_fn = lambda examples, ro: last_token_scores(rm, ro)  # noqa: E731
     ref = load_model(start)
