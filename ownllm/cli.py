@@ -504,16 +504,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("eval", help="evaluate a run: lm (held-out bits per byte, default) or tasks (exact match)")
+    p = sub.add_parser("eval", help="evaluate a run: lm (held-out bits per byte, default), tasks (exact match), rag, "
+                       "agent, prefs (win rate vs another run by the hidden rule), reward (pairwise accuracy)")
     p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks", "rag", "agent", "prefs", "reward"])
     p.add_argument("--run", required=True)
     p.add_argument("--shots", type=int, default=0, help="(tasks) K-shot prompts from the train split")
-    p.add_argument("--n", type=int, help="(tasks) held-out prompts per family (50); (rag) questions (200)")
+    p.add_argument("--n", type=int, help="(tasks) held-out prompts per family (50); (rag) questions (200); "
+                   "(prefs, reward) held-out prompts (200)")
     p.add_argument("--kb", help="(rag, agent) knowledge base file, or 'demo' (default)")
     p.add_argument("--db", help="(agent) SQLite database for the sql tool, or 'demo' (default)")
     p.add_argument("--embedder", help="(rag) sentence-embedding model directory, or 'none'")
     p.add_argument("--samples", help="(tasks) write every prompt/output/verdict to this JSONL file")
-    p.add_argument("--data", help="evaluate on these sources' held-out 10%% instead of the run's own")
+    p.add_argument("--data", help="(lm) evaluate on these sources' held-out 10%% instead of the run's own; "
+                   "(reward) preference JSONL to score instead of the bundled held-out pairs")
     p.add_argument("--max-tokens", type=int, help="cap tokens per source (faster, approximate)")
     p.add_argument("--against", help="(prefs) the run to compare with, e.g. runs/sft")
     p.add_argument("--reward", help="(prefs) also report this reward model's mean score of both")
