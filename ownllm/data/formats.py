@@ -111,6 +111,25 @@ class ChatData:
     errors: list[str] = field(default_factory=list)  # the first few skipped records' reasons
 
 
+def jsonl_records(p: Path):
+    """(line number, parsed value) for each non-blank line of a JSONL file. Not UTF-8 is an
+    OwnLLMError; invalid JSON on a line raises BadRecord (the caller adds file and line)."""
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise OwnLLMError(f"{p}: not UTF-8 text") from None
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            yield lineno, line
+
+
+def parse_line(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"invalid JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_chat_jsonl(path: str | Path, fmt: str | None = None, skip_bad: bool = False) -> ChatData:
     p = Path(path)
     if not p.is_file():
@@ -118,18 +137,9 @@ def read_chat_jsonl(path: str | Path, fmt: str | None = None, skip_bad: bool = F
     if fmt is not None and fmt not in FORMATS:
         raise OwnLLMError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     data = ChatData([])
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise OwnLLMError(f"{p}: not UTF-8 text") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, line in jsonl_records(p):
         try:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadRecord(f"invalid JSON ({e.msg} at column {e.colno})") from None
+            rec = parse_line(line)
             if fmt is None and isinstance(rec, dict):
                 fmt = detect_format(rec)
             data.conversations.append(to_messages(rec, fmt or "messages"))

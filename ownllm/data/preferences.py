@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ownllm.data.formats import BadRecord
+from ownllm.data.formats import BadRecord, jsonl_records, parse_line
 from ownllm.data.tasks import FAMILIES, Example, generate
 from ownllm.errors import OwnLLMError
 
@@ -106,19 +106,9 @@ def read_preferences(path: str | Path) -> list[Pair]:
     if not p.is_file():
         raise OwnLLMError(f"{p}: no such file (preference data: JSONL with prompt/chosen/rejected)")
     pairs: list[Pair] = []
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise OwnLLMError(f"{p}: not UTF-8 text") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, line in jsonl_records(p):
         try:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadRecord(f"invalid JSON ({e.msg} at column {e.colno})") from None
-            pairs += record_pairs(rec)
+            pairs += record_pairs(parse_line(line))
         except BadRecord as e:
             raise OwnLLMError(f"{p}:{lineno}: {e}") from None
     if not pairs:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import re
 
 from ownllm.data.tasks import Example
-from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL, REFUSAL, is_refusal
-
-REFUSALS = [*REFUSAL.values(), *CLOSED_BOOK_REFUSAL.values()]
+from ownllm.rag.grounded import REFUSALS, is_refusal
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _LATIN_WORD = re.compile(r"[A-Za-z]{2,}")

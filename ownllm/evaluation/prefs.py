@@ -16,36 +16,28 @@ from pathlib import Path
 
 import torch
 
-from ownllm.checkpoint import load_model
-from ownllm.data.chat import collate_padded, encode_conversations
+from ownllm.data.chat import encode_conversations
 from ownllm.data.preferences import Pair, generate_preferences, preference_prompts, read_preferences, sample_answers
 from ownllm.evaluation.judge import deciding_rule, prefer
 from ownllm.tokenizer import Tokenizer
 
 
-def answer_logps(run, examples, answers: list[str], batch_size: int = 32) -> torch.Tensor:
+def answer_logps(run, examples, answers: list[str]) -> torch.Tensor:
     """Summed log-prob of each answer (its assistant tokens and end of turn) under `run`."""
-    from ownllm.train.preference import completion_logps
+    from ownllm.inference.generate import load_run
+    from ownllm.train.preference import all_completion_logps
 
-    model, tok = load_model(run), Tokenizer.load(run)
-    ex = encode_conversations(tok, _conversations(examples, answers), model.config.max_seq_len)
-    out = []
-    with torch.no_grad():
-        for b in range(0, len(ex), batch_size):
-            out.append(completion_logps(model, collate_padded(ex, list(range(b, min(b + batch_size, len(ex)))), tok.pad_id)))
-    return torch.cat(out)
+    model, tok = load_run(run)
+    return all_completion_logps(model, encode_conversations(tok, _conversations(examples, answers),
+                                                            model.config.max_seq_len), tok.pad_id)
 
 
-def reward_scores(rm_run, examples, answers: list[str], batch_size: int = 32) -> list[float]:
-    from ownllm.train.preference import load_reward_model, sequence_batch, sequence_rewards
+def reward_scores(rm_run, examples, answers: list[str]) -> list[float]:
+    from ownllm.train.preference import all_rewards, load_reward_model
 
     rm, tok = load_reward_model(rm_run), Tokenizer.load(rm_run)
     ex = encode_conversations(tok, _conversations(examples, answers), rm.config.max_seq_len)
-    out: list[float] = []
-    with torch.no_grad():
-        for b in range(0, len(ex), batch_size):
-            out += sequence_rewards(rm, sequence_batch(ex.ids[b: b + batch_size], tok.pad_id)).tolist()
-    return out
+    return all_rewards(rm, ex, tok.pad_id).tolist()
 
 
 def _conversations(examples, answers: list[str]) -> list[list[dict]]:

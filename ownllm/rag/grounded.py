@@ -12,6 +12,7 @@ import re
 
 REFUSAL = {"en": "The sources do not say.", "zh": "资料中没有提到。"}
 CLOSED_BOOK_REFUSAL = {"en": "I don't know.", "zh": "我不知道。"}
+REFUSALS = (*REFUSAL.values(), *CLOSED_BOOK_REFUSAL.values())
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _CITE = re.compile(r"\s*\[(\d+)\]")
 
@@ -38,5 +39,4 @@ def parse_answer(text: str) -> tuple[str, list[int]]:
 
 
 def is_refusal(text: str) -> bool:
-    t = text.strip()
-    return t in REFUSAL.values() or t in CLOSED_BOOK_REFUSAL.values()
+    return text.strip() in REFUSALS

@@ -100,9 +100,7 @@ def load_reward_model(run) -> GPT:
     rm = load_model(run)
     if not rm.config.score_head:
         raise OwnLLMError(f"{run}: not a reward model (its config has no score head; train one with `ownllm reward`)")
-    for p in rm.parameters():
-        p.requires_grad_(False)
-    return rm
+    return rm.requires_grad_(False)
 
 
 def sequence_rewards(model: GPT, batch: dict) -> torch.Tensor:
@@ -190,18 +188,21 @@ def reward_step(rcfg: RewardConfig):
     return loss_fn
 
 
+def all_rewards(model: GPT, ex: ChatExamples, pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """The reward of every row of `ex`, in batches, without gradients."""
+    with torch.no_grad():
+        return torch.cat([sequence_rewards(model, sequence_batch(ex.ids[b: b + batch_size], pad_id))
+                          for b in range(0, len(ex), batch_size)] or [torch.zeros(0)])
+
+
 def reward_accuracy(model: GPT, ex: ChatExamples, pad_id: int, batch_size: int = 32) -> dict:
     """Held-out pairwise accuracy (r_chosen > r_rejected), and the reward statistics."""
-    correct, gaps, scores = [], [], []
-    with torch.no_grad():
-        for b in range(0, len(ex) // 2, batch_size):
-            r = sequence_rewards(model, reward_batch(ex, list(range(b, min(b + batch_size, len(ex) // 2))), pad_id))
-            correct += (r[0::2] > r[1::2]).tolist()
-            gaps += (r[0::2] - r[1::2]).tolist()
-            scores += r.tolist()
+    r = all_rewards(model, ex, pad_id, batch_size)
+    chosen, rejected = r[0::2], r[1::2]
+    correct = (chosen > rejected).tolist()
     n = max(len(correct), 1)
-    return {"val_pair_accuracy": sum(correct) / n, "val_reward_gap": sum(gaps) / n,
-            "val_reward_mean": sum(scores) / max(len(scores), 1), "correct": correct}
+    return {"val_pair_accuracy": sum(correct) / n, "val_reward_gap": float((chosen - rejected).sum()) / n,
+            "val_reward_mean": float(r.sum()) / max(len(r), 1), "correct": correct}
 
 
 def train_reward(base, out, tcfg: TrainConfig | None = None, rcfg: RewardConfig | None = None, resume=False,
@@ -231,13 +232,12 @@ def train_reward(base, out, tcfg: TrainConfig | None = None, rcfg: RewardConfig 
 
 
 # -- DPO -------------------------------------------------------------------------------------------
-def reference_logps(model: GPT, ex: ChatExamples, pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Summed completion log-probs of every row under the model as it is now (the reference)."""
-    out = []
+def all_completion_logps(model: GPT, ex: ChatExamples, pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Summed completion log-probs of every row of `ex` under the model as it is now, without
+    gradients (DPO: the reference, once before training; `eval prefs`: the KL estimate)."""
     with torch.no_grad():
-        for b in range(0, len(ex), batch_size):
-            out.append(completion_logps(model, collate_padded(ex, list(range(b, min(b + batch_size, len(ex)))), pad_id)))
-    return torch.cat(out)
+        return torch.cat([completion_logps(model, collate_padded(ex, list(range(b, min(b + batch_size, len(ex)))), pad_id))
+                          for b in range(0, len(ex), batch_size)] or [torch.zeros(0)])
 
 
 def dpo_batch(ex: ChatExamples, ref: torch.Tensor, pair_idx: list[int], pad_id: int) -> dict:
@@ -258,7 +258,7 @@ def dpo_step(dcfg: DPOConfig):
 
 def dpo_accuracy(model, ex, ref, pad_id, beta, batch_size: int = 32) -> dict:
     """Held-out implicit-reward accuracy: β·(log π − log ref) higher for chosen than rejected."""
-    pi = reference_logps(model, ex, pad_id, batch_size)
+    pi = all_completion_logps(model, ex, pad_id, batch_size)
     r = beta * (pi - ref)
     return {"val_reward_accuracy": float((r[0::2] > r[1::2]).float().mean()),
             "val_reward_margin": float((r[0::2] - r[1::2]).mean())}
@@ -290,7 +290,7 @@ def train_dpo(policy, out, tcfg: TrainConfig | None = None, dcfg: DPOConfig | No
     ref_model = model if not resume else GPT(dataclasses.replace(model.config, lora_rank=0))
     if resume:
         load_weights(ref_model, start, base_only=True)
-    ref, val_ref = reference_logps(ref_model, ex, tok.pad_id), reference_logps(ref_model, val_ex, tok.pad_id)
+    ref, val_ref = all_completion_logps(ref_model, ex, tok.pad_id), all_completion_logps(ref_model, val_ex, tok.pad_id)
     del ref_model
     if not resume:
         begin(out, tok, model, tcfg, overwrite, start, dcfg)

@@ -225,20 +225,30 @@ def _params(max_new_tokens: int, temperature: float, tok, gen: torch.Generator) 
                           seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), stop_ids=(tok.end_id, tok.eos_id))
 
 
+def _with_reward(cfg, reward: str | None):
+    """The stage config with --reward applied when given."""
+    return dataclasses.replace(cfg, reward=reward) if reward else cfg
+
+
+def _frozen_reference(start) -> GPT:
+    """The starting policy, frozen: the reference the KL is measured against."""
+    ref = load_model(start)
+    ref.requires_grad_(False)
+    return ref
+
+
 # -- PPO ---------------------------------------------------------------------------------------------
 def train_ppo(policy, out, reward: str | None = None, tcfg: TrainConfig | None = None, pcfg: PPOConfig | None = None,
               resume=False, overwrite=False, progress=True, stop_at_step=None, log=print) -> dict:
     defaults = stage_train_config(PPO_DEFAULTS)
     model, tok, tcfg, start, saved = open_run(policy, out, tcfg or defaults, defaults, resume, overwrite, score_head=True)
-    pcfg = stage_config(PPOConfig, saved, dataclasses.replace(pcfg or PPOConfig(), reward=reward or (pcfg or PPOConfig()).reward))
+    pcfg = stage_config(PPOConfig, saved, _with_reward(pcfg or PPOConfig(), reward))
     if not pcfg.reward:
         raise OwnLLMError("ppo needs --reward RUN (a reward model from `ownllm reward`)")
     if pcfg.kl_estimator not in ("k1", "k3"):
         raise OwnLLMError(f"--kl-estimator {pcfg.kl_estimator!r}: expected k1 or k3")
     rm = load_reward_model(pcfg.reward)
-    ref = load_model(start)
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    ref = _frozen_reference(start)
     pool = _pool(pcfg.n_prompts, None, tcfg.seed)
     ctx = model.config.max_seq_len - pcfg.max_new_tokens
     kl = KLState(AdaptiveKL(pcfg.kl_coef, pcfg.target_kl, pcfg.kl_horizon))
@@ -292,7 +302,7 @@ def train_grpo(policy, out, reward: str | None = None, tcfg: TrainConfig | None 
                resume=False, overwrite=False, progress=True, stop_at_step=None, log=print) -> dict:
     defaults = stage_train_config(GRPO_DEFAULTS)
     model, tok, tcfg, start, saved = open_run(policy, out, tcfg or defaults, defaults, resume, overwrite)
-    gcfg = stage_config(GRPOConfig, saved, dataclasses.replace(gcfg or GRPOConfig(), reward=reward or (gcfg or GRPOConfig()).reward))
+    gcfg = stage_config(GRPOConfig, saved, _with_reward(gcfg or GRPOConfig(), reward))
     if gcfg.num_generations < 2:
         raise OwnLLMError("--num-generations must be >= 2 (advantages compare answers within a group)")
     if gcfg.reward.startswith("verifier:"):
@@ -303,9 +313,7 @@ def train_grpo(policy, out, reward: str | None = None, tcfg: TrainConfig | None 
         rm = load_reward_model(gcfg.reward)
         pool = _pool(gcfg.n_prompts, None, tcfg.seed)
         score_fn = lambda examples, ro: last_token_scores(rm, ro)  # noqa: E731
-    ref = load_model(start)
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    ref = _frozen_reference(start)
     ctx = model.config.max_seq_len - gcfg.max_new_tokens
     G = gcfg.num_generations
     if not resume:
