@@ -90,8 +90,7 @@ def linear(cfg: ModelConfig, name: str, d_in: int, d_out: int) -> nn.Linear:
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ/√d, masked where `keep` is False) v, written out. On CPU it beats SDPA where it
     counts: full-sequence training once torch.compile fuses mask and softmax (SDPA's flash
-    backward took 130 of 437 ms per tiny-preset step), and the compiled fixed-shape decode step
-    (829 vs 625 tok/s at batch 1). Same math; checked against HF logits and eager decoding."""
+    backward took 130 of 437 ms per tiny-preset step). Same math as SDPA; checked against HF logits."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:  # grouped-query attention: share each k/v head among `rep` query heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -140,30 +139,47 @@ class Attention(nn.Module):
         self.v_proj = linear(cfg, "v_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.o_proj = linear(cfg, "o_proj", cfg.n_heads * cfg.head_dim, cfg.dim)
 
-    def forward(self, x, cos, sin, *, layer: int = 0, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None, causal: bool = True,
-                static_slot: torch.Tensor | None = None) -> torch.Tensor:
+    def _rope_qkv(self, x, cos, sin):
         B, T, _ = x.shape
         q, k, v = project(self, "_qkv", x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if static_slot is not None:  # fixed-shape decode: write one slot, attend over the whole masked cache
-            cache.k[layer].index_copy_(2, static_slot, k)
-            cache.v[layer].index_copy_(2, static_slot, v)
-            k, v, causal = cache.k[layer], cache.v[layer], False
-        elif cache is not None:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def decode_static(self, x, cos, sin, past_k, past_v, keep):
+        """One new token per row (x (B, 1, dim)) attending to the whole fixed-size cache where
+        `keep` (B, 1, 1, max_len) is True, plus itself. Reads the cache, never writes it: returns
+        (output, k, v) and the caller stores k/v (a write inside a compiled graph made inductor
+        copy the whole cache every step). Softmax over the two parts is combined exactly."""
+        B = x.shape[0]
+        q, k, v = self._rope_qkv(x, cos, sin)
+        rep = self.n_heads // self.n_kv_heads
+        pk, pv, nk, nv = past_k, past_v, k, v
+        if rep > 1:
+            pk, pv, nk, nv = (t.repeat_interleave(rep, dim=1) for t in (pk, pv, nk, nv))
+        scale = self.head_dim ** -0.5
+        s_past = ((q @ pk.to(q.dtype).transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
+        s_new = (q * nk).sum(-1, keepdim=True) * scale
+        m = torch.maximum(s_past.amax(-1, keepdim=True), s_new)
+        e_past, e_new = (s_past - m).exp(), (s_new - m).exp()
+        y = (e_past @ pv.to(q.dtype) + e_new * nv) / (e_past.sum(-1, keepdim=True) + e_new)
+        return self.o_proj(y.transpose(1, 2).reshape(B, 1, -1)), k, v
+
+    def forward(self, x, cos, sin, *, layer: int = 0, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._rope_qkv(x, cos, sin)
+        if cache is not None:
             start, end = cache.length, cache.length + T
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
             causal = causal and start == 0 and mask is None
         gqa = self.n_heads != self.n_kv_heads
-        if x.device.type == "cpu" and (static_slot is not None or (cache is None and mask is None and causal and T > 1)):
-            keep = mask if static_slot is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            y = explicit_attention(q, k, v, keep)
+        if x.device.type == "cpu" and cache is None and mask is None and causal and T > 1:
+            y = explicit_attention(q, k, v, torch.ones(T, T, dtype=torch.bool, device=x.device).tril())
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                            is_causal=causal and mask is None and T > 1, enable_gqa=gqa)
@@ -195,6 +211,11 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, **attn_kwargs):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, **attn_kwargs)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_static(self, x, cos, sin, past_k, past_v, keep):
+        a, k, v = self.self_attn.decode_static(self.input_layernorm(x), cos, sin, past_k, past_v, keep)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
 class GPT(nn.Module):
@@ -251,16 +272,20 @@ class GPT(nn.Module):
             cache.length += T
         return self.norm(x)
 
-    def decode_static(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor,
-                      slot: torch.Tensor) -> torch.Tensor:
-        """One decode step whose tensor shapes never change (idx (B, 1), the whole cache, a
-        (B, 1, 1, max_len) key mask, the slot as a 1-element tensor), so torch.compile builds it
-        once; the caller advances `cache.length`. Returns logits (B, vocab)."""
+    def decode_static(self, idx: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                      keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step whose tensor shapes never change, so torch.compile builds it once: idx
+        and positions (B, 1), the whole stacked cache (KVCache.k / .v), `keep` (B, 1, 1, max_len)
+        marking the cached positions to attend to (not the new token's slot). Writes nothing:
+        returns logits (B, vocab) and the new token's keys and values (n_layers, B, n_kv_heads,
+        1, head_dim) for the caller to store (Engine.stream)."""
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.embed_tokens(idx)
+        ks, vs = [], []
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, layer=i, cache=cache, mask=mask, static_slot=slot)
-        return self.lm_head(self.norm(x))[:, -1]
+            x, k, v = block.decode_static(x, cos, sin, cache_k[i], cache_v[i], keep)
+            ks.append(k), vs.append(v)
+        return self.lm_head(self.norm(x))[:, -1], torch.stack(ks), torch.stack(vs)
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, T, vocab). kwargs: cache, positions, mask (see hidden_states)."""

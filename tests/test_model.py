@@ -133,14 +133,21 @@ def test_fused_inference_projections_follow_weight_updates(tiny_cfg):
     assert model.layers[0].self_attn.q_proj.weight.grad is not None
 
 
-def test_compiled_static_decode_matches_eager(tiny_cfg):
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_compiled_static_decode_matches_eager(tiny_cfg, kv_heads):
+    """The compiled step (reads the cache, returns new k/v) against eager decoding: one row, and
+    a left-padded batch whose rows have their own positions; grouped-query (2 of 4) and not."""
     from ownllm.inference.engine import Engine, SamplingParams
 
     torch.manual_seed(6)
-    model = randomize_(GPT(tiny_cfg)).eval()
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "n_kv_heads": kv_heads})
+    model = randomize_(GPT(cfg)).eval()
     params = SamplingParams(max_new_tokens=10, temperature=0)
-    prompt = [[3, 4, 5, 6, 7]]
-    assert Engine(model, compile=True).generate(prompt, params) == Engine(model).generate(prompt, params)
+    compiled, eager = Engine(model, compile=True), Engine(model)
+    for prompts in ([[3, 4, 5, 6, 7]], [[3, 4, 5, 6, 7], [9, 8], [2, 7, 1, 8]]):
+        out = compiled.generate(prompts, params)
+        assert out == eager.generate(prompts, params)
+        assert out[-1] == eager.generate(prompts[-1:], params)[0]  # padding changes nothing
 
 
 def test_stop_strings_hold_back_and_cut_across_pieces():

@@ -61,11 +61,12 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
 
 
 class Engine:
-    """Generation over a model. With compile=True the decode step runs as one torch.compile'd
-    fixed-shape graph (C++ wrapper, no Python per op) for single-sequence decoding: compiled once
-    per context length on first use (seconds), about twice the eager speed afterwards on the tiny
-    preset. Batched decoding stays eager: the compiled graph measured slower there (965 vs 2,284
-    tok/s at batch 8)."""
+    """Generation over a model. With compile=True each decode step runs as one torch.compile'd
+    fixed-shape graph (C++ wrapper, no Python per op), at any batch size and with left-padded
+    rows: compiled once per (batch, context length) on first use (seconds). The graph only reads
+    the KV cache and returns the new keys/values, which are stored here (writing the cache inside
+    the graph made inductor copy all of it every step: 965 tok/s at batch 8, slower than eager).
+    bench/generate_speed.py measures it against eager and HF `generate`."""
 
     def __init__(self, model: GPT, pad_id: int = 0, compile: bool = False):
         self.model = model.eval()
@@ -128,12 +129,18 @@ class Engine:
                 return
             if history is not None:
                 history = torch.cat([history, tok[:, None]], dim=1)
-            cache.valid[:, cache.length] = True
-            if self._decode is not None and B == 1:  # measured: 2x eager at batch 1, slower than eager at 8
-                slot = torch.tensor([cache.length], device=tok.device)  # one row: never padded, position = slot
-                logits = self._decode(tok[:, None], slot[None], cache, cache.valid[:, None, None, :], slot)
+            if self._decode is not None:
+                pos = last_pos + 1 if last_pos is not None else torch.full((B,), cache.length, device=tok.device)
+                logits, k, v = self._decode(tok[:, None], pos[:, None], cache.k, cache.v, cache.valid[:, None, None, :])
+                slot = torch.tensor([cache.length], device=tok.device)
+                cache.k.index_copy_(3, slot, k.to(cache.k.dtype))
+                cache.v.index_copy_(3, slot, v.to(cache.v.dtype))
+                cache.valid[:, cache.length] = True
                 cache.length += 1
-            elif last_pos is None:
+                last_pos = pos if last_pos is not None else None
+                continue
+            cache.valid[:, cache.length] = True
+            if last_pos is None:
                 logits = self.model(tok[:, None], cache=cache)[:, -1]
             else:
                 last_pos = last_pos + 1
