@@ -362,7 +362,7 @@ def cmd_sft(args) -> None:
     from ownllm.train.sft import sft, sft_config
 
     over = _parse_sets(args.set)
-    for name in ("data", "format", "max_steps", "seed"):
+    for name in ("data", "format", "max_steps", "seed", "prompt_loss_weight", "task_weights"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)
     if args.time_budget is not None:
@@ -596,6 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pack", action="store_true", help="one example per row, right-padded (default: pack short "
                    "examples into full rows, no attention across them)")
     p.add_argument("--no-compile", action="store_true", help="run eagerly (default: torch.compile each block)")
+    p.add_argument("--prompt-loss-weight", type=float, help="weight of prompt tokens in the loss (default 0: "
+                   "answers only; answer tokens weigh 1)")
+    p.add_argument("--task-weights", metavar="FAMILY=K,...", help="(--data tasks) turns per round of each family "
+                   "(default 1 each), e.g. arithmetic=3,sort=2")
     p.add_argument("--out", required=True)
     p.add_argument("--time-budget", type=float)
     p.add_argument("--max-steps", type=int)

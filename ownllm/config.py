@@ -105,7 +105,9 @@ class TrainConfig:
     format: str | None = None           # messages | sharegpt | alpaca | completion (None: detect)
     skip_bad: bool = False              # skip and count malformed records instead of failing
     pack: bool = False                  # pack short examples per row (no attention across them)
+    prompt_loss_weight: float = 0.0     # SFT: weight of prompt tokens in the loss (answer tokens weigh 1)
     task_examples: int = 20000          # examples drawn from the bundled task suite (`--data tasks`)
+    task_weights: str = ""              # turns per round of each family, e.g. "arithmetic=3,sort=2" (default 1)
 
 
 def _coerce(value: Any, target_type: Any, name: str) -> Any:

@@ -57,6 +57,31 @@ def test_loss_targets_only_assistant_tokens(small_tokenizer):
     assert (b["x"][0][len(ex.ids[0]) - 1:] == tok.pad_id).all()
 
 
+def test_prompt_loss_weight_targets_prompt_tokens_at_that_weight(small_tokenizer, tiny_cfg):
+    tok = small_tokenizer
+    ex = encode_conversations(tok, CONVS, max_len=200)
+    plain = collate_packed(ex, [0, 1], seq_len=120, pad_id=tok.pad_id)
+    weighted = collate_packed(ex, [0, 1], seq_len=120, pad_id=tok.pad_id, prompt_weight=0.25)
+    assert "w" not in plain
+    real = weighted["positions"].new_zeros(weighted["x"].shape, dtype=torch.bool)
+    real[0, : len(ex.ids[0]) - 1 + len(ex.ids[1]) - 1] = True  # both examples, then padding
+    answer = plain["y"] != -100
+    w = weighted["w"]
+    assert (w[answer] == 1).all() and (w[real & ~answer] == 0.25).all() and (w[~real] == 0).all()
+    assert (weighted["y"][real] != -100).all() and (weighted["y"][answer] == plain["y"][answer]).all()
+    # the weighted loss is the weighted mean of per-token NLLs (checked against a direct loop)
+    torch.manual_seed(0)
+    model = randomize_(GPT(ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "max_seq_len": 120}))).eval()
+    with torch.no_grad():
+        s, n = masked_lm_step(model, weighted)
+        logp = model(weighted["x"], positions=weighted["positions"], mask=weighted["mask"]).float().log_softmax(-1)
+    want = sum(-float(logp[0, t, weighted["y"][0, t]]) * float(w[0, t]) for t in range(120) if w[0, t] > 0)
+    assert float(n) == pytest.approx(float(answer.sum()) + 0.25 * float((real & ~answer).sum()))
+    assert float(s) == pytest.approx(want, rel=1e-4)
+    padded = collate_padded(ex, [0, 1], tok.pad_id, prompt_weight=0.25)
+    assert float(padded["w"].sum()) == pytest.approx(float(w.sum()))
+
+
 def test_truncation_is_counted(small_tokenizer):
     long = [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]
     ex = encode_conversations(small_tokenizer, [long, CONVS[0]], max_len=64)
@@ -140,6 +165,20 @@ def test_task_suite_split_never_overlaps_and_is_deterministic():
     assert generate(50, "train", seed=1) == train[:50]
     assert {e.family for e in test} == set(FAMILIES) and {e.lang for e in test} == {"en", "zh"}
     assert len({e.prompt for e in test}) == 400
+
+
+def test_task_weights_set_each_familys_share():
+    from collections import Counter
+
+    from ownllm.data.tasks import parse_weights
+
+    w = parse_weights("arithmetic=3, sort=0")
+    assert w == {"arithmetic": 3, "sort": 0}
+    counts = Counter(e.family for e in generate(400, "train", seed=1, families=list(FAMILIES), weights=w))
+    assert counts["arithmetic"] == 3 * counts["reverse"] and "sort" not in counts
+    for bad in ("arithmetic", "arithmetic=x", "nope=2"):
+        with pytest.raises(ValueError, match="FAMILY=INTEGER"):
+            parse_weights(bad)
 
 
 def test_task_answers_are_right():

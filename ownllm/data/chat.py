@@ -43,32 +43,40 @@ def encode_conversations(tok: Tokenizer, conversations: list[list[dict]], max_le
     return out
 
 
-def _example_xy(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    y = np.where(mask[1:] == 1, ids[1:], -100)
-    return ids[:-1], y
+def _example_xy(ids: np.ndarray, mask: np.ndarray, prompt_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, targets, weights). With prompt_weight > 0 the prompt tokens are targets too, each
+    weighing prompt_weight against 1 for an answer token."""
+    answer = mask[1:] == 1
+    y = ids[1:].copy() if prompt_weight > 0 else np.where(answer, ids[1:], -100)
+    return ids[:-1], y, np.where(answer, 1.0, prompt_weight).astype(np.float32)
 
 
-def collate_padded(examples: ChatExamples, index: list[int], pad_id: int) -> dict:
-    """Right-padded rows: x padded with pad_id, y with -100."""
-    rows = [_example_xy(examples.ids[i], examples.masks[i]) for i in index]
-    L = max(len(x) for x, _ in rows)
+def collate_padded(examples: ChatExamples, index: list[int], pad_id: int, prompt_weight: float = 0.0) -> dict:
+    """Right-padded rows: x padded with pad_id, y with -100 (and `w` as in collate_packed)."""
+    rows = [_example_xy(examples.ids[i], examples.masks[i], prompt_weight) for i in index]
+    L = max(len(x) for x, _, _ in rows)
     x = np.full((len(rows), L), pad_id, dtype=np.int64)
     y = np.full((len(rows), L), -100, dtype=np.int64)
-    for r, (xi, yi) in enumerate(rows):
-        x[r, : len(xi)], y[r, : len(yi)] = xi, yi
-    return {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
+    w = np.zeros((len(rows), L), dtype=np.float32)
+    for r, (xi, yi, wi) in enumerate(rows):
+        x[r, : len(xi)], y[r, : len(yi)], w[r, : len(wi)] = xi, yi, wi
+    out = {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
+    if prompt_weight > 0:
+        out["w"] = torch.from_numpy(w)
+    return out
 
 
 def collate_packed(examples: ChatExamples, index: list[int], seq_len: int, pad_id: int,
-                   n_rows: int | None = None) -> dict:
+                   n_rows: int | None = None, prompt_weight: float = 0.0) -> dict:
     """Greedily pack examples (in the given order) into rows of seq_len; returns x, y, positions
     and a (rows, 1, T, T) boolean mask that is causal within each example and False across them.
     With n_rows, exactly that many rows (extra examples dropped, missing rows empty): a fixed
-    shape, so a compiled model never recompiles."""
-    rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
+    shape, so a compiled model never recompiles. With prompt_weight > 0 also `w`: per-token loss
+    weights (1 on answers, prompt_weight on prompts, 0 on padding)."""
+    rows: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[]]
     used = 0
     for i in index:
-        xy = _example_xy(examples.ids[i], examples.masks[i])
+        xy = _example_xy(examples.ids[i], examples.masks[i], prompt_weight)
         if used + len(xy[0]) > seq_len and rows[-1]:
             rows.append([])
             used = 0
@@ -78,13 +86,14 @@ def collate_packed(examples: ChatExamples, index: list[int], seq_len: int, pad_i
     B = len(rows)
     x = np.full((B, seq_len), pad_id, dtype=np.int64)
     y = np.full((B, seq_len), -100, dtype=np.int64)
+    w = np.zeros((B, seq_len), dtype=np.float32)
     pos = np.zeros((B, seq_len), dtype=np.int64)
     seg = np.full((B, seq_len), -1, dtype=np.int64)  # example id within its row; -1 = padding
     for r, row in enumerate(rows):
         at = 0
-        for s, (xi, yi) in enumerate(row):
+        for s, (xi, yi, wi) in enumerate(row):
             n = len(xi)
-            x[r, at: at + n], y[r, at: at + n] = xi, yi
+            x[r, at: at + n], y[r, at: at + n], w[r, at: at + n] = xi, yi, wi
             pos[r, at: at + n] = np.arange(n)
             seg[r, at: at + n] = s
             at += n
@@ -92,13 +101,28 @@ def collate_packed(examples: ChatExamples, index: list[int], seq_len: int, pad_i
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
     same = seg_t[:, :, None] == seg_t[:, None, :]
     mask = (same & causal) | torch.eye(seq_len, dtype=torch.bool)  # padding rows see themselves (no NaN)
-    return {"x": torch.from_numpy(x), "y": torch.from_numpy(y), "positions": torch.from_numpy(pos),
-            "mask": mask[:, None]}
+    out = {"x": torch.from_numpy(x), "y": torch.from_numpy(y), "positions": torch.from_numpy(pos), "mask": mask[:, None]}
+    if prompt_weight > 0:
+        out["w"] = torch.from_numpy(w)
+    return out
 
 
 def masked_lm_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed NLL over target tokens, target count) for a chat batch (padded or packed)."""
+    """(summed NLL over target tokens, target count) for a chat batch (padded or packed); with
+    per-token weights `w` (prompt loss), the weighted sum and the sum of weights."""
+    import torch.nn.functional as F
+
     from ownllm.train.objectives import summed_nll
 
     kwargs = {k: batch[k] for k in ("positions", "mask") if k in batch}
-    return summed_nll(model(batch["x"], **kwargs), batch["y"])
+    if "w" not in batch:
+        # logits only where there is a target: answers are a few % of a packed row, and the
+        # vocabulary projection + log-softmax over every position was a quarter of an SFT step
+        y = batch["y"]
+        keep = y != -100
+        h = model.hidden_states(batch["x"], **kwargs)
+        return summed_nll(model.lm_head(h[keep]), y[keep])
+    logits = model(batch["x"], **kwargs)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=-100, reduction="none")
+    w = batch["w"].flatten()
+    return (nll * w).sum(), w.sum()

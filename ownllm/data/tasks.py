@@ -212,14 +212,17 @@ PREFERENCE_ONLY_FAMILIES = {"closed_book": _closed_book}
 _GENERATORS = {**ALL_FAMILIES, **PREFERENCE_ONLY_FAMILIES}
 
 
-def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | None = None) -> list[Example]:
-    """`n` examples of `split` ('train' or 'test'), families in turn, language drawn at random.
-    Test prompts are distinct; train prompts may repeat (small families like zh_numeral have
-    only ~1,800 train prompts)."""
+def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | None = None,
+             weights: dict[str, int] | None = None) -> list[Example]:
+    """`n` examples of `split` ('train' or 'test'), families in turn (a family of weight k takes k
+    turns per round), language drawn at random. Test prompts are distinct; train prompts may
+    repeat (small families like zh_numeral have only ~1,800 train prompts)."""
     fams = families or list(FAMILIES)
-    unknown = set(fams) - set(_GENERATORS)
+    unknown = (set(fams) | set(weights or {})) - set(_GENERATORS)
     if unknown:
         raise ValueError(f"unknown task families {sorted(unknown)} (known: {', '.join(_GENERATORS)})")
+    if weights:
+        fams = [f for f in fams for _ in range(weights.get(f, 1))]
     r = random.Random(f"{split}:{seed}")
     out, seen, tries = [], set(), 0
     while len(out) < n:
@@ -234,6 +237,17 @@ def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | 
             continue
         seen.add(prompt)
         out.append(ex)
+    return out
+
+
+def parse_weights(spec: str) -> dict[str, int]:
+    """'arithmetic=3,sort=2' → {'arithmetic': 3, 'sort': 2}; a clear error naming a bad entry."""
+    out = {}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, k = part.partition("=")
+        if name.strip() not in ALL_FAMILIES or not k.strip().isdigit():
+            raise ValueError(f"task weights: {part!r} is not FAMILY=INTEGER (families: {', '.join(ALL_FAMILIES)})")
+        out[name.strip()] = int(k)
     return out
 
 
