@@ -97,6 +97,30 @@ def test_group_advantages_whiten_and_adaptive_kl():
 
 
 # -- the hidden rule and the preference data --------------------------------------------------------
+def test_completion_logps_sum_answer_tokens_only(small_tokenizer, tiny_cfg):
+    """DPO's sequence log-probability (LM head on answer positions only) against the full-logits
+    sum written out, on a padded batch of conversations of different lengths."""
+    from ownllm.config import ModelConfig
+    from ownllm.data.chat import collate_padded, encode_conversations
+    from ownllm.model import GPT
+    from ownllm.train.preference import completion_logps
+    from tests.conftest import randomize_
+
+    tok = small_tokenizer
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in (("What is 2 + 2?", "4"), ("Reverse: a b c", "c b a"), ("床前明月光", "疑是地上霜。"))]
+    ex = encode_conversations(tok, convs, max_len=60)
+    batch = collate_padded(ex, [0, 1, 2], tok.pad_id)
+    torch.manual_seed(0)
+    model = randomize_(GPT(ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "max_seq_len": 64}))).eval()
+    with torch.no_grad():
+        got = completion_logps(model, batch)
+        logp = model(batch["x"]).float().log_softmax(-1)
+    want = [sum(float(logp[r, i, batch["y"][r, i]]) for i in range(batch["y"].shape[1]) if batch["y"][r, i] != -100)
+            for r in range(3)]
+    assert got.shape == (3,) and got.tolist() == pytest.approx(want, rel=1e-5)
+
+
 def test_hidden_rule_ranks_like_a_person():
     from ownllm.data.tasks import Example
     from ownllm.evaluation.judge import deciding_rule, grade, prefer

@@ -109,11 +109,14 @@ def sequence_rewards(model: GPT, batch: dict) -> torch.Tensor:
 
 
 def completion_logps(model: GPT, batch: dict) -> torch.Tensor:
-    """Summed log-probability of each row's assistant tokens (targets ≠ −100), in fp32."""
-    logits = model(batch["x"]).float()
+    """Summed log-probability of each row's assistant tokens (targets ≠ −100), in fp32; the LM head
+    runs on those positions only (the prompt's logits are never needed)."""
     y = batch["y"]
-    logp = torch.gather(F.log_softmax(logits, -1), 2, y.clamp(min=0)[..., None]).squeeze(-1)
-    return (logp * (y != -100)).sum(-1)
+    keep = y != -100
+    h = model.hidden_states(batch["x"])[keep]
+    logp = torch.gather(F.log_softmax(model.lm_head(h).float(), -1), 1, y[keep][:, None]).squeeze(1)
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(y.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
 
 
 def answer_lengths(batch: dict) -> torch.Tensor:
