@@ -4,7 +4,7 @@
 
 Both generate greedily the same number of new tokens (HF with min_new_tokens, ours without stop
 tokens) from the same prompts, fp32, in one process; the first tokens are checked to agree.
-Each side gets one untimed warm-up call (ours compiles its batch-1 decode step there), then the
+Each side gets one untimed warm-up call (ours compiles its decode step for that batch there), then the
 best of --reps timed calls counts.
 Ends with `RESULT ours_b1_tok_s=… hf_b1_tok_s=… speedup_b1=… ours_b8_tok_s=… hf_b8_tok_s=… speedup_b8=…`
 for the first preset, then the same keys prefixed with each further preset's name.

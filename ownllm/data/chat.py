@@ -107,6 +107,15 @@ def collate_packed(examples: ChatExamples, index: list[int], seq_len: int, pad_i
     return out
 
 
+def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, keep): the LM head applied only where a row has a target (keep = y ≠ −100).
+    Answers are a few % of a chat row, and the vocabulary projection + log-softmax over every
+    position was a quarter of an SFT step."""
+    kwargs = {k: batch[k] for k in ("positions", "mask") if k in batch}
+    keep = batch["y"] != -100
+    return model.lm_head(model.hidden_states(batch["x"], **kwargs)[keep]), batch["y"][keep], keep
+
+
 def masked_lm_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL over target tokens, target count) for a chat batch (padded or packed); with
     per-token weights `w` (prompt loss), the weighted sum and the sum of weights."""
@@ -114,15 +123,8 @@ def masked_lm_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     from ownllm.train.objectives import summed_nll
 
-    kwargs = {k: batch[k] for k in ("positions", "mask") if k in batch}
+    logits, y, keep = target_logits(model, batch)
     if "w" not in batch:
-        # logits only where there is a target: answers are a few % of a packed row, and the
-        # vocabulary projection + log-softmax over every position was a quarter of an SFT step
-        y = batch["y"]
-        keep = y != -100
-        h = model.hidden_states(batch["x"], **kwargs)
-        return summed_nll(model.lm_head(h[keep]), y[keep])
-    logits = model(batch["x"], **kwargs)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=-100, reduction="none")
-    w = batch["w"].flatten()
-    return (nll * w).sum(), w.sum()
+        return summed_nll(logits, y)
+    w = batch["w"][keep]  # 0 wherever there is no target, so nothing is lost by the selection
+    return (F.cross_entropy(logits.float(), y, reduction="none") * w).sum(), w.sum()

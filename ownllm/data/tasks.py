@@ -244,10 +244,10 @@ def parse_weights(spec: str) -> dict[str, int]:
     """'arithmetic=3,sort=2' → {'arithmetic': 3, 'sort': 2}; a clear error naming a bad entry."""
     out = {}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        name, _, k = part.partition("=")
-        if name.strip() not in ALL_FAMILIES or not k.strip().isdigit():
+        name, _, k = (s.strip() for s in part.partition("="))
+        if name not in ALL_FAMILIES or not k.isdigit():
             raise ValueError(f"task weights: {part!r} is not FAMILY=INTEGER (families: {', '.join(ALL_FAMILIES)})")
-        out[name.strip()] = int(k)
+        out[name] = int(k)
     return out
 
 

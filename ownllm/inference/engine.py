@@ -129,21 +129,20 @@ class Engine:
                 return
             if history is not None:
                 history = torch.cat([history, tok[:, None]], dim=1)
+            if last_pos is not None:  # padded rows: each has its own position
+                last_pos = last_pos + 1
             if self._decode is not None:
-                pos = last_pos + 1 if last_pos is not None else torch.full((B,), cache.length, device=tok.device)
+                pos = last_pos if last_pos is not None else torch.full((B,), cache.length, device=tok.device)
                 logits, k, v = self._decode(tok[:, None], pos[:, None], cache.k, cache.v, cache.valid[:, None, None, :])
-                slot = torch.tensor([cache.length], device=tok.device)
-                cache.k.index_copy_(3, slot, k.to(cache.k.dtype))
-                cache.v.index_copy_(3, slot, v.to(cache.v.dtype))
-                cache.valid[:, cache.length] = True
+                at = cache.length
+                cache.k[:, :, :, at: at + 1], cache.v[:, :, :, at: at + 1] = k, v
+                cache.valid[:, at] = True
                 cache.length += 1
-                last_pos = pos if last_pos is not None else None
                 continue
             cache.valid[:, cache.length] = True
             if last_pos is None:
                 logits = self.model(tok[:, None], cache=cache)[:, -1]
             else:
-                last_pos = last_pos + 1
                 logits = self.model(tok[:, None], cache=cache, positions=last_pos[:, None],
                                     mask=cache.valid[:, None, None, : cache.length + 1])[:, -1]
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ownllm.checkpoint import load_model_config, load_weights, refuse_overwrite, resumed_train_config, start_run
 from ownllm.config import TrainConfig, from_json_dict, read_json
-from ownllm.data.chat import ChatExamples, collate_padded
+from ownllm.data.chat import ChatExamples, collate_padded, target_logits
 from ownllm.data.preferences import Pair, generate_preferences, load_pairs
 from ownllm.data.tasks import prompt_bucket
 from ownllm.errors import OwnLLMError
@@ -111,12 +111,9 @@ def sequence_rewards(model: GPT, batch: dict) -> torch.Tensor:
 def completion_logps(model: GPT, batch: dict) -> torch.Tensor:
     """Summed log-probability of each row's assistant tokens (targets ≠ −100), in fp32; the LM head
     runs on those positions only (the prompt's logits are never needed)."""
-    y = batch["y"]
-    keep = y != -100
-    h = model.hidden_states(batch["x"])[keep]
-    logp = torch.gather(F.log_softmax(model.lm_head(h).float(), -1), 1, y[keep][:, None]).squeeze(1)
-    rows = keep.nonzero()[:, 0]
-    return torch.zeros(y.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    logits, y, keep = target_logits(model, batch)
+    logp = torch.gather(F.log_softmax(logits.float(), -1), 1, y[:, None]).squeeze(1)
+    return torch.zeros(keep.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, keep.nonzero()[:, 0], logp)
 
 
 def answer_lengths(batch: dict) -> torch.Tensor:
