@@ -122,6 +122,8 @@ def cmd_pretrain(args) -> None:
     resume_cfg = tcfg if args.resume else None
     result = pretrain(args.out, resume_cfg if args.resume else tcfg, preset=args.preset, model_overrides=model_over,
                       resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if "sources" not in result:  # a rank other than 0 under torchrun: rank 0 evaluates and reports
+        return
     print(f"trained {result['step']} steps in {result['elapsed_s']:.0f}s ({result['dtype']})")
     _print_lm_eval(result["sources"])
     _print_sample(args.out, "ROMEO:" if "chinese" not in (tcfg.data or "") else "春")
@@ -694,15 +696,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import contextlib
+    import io
+
+    from ownllm.train.distributed import current, finish
+
     args = build_parser().parse_args(argv)
+    # under torchrun only rank 0 reports (every rank trains; errors still reach stderr)
+    quiet = contextlib.redirect_stdout(io.StringIO()) if current().rank else contextlib.nullcontext()
     try:
-        args.func(args)
+        with quiet:
+            args.func(args)
     except OwnLLMError as e:
         print(f"ownllm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nownllm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        finish()
     return 0
 
 

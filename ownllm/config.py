@@ -99,7 +99,8 @@ class TrainConfig:
     checkpoint_interval: float = 60.0   # seconds between checkpoints
     dtype: str = "auto"                 # auto | bfloat16 | float32 (autocast for matmuls)
     compile: bool = True                # torch.compile each block (warm-up runs before the clock starts)
-    threads: int | None = None          # torch threads; None: one per core
+    threads: int | None = None          # torch threads; None: one per core (per process under torchrun)
+    device: str = "auto"                # auto (this process's GPU if any, else CPU) | cpu | cuda | cuda:N | mps
     stage: str = "pretrain"             # pretrain | sft (recorded so eval knows how to prompt the run)
     # fine-tuning data (sft)
     format: str | None = None           # messages | sharegpt | alpaca | completion (None: detect)

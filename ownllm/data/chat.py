@@ -111,6 +111,9 @@ def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch
     """(logits, targets, keep): the LM head applied only where a row has a target (keep = y ≠ −100).
     Answers are a few % of a chat row, and the vocabulary projection + log-softmax over every
     position was a quarter of an SFT step."""
+    from ownllm.train.distributed import on_model_device
+
+    batch = on_model_device(batch, model)
     kwargs = {k: batch[k] for k in ("positions", "mask") if k in batch}
     keep = batch["y"] != -100
     return model.lm_head(model.hidden_states(batch["x"], **kwargs)[keep]), batch["y"][keep], keep
@@ -123,6 +126,9 @@ def masked_lm_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     from ownllm.train.objectives import summed_nll
 
+    from ownllm.train.distributed import on_model_device
+
+    batch = on_model_device(batch, model)
     logits, y, keep = target_logits(model, batch)
     if "w" not in batch:
         return summed_nll(logits, y)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ownllm.data.shards import Shards, random_batch, sequential_windows
+from ownllm.train.distributed import on_model_device
 from ownllm.train.objectives import bits_per_byte, summed_nll
 
 
@@ -18,6 +19,7 @@ def nll_sum(model, data: np.ndarray, seq_len: int, batch: int = 16) -> tuple[flo
     """Total NLL (nats) and count of predicted tokens over `data`, in non-overlapping windows."""
     total, count = 0.0, 0
     for x, y in sequential_windows(data, seq_len, batch):
+        x, y = on_model_device((x, y), model)
         s, n = summed_nll(model(x), y)
         total, count = total + float(s), count + int(n)
     return total, count
@@ -44,7 +46,7 @@ def quick_eval_fn(shards: Shards, seq_len: int, batches: int, batch_size: int = 
     bpt = shards.val_bytes_per_token()
 
     def run(model) -> dict:
-        sums = [summed_nll(model(x), y) for x, y in fixed]
+        sums = [summed_nll(model(x), y) for x, y in (on_model_device(b, model) for b in fixed)]
         loss = sum(float(s) for s, _ in sums) / sum(int(n) for _, n in sums)
         return {"val_loss": loss, "val_bpb": bits_per_byte(loss, bpt)}  # per token: nats / (bytes per token)
 

@@ -125,6 +125,11 @@ def open_run(start: str | Path | None, out: str | Path, tcfg: TrainConfig, defau
              overwrite: bool, score_head: bool = False, lora_rank: int = 0, lora_alpha: float = 16.0):
     """(model with the start run's weights or the resumed ones, tokenizer, train config, start run).
     A fresh run keeps the starting run's model config, adding a scalar head or LoRA adapters."""
+    from ownllm.train.distributed import current
+
+    if current().distributed:
+        raise OwnLLMError("reward, dpo, ppo and grpo train in one process (on this machine's GPU if it has one); "
+                          "start them without torchrun — pretrain and sft take several")
     out = Path(out)
     if resume:
         tcfg = resumed_train_config(out, tcfg, defaults=defaults)

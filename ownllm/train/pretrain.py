@@ -20,6 +20,7 @@ from ownllm.data.shards import Shards, pack, random_batch
 from ownllm.evaluation.lm import evaluate_sources, quick_eval_fn
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer, train_tokenizer
+from ownllm.train.distributed import main_first
 from ownllm.train.objectives import lm_step
 from ownllm.train.trainer import Trainer
 
@@ -54,7 +55,11 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
         mcfg, tok = load_model_config(out), Tokenizer.load(out)
     else:
         tcfg = tcfg or TrainConfig()
-        mcfg, tok = prepare_run(out, tcfg, preset, model_overrides or {}, overwrite, log)
+        with main_first(tcfg.device) as ctx:  # under torchrun rank 0 lays down tokenizer and shards, the others read them
+            if ctx.is_main:
+                mcfg, tok = prepare_run(out, tcfg, preset, model_overrides or {}, overwrite, log)
+            else:
+                mcfg, tok = load_model_config(out), Tokenizer.load(out)
     shards = Shards.open(out / "data")
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg)
@@ -68,7 +73,7 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
                       evaluate=quick_eval_fn(shards, tcfg.seq_len, tcfg.eval_batches, tcfg.batch_size),
                       resume=resume, tokens_per_batch=tcfg.batch_size * tcfg.seq_len, progress=progress)
     result = trainer.run(stop_at_step=stop_at_step)
-    if result.get("stopped"):
+    if result.get("stopped") or not trainer.ctx.is_main:
         return result
     model.eval()
     per_source = evaluate_sources(model, shards, tcfg.seq_len)

@@ -21,6 +21,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.lora import freeze_base
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
+from ownllm.train.distributed import context
 from ownllm.train.trainer import Trainer
 
 # Measured on the quickstart base (README "Measured"): packed rows + torch.compile (fixed shapes)
@@ -68,10 +69,17 @@ def load_conversations(tcfg: TrainConfig, log=print) -> tuple[list[list[dict]], 
     return train, val or train[:1]
 
 
+def examples_per_batch(ex: ChatExamples, tcfg: TrainConfig) -> int:
+    """batch_size, or when packing, about as many examples as fill batch_size rows."""
+    if not tcfg.pack:
+        return tcfg.batch_size
+    mean_len = sum(len(i) for i in ex.ids[:1000]) / min(len(ex), 1000)
+    return max(1, int(tcfg.batch_size * tcfg.seq_len / mean_len))
+
+
 def make_batcher(ex: ChatExamples, tcfg: TrainConfig, pad_id: int):
     # packed: draw enough examples to fill batch_size rows; rows past batch_size are dropped
-    mean_len = sum(len(i) for i in ex.ids[:1000]) / min(len(ex), 1000)
-    n_packed = max(1, int(tcfg.batch_size * tcfg.seq_len / mean_len))
+    n_packed = examples_per_batch(ex, tcfg)
 
     def next_batch(gen: torch.Generator) -> dict:
         if not tcfg.pack:
@@ -103,7 +111,8 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
     else:
         base = Path(base)
         tcfg = tcfg or sft_config()
-        refuse_overwrite(out, overwrite)
+        if context(tcfg.device).is_main:  # under torchrun rank 0 writes the run directory
+            refuse_overwrite(out, overwrite)
         mcfg = load_model_config(base)
         tok = Tokenizer.load(base)
         mcfg = dataclasses.replace(mcfg, lora_rank=lora_rank, lora_alpha=lora_alpha)
@@ -120,17 +129,18 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
     model = GPT(mcfg)
     if not resume:
         load_weights(model, base, base_only=mcfg.lora_rank > 0)
-        start_run(out, tok, mcfg, tcfg, overwrite)
+        if context(tcfg.device).is_main:
+            start_run(out, tok, mcfg, tcfg, overwrite)
     if mcfg.lora_rank > 0:
         trainable, total = freeze_base(model)
     else:
         trainable = total = sum(p.numel() for p in model.parameters())
     log(f"sft: {len(train_ex):,} train / {len(val_ex):,} val conversations, "
         f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
-    avg = sum(int((m[1:] == 1).sum()) for m in train_ex.masks) / len(train_ex)
+    avg = sum(int((m[1:] == 1).sum()) for m in train_ex.masks) / len(train_ex)  # answer tokens per example
     trainer = Trainer(model, dataclasses.replace(tcfg, seq_len=seq_len), out, make_batcher(train_ex, tcfg, tok.pad_id),
                       masked_lm_step, evaluate=val_loss_fn(val_ex, tok.pad_id), resume=resume,
-                      tokens_per_batch=int(avg * tcfg.batch_size), progress=progress)
+                      tokens_per_batch=int(avg * examples_per_batch(train_ex, tcfg)), progress=progress)
     result = trainer.run(stop_at_step=stop_at_step)
     result.update(trainable_params=trainable, total_params=total, truncated=train_ex.truncated)
     return result

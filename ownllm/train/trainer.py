@@ -6,6 +6,10 @@ weight decay on matrices only, warmup + schedule ending at the step or time budg
 accumulation, clipping, bf16 autocast (chosen by measurement when dtype=auto), optional
 torch.compile, periodic eval, atomic checkpoints with everything needed to resume bit-for-bit
 (weights, optimizer, step, elapsed time, data RNG), metrics.jsonl, a progress bar and plots.
+It also places the model on the run's device (`device`: auto = the GPU when there is one) and,
+started by `torchrun`, trains one DistributedDataParallel replica per process
+(train/distributed.py): each rank draws its own batches, gradients are averaged by DDP, every
+token of every rank weighs the same, and only rank 0 writes metrics and checkpoints.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from ownllm.checkpoint import load_state, load_weights, save_checkpoint
 from ownllm.config import TrainConfig
 from ownllm.errors import OwnLLMError
 from ownllm.metrics import MetricsLog, plot_curves
+from ownllm.train import distributed as D
 from ownllm.train.schedule import lr_at
 
 Batch = Any
@@ -36,22 +41,25 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-def autocast(dtype: str):
+def autocast(dtype: str, device: torch.device | str = "cpu"):
     if dtype == "bfloat16":
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def measure_dtype(model, loss_fn, batch, reps: int = 3) -> tuple[str, dict[str, float]]:
+def measure_dtype(model, loss_fn, batch, reps: int = 3, device: torch.device | str = "cpu") -> tuple[str, dict[str, float]]:
     """Time forward+backward in fp32 and under bf16 autocast, interleaved so machine noise hits
     both alike; pick bf16 when its best time is clearly lower. Gradients are cleared after."""
-    if not (torch.cuda.is_available() or torch.backends.mkldnn.is_available()):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), {}
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return "float32", {}
     timings = {"float32": math.inf, "bfloat16": math.inf}
     for i in range(reps + 1):
         for dtype in timings:
             t0 = time.perf_counter()
-            with autocast(dtype):
+            with autocast(dtype, device):
                 loss, _ = loss_fn(model, batch)
             loss.backward()
             if i:  # the first round warms up kernels
@@ -124,6 +132,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw, muon)")
 
 
+class _NoMetrics:
+    """What ranks other than 0 write metrics to."""
+
+    def write(self, **row) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path,
                  next_batch: Callable[[torch.Generator], Batch], loss_fn: Callable[[Any, Batch], tuple[torch.Tensor, torch.Tensor]],
@@ -142,14 +158,19 @@ class Trainer:
         self.progress = progress
         if cfg.max_steps is None and cfg.time_budget is None:
             raise ValueError("give max_steps or time_budget")
+        self.ctx = D.context(cfg.device)
+        self.device = self.ctx.device
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        set_threads(cfg.threads)
+        if self.device.type == "cpu":
+            set_threads(cfg.threads or max(1, (os.cpu_count() or 1) // self.ctx.world_size))
+        model.to(self.device)
         self.optimizer = make_optimizer(model, cfg)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.ctx.rank)  # each rank its own batches
         self.step, self.elapsed, self.dtype = 0, 0.0, cfg.dtype
         if resume:
             self._restore()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
+        self.metrics = (MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
+                        if self.ctx.is_main else _NoMetrics())
         self.forward_model = model
         if cfg.compile:  # per block when the model offers it: one graph reused by every layer compiles fast
             import torch._dynamo as dynamo
@@ -159,11 +180,25 @@ class Trainer:
                 model.compile_blocks()
             else:
                 self.forward_model = torch.compile(model)
+        self.ddp = None
+        if self.ctx.distributed:  # replicas start from rank 0's weights; DDP averages gradients
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(D.LossModule(self.forward_model, loss_fn),
+                                               device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                               find_unused_parameters=False)
+
+    def _loss(self, batch):
+        batch = D.to_device(batch, self.device)
+        with autocast(self.dtype, self.device):
+            return self.ddp(batch) if self.ddp is not None else self.loss_fn(self.forward_model, batch)
 
     # -- state ---------------------------------------------------------------------------
-    def _state(self) -> dict:
+    def _state(self, gather: bool = True) -> dict:
         state = {"optimizer": self.optimizer.state_dict(), "elapsed": self.elapsed, "dtype": self.dtype,
                  "data_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.ctx.distributed and gather:  # every rank's data position (a collective call)
+            state["data_rngs"] = D.gather_objects(self.gen.get_state())
         return {**state, "aux": self.aux.state_dict()} if self.aux is not None else state
 
     def _restore(self) -> None:
@@ -173,16 +208,25 @@ class Trainer:
             raise RuntimeError(f"{self.run_dir}: state.pt is at step {state['step']} but weights at {self.step}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.elapsed, self.dtype = state["elapsed"], state["dtype"]
-        self.gen.set_state(state["data_rng"])
+        rngs = state.get("data_rngs", [state["data_rng"]])
+        if len(rngs) > 1 and len(rngs) != self.ctx.world_size:
+            raise OwnLLMError(f"{self.run_dir}: saved by {len(rngs)} processes; resume it with {len(rngs)} "
+                              f"(torchrun --nproc_per_node {len(rngs)}), not {self.ctx.world_size}")
+        if self.ctx.rank < len(rngs):  # a run saved by one process: other ranks keep their own seed
+            self.gen.set_state(rngs[self.ctx.rank])
         torch.set_rng_state(state["torch_rng"])
         if self.aux is not None and "aux" in state:
             self.aux.load_state_dict(state["aux"])
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, gather: bool = True) -> None:
+        """Every rank calls it at the same step (it gathers their data RNGs); rank 0 writes."""
+        state = self._state(gather)
+        if not self.ctx.is_main:
+            return
         self.metrics.flush()
         files = {"train_config.json": json.dumps({**asdict(self.cfg), "dtype_used": self.dtype}, indent=2).encode(),
                  **self.extra_files}
-        save_checkpoint(self.run_dir, self.model, self._state(), self.step, files)
+        save_checkpoint(self.run_dir, self.model, state, self.step, files)
         rows = MetricsLog.read(self.run_dir / "metrics.jsonl")
         plot_curves(rows, self.run_dir / "plots" / "loss.png", title=f"{self.run_dir.name}: loss")
         for stem, keys in self.plots.items():
@@ -213,15 +257,20 @@ class Trainer:
         lr = self._lr()
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        total, count = torch.zeros(()), torch.zeros(())
-        for _ in range(self.cfg.grad_accum):
-            batch = self.next_batch(self.gen)
-            with autocast(self.dtype):
-                loss_sum, n = self.loss_fn(self.forward_model, batch)
-            loss_sum.backward()
+        total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for i in range(self.cfg.grad_accum):
+            # DDP averages gradients once per step: not after the micro-batches before the last
+            sync = self.ddp.no_sync() if self.ddp is not None and i < self.cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                loss_sum, n = self._loss(self.next_batch(self.gen))
+                loss_sum.backward()
             total += loss_sum.detach().float()
             count += n
-        count = count.clamp(min=1)
+        if self.ctx.distributed:  # the step's tokens over all ranks; DDP's mean of gradients × ranks = their sum
+            total, count = D.all_reduce_sum(torch.stack([total, count])).unbind()
+            count = count.clamp(min=1) / self.ctx.world_size
+        else:
+            count = count.clamp(min=1)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         torch._foreach_div_(grads, count)
         if self.cfg.grad_clip:
@@ -229,25 +278,29 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total / count
+        return total / (count * self.ctx.world_size)
 
     def run(self, stop_at_step: int | None = None) -> dict:
         """Train until the budget ends (or `stop_at_step`, which simulates a kill after a checkpoint)."""
         model = self.model.train()
         if self.dtype == "auto":
-            self.dtype, timings = measure_dtype(model, self.loss_fn, self.next_batch(torch.Generator().manual_seed(0)))
+            batch = D.to_device(self.next_batch(torch.Generator().manual_seed(0)), self.device)
+            self.dtype, timings = measure_dtype(model, self.loss_fn, batch, device=self.device)
+            if self.ctx.distributed:  # timings differ between processes: all follow rank 0
+                self.dtype = D.gather_objects(self.dtype)[0]
             self.metrics.write(step=self.step, event="dtype", chosen=self.dtype,
                                **{f"{k}_s_per_microbatch": v for k, v in timings.items()})
         elif self.cfg.compile:  # compile before the clock starts (measure_dtype above does it too)
-            with autocast(self.dtype):
-                loss, _ = self.loss_fn(self.forward_model, self.next_batch(torch.Generator().manual_seed(0)))
+            with autocast(self.dtype, self.device):
+                loss, _ = self.loss_fn(self.forward_model, D.to_device(self.next_batch(torch.Generator().manual_seed(0)),
+                                                                       self.device))
             loss.backward()
             model.zero_grad(set_to_none=True)
         total = self.cfg.max_steps or None
-        bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True,
-                   desc=self.run_dir.name)
+        bar = tqdm(total=total, initial=self.step, disable=not (self.progress and self.ctx.is_main), unit="step",
+                   dynamic_ncols=True, desc=self.run_dir.name)
         pending: list[tuple[int, torch.Tensor, float, float]] = []
-        last_ckpt = time.perf_counter()
+        last_ckpt = self.elapsed  # in training seconds: ranks agree on it (below), so they checkpoint together
         last = {}
         try:
             while not self._done():
@@ -255,6 +308,9 @@ class Trainer:
                 lr = self._lr()
                 loss = self.train_step()
                 self.elapsed += time.perf_counter() - t0
+                if self.ctx.distributed:  # rank 0's clock decides when the budget ends, for all
+                    self.elapsed = float(D.all_reduce_sum(torch.tensor([self.elapsed if self.ctx.is_main else 0.0],
+                                                                       dtype=torch.float64)).item())
                 pending.append((self.step, loss, lr, self.elapsed, self.step_stats() if self.step_stats else {}))
                 if len(pending) >= self.cfg.log_interval or self._done():
                     last = self._flush(pending, bar)
@@ -262,25 +318,27 @@ class Trainer:
                     if not math.isfinite(last["train_loss"]):
                         raise OwnLLMError(f"training diverged: loss became {last['train_loss']} at step {self.step} "
                                           f"(lr {self.cfg.lr:g}); lower it with --set lr=…; the last checkpoint is kept")
-                if self.evaluate and self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0:
+                if self.evaluate and self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0 \
+                        and self.ctx.is_main:
                     last.update(self._eval())
                 if stop_at_step is not None and self.step >= stop_at_step:
                     self._flush(pending, bar)
                     self.checkpoint()
                     return {"step": self.step, "stopped": True}
-                if time.perf_counter() - last_ckpt > self.cfg.checkpoint_interval:
+                if self.elapsed - last_ckpt > self.cfg.checkpoint_interval:
                     self._flush(pending, bar)
                     pending = []
                     self.checkpoint()
-                    last_ckpt = time.perf_counter()
+                    last_ckpt = self.elapsed
         except KeyboardInterrupt:
             self._flush(pending, bar)
-            self.checkpoint()
+            self.checkpoint(gather=False)  # ranks are not in step here: no collective call
             bar.close()
             raise
         self._flush(pending, bar)
         bar.close()
-        if self.evaluate and not (self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0):
+        if self.evaluate and not (self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0) \
+                and self.ctx.is_main:
             last.update(self._eval())
         self.checkpoint()
         self.metrics.close()
@@ -292,7 +350,7 @@ class Trainer:
         losses = torch.stack([p[1] for p in pending]).tolist()  # one host sync for the whole window
         row = {}
         for (step, _, lr, elapsed, stats), loss in zip(pending, losses):
-            row = dict(step=step, tokens=step * self.tokens_per_batch * self.cfg.grad_accum,
+            row = dict(step=step, tokens=step * self.tokens_per_batch * self.cfg.grad_accum * self.ctx.world_size,
                        elapsed_s=round(elapsed, 3), lr=lr, train_loss=loss, **stats)
             self.metrics.write(**row)
         bar.update(pending[-1][0] - bar.n)
@@ -301,7 +359,7 @@ class Trainer:
 
     def _eval(self) -> dict:
         self.model.eval()
-        with torch.no_grad(), autocast(self.dtype):
+        with torch.no_grad(), autocast(self.dtype, self.device):
             result = self.evaluate(self.model)
         self.model.train()
         self.metrics.write(step=self.step, elapsed_s=round(self.elapsed, 3), **result)

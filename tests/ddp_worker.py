@@ -1,0 +1,28 @@
+"""Run by tests/test_distributed.py under torchrun (2 processes, Gloo on the CPU): a few Trainer
+steps of a tiny model, each rank on its own batches; rank 0 writes the run directory."""
+import sys
+
+import torch
+
+from ownllm.config import ModelConfig, TrainConfig
+from ownllm.model import GPT
+from ownllm.train.objectives import lm_step
+from ownllm.train.trainer import Trainer
+
+CFG = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
+TRAIN = dict(max_steps=3, time_budget=None, compile=False, dtype="float32", lr=1e-2, warmup_steps=0,
+             grad_accum=2, log_interval=1, eval_interval=0, checkpoint_interval=1e9, seed=5, threads=1)
+
+
+def draw(gen: torch.Generator, batch: int = 3, T: int = 16):
+    """Random tokens; a random share of targets masked, so ranks' token counts differ."""
+    x = torch.randint(0, CFG.vocab_size, (batch, T), generator=gen)
+    y = torch.randint(0, CFG.vocab_size, (batch, T), generator=gen)
+    y[torch.rand(batch, T, generator=gen) < 0.4] = -100
+    return x, y
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    trainer = Trainer(GPT(CFG), TrainConfig(**TRAIN), sys.argv[1], draw, lm_step, progress=False)
+    trainer.run()
