@@ -124,15 +124,20 @@ def answer_lengths(batch: dict) -> torch.Tensor:
 def open_run(start: str | Path | None, out: str | Path, tcfg: TrainConfig, defaults: TrainConfig, resume: bool,
              overwrite: bool, score_head: bool = False, lora_rank: int = 0, lora_alpha: float = 16.0):
     """(model with the start run's weights or the resumed ones, tokenizer, train config, start run).
-    A fresh run keeps the starting run's model config, adding a scalar head or LoRA adapters."""
+    A fresh run keeps the starting run's model config, adding a scalar head or LoRA adapters.
+    These stages run in one process on the CPU (their rollouts, reference and reward models are
+    built there); pretrain and sft are the ones that use a GPU and torchrun."""
     from ownllm.train.distributed import current
 
     if current().distributed:
-        raise OwnLLMError("reward, dpo, ppo and grpo train in one process (on this machine's GPU if it has one); "
-                          "start them without torchrun — pretrain and sft take several")
+        raise OwnLLMError("reward, dpo, ppo and grpo train in one process; start them without torchrun "
+                          "(pretrain and sft take several)")
+    if tcfg.device not in ("auto", "cpu"):
+        raise OwnLLMError(f"--set device={tcfg.device}: reward, dpo, ppo and grpo train on the CPU for now")
+    tcfg = dataclasses.replace(tcfg, device="cpu")
     out = Path(out)
     if resume:
-        tcfg = resumed_train_config(out, tcfg, defaults=defaults)
+        tcfg = dataclasses.replace(resumed_train_config(out, tcfg, defaults=defaults), device="cpu")
         saved = read_json(out / STAGE_FILE)
         start = saved.get("start", start)
         mcfg, tok = load_model_config(out), Tokenizer.load(out)
