@@ -178,6 +178,20 @@ def test_bundled_preferences_follow_the_rule_and_are_deterministic():
     assert not {p.prompt for p in test} & {p.prompt for p in a}
 
 
+def test_bundled_preferences_do_not_tie_style_to_truth():
+    """Rambling and the language of a refusal must not give away which answer is right: among
+    pairs decided by truth, rambling answers are about as often rejected as chosen (when only
+    the reference rambled, a reward model learnt to prefer rambling), and every rule occurs."""
+    from ownllm.data.preferences import RAMBLE, generate_preferences
+
+    pairs = generate_preferences(300, "train", seed=5, progress=False, pairs_per_prompt=12)
+    rambles = lambda t: any(t.startswith(r.split("{a}")[0]) for r in RAMBLE.values())  # noqa: E731
+    truth = [p for p in pairs if p.rule == "truth"]
+    chosen, rejected = sum(rambles(p.chosen) for p in truth), sum(rambles(p.rejected) for p in truth)
+    assert chosen > 20 and 0.5 < rejected / chosen < 2
+    assert {p.rule for p in pairs} == {"truth", "language", "directness"}
+
+
 # -- the stages, a few steps each on a tiny run ------------------------------------------------------
 from ownllm.cli import main  # noqa: E402
 

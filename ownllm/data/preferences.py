@@ -148,12 +148,17 @@ def _inventions(lang: str) -> list[str]:
 
 def perturbations(r: random.Random, ex: Example, others: list[str]) -> list[str]:
     """Candidates a rater sees besides the model's own answers: the reference (what a careful
-    person would write), the reference wrapped in rambling, a confident wrong answer (one value
-    changed, or an invention where nothing answers), and an honest refusal in the question's language."""
+    person would write), a confident wrong answer (one value changed, or an invention where nothing
+    answers), each also wrapped in rambling, and an honest refusal in the question's language and
+    in the other one. Rambling wraps wrong answers too, and refusals come in both languages: when
+    only the reference rambled, rambling went with being right in most pairs, and a reward model
+    learnt to prefer it (held-out directness pairs 0.16 right; with both 0.95)."""
     from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL, is_refusal
 
     wrong = r.choice(_inventions(ex.lang)) if is_refusal(ex.answer) else _corrupt(r, ex.answer, others)
-    return [ex.answer, RAMBLE[ex.lang].format(a=ex.answer), wrong, CLOSED_BOOK_REFUSAL[ex.lang]]
+    other = "zh" if ex.lang == "en" else "en"
+    return [ex.answer, RAMBLE[ex.lang].format(a=ex.answer), wrong, RAMBLE[ex.lang].format(a=wrong),
+            CLOSED_BOOK_REFUSAL[ex.lang], CLOSED_BOOK_REFUSAL[other]]
 
 
 def preference_prompts(n: int, split: str = "train", seed: int = 0) -> list[Example]:
