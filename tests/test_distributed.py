@@ -55,6 +55,10 @@ def test_ddp_two_processes_equal_one_process_on_both_batches(tmp_path):
     assert len(losses) == 3 and losses == pytest.approx([r["train_loss"] for r in ref_rows if "train_loss" in r], rel=1e-5)
     state = torch.load(tmp_path / "ddp" / "state.pt", weights_only=True)
     assert len(state["data_rngs"]) == 2  # both ranks' data positions, for an exact resume
+    from ownllm.errors import OwnLLMError
+
+    with pytest.raises(OwnLLMError, match="saved by 2 processes.*--nproc_per_node 2"):
+        Trainer(GPT(CFG), TrainConfig(**TRAIN), tmp_path / "ddp", draw, lm_step, resume=True, progress=False)
 
 
 def test_device_resolution_and_batch_moves():
