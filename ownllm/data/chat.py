@@ -126,11 +126,8 @@ def masked_lm_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     from ownllm.train.objectives import summed_nll
 
-    from ownllm.train.distributed import on_model_device
-
-    batch = on_model_device(batch, model)
-    logits, y, keep = target_logits(model, batch)
+    logits, y, keep = target_logits(model, batch)  # (moves the batch to the model's device)
     if "w" not in batch:
         return summed_nll(logits, y)
-    w = batch["w"][keep]  # 0 wherever there is no target, so nothing is lost by the selection
+    w = batch["w"].to(keep.device)[keep]  # 0 wherever there is no target, so nothing is lost by the selection
     return (F.cross_entropy(logits.float(), y, reduction="none") * w).sum(), w.sum()

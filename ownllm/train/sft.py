@@ -111,7 +111,8 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
     else:
         base = Path(base)
         tcfg = tcfg or sft_config()
-        if context(tcfg.device).is_main:  # under torchrun rank 0 writes the run directory
+        writer = context(tcfg.device).is_main  # under torchrun rank 0 writes the run directory
+        if writer:
             refuse_overwrite(out, overwrite)
         mcfg = load_model_config(base)
         tok = Tokenizer.load(base)
@@ -129,7 +130,7 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
     model = GPT(mcfg)
     if not resume:
         load_weights(model, base, base_only=mcfg.lora_rank > 0)
-        if context(tcfg.device).is_main:
+        if writer:
             start_run(out, tok, mcfg, tcfg, overwrite)
     if mcfg.lora_rank > 0:
         trainable, total = freeze_base(model)

@@ -266,19 +266,17 @@ class Trainer:
                 loss_sum.backward()
             total += loss_sum.detach().float()
             count += n
-        if self.ctx.distributed:  # the step's tokens over all ranks; DDP's mean of gradients × ranks = their sum
+        if self.ctx.distributed:  # the step's loss and tokens over all ranks
             total, count = D.all_reduce_sum(torch.stack([total, count])).unbind()
-            count = count.clamp(min=1) / self.ctx.world_size
-        else:
-            count = count.clamp(min=1)
+        count = count.clamp(min=1)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        torch._foreach_div_(grads, count)
+        torch._foreach_div_(grads, count / self.ctx.world_size)  # DDP's gradients are the mean over ranks
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total / (count * self.ctx.world_size)
+        return total / count
 
     def run(self, stop_at_step: int | None = None) -> dict:
         """Train until the budget ends (or `stop_at_step`, which simulates a kill after a checkpoint)."""
