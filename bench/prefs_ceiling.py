@@ -1,0 +1,65 @@
+"""How high can an aligned policy's win rate go without costing task accuracy? An upper bound.
+
+    python bench/prefs_ceiling.py --run runs/quickstart/sft [--n 400]
+
+`ownllm eval prefs` compares one sample (temperature 1) of a policy with one of the SFT model per
+held-out prompt, judged by the hidden rule (right > "I don't know" > wrong). Alignment cannot add
+skills, so the best it can do is (a) answer as SFT does at its best (its greedy answer) and (b) say
+"I don't know" where SFT is usually wrong. This scores such simulated policies against SFT's own
+samples: greedy everywhere, then abstaining on one more family at a time (cheapest in task accuracy
+first), with the task accuracy each costs (mean over the suite's families, exact match of the
+greedy answers on these prompts). Ends with `RESULT ceiling_within_2_points=…` — the best win rate
+of a simulated policy that keeps task accuracy within 0.02 of SFT (issue 4's condition).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import result_line  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True, help="the SFT run alignment starts from")
+    ap.add_argument("--n", type=int, default=400, help="held-out preference prompts")
+    args = ap.parse_args()
+
+    from ownllm.data.preferences import preference_prompts, sample_answers
+    from ownllm.data.tasks import FAMILIES
+    from ownllm.evaluation.judge import prefer
+    from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL
+
+    examples = preference_prompts(args.n, "test", 0)
+    theirs = [s[0] for s in sample_answers(args.run, examples, 1, 1, progress=False)]
+    greedy = [s[0] for s in sample_answers(args.run, examples, 1, 0, temperature=0.0, progress=False)]
+    n_fam = len(FAMILIES)  # task accuracy is the mean over the suite's families
+
+    win = defaultdict(lambda: [0.0, 0.0])   # family → [score answering greedily, score abstaining]
+    count, right = defaultdict(int), defaultdict(int)
+    for ex, a, b in zip(examples, greedy, theirs):
+        win[ex.family][0] += (prefer(ex, a, b) + 1) / 2
+        win[ex.family][1] += (prefer(ex, CLOSED_BOOK_REFUSAL[ex.lang], b) + 1) / 2
+        count[ex.family] += 1
+        right[ex.family] += a.strip() == ex.answer  # as `ownllm eval tasks` scores
+    # abstaining on a family costs its greedy accuracy ÷ the suite's family count (closed-book
+    # questions are not in the suite: free); a family is worth abstaining on only if it wins more
+    cost = {f: (right[f] / count[f] / n_fam if f in FAMILIES else 0.0) for f in win}
+    gain = {f: (win[f][1] - win[f][0]) / args.n for f in win}
+    score = sum(w[0] for w in win.values()) / args.n
+    spent, best = 0.0, score
+    print(f"{'policy':<44}{'win rate':>10}{'accuracy cost':>15}")
+    print(f"{'greedy answers everywhere':<44}{score:>10.3f}{0.0:>15.3f}")
+    for f in sorted((f for f in win if gain[f] > 0), key=lambda f: cost[f] / gain[f]):
+        score, spent = score + gain[f], spent + cost[f]
+        print(f"{'+ abstain on ' + f:<44}{score:>10.3f}{-spent:>15.3f}")
+        if spent <= 0.02:
+            best = score
+    print(result_line(ceiling_within_2_points=best, n=args.n))
+
+
+if __name__ == "__main__":
+    main()
