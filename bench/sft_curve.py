@@ -1,7 +1,7 @@
 """What more SFT steps buy: held-out accuracy of one SFT run, measured at several steps.
 
     python bench/sft_curve.py --base runs/quickstart/base [--steps 3000] [--marks 1000,2000,3000]
-                              [--out runs/sft-curve] [--agent] [--set KEY=VALUE ...]
+                              [--out DIR [--overwrite]] [--agent] [--set KEY=VALUE ...]
 
 One run of the default SFT recipe, its schedule set for `--steps`, stopped (checkpoint and resume,
 as a kill would) at each mark and scored there: exact match per task family (50 held-out prompts
@@ -9,11 +9,13 @@ each), and with --agent the agent's accuracy with tools and RAG exact match/hall
 demo knowledge base. Counts steps, not seconds, so the curve does not depend on how busy the
 machine is; one line per mark, then `RESULT` for the last. The quickstart's 10-minute recipe
 stops near 900 steps; this shows whether the suite's targets are a matter of more compute.
+The run goes to a temporary directory unless --out names one to keep.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +26,8 @@ from bench.common import result_line  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="a pretrained run (e.g. runs/quickstart/base)")
-    ap.add_argument("--out", default="runs/sft-curve")
+    ap.add_argument("--out", help="keep the SFT run here (default: a temporary directory)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--marks", default="1000,2000,3000")
     ap.add_argument("--agent", action="store_true", help="also score the agent and RAG at each mark")
@@ -33,8 +36,8 @@ def main() -> None:
 
     from ownllm.cli import _parse_sets
     from ownllm.config import apply_overrides
-    from ownllm.evaluation.tasks import evaluate_tasks
-    from ownllm.train.sft import sft, sft_config
+    from ownllm.errors import OwnLLMError
+    from ownllm.train.sft import sft_config
 
     marks = sorted(int(m) for m in args.marks.split(","))
     if not marks or marks[-1] > args.steps:
@@ -49,19 +52,30 @@ def main() -> None:
         from ownllm.rag.store import KnowledgeBase
         emb = find_embedder()
         kb, db = KnowledgeBase(demo_kb_path(emb), embedder=emb), ReadOnlyDB(demo_shop_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            curve(args, tcfg, marks, args.out or str(Path(tmp) / "sft"), kb, db)
+        except OwnLLMError as e:  # e.g. --out exists without --overwrite
+            sys.exit(f"error: {e}")
+
+
+def curve(args, tcfg, marks: list[int], out: str, kb, db) -> None:
+    from ownllm.evaluation.tasks import evaluate_tasks
+    from ownllm.train.sft import sft
+
     t0 = time.time()
     fields: dict = {}
     for i, mark in enumerate(marks):
-        r = sft(args.base, args.out, tcfg, resume=i > 0, overwrite=i == 0, progress=False, stop_at_step=mark,
-                log=lambda *a: None)
-        res = evaluate_tasks(args.out, n_per_family=50)
+        r = sft(args.base, out, tcfg, resume=i > 0, overwrite=i == 0 and args.overwrite, progress=False,
+                stop_at_step=mark, log=lambda *a: None)
+        res = evaluate_tasks(out, n_per_family=50)
         fields = {"step": r["step"], "mean_exact_match": round(res["mean_exact_match"], 4),
                   **{k: round(v, 2) for k, v in res["per_family"].items()}}
         if args.agent:
             from ownllm.evaluation.agent import evaluate_agent
             from ownllm.evaluation.rag import evaluate_rag
-            a = evaluate_agent(args.out, kb=kb, db=db, n_arith=20, n_sql=26, n_search=20)
-            g = evaluate_rag(args.out, kb, n=60, log=lambda *a: None)["rag"]
+            a = evaluate_agent(out, kb=kb, db=db, n_arith=20, n_sql=26, n_search=20)
+            g = evaluate_rag(out, kb, n=60, log=lambda *a: None)["rag"]
             fields.update(arithmetic_with_tools=round(a["with_tools"]["arithmetic"], 3),
                           sql_accuracy=round(a["with_tools"]["sql"], 3),
                           rag_exact_match=round(g["exact_match"], 3), hallucination_rag=round(g["hallucination"], 3))
