@@ -77,10 +77,9 @@ def examples_per_batch(ex: ChatExamples, tcfg: TrainConfig) -> int:
     return max(1, int(tcfg.batch_size * tcfg.seq_len / mean_len))
 
 
-def make_batcher(ex: ChatExamples, tcfg: TrainConfig, pad_id: int):
-    # packed: draw enough examples to fill batch_size rows; rows past batch_size are dropped
-    n_packed = examples_per_batch(ex, tcfg)
-
+def make_batcher(ex: ChatExamples, tcfg: TrainConfig, pad_id: int, n_packed: int):
+    # packed: draw n_packed examples (examples_per_batch: enough to fill batch_size rows); rows past
+    # batch_size are dropped
     def next_batch(gen: torch.Generator) -> dict:
         if not tcfg.pack:
             idx = torch.randint(0, len(ex), (tcfg.batch_size,), generator=gen).tolist()
@@ -139,9 +138,11 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
     log(f"sft: {len(train_ex):,} train / {len(val_ex):,} val conversations, "
         f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
     avg = sum(int((m[1:] == 1).sum()) for m in train_ex.masks) / len(train_ex)  # answer tokens per example
-    trainer = Trainer(model, dataclasses.replace(tcfg, seq_len=seq_len), out, make_batcher(train_ex, tcfg, tok.pad_id),
-                      masked_lm_step, evaluate=val_loss_fn(val_ex, tok.pad_id), resume=resume,
-                      tokens_per_batch=int(avg * examples_per_batch(train_ex, tcfg)), progress=progress)
+    per_batch = examples_per_batch(train_ex, tcfg)
+    trainer = Trainer(model, dataclasses.replace(tcfg, seq_len=seq_len), out,
+                      make_batcher(train_ex, tcfg, tok.pad_id, per_batch), masked_lm_step,
+                      evaluate=val_loss_fn(val_ex, tok.pad_id), resume=resume,
+                      tokens_per_batch=int(avg * per_batch), progress=progress)
     result = trainer.run(stop_at_step=stop_at_step)
     result.update(trainable_params=trainable, total_params=total, truncated=train_ex.truncated)
     return result

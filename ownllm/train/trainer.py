@@ -188,6 +188,10 @@ class Trainer:
                                                device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                                find_unused_parameters=False)
 
+    def _warmup_batch(self):
+        """A batch drawn from a fixed seed (leaves the training data stream untouched), on the device."""
+        return D.to_device(self.next_batch(torch.Generator().manual_seed(0)), self.device)
+
     def _loss(self, batch):
         batch = D.to_device(batch, self.device)
         with autocast(self.dtype, self.device):
@@ -282,16 +286,14 @@ class Trainer:
         """Train until the budget ends (or `stop_at_step`, which simulates a kill after a checkpoint)."""
         model = self.model.train()
         if self.dtype == "auto":
-            batch = D.to_device(self.next_batch(torch.Generator().manual_seed(0)), self.device)
-            self.dtype, timings = measure_dtype(model, self.loss_fn, batch, device=self.device)
+            self.dtype, timings = measure_dtype(model, self.loss_fn, self._warmup_batch(), device=self.device)
             if self.ctx.distributed:  # timings differ between processes: all follow rank 0
                 self.dtype = D.gather_objects(self.dtype)[0]
             self.metrics.write(step=self.step, event="dtype", chosen=self.dtype,
                                **{f"{k}_s_per_microbatch": v for k, v in timings.items()})
         elif self.cfg.compile:  # compile before the clock starts (measure_dtype above does it too)
             with autocast(self.dtype, self.device):
-                loss, _ = self.loss_fn(self.forward_model, D.to_device(self.next_batch(torch.Generator().manual_seed(0)),
-                                                                       self.device))
+                loss, _ = self.loss_fn(self.forward_model, self._warmup_batch())
             loss.backward()
             model.zero_grad(set_to_none=True)
         total = self.cfg.max_steps or None
