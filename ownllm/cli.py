@@ -184,6 +184,9 @@ def cmd_rag(args) -> None:
                 raise OwnLLMError('rag search: give the query, e.g. ownllm rag search "who is the mayor" --kb kb.sqlite')
             query = " ".join(args.paths)
             hits = kb.search(query, k=args.k, mode=args.mode)
+            if args.mode == "hybrid" and kb.embedder is not None and not kb.embedder.covers(query):
+                print(f"(hybrid: the embedder was trained on {', '.join(sorted(kb.embedder.languages))} only; "
+                      "this query is ranked by BM25 alone)")
             if not hits:
                 print("no matching chunks")
             for h in hits:

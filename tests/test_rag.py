@@ -176,9 +176,57 @@ def test_embedder_matches_hf_bert_and_dense_search_works(tmp_path):
     kb.index([docs])
     for mode in ("dense", "hybrid"):
         assert kb.search("How long is the river Quellis?", k=1, mode=mode)[0].path.endswith("b.html")
+    assert emb.languages == {"en"} and not emb.covers("翠岚镇在哪个省？") and emb.covers("Where is Varnok?")
     kb.close()
     with pytest.raises(OwnLLMError, match="vectors were made with"):
         KnowledgeBase(tmp_path / "kb.sqlite", embedder=type("E", (), {"name": "other:8"})())
+
+
+class _ScriptBlindEmbedder:
+    """Deterministic vectors from character codes; its card says English only (like MiniLM's)."""
+    name, dim = "blind:16", 16
+
+    def __init__(self):
+        from ownllm.rag.embed import Embedder
+        self.languages, self.calls = frozenset({"en"}), 0
+        self.covers = Embedder.covers.__get__(self)
+
+    def encode(self, texts):
+        self.calls += 1
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for j, ch in enumerate(t):
+                out[i, (ord(ch) * 7 + j) % self.dim] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_hybrid_leaves_dense_out_for_a_script_the_embedder_never_learned(tmp_path):
+    from ownllm.rag.embed import card_languages, cjk_languages
+
+    docs = tmp_path / "docs"
+    _docs(docs)
+    emb = _ScriptBlindEmbedder()
+    kb = KnowledgeBase(tmp_path / "kb.sqlite", embedder=emb, create=True)
+    kb.index([docs])
+    zh = "翠岚镇的镇长是谁？"
+    calls = emb.calls
+    assert [h.chunk_id for h in kb.search(zh, k=3, mode="hybrid")] == [h.chunk_id for h in kb.search(zh, k=3)]
+    assert emb.calls == calls                      # the query was never embedded
+    kb.search("Who is the mayor of Varnok?", k=3, mode="hybrid")
+    assert emb.calls == calls + 1                  # English: fused as before
+    kb.close()
+
+    assert cjk_languages("翠岚镇的镇长是谁？ Who") == {"zh", "ja"} and cjk_languages("Where is 翠岚镇 exactly, please?") is None
+    assert cjk_languages("こんにちは世界") == {"ja"} and cjk_languages("안녕하세요") == {"ko"} and cjk_languages("1642") is None
+    cards = {"inline": "---\nlanguage: en\nlicense: mit\n---\n# x\n", "list": "---\nlanguage:\n- EN\n- 'zh'\ntags:\n- a\n---\n",
+             "flow": "---\nlanguage: [en, ko]\n---\n", "none": "---\nlicense: mit\n---\n", "nofront": "language: en\n"}
+    for name, text in cards.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "README.md").write_text(text)
+    assert card_languages(tmp_path / "inline") == {"en"} and card_languages(tmp_path / "list") == {"en", "zh"}
+    assert card_languages(tmp_path / "flow") == {"en", "ko"}
+    assert card_languages(tmp_path / "none") is None and card_languages(tmp_path / "nofront") is None
+    assert card_languages(tmp_path / "docs") is None      # no card at all: languages unknown, dense always used
 
 
 def test_grounded_format_round_trip():
