@@ -467,6 +467,15 @@ def cmd_merge_lora(args) -> None:
     print(f"merged adapters of {args.run} into {args.out}")
 
 
+def cmd_export(args) -> None:
+    from ownllm.interop.hf import export_hf
+
+    r = export_hf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"{r['out']}: {r['architecture']}, {r['parameters'] / 1e6:.2f}M parameters in {r['dtype']} "
+          f"({r['bytes'] / 1e6:.1f} MB){', LoRA adapters merged' if r['lora_merged'] else ''}; "
+          f"load it with transformers' from_pretrained")
+
+
 def cmd_chat(args) -> None:
     from ownllm.inference.chat import repl
 
@@ -672,6 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face model directory (Llama layout, chat template)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True, help="the directory to write (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("chat", help="multi-turn chat with a fine-tuned run (streams)")
     p.add_argument("--run", required=True)

@@ -3,7 +3,7 @@
 Where it sits: the main job. Pipeline now: tokenizer + pretraining (tiny preset, Shakespeare +
 Chinese poetry + the task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
-tool-use traces) → held-out exact match and a chat sample → RAG over the demo knowledge base
+tool-use traces) → held-out exact match, a chat sample and a Hugging Face export → RAG over the demo knowledge base
 (retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools →
 alignment: preference pairs ranked by the hidden rule, a reward model, DPO, PPO against the reward
 model and GRPO against the arithmetic verifier, each judged on held-out prompts.
@@ -33,6 +33,7 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
     from ownllm.rag.store import KnowledgeBase
     from ownllm.inference.chat import ChatSession
     from ownllm.inference.generate import generate_text
+    from ownllm.interop.hf import export_hf
     from ownllm.train.pretrain import pretrain
     from ownllm.train.sft import sft, sft_config
 
@@ -67,6 +68,8 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
         chat_demo.append((q, "".join(chat.reply(q))))
         chat.command("/reset")
         log(f"you> {q}\nbot> {chat_demo[-1][1]}")
+    exported = export_hf(sft_run, out / "hf", overwrite=True)
+    log(f"exported for transformers: {exported['out']} ({exported['architecture']}, {exported['bytes'] / 1e6:.1f} MB)")
 
     log("== 5/7 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
     embedder = find_embedder()
@@ -99,8 +102,8 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
                "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
                "rlhf": rlhf, "wall_s": wall}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent)
-                                   + _rlhf_report(rlhf), encoding="utf-8")
+    (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent,
+                                           exported) + _rlhf_report(rlhf), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
     log(f"RESULT val_bpb={mean_bpb:.4f} base_zero_shot={base_tasks[0]['mean_exact_match']:.4f} "
@@ -184,7 +187,7 @@ def _plot_tasks(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent) -> str:
+def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent, exported) -> str:
     fams = list(sft_tasks["per_family"])
     L = ["# ownllm quickstart report card", "",
          f"The whole pipeline in {wall / 60:.1f} minutes of wall time on this machine. Each stage's run directory "
@@ -208,7 +211,9 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
     L += ["", "![task accuracy](plots/task_accuracy.png) ![SFT loss](plots/sft_loss.png)", "", "Chat (greedy):", "", "```"]
     for q, a in chat_demo:
         L += [f"you> {q}", f"bot> {a}"]
-    L += ["```", "", "## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
+    L += ["```", "", f"Exported for `transformers` (`ownllm export --run sft --out hf`): `hf/`, {exported['architecture']}, "
+          f"{exported['bytes'] / 1e6:.1f} MB; `AutoModelForCausalLM.from_pretrained` and the tokenizer's chat template "
+          "give the same logits and token ids as the run.", "", "## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
           "| retrieval | recall@5 | MRR |", "|---|---:|---:|"]
     L += [f"| {m} | {r['recall_at_5']:.3f} | {r['mrr']:.3f} |" for m, r in rag["retrieval"].items()]
     cb, rg = rag["closed_book"], rag["rag"]

@@ -1,1 +1,1 @@
-"""Interoperability with other ecosystems (Hugging Face Llama layout now; GGUF later)."""
+"""Interoperability with other ecosystems: Hugging Face Llama layout (export, parity tests)."""

@@ -1,16 +1,28 @@
-"""Hugging Face `LlamaForCausalLM` layout: config and weight-name mapping.
+"""Hugging Face `LlamaForCausalLM` layout: config, weight-name mapping, and `ownllm export`.
 
-Where it sits: used by tests (logit parity against transformers) and by export/import.
-Our parameter names are HF's without the leading `model.` (lm_head keeps its name), so the
-mapping is a prefix; no tensor is permuted because we use HF's rotate-half RoPE convention.
+Where it sits: `ownllm export --run R --out DIR` writes a run as a directory that
+`transformers` loads with `AutoModelForCausalLM.from_pretrained(DIR)` (a reward model: with
+`AutoModelForSequenceClassification`, one label) and `AutoTokenizer.from_pretrained(DIR)`,
+chat template included; tests check logits, chat-template ids and greedy generations against
+transformers. Our parameter names are HF's without the leading `model.` (lm_head keeps its
+name), so the mapping is a prefix; no tensor is permuted because we use HF's rotate-half RoPE
+convention. LoRA adapters are folded into the weights on the way out.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ownllm.config import ModelConfig
+from ownllm.errors import OwnLLMError
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hf_config_dict(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
@@ -49,3 +61,82 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         else:
             out["model." + name] = t
     return out
+
+
+def to_hf_reward_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A reward model as `LlamaForSequenceClassification`: the scalar head is HF's `score`; our
+    unused language-model head stays behind."""
+    return {("score.weight" if n == "score.weight" else "model." + n): t for n, t in state.items()
+            if n != "lm_head.weight"}
+
+
+def _model_card(run: Path, cfg: ModelConfig, arch: str, dtype: str) -> str:
+    auto = "AutoModelForSequenceClassification" if cfg.score_head else "AutoModelForCausalLM"
+    return (f"---\nlibrary_name: transformers\ntags:\n- ownllm\n- llama\n---\n"
+            f"# {run.name}\n\nExported by `ownllm export` from the run `{run}` as `{arch}` ({dtype}): "
+            f"{cfg.num_params() / 1e6:.2f}M parameters, {cfg.n_layers} layers, dim {cfg.dim}, "
+            f"vocab {cfg.vocab_size}, context {cfg.max_seq_len} tokens.\n\n"
+            f"```python\nfrom transformers import AutoTokenizer, {auto}\n"
+            f"tok = AutoTokenizer.from_pretrained(PATH)\nmodel = {auto}.from_pretrained(PATH)\n```\n\n"
+            "The chat template is the tokenizer's (`tok.apply_chat_template(messages, add_generation_prompt=True)`);"
+            " a turn ends with `<|end|>`, which generation_config.json lists as an end-of-sequence token.\n")
+
+
+def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> dict:
+    """Write run `run` as a Hugging Face model directory at `out`; returns a summary. The
+    directory is assembled beside `out` and moved into place at the end, so a failed export
+    leaves nothing half-written (and an existing `out` untouched unless `overwrite`)."""
+    from safetensors.torch import save_file
+
+    from ownllm.checkpoint import load_model
+    from ownllm.lora import merged_state_dict
+    from ownllm.tokenizer import Tokenizer
+
+    run, out = Path(run), Path(out)
+    if dtype not in EXPORT_DTYPES:
+        raise OwnLLMError(f"--dtype {dtype}: expected one of {', '.join(EXPORT_DTYPES)}")
+    if out.resolve() == run.resolve():
+        raise OwnLLMError(f"{out}: is the run itself; export to another directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
+            raise OwnLLMError(f"{out}: exists and is not a model directory; export to a new or empty directory")
+        if not overwrite:
+            raise OwnLLMError(f"{out}: already holds a model; pass --overwrite to replace it")
+    if not (run / "config.json").is_file():
+        raise OwnLLMError(f"--run {run}: no config.json; expected a run directory")
+    model = load_model(run)
+    tok = Tokenizer.load(run)
+    cfg = dataclasses.replace(model.config, lora_rank=0)
+    state = merged_state_dict(model) if model.config.lora_rank else model.state_dict()
+    if cfg.score_head:
+        arch = "LlamaForSequenceClassification"
+        weights = to_hf_reward_state_dict(state)
+    else:
+        arch = "LlamaForCausalLM"
+        weights = to_hf_state_dict(state, cfg)
+    weights = {k: v.detach().to(EXPORT_DTYPES[dtype]).contiguous() for k, v in weights.items()}
+    hf_cfg = hf_config_dict(cfg, tok.bos_id, tok.eos_id, tok.pad_id)
+    hf_cfg.update(architectures=[arch], torch_dtype=dtype)
+    if cfg.score_head:
+        hf_cfg.update(num_labels=1, id2label={"0": "reward"}, label2id={"reward": 0})
+    gen_cfg = {"bos_token_id": tok.bos_id, "eos_token_id": [tok.end_id, tok.eos_id], "pad_token_id": tok.pad_id}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+        tok.save(tmp, model_max_length=cfg.max_seq_len)
+        (tmp / "README.md").write_text(_model_card(run, cfg, arch, dtype), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "architecture": arch, "dtype": dtype, "tensors": len(weights),
+            "parameters": sum(v.numel() for v in weights.values()),
+            "bytes": (out / "model.safetensors").stat().st_size, "lora_merged": bool(model.config.lora_rank)}

@@ -1,0 +1,98 @@
+"""`ownllm export`: the Hugging Face directory loads in transformers and behaves like the run."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from ownllm.checkpoint import save_checkpoint
+from ownllm.cli import main
+from ownllm.config import ModelConfig
+from ownllm.inference import Engine, SamplingParams
+from ownllm.model import GPT
+from tests.conftest import randomize_
+
+transformers = pytest.importorskip("transformers")
+
+
+def _run(tmp_path, tokenizer, name="run", **over):
+    cfg = ModelConfig(**{**dict(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                ffn_dim=160, max_seq_len=96), **over})
+    torch.manual_seed(0)
+    model = randomize_(GPT(cfg)).eval()
+    d = tmp_path / name
+    tokenizer.save(d, model_max_length=cfg.max_seq_len)
+    save_checkpoint(d, model)
+    return d, model
+
+
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: 7 2 9 4"},
+        {"role": "assistant", "content": "2 4 7 9"}, {"role": "user", "content": "把 305 写成中文数字。"}]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_loads_in_transformers_with_the_same_logits_template_and_generations(tmp_path, small_tokenizer, tie):
+    run, model = _run(tmp_path, small_tokenizer, tie_embeddings=tie)
+    out = tmp_path / "hf"
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings == tie
+    ids = small_tokenizer.render(MSGS, add_generation_prompt=True).ids
+    theirs = hf_tok.apply_chat_template(MSGS, add_generation_prompt=True)
+    assert list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
+    engine = Engine(model, small_tokenizer.pad_id)
+    ours = engine.generate([ids], SamplingParams(max_new_tokens=12, temperature=0, stop_ids=()))[0]
+    theirs = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, min_new_tokens=12)[0, len(ids):]
+    assert list(ours) == theirs.tolist()
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [small_tokenizer.end_id, small_tokenizer.eos_id]
+    assert not list(tmp_path.glob(".hf.export-*"))        # the staging directory is gone
+
+
+def test_export_folds_lora_and_writes_reward_models_and_bf16(tmp_path, small_tokenizer):
+    lora_run, lora = _run(tmp_path, small_tokenizer, "lora", lora_rank=4, lora_alpha=8)
+    x = torch.randint(0, small_tokenizer.vocab_size, (2, 17))
+    assert main(["export", "--run", str(lora_run), "--out", str(tmp_path / "hf_lora")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, lora(x), rtol=1e-4, atol=1e-4)
+
+    rm_run, rm = _run(tmp_path, small_tokenizer, "rm", score_head=True)
+    assert main(["export", "--run", str(rm_run), "--out", str(tmp_path / "hf_rm")]) == 0
+    hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_rm").eval()
+    assert hf_rm.config.num_labels == 1
+    with torch.no_grad():  # HF pools each row's last token (no padding here): our reward read there
+        torch.testing.assert_close(hf_rm(x).logits[:, 0], rm.scores(x)[:, -1], rtol=1e-4, atol=1e-4)
+
+    plain_run, plain = _run(tmp_path, small_tokenizer, "plain")
+    assert main(["export", "--run", str(plain_run), "--out", str(tmp_path / "hf16"), "--dtype", "bfloat16"]) == 0
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf16", dtype=torch.float32).eval()
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with torch.no_grad():
+        ref = GPT(dataclasses.replace(plain.config))
+        ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in plain.state_dict().items()})
+        torch.testing.assert_close(hf16(x).logits, ref.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_to_clobber_and_names_what_is_wrong(tmp_path, small_tokenizer, capsys):
+    run, _ = _run(tmp_path, small_tokenizer)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for flags in ([], ["--overwrite"]):    # not a model directory: never replaced
+        assert main(["export", "--run", str(run), "--out", str(out), *flags]) == 2
+        assert "not a model directory" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    out = tmp_path / "hf2"
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", "--run", str(run), "--out", str(out), "--overwrite", "--dtype", "float16"]) == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    assert main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["export", "--run", str(run), "--out", str(run), "--overwrite"]) == 2
+    assert "is the run itself" in capsys.readouterr().err and (run / "model.safetensors").is_file()
