@@ -468,12 +468,18 @@ def cmd_merge_lora(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from ownllm.interop.hf import export_hf
+    if args.format == "gguf":
+        from ownllm.interop.gguf import export_gguf
 
-    r = export_hf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        r = export_gguf(args.run, args.out, dtype=args.dtype or "float16", overwrite=args.overwrite)
+        how = "load it with llama.cpp-family runtimes"
+    else:
+        from ownllm.interop.hf import export_hf
+
+        r = export_hf(args.run, args.out, dtype=args.dtype or "float32", overwrite=args.overwrite)
+        how = "load it with transformers' from_pretrained"
     print(f"{r['out']}: {r['architecture']}, {r['parameters'] / 1e6:.2f}M parameters in {r['dtype']} "
-          f"({r['bytes'] / 1e6:.1f} MB){', LoRA adapters merged' if r['lora_merged'] else ''}; "
-          f"load it with transformers' from_pretrained")
+          f"({r['bytes'] / 1e6:.1f} MB){', LoRA adapters merged' if r['lora_merged'] else ''}; {how}")
 
 
 def cmd_chat(args) -> None:
@@ -682,10 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge_lora)
 
-    p = sub.add_parser("export", help="write a run as a Hugging Face model directory (Llama layout, chat template)")
+    p = sub.add_parser("export", help="write a run as a Hugging Face model directory or a GGUF file (Llama layout, chat template)")
     p.add_argument("--run", required=True)
-    p.add_argument("--out", required=True, help="the directory to write (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", required=True, help="hf: the directory to write (config.json, model.safetensors, tokenizer); "
+                   "gguf: the file")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights (default: float32 for hf, float16 for gguf; gguf has no bfloat16 here)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.set_defaults(func=cmd_export)
 

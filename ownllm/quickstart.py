@@ -3,7 +3,7 @@
 Where it sits: the main job. Pipeline now: tokenizer + pretraining (tiny preset, Shakespeare +
 Chinese poetry + the task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
-tool-use traces) → held-out exact match, a chat sample and a Hugging Face export → RAG over the demo knowledge base
+tool-use traces) → held-out exact match, a chat sample, Hugging Face and GGUF exports → RAG over the demo knowledge base
 (retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools →
 alignment: preference pairs ranked by the hidden rule, a reward model, DPO, PPO against the reward
 model and GRPO against the arithmetic verifier, each judged on held-out prompts.
@@ -33,6 +33,7 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
     from ownllm.rag.store import KnowledgeBase
     from ownllm.inference.chat import ChatSession
     from ownllm.inference.generate import generate_text
+    from ownllm.interop.gguf import export_gguf
     from ownllm.interop.hf import export_hf
     from ownllm.train.pretrain import pretrain
     from ownllm.train.sft import sft, sft_config
@@ -69,7 +70,9 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
         chat.command("/reset")
         log(f"you> {q}\nbot> {chat_demo[-1][1]}")
     exported = export_hf(sft_run, out / "hf", overwrite=True)
-    log(f"exported for transformers: {exported['out']} ({exported['architecture']}, {exported['bytes'] / 1e6:.1f} MB)")
+    exported["gguf"] = export_gguf(sft_run, out / "sft.gguf", overwrite=True)
+    log(f"exported for transformers: {exported['out']} ({exported['architecture']}, {exported['bytes'] / 1e6:.1f} MB); "
+        f"for llama.cpp: {exported['gguf']['out']} ({exported['gguf']['bytes'] / 1e6:.1f} MB, float16)")
 
     log("== 5/7 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
     embedder = find_embedder()
@@ -213,7 +216,8 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
         L += [f"you> {q}", f"bot> {a}"]
     L += ["```", "", f"Exported for `transformers` (`ownllm export --run sft --out hf`): `hf/`, {exported['architecture']}, "
           f"{exported['bytes'] / 1e6:.1f} MB; `AutoModelForCausalLM.from_pretrained` and the tokenizer's chat template "
-          "give the same logits and token ids as the run.", "", "## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
+          "give the same logits and token ids as the run. For llama.cpp-family runtimes: `sft.gguf` "
+          f"(`ownllm export --run sft --out sft.gguf --format gguf`, float16, {exported['gguf']['bytes'] / 1e6:.1f} MB).", "", "## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
           "| retrieval | recall@5 | MRR |", "|---|---:|---:|"]
     L += [f"| {m} | {r['recall_at_5']:.3f} | {r['mrr']:.3f} |" for m, r in rag["retrieval"].items()]
     cb, rg = rag["closed_book"], rag["rag"]

@@ -96,3 +96,70 @@ def test_export_refuses_to_clobber_and_names_what_is_wrong(tmp_path, small_token
     assert "nope" in capsys.readouterr().err
     assert main(["export", "--run", str(run), "--out", str(run), "--overwrite"]) == 2
     assert "is the run itself" in capsys.readouterr().err and (run / "model.safetensors").is_file()
+
+
+def _interleaved_rope_forward(reader, ids: torch.Tensor) -> torch.Tensor:
+    """A Llama forward pass written from the GGUF file alone, rotating *adjacent* pairs as
+    llama.cpp does: it agrees with the run only if q/k were permuted correctly on the way out."""
+    f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    W = {t.name: torch.tensor(t.data.astype("float32")) for t in reader.tensors}
+    n_h, n_kv, hd = f["llama.attention.head_count"], f["llama.attention.head_count_kv"], f["llama.rope.dimension_count"]
+    eps, base = f["llama.attention.layer_norm_rms_epsilon"], f["llama.rope.freq_base"]
+    T = ids.shape[0]
+    pos = torch.arange(T, dtype=torch.float64)[:, None]
+    ang = pos * base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)       # (T, hd/2)
+    cos, sin = ang.cos().float()[:, None], ang.sin().float()[:, None]
+
+    def rope(x):  # x: (T, heads, hd); pairs (0,1), (2,3), ...
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    x = W["token_embd.weight"][ids]
+    for i in range(f["llama.block_count"]):
+        g = lambda n: W[f"blk.{i}.{n}.weight"]  # noqa: E731
+        h = norm(x, g("attn_norm"))
+        q, k, v = (h @ g("attn_q").T).view(T, n_h, hd), (h @ g("attn_k").T).view(T, n_kv, hd), (h @ g("attn_v").T).view(T, n_kv, hd)
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(n_h // n_kv, 1), v.repeat_interleave(n_h // n_kv, 1)
+        att = torch.einsum("thd,shd->hts", q, k) / hd ** 0.5
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        x = x + torch.einsum("hts,shd->thd", att, v).reshape(T, -1) @ g("attn_output").T
+        h = norm(x, g("ffn_norm"))
+        x = x + (torch.nn.functional.silu(h @ g("ffn_gate").T) * (h @ g("ffn_up").T)) @ g("ffn_down").T
+    return norm(x, W["output_norm.weight"]) @ W.get("output.weight", W["token_embd.weight"]).T
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gguf_export_reads_back_and_runs_like_the_run(tmp_path, small_tokenizer, tie):
+    gguf = pytest.importorskip("gguf")
+    run, model = _run(tmp_path, small_tokenizer, tie_embeddings=tie)
+    out = tmp_path / "model.gguf"
+    assert main(["export", "--run", str(run), "--out", str(out), "--format", "gguf", "--dtype", "float32"]) == 0
+    r = gguf.GGUFReader(out)
+    meta = {k: v.contents() for k, v in r.fields.items()}
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.pre"] == "refact"
+    assert meta["llama.attention.head_count_kv"] == 2 and meta["llama.context_length"] == 96
+    vocab = small_tokenizer.hf.get_vocab()
+    assert meta["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    assert meta["tokenizer.ggml.eot_token_id"] == small_tokenizer.end_id
+    assert meta["tokenizer.ggml.token_type"][small_tokenizer.end_id] == 3 and meta["tokenizer.ggml.token_type"][300] == 1
+    assert len(meta["tokenizer.ggml.merges"]) == small_tokenizer.vocab_size - 256 - 16
+    assert ("output.weight" in {t.name for t in r.tensors}) != tie
+    ids = torch.tensor(small_tokenizer.render(MSGS, add_generation_prompt=True).ids)
+    with torch.no_grad():
+        torch.testing.assert_close(_interleaved_rope_forward(r, ids), model(ids[None])[0], rtol=1e-4, atol=1e-4)
+
+    half = tmp_path / "half.gguf"
+    assert main(["export", "--run", str(run), "--out", str(half), "--format", "gguf"]) == 0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(half).tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+    assert main(["export", "--run", str(run), "--out", str(half), "--format", "gguf"]) == 2   # exists
+    assert main(["export", "--run", str(run), "--out", str(tmp_path), "--format", "gguf"]) == 2  # a directory
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "b.gguf"), "--format", "gguf",
+                 "--dtype", "bfloat16"]) == 2
+    rm_run, _ = _run(tmp_path, small_tokenizer, "rm", score_head=True)
+    assert main(["export", "--run", str(rm_run), "--out", str(tmp_path / "rm.gguf"), "--format", "gguf"]) == 2
+    assert not list(tmp_path.glob(".*.tmp"))

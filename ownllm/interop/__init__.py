@@ -1,1 +1,2 @@
-"""Interoperability with other ecosystems: Hugging Face Llama layout (export, parity tests)."""
+"""Interoperability with other ecosystems: Hugging Face Llama directories (hf.py) and GGUF files
+(gguf.py), both written by `ownllm export`."""
