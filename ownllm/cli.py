@@ -482,6 +482,14 @@ def cmd_export(args) -> None:
           f"({r['bytes'] / 1e6:.1f} MB){', LoRA adapters merged' if r['lora_merged'] else ''}; {how}")
 
 
+def cmd_import(args) -> None:
+    from ownllm.interop.hf import import_hf
+
+    r = import_hf(args.hf, args.out, overwrite=args.overwrite)
+    print(f"{r['out']}: {r['parameters'] / 1e6:.2f}M parameters, {r['layers']} layers, dim {r['dim']}, "
+          f"vocab {r['vocab_size']}{', tied embeddings' if r['tied'] else ''}; use it as --run or --base")
+
+
 def cmd_chat(args) -> None:
     from ownllm.inference.chat import repl
 
@@ -697,6 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights (default: float32 for hf, float16 for gguf; gguf has no bfloat16 here)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="bring a Hugging Face Llama directory (e.g. an ownllm export trained elsewhere) back as a run")
+    p.add_argument("--hf", required=True, help="directory with config.json, model.safetensors (or an index of shards), tokenizer.json")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("chat", help="multi-turn chat with a fine-tuned run (streams)")
     p.add_argument("--run", required=True)

@@ -163,3 +163,69 @@ def test_gguf_export_reads_back_and_runs_like_the_run(tmp_path, small_tokenizer,
     rm_run, _ = _run(tmp_path, small_tokenizer, "rm", score_head=True)
     assert main(["export", "--run", str(rm_run), "--out", str(tmp_path / "rm.gguf"), "--format", "gguf"]) == 2
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_import_brings_back_an_export_and_a_sharded_transformers_save(tmp_path, small_tokenizer, capsys):
+    from ownllm.inference.generate import load_run
+
+    run, model = _run(tmp_path, small_tokenizer, tie_embeddings=False)
+    x = torch.randint(0, small_tokenizer.vocab_size, (2, 23))
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, tok = load_run(tmp_path / "back")
+    ref = GPT(model.config)
+    ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ref.eval()(x), rtol=0, atol=0)      # bf16 weights, read exactly
+    assert tok.render(MSGS).ids == small_tokenizer.render(MSGS).ids
+
+    # trained elsewhere and saved by transformers in shards: comes back with the same logits
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        hf.model.norm.weight.mul_(1.5)
+    hf.save_pretrained(tmp_path / "shards", max_shard_size="200KB")
+    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "shards" / f).write_bytes((tmp_path / "hf" / f).read_bytes())
+    assert main(["import", "--hf", str(tmp_path / "shards"), "--out", str(tmp_path / "back2")]) == 0
+    back2, _ = load_run(tmp_path / "back2")
+    with torch.no_grad():
+        torch.testing.assert_close(back2(x), hf.eval()(x).logits, rtol=1e-4, atol=1e-4)
+
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 2   # a run is there
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_import_refuses_what_it_cannot_run_exactly(tmp_path, small_tokenizer, capsys):
+    run, _ = _run(tmp_path, small_tokenizer)
+    src = tmp_path / "hf"
+    assert main(["export", "--run", str(run), "--out", str(src)]) == 0
+    cfg = json.loads((src / "config.json").read_text())
+
+    def refused(change: dict, expect: str, edit=None):
+        (src / "config.json").write_text(json.dumps({**cfg, **change}))
+        if edit:
+            edit()
+        assert main(["import", "--hf", str(src), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert expect in err, err
+        assert not (tmp_path / "x" / "model.safetensors").exists()
+
+    refused({"model_type": "qwen2"}, "model_type 'qwen2'")
+    refused({"attention_bias": True}, "attention_bias=True")
+    refused({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'")
+    refused({"num_hidden_layers": 3}, "missing ['layers.2.")
+    refused({"intermediate_size": 128}, "has shape")
+    (src / "config.json").write_text(json.dumps(cfg))
+    ours = (src / "tokenizer.json").read_bytes()
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+    foreign = HFTokenizer(models.BPE())                # another model's BPE: no ownllm chat tokens
+    foreign.pre_tokenizer = pre_tokenizers.ByteLevel()
+    foreign.train_from_iterator(["Varnok is a town. 翠岚镇在青屿省。"] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"]))
+    foreign.save(str(src / "tokenizer.json"))
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "x")]) == 2
+    assert "not supported yet" in capsys.readouterr().err
+    (src / "tokenizer.json").write_bytes(ours)
+    (src / "model.safetensors").unlink()
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "x")]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err

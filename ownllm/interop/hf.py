@@ -7,6 +7,10 @@ chat template included; tests check logits, chat-template ids and greedy generat
 transformers. Our parameter names are HF's without the leading `model.` (lm_head keeps its
 name), so the mapping is a prefix; no tensor is permuted because we use HF's rotate-half RoPE
 convention. LoRA adapters are folded into the weights on the way out.
+`ownllm import --hf DIR --out R` goes the other way for a Llama directory whose tokenizer came
+from ownllm (say an export fine-tuned with other tools): single or sharded safetensors, any float
+dtype (stored as float32); biases, scaled RoPE and other features the model cannot run exactly
+are refused by name.
 """
 from __future__ import annotations
 
@@ -140,3 +144,104 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
     return {"out": str(out), "architecture": arch, "dtype": dtype, "tensors": len(weights),
             "parameters": sum(v.numel() for v in weights.values()),
             "bytes": (out / "model.safetensors").stat().st_size, "lora_merged": bool(model.config.lora_rank)}
+
+
+def model_config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
+    """Our ModelConfig for a transformers Llama `config.json`; anything the model cannot run exactly
+    (biases, scaled RoPE, another activation or head size) is refused by name."""
+    if d.get("model_type") != "llama":
+        raise OwnLLMError(f"{source}: model_type {d.get('model_type')!r}; `ownllm import` reads the Llama architecture "
+                          "(model_type 'llama')")
+    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if d.get(key, ok) != ok:
+            raise OwnLLMError(f"{source}: {key}={d[key]!r} is not supported (expected {ok!r})")
+    rope = d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or (d.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise OwnLLMError(f"{source}: RoPE scaling {rope_type!r} is not supported (plain RoPE only)")
+    try:
+        dim, n_heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+        if d.get("head_dim") not in (None, dim // n_heads):
+            raise OwnLLMError(f"{source}: head_dim {d['head_dim']} differs from hidden_size / num_attention_heads")
+        theta = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        return ModelConfig(vocab_size=int(d["vocab_size"]), dim=dim, n_layers=int(d["num_hidden_layers"]),
+                           n_heads=n_heads, n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+                           ffn_dim=int(d["intermediate_size"]), max_seq_len=int(d.get("max_position_embeddings", 2048)),
+                           rope_theta=float(theta), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                           tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise OwnLLMError(f"{source}: missing field {e.args[0]!r}") from None
+
+
+def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards listed by model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError):
+            raise OwnLLMError(f"{index}: not a safetensors index (expected a 'weight_map')") from None
+    elif (src / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        extra = " (pytorch_model.bin is not read: pickles can run code; save it as safetensors)" \
+            if (src / "pytorch_model.bin").exists() else ""
+        raise OwnLLMError(f"{src}: no model.safetensors or model.safetensors.index.json{extra}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (src / f).is_file():
+            raise OwnLLMError(f"{src / f}: listed in the index but missing")
+        state.update(load_file(str(src / f)))
+    return state
+
+
+def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """A transformers LlamaForCausalLM directory → an ownllm run (config, float32 weights,
+    tokenizer). The tokenizer must carry ownllm's chat tokens: this brings back a model exported by
+    ownllm and trained elsewhere; other tokenizers (their own chat templates) are not supported yet."""
+    from ownllm.checkpoint import refuse_overwrite, save_checkpoint
+    from ownllm.model import GPT
+    from ownllm.tokenizer import Tokenizer
+
+    src, out = Path(src), Path(out)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise OwnLLMError(f"{src}: no config.json; expected a Hugging Face model directory")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise OwnLLMError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg = model_config_from_hf(raw, str(cfg_path))
+    try:
+        tok = Tokenizer.load(src)
+    except OwnLLMError as e:
+        raise OwnLLMError(f"{src}: {e}. `ownllm import` needs a tokenizer made by ownllm (its chat tokens); "
+                          "importing other tokenizers is not supported yet") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise OwnLLMError(f"{src}: the tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
+    refuse_overwrite(out, overwrite)
+    state = {}
+    for name, t in read_hf_weights(src).items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        state[name[len("model."):] if name.startswith("model.") else name] = t.float()
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    model = GPT(cfg)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise OwnLLMError(f"{src}: weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(model.state_dict()[k].shape):
+            raise OwnLLMError(f"{src}: {k} has shape {tuple(t.shape)}, the config implies {tuple(model.state_dict()[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out, model_max_length=cfg.max_seq_len)
+    save_checkpoint(out, model, step=0)
+    return {"out": str(out), "parameters": cfg.num_params(), "layers": cfg.n_layers, "dim": cfg.dim,
+            "vocab_size": cfg.vocab_size, "tied": cfg.tie_embeddings}
