@@ -92,6 +92,7 @@ def test_export_refuses_to_clobber_and_names_what_is_wrong(tmp_path, small_token
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", "--run", str(run), "--out", str(out), "--overwrite", "--dtype", "float16"]) == 0
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    assert not list(tmp_path.glob(".hf2.*"))        # neither the staging copy nor the replaced export is left
     assert main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "nope" in capsys.readouterr().err
     assert main(["export", "--run", str(run), "--out", str(run), "--overwrite"]) == 2
@@ -194,6 +195,10 @@ def test_import_brings_back_an_export_and_a_sharded_transformers_save(tmp_path, 
 
     assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 2   # a run is there
     assert "--overwrite" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mine"), "--overwrite"]) == 2
+    assert "not a run directory" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").exists()
 
 
 def test_import_refuses_what_it_cannot_run_exactly(tmp_path, small_tokenizer, capsys):
@@ -216,6 +221,7 @@ def test_import_refuses_what_it_cannot_run_exactly(tmp_path, small_tokenizer, ca
     refused({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'")
     refused({"num_hidden_layers": 3}, "missing ['layers.2.")
     refused({"intermediate_size": 128}, "has shape")
+    refused({"hidden_size": "wide"}, "not a number")
     (src / "config.json").write_text(json.dumps(cfg))
     ours = (src / "tokenizer.json").read_bytes()
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers

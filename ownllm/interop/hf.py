@@ -135,9 +135,11 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
         tok.save(tmp, model_max_length=cfg.max_seq_len)
         (tmp / "README.md").write_text(_model_card(run, cfg, arch, dtype), encoding="utf-8")
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            out.rename(old)      # the earlier export stays whole until the new one is in place
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,6 +173,8 @@ def model_config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
                            tie_embeddings=bool(d.get("tie_word_embeddings", False)))
     except KeyError as e:
         raise OwnLLMError(f"{source}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise OwnLLMError(f"{source}: a size field is not a number ({e})") from None
 
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -201,7 +205,7 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict
     """A transformers LlamaForCausalLM directory → an ownllm run (config, float32 weights,
     tokenizer). The tokenizer must carry ownllm's chat tokens: this brings back a model exported by
     ownllm and trained elsewhere; other tokenizers (their own chat templates) are not supported yet."""
-    from ownllm.checkpoint import refuse_overwrite, save_checkpoint
+    from ownllm.checkpoint import is_trained_run, refuse_overwrite, save_checkpoint
     from ownllm.model import GPT
     from ownllm.tokenizer import Tokenizer
 
@@ -222,6 +226,8 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict
     if tok.vocab_size > cfg.vocab_size:
         raise OwnLLMError(f"{src}: the tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
     refuse_overwrite(out, overwrite)
+    if out.exists() and any(out.iterdir()) and not is_trained_run(out):
+        raise OwnLLMError(f"{out}: exists and is not a run directory; import to a new or empty directory")
     state = {}
     for name, t in read_hf_weights(src).items():
         if name.endswith("rotary_emb.inv_freq"):
