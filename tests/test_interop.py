@@ -163,6 +163,11 @@ def test_gguf_export_reads_back_and_runs_like_the_run(tmp_path, small_tokenizer,
                  "--dtype", "bfloat16"]) == 2
     rm_run, _ = _run(tmp_path, small_tokenizer, "rm", score_head=True)
     assert main(["export", "--run", str(rm_run), "--out", str(tmp_path / "rm.gguf"), "--format", "gguf"]) == 2
+    padded, _ = _run(tmp_path, small_tokenizer, "padded", vocab_size=small_tokenizer.vocab_size + 8)
+    assert main(["export", "--run", str(padded), "--out", str(tmp_path / "p.gguf"), "--format", "gguf"]) == 0
+    pm = {k: v.contents() for k, v in gguf.GGUFReader(tmp_path / "p.gguf").fields.items()}
+    assert len(pm["tokenizer.ggml.tokens"]) == pm["llama.vocab_size"] == small_tokenizer.vocab_size + 8
+    assert pm["tokenizer.ggml.tokens"][-1] == f"[PAD{small_tokenizer.vocab_size + 7}]" and pm["tokenizer.ggml.token_type"][-1] == 5
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -32,7 +32,7 @@ GGUF_VERSION = 3
 U32, I32, F32, BOOL, STRING, ARRAY, U64 = 4, 5, 6, 7, 8, 9, 10
 # tensor types
 GGML_F32, GGML_F16 = 0, 1
-TOKEN_NORMAL, TOKEN_CONTROL = 1, 3
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
 FILE_TYPES = {"float32": (0, GGML_F32, np.float32), "float16": (1, GGML_F16, np.float16)}
 
 
@@ -112,6 +112,10 @@ def gguf_metadata(cfg, tok, name: str, file_type: int) -> dict:
         specials.add(added["id"])
     if any(t == "" for t in tokens):
         raise OwnLLMError("tokenizer: some ids have no token; cannot write a GGUF vocabulary")
+    if cfg.vocab_size < len(tokens):
+        raise OwnLLMError(f"the tokenizer has {len(tokens)} tokens but the model only {cfg.vocab_size} embedding rows")
+    n_real = len(tokens)
+    tokens += [f"[PAD{i}]" for i in range(n_real, cfg.vocab_size)]  # llama.cpp wants one token per embedding row
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     special_ids = {tok.hf.token_to_id(t) for t in SPECIAL_TOKENS}
     return {
@@ -125,8 +129,8 @@ def gguf_metadata(cfg, tok, name: str, file_type: int) -> dict:
         "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps), "llama.rope.freq_base": float(cfg.rope_theta),
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "refact",
         "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": [TOKEN_CONTROL if i in specials | special_ids else TOKEN_NORMAL
-                                      for i in range(len(tokens))],
+        "tokenizer.ggml.token_type": [TOKEN_UNUSED if i >= n_real else TOKEN_CONTROL if i in specials | special_ids
+                                      else TOKEN_NORMAL for i in range(len(tokens))],
         "tokenizer.ggml.merges": merges,
         "tokenizer.ggml.bos_token_id": tok.bos_id, "tokenizer.ggml.eos_token_id": tok.eos_id,
         "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.eot_token_id": tok.end_id,
