@@ -217,7 +217,8 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
     L += ["```", "", f"Exported for `transformers` (`ownllm export --run sft --out hf`): `hf/`, {exported['architecture']}, "
           f"{exported['bytes'] / 1e6:.1f} MB (tests check that `AutoModelForCausalLM.from_pretrained` and the tokenizer's "
           "chat template give the run's logits and token ids). For llama.cpp-family runtimes: `sft.gguf` "
-          f"(`ownllm export --run sft --out sft.gguf --format gguf`, float16, {exported['gguf']['bytes'] / 1e6:.1f} MB).", "", "## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
+          f"(`ownllm export --run sft --out sft.gguf --format gguf`, float16, {exported['gguf']['bytes'] / 1e6:.1f} MB).", "",
+          "## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
           "| retrieval | recall@5 | MRR |", "|---|---:|---:|"]
     L += [f"| {m} | {r['recall_at_5']:.3f} | {r['mrr']:.3f} |" for m, r in rag["retrieval"].items()]
     cb, rg = rag["closed_book"], rag["rag"]
