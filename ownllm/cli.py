@@ -488,6 +488,10 @@ def cmd_import(args) -> None:
     r = import_hf(args.hf, args.out, overwrite=args.overwrite)
     print(f"{r['out']}: {r['parameters'] / 1e6:.2f}M parameters, {r['layers']} layers, dim {r['dim']}, "
           f"vocab {r['vocab_size']}{', tied embeddings' if r['tied'] else ''}; use it as --run or --base")
+    if r["added_tokens"]:
+        print(f"its tokenizer gained ownllm's {len(r['added_tokens'])} chat tokens ({r['new_rows']} new embedding rows, "
+              "started at the mean row): it continues text as before, but fine-tune it (`ownllm sft --base`) "
+              "before chatting")
 
 
 def cmd_chat(args) -> None:
@@ -706,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="bring a Hugging Face Llama directory (e.g. an ownllm export trained elsewhere) back as a run")
+    p = sub.add_parser("import", help="bring a Hugging Face Llama directory (another model, or an ownllm export trained elsewhere) in as a run")
     p.add_argument("--hf", required=True, help="directory with config.json, model.safetensors (or an index of shards), tokenizer.json")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")

@@ -229,14 +229,46 @@ def test_import_refuses_what_it_cannot_run_exactly(tmp_path, small_tokenizer, ca
     refused({"hidden_size": "wide"}, "not a number")
     (src / "config.json").write_text(json.dumps(cfg))
     ours = (src / "tokenizer.json").read_bytes()
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
-    foreign = HFTokenizer(models.BPE())                # another model's BPE: no ownllm chat tokens
-    foreign.pre_tokenizer = pre_tokenizers.ByteLevel()
-    foreign.train_from_iterator(["Varnok is a town. 翠岚镇在青屿省。"] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"]))
-    foreign.save(str(src / "tokenizer.json"))
+    (src / "tokenizer.json").write_text("{not json")
     assert main(["import", "--hf", str(src), "--out", str(tmp_path / "x")]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert "not a valid tokenizer.json" in capsys.readouterr().err
     (src / "tokenizer.json").write_bytes(ours)
     (src / "model.safetensors").unlink()
     assert main(["import", "--hf", str(src), "--out", str(tmp_path / "x")]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_import_of_another_models_llama_keeps_its_tokens_and_logits(tmp_path, capsys):
+    """A Llama that never met ownllm: its own byte-level BPE (no chat tokens), saved by transformers."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ownllm.inference.generate import generate_text, load_run
+
+    foreign = HFTokenizer(models.BPE())
+    foreign.pre_tokenizer, foreign.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    text = "Varnok is a town in the Selam valley. 翠岚镇位于青屿省。 It was founded in 1642."
+    foreign.train_from_iterator([text] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    src = tmp_path / "foreign"
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=foreign.get_vocab_size() + 4, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        initializer_range=0.2)).eval()
+    hf.save_pretrained(src)
+    foreign.save(str(src / "tokenizer.json"))
+
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    assert "16 chat tokens" in capsys.readouterr().out
+    model, tok = load_run(tmp_path / "run")
+    ids = foreign.encode(text).ids
+    assert tok.encode(text) == ids and tok.decode(ids) == text           # its own tokenization, unchanged
+    assert model.config.vocab_size == foreign.get_vocab_size() + 16       # 4 padding rows reused, 12 new
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    torch.testing.assert_close(ours[..., : theirs.shape[-1]], theirs, rtol=1e-4, atol=1e-4)
+    new_rows = model.embed_tokens.weight[hf.config.vocab_size:]
+    torch.testing.assert_close(new_rows, hf.model.embed_tokens.weight.mean(0).expand_as(new_rows))
+    assert tok.render([{"role": "user", "content": "hi"}], add_generation_prompt=True).ids[-1] == tok.special["<|assistant|>"]
+    assert isinstance(generate_text(tmp_path / "run", "Varnok", max_new_tokens=5, temperature=0), str)

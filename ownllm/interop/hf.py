@@ -7,10 +7,10 @@ chat template included; tests check logits, chat-template ids and greedy generat
 transformers. Our parameter names are HF's without the leading `model.` (lm_head keeps its
 name), so the mapping is a prefix; no tensor is permuted because we use HF's rotate-half RoPE
 convention. LoRA adapters are folded into the weights on the way out.
-`ownllm import --hf DIR --out R` goes the other way for a Llama directory whose tokenizer came
-from ownllm (say an export fine-tuned with other tools): single or sharded safetensors, any float
-dtype (stored as float32); biases, scaled RoPE and other features the model cannot run exactly
-are refused by name.
+`ownllm import --hf DIR --out R` goes the other way for a Llama directory (single or sharded
+safetensors, any float dtype, stored as float32): an ownllm export trained elsewhere comes back
+unchanged; another model keeps its tokenizer and gains ownllm's chat tokens (`import_hf`).
+Biases, scaled RoPE and other features the model cannot run exactly are refused by name.
 """
 from __future__ import annotations
 
@@ -201,13 +201,36 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _import_tokenizer(src: Path):
+    """(Tokenizer, names of chat tokens added). Another model's tokenizer.json is used as it is and
+    gains ownllm's chat tokens (appended as special tokens) when it lacks them."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ownllm.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+    path = src / "tokenizer.json"
+    if not path.is_file():
+        raise OwnLLMError(f"{src}: no tokenizer.json (a fast tokenizer file is needed; sentencepiece .model files are not read)")
+    try:
+        hf_tok = HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception on bad JSON
+        raise OwnLLMError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+    missing = [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
+    if missing:
+        hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return Tokenizer(hf_tok), missing
+
+
 def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """A transformers LlamaForCausalLM directory → an ownllm run (config, float32 weights,
-    tokenizer). The tokenizer must carry ownllm's chat tokens: this brings back a model exported by
-    ownllm and trained elsewhere; other tokenizers (their own chat templates) are not supported yet."""
+    tokenizer). A tokenizer made by ownllm (an export trained elsewhere) comes back unchanged.
+    Another model's tokenizer keeps all its tokens and gains ownllm's chat tokens; where they need
+    new embedding rows, those start at the mean of the existing rows (input and output), so plain
+    text gives exactly the original logits over the original vocabulary, and the model has yet to
+    learn the chat template (`ownllm sft --base`)."""
     from ownllm.checkpoint import is_trained_run, refuse_overwrite, save_checkpoint
     from ownllm.model import GPT
-    from ownllm.tokenizer import Tokenizer
 
     src, out = Path(src), Path(out)
     cfg_path = src / "config.json"
@@ -218,13 +241,9 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict
     except ValueError as e:
         raise OwnLLMError(f"{cfg_path}: invalid JSON ({e})") from None
     cfg = model_config_from_hf(raw, str(cfg_path))
-    try:
-        tok = Tokenizer.load(src)
-    except OwnLLMError as e:
-        raise OwnLLMError(f"{src}: {e}. `ownllm import` needs a tokenizer made by ownllm (its chat tokens); "
-                          "importing other tokenizers is not supported yet") from None
-    if tok.vocab_size > cfg.vocab_size:
-        raise OwnLLMError(f"{src}: the tokenizer has {tok.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
+    tok, added = _import_tokenizer(src)
+    if tok.vocab_size - len(added) > cfg.vocab_size:
+        raise OwnLLMError(f"{src}: the tokenizer has {tok.vocab_size - len(added)} tokens but vocab_size is {cfg.vocab_size}")
     refuse_overwrite(out, overwrite)
     if out.exists() and any(out.iterdir()) and not is_trained_run(out):
         raise OwnLLMError(f"{out}: exists and is not a run directory; import to a new or empty directory")
@@ -243,6 +262,13 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict
     for k, t in state.items():
         if tuple(t.shape) != tuple(model.state_dict()[k].shape):
             raise OwnLLMError(f"{src}: {k} has shape {tuple(t.shape)}, the config implies {tuple(model.state_dict()[k].shape)}")
+    grown = max(0, tok.vocab_size - cfg.vocab_size)
+    if grown:
+        for k in ("embed_tokens.weight", "lm_head.weight"):
+            if k in state:
+                state[k] = torch.cat([state[k], state[k].mean(0, keepdim=True).expand(grown, -1)])
+        cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
+        model = GPT(cfg)
     model.load_state_dict(state, strict=False)
     if out.exists() and overwrite:
         shutil.rmtree(out)
@@ -250,4 +276,4 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict
     tok.save(out, model_max_length=cfg.max_seq_len)
     save_checkpoint(out, model, step=0)
     return {"out": str(out), "parameters": cfg.num_params(), "layers": cfg.n_layers, "dim": cfg.dim,
-            "vocab_size": cfg.vocab_size, "tied": cfg.tie_embeddings}
+            "vocab_size": cfg.vocab_size, "tied": cfg.tie_embeddings, "added_tokens": added, "new_rows": grown}
