@@ -35,6 +35,7 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     score_head: bool = False        # a scalar head `score` on the final hidden state (reward / value models)
+    attention_bias: bool = False    # biases on the q/k/v projections (the Qwen2 architecture; `ownllm import`)
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -50,7 +51,7 @@ class ModelConfig:
 
     def num_params(self, embeddings: bool = True) -> int:
         d, f, hd = self.dim, self.ffn_dim, self.head_dim
-        attn = d * d * 2 + 2 * d * self.n_kv_heads * hd
+        attn = d * d * 2 + 2 * d * self.n_kv_heads * hd + (d + 2 * self.n_kv_heads * hd) * self.attention_bias
         per_layer = attn + 3 * d * f + 2 * d
         n = self.n_layers * per_layer + d
         if embeddings:

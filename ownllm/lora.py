@@ -21,15 +21,15 @@ class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank update: y = x Wᵀ + (α/r) · (x Aᵀ) Bᵀ. B starts at zero, so a
     freshly wrapped model computes exactly what the base model does."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
         self.rank, self.scale = rank, alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight + (self.lora_B @ self.lora_A) * self.scale

@@ -79,12 +79,14 @@ class KVCache:
 
 
 def linear(cfg: ModelConfig, name: str, d_in: int, d_out: int) -> nn.Linear:
-    """A bias-free projection; a LoRALinear when the config asks for adapters on `name`."""
+    """A projection, bias-free except q/k/v with `attention_bias` (Qwen2); a LoRALinear when the
+    config asks for adapters on `name`."""
+    bias = cfg.attention_bias and name in ("q_proj", "k_proj", "v_proj")
     if cfg.lora_rank > 0 and name in cfg.lora_targets.split(","):
         from ownllm.lora import LoRALinear
 
-        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha)
-    return nn.Linear(d_in, d_out, bias=False)
+        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, bias=bias)
+    return nn.Linear(d_in, d_out, bias=bias)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -109,13 +111,17 @@ class FusedLinears:
         self.sizes = [lin.out_features for lin in linears]
         self.key: tuple | None = None
         self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        ws = [lin.weight for lin in self.linears]
+        ws = [lin.weight for lin in self.linears] + [lin.bias for lin in self.linears if lin.bias is not None]
         key = tuple((id(w), w._version, w.dtype) for w in ws)
         if key != self.key:
-            self.weight, self.key = torch.cat([w.detach() for w in ws]), key
-        return F.linear(x, self.weight).split(self.sizes, dim=-1)
+            self.weight, self.key = torch.cat([lin.weight.detach() for lin in self.linears]), key
+            biases = [lin.bias for lin in self.linears]
+            self.bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach() if b is not None else lin.weight.new_zeros(lin.out_features) for b, lin in zip(biases, self.linears)])
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 def project(owner: nn.Module, key: str, x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
@@ -243,7 +249,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("lora_A", "lora_B")):
                 continue  # LoRALinear initialises its own adapters (B = 0)
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.zeros_(p)

@@ -221,7 +221,7 @@ def test_import_refuses_what_it_cannot_run_exactly(tmp_path, small_tokenizer, ca
         assert expect in err, err
         assert not (tmp_path / "x" / "model.safetensors").exists()
 
-    refused({"model_type": "qwen2"}, "model_type 'qwen2'")
+    refused({"model_type": "mistral"}, "model_type 'mistral'")
     refused({"attention_bias": True}, "attention_bias=True")
     refused({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'")
     refused({"num_hidden_layers": 3}, "missing ['layers.2.")
@@ -272,3 +272,49 @@ def test_import_of_another_models_llama_keeps_its_tokens_and_logits(tmp_path, ca
     torch.testing.assert_close(new_rows, hf.model.embed_tokens.weight.mean(0).expand_as(new_rows))
     assert tok.render([{"role": "user", "content": "hi"}], add_generation_prompt=True).ids[-1] == tok.special["<|assistant|>"]
     assert isinstance(generate_text(tmp_path / "run", "Varnok", max_new_tokens=5, temperature=0), str)
+
+
+def test_qwen2_layout_with_qkv_biases_matches_transformers_both_ways(tmp_path, small_tokenizer, capsys):
+    """attention_bias: q/k/v biases, none on o_proj — the Qwen2 architecture, out and back in."""
+    from ownllm.inference.quantize import quantize_int8
+
+    run, model = _run(tmp_path, small_tokenizer, attention_bias=True, tie_embeddings=True)
+    assert model.layers[0].self_attn.q_proj.bias.abs().sum() > 0 and model.layers[0].self_attn.o_proj.bias is None
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ids = small_tokenizer.render(MSGS, add_generation_prompt=True).ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
+    engine = Engine(model, small_tokenizer.pad_id)        # KV cache + fused q/k/v projection with biases
+    ours = engine.generate([ids], SamplingParams(max_new_tokens=10, temperature=0, stop_ids=()))[0]
+    assert list(ours) == hf.generate(x, max_new_tokens=10, do_sample=False, eos_token_id=None, min_new_tokens=10)[0, len(ids):].tolist()
+    with torch.no_grad():
+        full = model(x)
+        quantize_int8(model)
+        assert (model(x) - full).abs().max() < 0.05 * full.abs().max()   # biases survive int8
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
+    assert "Qwen2" in capsys.readouterr().err
+
+    hf.model.layers[1].self_attn.k_proj.bias.data.add_(0.3)      # trained elsewhere, then brought back
+    hf.save_pretrained(tmp_path / "qwen")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "qwen" / f).write_bytes((tmp_path / "hf" / f).read_bytes())
+    assert main(["import", "--hf", str(tmp_path / "qwen"), "--out", str(tmp_path / "back")]) == 0
+    from ownllm.inference.generate import load_run
+    back, _ = load_run(tmp_path / "back")
+    assert back.config.attention_bias
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+    cfg = json.loads((tmp_path / "qwen" / "config.json").read_text())
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True}))
+    assert main(["import", "--hf", str(tmp_path / "qwen"), "--out", str(tmp_path / "x")]) == 2
+    assert "use_sliding_window=True" in capsys.readouterr().err
+
+    lora_run, lora = _run(tmp_path, small_tokenizer, "lora", attention_bias=True, lora_rank=4, lora_alpha=8)
+    assert main(["export", "--run", str(lora_run), "--out", str(tmp_path / "hf_lora")]) == 0
+    hf_lora = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_lora(x).logits, lora(x), rtol=1e-4, atol=1e-4)

@@ -188,6 +188,9 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwr
     if model.config.score_head:
         raise OwnLLMError(f"{run}: is a reward model (scalar head); GGUF holds language models — "
                           "use the Hugging Face export for it")
+    if model.config.attention_bias:
+        raise OwnLLMError(f"{run}: has q/k/v biases (the Qwen2 architecture); GGUF export writes Llama models only "
+                          "so far — use the Hugging Face export for it")
     cfg = dataclasses.replace(model.config, lora_rank=0)
     tok = Tokenizer.load(run)
     state = merged_state_dict(model) if model.config.lora_rank else model.state_dict()

@@ -31,9 +31,11 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 def hf_config_dict(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
                    pad_id: int | None = None) -> dict[str, Any]:
+    qwen2 = cfg.attention_bias  # q/k/v biases (and none on o_proj) are the Qwen2 architecture
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
+        "use_sliding_window": False,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -46,7 +48,7 @@ def hf_config_dict(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | No
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "hidden_act": "silu",
-        "attention_bias": False,
+        "attention_bias": cfg.attention_bias,
         "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": bos_id,
@@ -112,11 +114,12 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
     tok = Tokenizer.load(run)
     cfg = dataclasses.replace(model.config, lora_rank=0)
     state = merged_state_dict(model) if model.config.lora_rank else model.state_dict()
+    family = "Qwen2" if cfg.attention_bias else "Llama"
     if cfg.score_head:
-        arch = "LlamaForSequenceClassification"
+        arch = f"{family}ForSequenceClassification"
         weights = to_hf_reward_state_dict(state)
     else:
-        arch = "LlamaForCausalLM"
+        arch = f"{family}ForCausalLM"
         weights = to_hf_state_dict(state, cfg)
     weights = {k: v.detach().to(EXPORT_DTYPES[dtype]).contiguous() for k, v in weights.items()}
     hf_cfg = hf_config_dict(cfg, tok.bos_id, tok.eos_id, tok.pad_id)
@@ -151,10 +154,13 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
 def model_config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
     """Our ModelConfig for a transformers Llama `config.json`; anything the model cannot run exactly
     (biases, scaled RoPE, another activation or head size) is refused by name."""
-    if d.get("model_type") != "llama":
-        raise OwnLLMError(f"{source}: model_type {d.get('model_type')!r}; `ownllm import` reads the Llama architecture "
-                          "(model_type 'llama')")
-    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+    kind = d.get("model_type")
+    if kind not in ("llama", "qwen2"):
+        raise OwnLLMError(f"{source}: model_type {kind!r}; `ownllm import` reads the Llama and Qwen2 architectures "
+                          "(model_type 'llama' or 'qwen2')")
+    checks = [("mlp_bias", False), ("hidden_act", "silu")]
+    checks += [("use_sliding_window", False)] if kind == "qwen2" else [("attention_bias", False)]
+    for key, ok in checks:
         if d.get(key, ok) != ok:
             raise OwnLLMError(f"{source}: {key}={d[key]!r} is not supported (expected {ok!r})")
     rope = d.get("rope_scaling") or {}
@@ -170,7 +176,7 @@ def model_config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
                            n_heads=n_heads, n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
                            ffn_dim=int(d["intermediate_size"]), max_seq_len=int(d.get("max_position_embeddings", 2048)),
                            rope_theta=float(theta), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                           tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), attention_bias=kind == "qwen2")
     except KeyError as e:
         raise OwnLLMError(f"{source}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
