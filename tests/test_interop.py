@@ -313,6 +313,12 @@ def test_qwen2_layout_with_qkv_biases_matches_transformers_both_ways(tmp_path, s
     assert main(["import", "--hf", str(tmp_path / "qwen"), "--out", str(tmp_path / "x")]) == 2
     assert "use_sliding_window=True" in capsys.readouterr().err
 
+    rm_run, rm = _run(tmp_path, small_tokenizer, "rm", attention_bias=True, score_head=True)
+    assert main(["export", "--run", str(rm_run), "--out", str(tmp_path / "hf_rm")]) == 0
+    hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_rm").eval()
+    assert type(hf_rm).__name__ == "Qwen2ForSequenceClassification"
+    with torch.no_grad():
+        torch.testing.assert_close(hf_rm(x).logits[:, 0], rm.scores(x)[:, -1], rtol=1e-4, atol=1e-4)
     lora_run, lora = _run(tmp_path, small_tokenizer, "lora", attention_bias=True, lora_rank=4, lora_alpha=8)
     assert main(["export", "--run", str(lora_run), "--out", str(tmp_path / "hf_lora")]) == 0
     hf_lora = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_lora").eval()
