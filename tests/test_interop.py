@@ -324,3 +324,26 @@ def test_qwen2_layout_with_qkv_biases_matches_transformers_both_ways(tmp_path, s
     hf_lora = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_lora").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf_lora(x).logits, lora(x), rtol=1e-4, atol=1e-4)
+
+
+def test_import_takes_a_sentencepiece_style_tokenizer_and_streams_it(tmp_path):
+    """Llama 2 / TinyLlama-style tokenizer.json: '▁' for spaces, byte fallback for the rest."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, trainers
+
+    from ownllm.interop.hf import _import_tokenizer
+
+    sp = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    sp.train_from_iterator(["Varnok is a town in the Selam valley. It was founded in 1642."] * 30,
+                           trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_]))
+    sp.save(str(tmp_path / "tokenizer.json"))
+    tok, added = _import_tokenizer(tmp_path)
+    assert len(added) == 16
+    text = "Hello Varnok, 翠岚镇 was founded in 1642."     # the Chinese only through byte fallback
+    ids = tok.encode(text)
+    assert ids == sp.encode(text).ids and tok.decode(ids) == text
+    stream = tok.stream_decoder()
+    assert "".join(stream.push(i) for i in ids) == text
