@@ -18,7 +18,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear plus a low-rank update: y = x Wᵀ + (α/r) · (x Aᵀ) Bᵀ. B starts at zero, so a
+    """nn.Linear plus a low-rank update: y = x Wᵀ (+ b) + (α/r) · (x Aᵀ) Bᵀ. B starts at zero, so a
     freshly wrapped model computes exactly what the base model does."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool = False):

@@ -118,9 +118,9 @@ class FusedLinears:
         key = tuple((id(w), w._version, w.dtype) for w in ws)
         if key != self.key:
             self.weight, self.key = torch.cat([lin.weight.detach() for lin in self.linears]), key
-            biases = [lin.bias for lin in self.linears]
-            self.bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach() if b is not None else lin.weight.new_zeros(lin.out_features) for b, lin in zip(biases, self.linears)])
+            has_bias = any(lin.bias is not None for lin in self.linears)
+            self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                                   for lin in self.linears]) if has_bias else None
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 

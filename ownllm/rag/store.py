@@ -9,7 +9,8 @@ the server all open a `KnowledgeBase`. Tables:
 Retrieval ranks by BM25 (FTS5's bm25(), the default), by cosine similarity of embeddings when
 the KB has vectors and an embedder, or fuses both by reciprocal-rank fusion (`mode="hybrid"`;
 BM25 alone for a query in a script the embedder was not trained on). Each hit also gets
-`relevance`: the IDF-weighted share of the query's terms found in the chunk (0–1), the signal `ask` uses to say "the sources do not say".
+`relevance`: the IDF-weighted share of the query's terms found in the chunk (0–1), the signal
+`ask` uses to say "the sources do not say".
 """
 from __future__ import annotations
 
