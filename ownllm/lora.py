@@ -8,11 +8,16 @@ weights and writes a run with `lora_rank = 0` that exports like any other.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ownllm.config import ModelConfig
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,3 +61,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(mod, LoRALinear):
             sd[f"{name}.weight"] = mod.merged_weight().detach().clone()
     return sd
+
+
+def load_plain(run) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
+    """(config with lora_rank 0, plain state dict, whether adapters were folded in) for a run
+    directory: what `merge-lora` and the exports write."""
+    from ownllm.checkpoint import load_model
+
+    model = load_model(run)
+    lora = model.config.lora_rank > 0
+    state = merged_state_dict(model) if lora else model.state_dict()
+    return dataclasses.replace(model.config, lora_rank=0), state, lora

@@ -169,10 +169,7 @@ def write_gguf(path: Path, metadata: dict, tensors: dict[str, np.ndarray]) -> No
 
 def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwrite: bool = False) -> dict:
     """Write run `run` as one GGUF file at `out` (written beside it, then renamed into place)."""
-    import dataclasses
-
-    from ownllm.checkpoint import load_model
-    from ownllm.lora import merged_state_dict
+    from ownllm.lora import load_plain
     from ownllm.tokenizer import Tokenizer
 
     run, out = Path(run), Path(out)
@@ -184,16 +181,14 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwr
         raise OwnLLMError(f"{out}: already exists; pass --overwrite to replace it")
     if not (run / "config.json").is_file():
         raise OwnLLMError(f"--run {run}: no config.json; expected a run directory")
-    model = load_model(run)
-    if model.config.score_head:
+    cfg, state, lora_merged = load_plain(run)
+    if cfg.score_head:
         raise OwnLLMError(f"{run}: is a reward model (scalar head); GGUF holds language models — "
                           "use the Hugging Face export for it")
-    if model.config.attention_bias:
+    if cfg.attention_bias:
         raise OwnLLMError(f"{run}: has q/k/v biases (the Qwen2 architecture); GGUF export writes Llama models only "
                           "so far — use the Hugging Face export for it")
-    cfg = dataclasses.replace(model.config, lora_rank=0)
     tok = Tokenizer.load(run)
-    state = merged_state_dict(model) if model.config.lora_rank else model.state_dict()
     file_type, _, np_dtype = FILE_TYPES[dtype]
     names = gguf_tensor_names(cfg.n_layers)
     tensors = {}
@@ -218,5 +213,5 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwr
         raise
     return {"out": str(out), "architecture": "llama (GGUF)", "dtype": dtype, "tensors": len(tensors),
             "parameters": sum(a.size for a in tensors.values()), "bytes": out.stat().st_size,
-            "lora_merged": bool(model.config.lora_rank)}
+            "lora_merged": lora_merged}
 

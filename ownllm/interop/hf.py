@@ -94,8 +94,7 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
     leaves nothing half-written (and an existing `out` untouched unless `overwrite`)."""
     from safetensors.torch import save_file
 
-    from ownllm.checkpoint import load_model
-    from ownllm.lora import merged_state_dict
+    from ownllm.lora import load_plain
     from ownllm.tokenizer import Tokenizer
 
     run, out = Path(run), Path(out)
@@ -110,10 +109,8 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
             raise OwnLLMError(f"{out}: already holds a model; pass --overwrite to replace it")
     if not (run / "config.json").is_file():
         raise OwnLLMError(f"--run {run}: no config.json; expected a run directory")
-    model = load_model(run)
+    cfg, state, lora_merged = load_plain(run)
     tok = Tokenizer.load(run)
-    cfg = dataclasses.replace(model.config, lora_rank=0)
-    state = merged_state_dict(model) if model.config.lora_rank else model.state_dict()
     family = "Qwen2" if cfg.attention_bias else "Llama"
     if cfg.score_head:
         arch = f"{family}ForSequenceClassification"
@@ -148,7 +145,7 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
         raise
     return {"out": str(out), "architecture": arch, "dtype": dtype, "tensors": len(weights),
             "parameters": sum(v.numel() for v in weights.values()),
-            "bytes": (out / "model.safetensors").stat().st_size, "lora_merged": bool(model.config.lora_rank)}
+            "bytes": (out / "model.safetensors").stat().st_size, "lora_merged": lora_merged}
 
 
 def model_config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:

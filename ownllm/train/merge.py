@@ -1,23 +1,22 @@
 """`ownllm merge-lora`: write a plain run whose weights have the LoRA adapters folded in."""
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
-from ownllm.checkpoint import load_model, save_checkpoint
+from ownllm.checkpoint import save_checkpoint
 from ownllm.errors import OwnLLMError
-from ownllm.lora import merged_state_dict
+from ownllm.lora import load_plain
 from ownllm.model import GPT
 
 
 def merge_lora(run: str | Path, out: str | Path) -> Path:
     run, out = Path(run), Path(out)
-    model = load_model(run)
-    if model.config.lora_rank == 0:
+    cfg, state, lora = load_plain(run)
+    if not lora:
         raise OwnLLMError(f"{run}: has no LoRA adapters (config lora_rank is 0)")
-    plain = GPT(dataclasses.replace(model.config, lora_rank=0))
-    plain.load_state_dict(merged_state_dict(model), strict=True)
+    plain = GPT(cfg)
+    plain.load_state_dict(state, strict=True)
     out.mkdir(parents=True, exist_ok=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "train_config.json"):
         if (run / f).exists():
