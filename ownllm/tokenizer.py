@@ -174,14 +174,24 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
-        d = Path(directory)
-        path = d / "tokenizer.json" if d.is_dir() else d
-        if not path.is_file():
-            raise OwnLLMError(f"{path}: tokenizer not found (expected a tokenizer.json or a directory holding one)")
+        hf = read_tokenizer_file(directory)
         try:
-            return cls(HFTokenizer.from_file(str(path)))
-        except Exception as e:  # tokenizers raises plain Exception on bad JSON
-            raise OwnLLMError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+            return cls(hf)
+        except OwnLLMError as e:  # lacks the chat tokens: name the file
+            raise OwnLLMError(f"{directory}: {e}") from None
+
+
+def read_tokenizer_file(directory: str | Path) -> HFTokenizer:
+    """The `tokenizers` object in `directory`/tokenizer.json (or that file itself), any special
+    tokens; a missing or malformed file is a one-line error naming it."""
+    d = Path(directory)
+    path = d / "tokenizer.json" if d.is_dir() else d
+    if not path.is_file():
+        raise OwnLLMError(f"{path}: tokenizer not found (expected a tokenizer.json or a directory holding one)")
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception on bad JSON
+        raise OwnLLMError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
 
 
 class StreamDecoder:

@@ -208,17 +208,12 @@ def _import_tokenizer(src: Path):
     """(Tokenizer, names of chat tokens added). Another model's tokenizer.json is used as it is and
     gains ownllm's chat tokens (appended as special tokens) when it lacks them."""
     from tokenizers import AddedToken
-    from tokenizers import Tokenizer as HFTokenizer
 
-    from ownllm.tokenizer import SPECIAL_TOKENS, Tokenizer
+    from ownllm.tokenizer import SPECIAL_TOKENS, Tokenizer, read_tokenizer_file
 
-    path = src / "tokenizer.json"
-    if not path.is_file():
+    if not (src / "tokenizer.json").is_file():
         raise OwnLLMError(f"{src}: no tokenizer.json (a fast tokenizer file is needed; sentencepiece .model files are not read)")
-    try:
-        hf_tok = HFTokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception on bad JSON
-        raise OwnLLMError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+    hf_tok = read_tokenizer_file(src)
     missing = [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
     if missing:
         hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
@@ -257,22 +252,21 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict
         state[name[len("model."):] if name.startswith("model.") else name] = t.float()
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    model = GPT(cfg)
-    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    grown = max(0, tok.vocab_size - cfg.vocab_size)   # rows for chat tokens beyond the checkpoint's vocabulary
+    model = GPT(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + grown))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
     if missing or unexpected:
         raise OwnLLMError(f"{src}: weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for k, t in state.items():
-        if tuple(t.shape) != tuple(model.state_dict()[k].shape):
-            raise OwnLLMError(f"{src}: {k} has shape {tuple(t.shape)}, the config implies {tuple(model.state_dict()[k].shape)}")
-    grown = max(0, tok.vocab_size - cfg.vocab_size)
-    if grown:
-        for k in ("embed_tokens.weight", "lm_head.weight"):
-            if k in state:
-                state[k] = torch.cat([state[k], state[k].mean(0, keepdim=True).expand(grown, -1)])
-        cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
-        model = GPT(cfg)
+        want = (cfg.vocab_size, *shapes[k][1:]) if k in ("embed_tokens.weight", "lm_head.weight") else shapes[k]
+        if tuple(t.shape) != want:
+            raise OwnLLMError(f"{src}: {k} has shape {tuple(t.shape)}, the config implies {want}")
+    for k in ("embed_tokens.weight", "lm_head.weight"):
+        if grown and k in state:
+            state[k] = torch.cat([state[k], state[k].mean(0, keepdim=True).expand(grown, -1)])
     model.load_state_dict(state, strict=False)
+    cfg = model.config
     if out.exists() and overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
