@@ -468,16 +468,13 @@ def cmd_merge_lora(args) -> None:
 
 
 def cmd_export(args) -> None:
-    if args.format == "gguf":
-        from ownllm.interop.gguf import export_gguf
+    from ownllm.interop.gguf import export_gguf
+    from ownllm.interop.hf import export_hf
 
-        r = export_gguf(args.run, args.out, dtype=args.dtype or "float16", overwrite=args.overwrite)
-        how = "load it with llama.cpp-family runtimes"
-    else:
-        from ownllm.interop.hf import export_hf
-
-        r = export_hf(args.run, args.out, dtype=args.dtype or "float32", overwrite=args.overwrite)
-        how = "load it with transformers' from_pretrained"
+    export, how = {"gguf": (export_gguf, "load it with llama.cpp-family runtimes"),
+                   "hf": (export_hf, "load it with transformers' from_pretrained")}[args.format]
+    dtype = {"dtype": args.dtype} if args.dtype else {}   # else each format's own default
+    r = export(args.run, args.out, overwrite=args.overwrite, **dtype)
     print(f"{r['out']}: {r['architecture']}, {r['parameters'] / 1e6:.2f}M parameters in {r['dtype']} "
           f"({r['bytes'] / 1e6:.1f} MB){', LoRA adapters merged' if r['lora_merged'] else ''}; {how}")
 

@@ -69,10 +69,11 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
         chat_demo.append((q, "".join(chat.reply(q))))
         chat.command("/reset")
         log(f"you> {q}\nbot> {chat_demo[-1][1]}")
-    exported = export_hf(sft_run, out / "hf", overwrite=True)
-    exported["gguf"] = export_gguf(sft_run, out / "sft.gguf", overwrite=True)
-    log(f"exported for transformers: {exported['out']} ({exported['architecture']}, {exported['bytes'] / 1e6:.1f} MB); "
-        f"for llama.cpp: {exported['gguf']['out']} ({exported['gguf']['bytes'] / 1e6:.1f} MB, float16)")
+    exported = {"hf": export_hf(sft_run, out / "hf", overwrite=True),
+                "gguf": export_gguf(sft_run, out / "sft.gguf", overwrite=True)}
+    log(f"exported for transformers: {exported['hf']['out']} ({exported['hf']['architecture']}, "
+        f"{exported['hf']['bytes'] / 1e6:.1f} MB); for llama.cpp: {exported['gguf']['out']} "
+        f"({exported['gguf']['bytes'] / 1e6:.1f} MB, {exported['gguf']['dtype']})")
 
     log("== 5/7 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
     embedder = find_embedder()
@@ -214,10 +215,10 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
     L += ["", "![task accuracy](plots/task_accuracy.png) ![SFT loss](plots/sft_loss.png)", "", "Chat (greedy):", "", "```"]
     for q, a in chat_demo:
         L += [f"you> {q}", f"bot> {a}"]
-    L += ["```", "", f"Exported for `transformers` (`ownllm export --run sft --out hf`): `hf/`, {exported['architecture']}, "
-          f"{exported['bytes'] / 1e6:.1f} MB (tests check that `AutoModelForCausalLM.from_pretrained` and the tokenizer's "
+    L += ["```", "", f"Exported for `transformers` (`ownllm export --run sft --out hf`): `hf/`, {exported['hf']['architecture']}, "
+          f"{exported['hf']['bytes'] / 1e6:.1f} MB (tests check that `AutoModelForCausalLM.from_pretrained` and the tokenizer's "
           "chat template give the run's logits and token ids). For llama.cpp-family runtimes: `sft.gguf` "
-          f"(`ownllm export --run sft --out sft.gguf --format gguf`, float16, {exported['gguf']['bytes'] / 1e6:.1f} MB).", "",
+          f"(`ownllm export --run sft --out sft.gguf --format gguf`, {exported['gguf']['dtype']}, {exported['gguf']['bytes'] / 1e6:.1f} MB).", "",
           "## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
           "| retrieval | recall@5 | MRR |", "|---|---:|---:|"]
     L += [f"| {m} | {r['recall_at_5']:.3f} | {r['mrr']:.3f} |" for m, r in rag["retrieval"].items()]
