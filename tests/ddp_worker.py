@@ -7,6 +7,7 @@ import torch
 from ownllm.config import ModelConfig, TrainConfig
 from ownllm.model import GPT
 from ownllm.train.objectives import lm_step
+from ownllm.train.distributed import finish
 from ownllm.train.trainer import Trainer
 
 CFG = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
@@ -24,5 +25,7 @@ def draw(gen: torch.Generator, batch: int = 3, T: int = 16):
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    trainer = Trainer(GPT(CFG), TrainConfig(**TRAIN), sys.argv[1], draw, lm_step, progress=False)
-    trainer.run()
+    try:
+        Trainer(GPT(CFG), TrainConfig(**TRAIN), sys.argv[1], draw, lm_step, progress=False).run()
+    finally:
+        finish()  # leave the Gloo group before exit, as the CLI does: a live group can abort at teardown
