@@ -265,6 +265,9 @@ def build_server_state(args):
     torch_threads(getattr(args, "threads", None))
     reg = kb = None
     if getattr(args, "tools", None):
+        from ownllm.agent.loop import require_tool_calls
+
+        require_tool_calls(tok)
         reg, _ = _registry(args.tools, args.kb, args.db, args.embedder)
     elif getattr(args, "kb", None):
         kb = _open_kb(args.kb, args.embedder)
@@ -485,10 +488,14 @@ def cmd_import(args) -> None:
     r = import_hf(args.hf, args.out, overwrite=args.overwrite)
     print(f"{r['out']}: {r['parameters'] / 1e6:.2f}M parameters, {r['layers']} layers, dim {r['dim']}, "
           f"vocab {r['vocab_size']}{', tied embeddings' if r['tied'] else ''}; use it as --run or --base")
+    if r["chat_template"]:
+        print(f"chats with its own chat template (tokenizer_config.json), replies end at {', '.join(r['stop_tokens'])}; "
+              "`ownllm sft --base` fine-tunes it in that template")
     if r["added_tokens"]:
         print(f"its tokenizer gained ownllm's {len(r['added_tokens'])} chat tokens ({r['new_rows']} new embedding rows, "
-              "started at the mean row): it continues text as before, but fine-tune it (`ownllm sft --base`) "
-              "before chatting")
+              "started at the mean row)" + ("" if r["chat_template"] else ": it continues text as before, but it has "
+                                            "no chat template of its own, so fine-tune it (`ownllm sft --base`) "
+                                            "before chatting"))
 
 
 def cmd_chat(args) -> None:

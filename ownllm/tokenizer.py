@@ -14,11 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from ownllm.errors import OwnLLMError
+
+if TYPE_CHECKING:
+    from ownllm.chat_template import ChatTemplate
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -77,6 +80,13 @@ def _pre_tokenizer():
     ])
 
 
+def pre_tokenizer_spec() -> dict:
+    """Our pre-tokenizer as tokenizer.json writes it (to tell ownllm's tokenizers from others)."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = _pre_tokenizer()
+    return json.loads(tok.to_str())["pre_tokenizer"]
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
     if vocab_size < MIN_VOCAB:
         raise OwnLLMError(f"--vocab-size {vocab_size} is too small: need >= {MIN_VOCAB} "
@@ -108,14 +118,44 @@ class Rendered:
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer):
+    """`template`: an imported model's own chat template (chat_template.py); None for ownllm's."""
+
+    def __init__(self, tok: HFTokenizer, template: "ChatTemplate | None" = None):
         self.hf = tok
+        self.template = template
         ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
             raise OwnLLMError(f"tokenizer lacks special tokens {missing}; train it with `ownllm tokenizer`")
         self.special = ids
         self.pad_id, self.bos_id, self.eos_id, self.end_id = ids[PAD], ids[BOS], ids[EOS], ids[END]
+        if template:
+            unknown = [t for t in template.stop_tokens if tok.token_to_id(t) is None]
+            if unknown:
+                raise OwnLLMError(f"{template.origin}: stop tokens {unknown} are not in the vocabulary")
+            if not template.stop_tokens:
+                raise OwnLLMError(f"{template.origin}: the chat template comes with no token that ends a reply "
+                                  "(no eos_token here, no eos_token_id in generation_config.json)")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end an assistant reply: `<|end|>` and eos, or the imported template's own."""
+        if self.template:
+            return tuple(self.hf.token_to_id(t) for t in self.template.stop_tokens)
+        return (self.end_id, self.eos_id)
+
+    @property
+    def call_markers(self) -> tuple[str, str] | None:
+        """The strings around a tool call in a reply: ours, or `<tool_call>`…`</tool_call>` when an
+        imported template writes calls that way (Qwen2.5, Hermes); None when it has no calls we read."""
+        if not self.template:
+            return (TOOL_CALL, TOOL_CALL_END)
+        return ("<tool_call>", "</tool_call>") if "<tool_call>" in self.template.source else None
+
+    @property
+    def chat_template(self) -> str:
+        """The Jinja chat template, for files other tools read (tokenizer_config.json, GGUF)."""
+        return self.template.source if self.template else CHAT_TEMPLATE
 
     @property
     def vocab_size(self) -> int:
@@ -133,7 +173,11 @@ class Tokenizer:
     def render(self, messages: list[dict], add_generation_prompt: bool = False,
                tools: list[dict] | None = None) -> Rendered:
         """Chat template: bos, the tool list (if any), then `<|role|>content<|end|>` per message, an
-        assistant's tool calls before its end; mask marks assistant turns (calls included)."""
+        assistant's tool calls before its end; mask marks assistant turns (calls included).
+        An imported model's own template renders instead, its mask on each assistant message's
+        text up to its stop token."""
+        if self.template:
+            return self._render_template(messages, add_generation_prompt, tools)
         ids, mask = [self.bos_id], [0]
         if tools:
             body = self.encode(tools_text(tools))
@@ -154,6 +198,13 @@ class Tokenizer:
             mask.append(0)
         return Rendered(ids, mask)
 
+    def _render_template(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None) -> Rendered:
+        text = self.template.text(messages, add_generation_prompt, tools)
+        enc = self.hf.encode(text, add_special_tokens=False)
+        spans = self.template.assistant_spans(messages, text, tools) if not add_generation_prompt else []
+        mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc.offsets]
+        return Rendered(enc.ids, mask)
+
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
@@ -170,13 +221,17 @@ class Tokenizer:
             "model_max_length": model_max_length,
             "chat_template": CHAT_TEMPLATE,
         }
+        if self.template:   # an imported model keeps its own template, role of its tokens and stops
+            v = self.template.variables
+            cfg.update(bos_token=v.get("bos_token"), eos_token=v.get("eos_token"), pad_token=v.get("pad_token", PAD),
+                       chat_template=self.template.source, ownllm_stop_tokens=self.template.stop_tokens)
         (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
         hf = read_tokenizer_file(directory)
         try:
-            return cls(hf)
+            return cls(hf, saved_template(Path(directory)))
         except OwnLLMError as e:  # lacks the chat tokens: name the file
             raise OwnLLMError(f"{directory}: {e}") from None
 
@@ -192,6 +247,24 @@ def read_tokenizer_file(directory: str | Path) -> HFTokenizer:
         return HFTokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception on bad JSON
         raise OwnLLMError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+
+
+def saved_template(directory: Path) -> "ChatTemplate | None":
+    """The imported template a run keeps in its tokenizer_config.json (marked by
+    `ownllm_stop_tokens`); None for ownllm's own."""
+    from ownllm.chat_template import ChatTemplate
+
+    path = directory / "tokenizer_config.json"
+    if not directory.is_dir() or not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise OwnLLMError(f"{path}: invalid JSON ({e})") from None
+    stops = cfg.get("ownllm_stop_tokens")
+    if not stops:
+        return None
+    return ChatTemplate.from_tokenizer_config(cfg, list(stops), origin=str(path))
 
 
 class StreamDecoder:

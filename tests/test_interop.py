@@ -272,6 +272,8 @@ def test_import_of_another_models_llama_keeps_its_tokens_and_logits(tmp_path, ca
     torch.testing.assert_close(new_rows, hf.model.embed_tokens.weight.mean(0).expand_as(new_rows))
     assert tok.render([{"role": "user", "content": "hi"}], add_generation_prompt=True).ids[-1] == tok.special["<|assistant|>"]
     assert isinstance(generate_text(tmp_path / "run", "Varnok", max_new_tokens=5, temperature=0), str)
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
+    assert "not ownllm's byte-level BPE" in capsys.readouterr().err   # its pre-tokenizer is not the one GGUF names
 
 
 def test_qwen2_layout_with_qkv_biases_matches_transformers_both_ways(tmp_path, small_tokenizer, capsys):

@@ -16,7 +16,7 @@ import torch
 
 from ownllm.agent.tools import ToolError, ToolRegistry
 from ownllm.inference.engine import Engine, SamplingParams
-from ownllm.tokenizer import TOOL_CALL, TOOL_CALL_END
+from ownllm.errors import OwnLLMError
 
 MAX_RESULT_CHARS = 600
 
@@ -41,22 +41,20 @@ class AgentResult:
 
 
 def split_calls(tok, ids: list[int]) -> tuple[str, list[str]]:
-    """(plain text, [raw call texts]) of one generated assistant turn, split on the marker tokens."""
-    open_id, close_id = tok.special[TOOL_CALL], tok.special[TOOL_CALL_END]
-    text_ids, calls, cur = [], [], None
-    for t in ids:
-        if t == open_id:
-            cur = []
-        elif t == close_id and cur is not None:
-            calls.append(tok.decode(cur))
-            cur = None
-        elif cur is not None:
-            cur.append(t)
-        else:
-            text_ids.append(t)
-    if cur is not None:  # an unterminated call still counts (and fails to parse if cut short)
-        calls.append(tok.decode(cur))
-    return tok.decode(text_ids).strip(), calls
+    """(plain text, [raw call texts]) of one generated assistant turn, split on the tokenizer's call
+    markers (ours, or an imported template's `<tool_call>`…`</tool_call>`)."""
+    text = tok.decode(ids)
+    if tok.call_markers is None:
+        return text.strip(), []
+    open_, close = tok.call_markers
+    plain, calls, pos = [], [], 0
+    while (start := text.find(open_, pos)) >= 0:
+        plain.append(text[pos:start])
+        end = text.find(close, start + len(open_))
+        calls.append(text[start + len(open_): len(text) if end < 0 else end].strip())  # unterminated: still a call
+        pos = len(text) if end < 0 else end + len(close)
+    plain.append(text[pos:])
+    return "".join(plain).strip(), calls
 
 
 def parse_call(raw: str, registry: ToolRegistry) -> Call:
@@ -73,13 +71,21 @@ def parse_call(raw: str, registry: ToolRegistry) -> Call:
     return Call(obj["name"], args, raw, valid=True)
 
 
+def require_tool_calls(tok) -> None:
+    """Tools need a chat template whose tool calls we can read; an error saying so otherwise."""
+    if tok.call_markers is None:
+        raise OwnLLMError("this run's chat template (imported with the model) has no tool-call format ownllm "
+                          "can read (ownllm's own, or <tool_call>…</tool_call>), so it cannot use tools")
+
+
 class Agent:
     def __init__(self, model, tok, registry: ToolRegistry, max_steps: int = 4, max_new_tokens: int = 160,
                  temperature: float = 0.0, seed: int | None = None):
+        require_tool_calls(tok)
         self.model, self.tok, self.registry = model, tok, registry
         self.max_steps, self.max_new_tokens = max_steps, max_new_tokens
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                     stop_ids=(tok.end_id, tok.eos_id))
+                                     stop_ids=tok.stop_ids)
         self.engine = Engine(model, tok.pad_id)
 
     def _generate(self, messages: list[dict]) -> list[int] | None:
@@ -88,7 +94,7 @@ class Agent:
             return None
         with torch.inference_mode():
             out = self.engine.generate([ids], self.params)[0]
-        return [t for t in out if t not in (self.tok.end_id, self.tok.eos_id)]
+        return [t for t in out if t not in self.tok.stop_ids]
 
     def run(self, question: str | list[dict], on_event=None) -> AgentResult:
         """Answer `question` (a user message, or a whole conversation so far). `on_event(kind, data)`

@@ -181,7 +181,7 @@ def sample_answers(run, examples: list[Example], samples: int, seed: int, max_ne
                for ex in examples for _ in range(samples)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: dict[int, str] = {}
-    stops = (tok.end_id, tok.eos_id)
+    stops = tok.stop_ids
     with torch.inference_mode():
         for b in tqdm(range(0, len(order), batch_size), desc="sampling answers", disable=not progress, unit="batch"):
             idx = order[b: b + batch_size]

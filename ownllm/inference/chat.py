@@ -18,6 +18,10 @@ class ChatSession:
                  quantize: str | None = None, registry=None):
         self.model, self.tok = load_run(run, quantize)
         self.registry = registry  # tools (agent/tools.py): each turn runs the agent loop
+        if registry is not None:
+            from ownllm.agent.loop import require_tool_calls
+
+            require_tool_calls(self.tok)
         self.engine = Engine(self.model, self.tok.pad_id)
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.system: str | None = None
@@ -39,7 +43,7 @@ class ChatSession:
             ids = self.tok.render(self.messages(), add_generation_prompt=True).ids
         ids = ids[-(ctx - 16):]
         params = SamplingParams(max_new_tokens=min(self.max_new_tokens, ctx - len(ids)), temperature=self.temperature,
-                                seed=self.seed, stop_ids=(self.tok.end_id, self.tok.eos_id))
+                                seed=self.seed, stop_ids=self.tok.stop_ids)
         self.history.append({"role": "assistant", "content": ""})
         for piece in stream_text(self.engine, self.tok, ids, params):
             self.history[-1]["content"] += piece

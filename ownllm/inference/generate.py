@@ -82,14 +82,14 @@ def greedy_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_tokens
     import torch
 
     engine = Engine(model, tok.pad_id)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=(tok.end_id, tok.eos_id))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=tok.stop_ids)
     outs: dict[int, str] = {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     with torch.inference_mode():
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
             for i, o in zip(idx, engine.generate([prompts[i] for i in idx], params)):
-                outs[i] = tok.decode([t for t in o if t not in (tok.end_id, tok.eos_id)])
+                outs[i] = tok.decode([t for t in o if t not in tok.stop_ids])
     return [outs[i] for i in range(len(prompts))]
 
 
@@ -105,7 +105,7 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
         raise OwnLLMError(f"prompt is {len(ids)} tokens; the model's context is {ctx}")
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=seed, stop_ids=(tok.eos_id, tok.end_id))
+                                repetition_penalty=repetition_penalty, seed=seed, stop_ids=(tok.eos_id, *tok.stop_ids))
     except ValueError as e:
         raise OwnLLMError(str(e)) from None
     pieces = stream_text(Engine(model, tok.pad_id), tok, ids, params, stop or [])

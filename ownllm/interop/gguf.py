@@ -99,9 +99,13 @@ class _Writer:
 
 
 def gguf_metadata(cfg, tok, name: str, file_type: int) -> dict:
-    from ownllm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+    from ownllm.tokenizer import SPECIAL_TOKENS, pre_tokenizer_spec
 
     spec = json.loads(tok.hf.to_str())
+    if spec.get("pre_tokenizer") != pre_tokenizer_spec() or spec["model"].get("type") != "BPE":
+        raise OwnLLMError("the tokenizer is not ownllm's byte-level BPE (a model imported with its own tokenizer): "
+                          "GGUF export writes ownllm's pre-tokenizer only — export to a Hugging Face directory "
+                          "and convert that with llama.cpp's convert_hf_to_gguf.py")
     vocab = spec["model"]["vocab"]
     tokens = [""] * tok.vocab_size
     for piece, i in vocab.items():
@@ -133,9 +137,9 @@ def gguf_metadata(cfg, tok, name: str, file_type: int) -> dict:
                                       else TOKEN_NORMAL for i in range(len(tokens))],
         "tokenizer.ggml.merges": merges,
         "tokenizer.ggml.bos_token_id": tok.bos_id, "tokenizer.ggml.eos_token_id": tok.eos_id,
-        "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.eot_token_id": tok.end_id,
+        "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.eot_token_id": tok.stop_ids[0],
         "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False,
-        "tokenizer.chat_template": CHAT_TEMPLATE,
+        "tokenizer.chat_template": tok.chat_template,
     }
 
 

@@ -95,7 +95,7 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
     from safetensors.torch import save_file
 
     from ownllm.lora import load_plain
-    from ownllm.tokenizer import Tokenizer
+    from ownllm.tokenizer import BOS, EOS, Tokenizer
 
     run, out = Path(run), Path(out)
     if dtype not in EXPORT_DTYPES:
@@ -119,11 +119,14 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
         arch = f"{family}ForCausalLM"
         weights = to_hf_state_dict(state, cfg)
     weights = {k: v.detach().to(EXPORT_DTYPES[dtype]).contiguous() for k, v in weights.items()}
-    hf_cfg = hf_config_dict(cfg, tok.bos_id, tok.eos_id, tok.pad_id)
+    # an imported model's template names its own bos/eos tokens; stop_ids end a reply either way
+    named = tok.template.variables if tok.template else {"bos_token": BOS, "eos_token": EOS}
+    bos_id, eos_id = (tok.hf.token_to_id(named[k]) if named.get(k) else None for k in ("bos_token", "eos_token"))
+    hf_cfg = hf_config_dict(cfg, bos_id, eos_id, tok.pad_id)
     hf_cfg.update(architectures=[arch], torch_dtype=dtype)
     if cfg.score_head:
         hf_cfg.update(num_labels=1, id2label={"0": "reward"}, label2id={"reward": 0})
-    gen_cfg = {"bos_token_id": tok.bos_id, "eos_token_id": [tok.end_id, tok.eos_id], "pad_token_id": tok.pad_id}
+    gen_cfg = {"bos_token_id": bos_id, "eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-{os.getpid()}"
@@ -206,18 +209,57 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 
 def _import_tokenizer(src: Path):
     """(Tokenizer, names of chat tokens added). Another model's tokenizer.json is used as it is and
-    gains ownllm's chat tokens (appended as special tokens) when it lacks them."""
+    gains ownllm's chat tokens (appended as special tokens) when it lacks them; its chat template
+    (tokenizer_config.json) comes along, ending replies at generation_config.json's eos tokens."""
     from tokenizers import AddedToken
 
-    from ownllm.tokenizer import SPECIAL_TOKENS, Tokenizer, read_tokenizer_file
+    from ownllm.chat_template import ChatTemplate
+    from ownllm.tokenizer import SPECIAL_TOKENS, Tokenizer, read_tokenizer_file, saved_template
 
     if not (src / "tokenizer.json").is_file():
         raise OwnLLMError(f"{src}: no tokenizer.json (a fast tokenizer file is needed; sentencepiece .model files are not read)")
     hf_tok = read_tokenizer_file(src)
     missing = [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
+    template = saved_template(src)   # an ownllm export of an imported model: the template it kept
     if missing:
         hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    return Tokenizer(hf_tok), missing
+        tok_cfg = _read_json(src / "tokenizer_config.json")
+        if tok_cfg.get("chat_template") is None and (src / "chat_template.jinja").is_file():
+            tok_cfg["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
+        stops = _stop_tokens(hf_tok, tok_cfg, _read_json(src / "generation_config.json"), src)
+        template = ChatTemplate.from_tokenizer_config(tok_cfg, stops, origin=str(src / "tokenizer_config.json"))
+    return Tokenizer(hf_tok, template), missing
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise OwnLLMError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise OwnLLMError(f"{path}: expected a JSON object")
+    return d
+
+
+def _stop_tokens(hf_tok, tok_cfg: dict, gen_cfg: dict, src: Path) -> list[str]:
+    """Token strings that end a reply: generation_config.json's eos_token_id (one id or a list),
+    else tokenizer_config.json's eos_token."""
+    from ownllm.chat_template import _token_text
+
+    ids = gen_cfg.get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
+    stops = []
+    for i in ids:
+        t = hf_tok.id_to_token(i) if isinstance(i, int) else None
+        if t is None:
+            raise OwnLLMError(f"{src / 'generation_config.json'}: eos_token_id {i!r} is not a token of tokenizer.json")
+        stops.append(t)
+    eos = _token_text(tok_cfg.get("eos_token"))
+    if eos and hf_tok.token_to_id(eos) is not None and eos not in stops:
+        stops.append(eos)
+    return stops
 
 
 def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
@@ -273,4 +315,5 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict
     tok.save(out, model_max_length=cfg.max_seq_len)
     save_checkpoint(out, model, step=0)
     return {"out": str(out), "parameters": cfg.num_params(), "layers": cfg.n_layers, "dim": cfg.dim,
-            "vocab_size": cfg.vocab_size, "tied": cfg.tie_embeddings, "added_tokens": added, "new_rows": grown}
+            "vocab_size": cfg.vocab_size, "tied": cfg.tie_embeddings, "added_tokens": added, "new_rows": grown,
+            "chat_template": tok.template is not None, "stop_tokens": tok.template.stop_tokens if tok.template else []}

@@ -69,7 +69,7 @@ def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_rel
         return
     ids, result.hits = prompt_ids(tok, question, hits, model.config.max_seq_len - max_new_tokens)
     pieces = []
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=(tok.end_id, tok.eos_id))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids)
     for piece in stream_text(engine or Engine(model, tok.pad_id), tok, ids, params):
         pieces.append(piece)
         yield piece

@@ -196,7 +196,7 @@ class TextStream:
 def tool_calls_from(tok, ids: list[int]) -> tuple[str, list[dict]]:
     from ownllm.agent.loop import split_calls
 
-    text, raws = split_calls(tok, [t for t in ids if t not in (tok.end_id, tok.eos_id)])
+    text, raws = split_calls(tok, [t for t in ids if t not in tok.stop_ids])
     calls = []
     for raw in raws:
         try:
@@ -290,6 +290,8 @@ def create_app(state: ServerState) -> FastAPI:
         stream = _get(body, "stream", bool, False, what="a boolean")
         opts = _get(body, "stream_options", dict, {}, what="an object")
         tok = state.tok
+        if tools is not None and tok.call_markers is None:
+            raise APIError(400, "this model's chat template has no tool-call format the server can read", "tools")
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
         extra: dict = {}
         if state.registry is not None and tools is None:
@@ -307,7 +309,7 @@ def create_app(state: ServerState) -> FastAPI:
             extra["sources"] = [{"index": i, "path": h.path, "line": h.line, "text": h.text} for i, h in enumerate(shown, 1)]
         else:
             ids = tok.render(messages, add_generation_prompt=True, tools=tools).ids
-        params, stops = sampling_from(body, state, len(ids), (tok.end_id, tok.eos_id))
+        params, stops = sampling_from(body, state, len(ids), tok.stop_ids)
         ts = TextStream(state, ids, params, stops, keep_special=tools is not None)
         if tools is not None:  # whole reply first: it may be tool calls
             await ts.text()

@@ -222,7 +222,7 @@ def _draw(pool: list[Example], n: int, gen: torch.Generator) -> list[Example]:
 
 def _params(max_new_tokens: int, temperature: float, tok, gen: torch.Generator) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=None, top_p=None,
-                          seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), stop_ids=(tok.end_id, tok.eos_id))
+                          seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), stop_ids=tok.stop_ids)
 
 
 def _with_reward(cfg, reward: str | None):

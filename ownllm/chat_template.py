@@ -1,0 +1,160 @@
+"""A model's own chat template, for models brought in with `ownllm import`.
+
+Where it sits: ownllm's runs speak one chat format (tokenizer.py: `render`). A Qwen or Llama
+instruct model imported from a Hugging Face directory was trained on *its* template (a Jinja
+program in its tokenizer_config.json), so `import` keeps that template and the tokens that end a
+reply; `Tokenizer.render` then renders with it — for chat, serve, ask and eval, and for SFT with
+a loss mask on the assistant turns — instead of ours, and a later export writes it back.
+
+The template runs the way transformers' `apply_chat_template` runs it (a sandboxed Jinja
+environment with trim_blocks/lstrip_blocks, `raise_exception`, a non-escaping `tojson`,
+`strftime_now`), so the same messages give the same text; a template is untrusted code from a
+downloaded directory, hence the sandbox. The loss mask is found without template support: the
+text an assistant message adds is the difference between rendering the conversation up to it
+(with the generation prompt) and up to and including it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+
+from ownllm.errors import OwnLLMError
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str):
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}…{% endgeneration %}` (marks assistant text in some templates): rendered as is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        """`namespace(...)` that refuses underscore names (as transformers does: no reaching CPython internals)."""
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            for name in dict(*args, **kwargs):
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, *args, **kwargs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates may not set {name!r} on a namespace")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=raise_exception, namespace=Namespace,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json names a token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+@dataclass
+class ChatTemplate:
+    """An imported model's Jinja chat template, the special-token strings it refers to
+    (bos_token, eos_token, ...) and the tokens that end an assistant reply."""
+    source: str
+    stop_tokens: list[str]
+    variables: dict[str, str] = field(default_factory=dict)
+    origin: str = "chat template"   # where it came from, for error messages
+
+    def __post_init__(self):
+        import jinja2
+
+        try:
+            _compile(self.source)
+        except jinja2.TemplateSyntaxError as e:
+            raise OwnLLMError(f"{self.origin}: chat template line {e.lineno}: {e.message}") from None
+
+    @classmethod
+    def from_tokenizer_config(cls, cfg: dict, stop_tokens: list[str], origin: str) -> "ChatTemplate | None":
+        """The template of a transformers tokenizer_config.json (the default one of a named list), or None."""
+        source = cfg.get("chat_template")
+        if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default") or next(iter(named.values()), None)
+        if not isinstance(source, str) or not source.strip():
+            return None
+        variables = {k: t for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                     if (t := _token_text(cfg.get(k))) is not None}
+        return cls(source, stop_tokens, variables, origin)
+
+    def text(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        import jinja2
+
+        try:
+            return _compile(self.source).render(messages=[_plain_message(m) for m in messages], tools=tools or None,
+                                                add_generation_prompt=add_generation_prompt, **self.variables)
+        except jinja2.TemplateError as e:
+            raise OwnLLMError(f"{self.origin}: the chat template refused this conversation: {e}") from None
+
+    def assistant_spans(self, messages: list[dict], full: str, tools: list[dict] | None = None) -> list[tuple[int, int]]:
+        """Character spans of `full` (the whole conversation rendered) that assistant messages
+        produced: each message's text up to and including its last stop token."""
+        spans, pos = [], 0
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            before = self.text(messages[:i], add_generation_prompt=True, tools=tools)
+            upto = self.text(messages[: i + 1], tools=tools)
+            if not upto.startswith(before):
+                raise OwnLLMError(f"{self.origin}: message {i}: the chat template does not render this conversation "
+                                  "turn by turn (a prefix changes when a reply is added), so its assistant tokens "
+                                  "cannot be found for training")
+            added = upto[len(before):]
+            cut = max((added.rfind(s) + len(s) for s in self.stop_tokens if s in added), default=len(added))
+            added = added[:cut]
+            start = full.find(added, pos)
+            if not added or start < 0:
+                raise OwnLLMError(f"{self.origin}: message {i}: the assistant text is not in the rendered conversation")
+            spans.append((start, start + len(added)))
+            pos = start + len(added)
+        return spans
+
+
+def _plain_message(m: dict) -> dict:
+    """A message as templates expect it: tool-call arguments as an object, not a JSON string."""
+    if not m.get("tool_calls"):
+        return m
+    calls = []
+    for c in m["tool_calls"]:
+        f = dict(c.get("function", c))
+        if isinstance(f.get("arguments"), str):
+            try:
+                f["arguments"] = json.loads(f["arguments"])
+            except ValueError:
+                pass
+        calls.append({**c, "function": f} if "function" in c else f)
+    return {**m, "tool_calls": calls}

@@ -1,0 +1,208 @@
+"""An imported model keeps its own chat template: same ids as transformers' apply_chat_template,
+replies end at its tokens, SFT masks its assistant turns, and export writes the template back."""
+import json
+
+import pytest
+import torch
+
+from ownllm.cli import main
+from ownllm.errors import OwnLLMError
+from ownllm.inference import Engine, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+# A Qwen2.5-style ChatML template (default system prompt, tools in <tools>, Hermes-style calls),
+# written for this test; whitespace control as real templates use it.
+TEMPLATE = """{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+{{- '\\n\\n# Tools\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools><|im_end|>\\n' }}
+{%- elif messages[0]['role'] == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}
+{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+  {%- if message.role == 'system' and loop.first %}{%- continue %}{%- endif %}
+  {%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}
+    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+  {%- elif message.role == 'assistant' %}
+    {{- '<|im_start|>assistant' }}{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+    {%- for call in message.tool_calls %}
+      {%- set call = call.function if call.function is defined else call %}
+      {{- '\\n<tool_call>\\n{"name": "' + call.name + '", "arguments": ' + call.arguments | tojson + '}\\n</tool_call>' }}
+    {%- endfor %}
+    {{- '<|im_end|>\\n' }}
+  {%- elif message.role == 'tool' %}
+    {{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
+  {%- else %}{{- raise_exception('unknown role ' + message.role) }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "Exact arithmetic.",
+                                           "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                                                          "required": ["expression"]}}}]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Sort: 7 2 9 4"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: 7 2 9 4"},
+     {"role": "assistant", "content": "2 4 7 9"}, {"role": "user", "content": "把 305 写成中文数字。"}],
+    [{"role": "user", "content": "What is 4821 * 7733?"},
+     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+         "name": "calculator", "arguments": '{"expression": "4821 * 7733"}'}}]},
+     {"role": "tool", "content": "37280793"}],
+]
+
+
+def _qwen_dir(tmp_path, template=TEMPLATE):
+    """A Qwen2 model that never met ownllm: its own ChatML byte-level BPE, template and eos tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([   # Qwen2's (transformers rebuilds a qwen2 tokenizer with it)
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    text = "Sort the numbers 2 4 7 9. You are a helpful assistant. 把 305 写成中文数字：三百零五。 calculator expression"
+    tok.train_from_iterator([text] * 50, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS[:3],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_tokens([AddedToken(t, normalized=False) for t in SPECIALS[3:]])   # as Qwen2.5: plain added tokens
+    src = tmp_path / "qwen"
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=tok.get_vocab_size() + 3, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        initializer_range=0.2)).eval()
+    stops = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    hf.generation_config.eos_token_id = stops
+    hf.save_pretrained(src)
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "chat_template": template, "model_max_length": 256}))
+    return src, hf, stops
+
+
+def _hf_form(conv):
+    """transformers wants tool-call arguments as an object; the OpenAI wire format (and ours) sends a JSON string."""
+    return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                                 for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in conv]
+
+
+def _ids(encoded):
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def test_imported_model_chats_in_its_own_template_like_transformers(tmp_path, capsys):
+    from ownllm.data.chat import encode_conversations
+    from ownllm.inference.generate import load_run
+
+    src, hf, stops = _qwen_dir(tmp_path)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    assert "its own chat template" in capsys.readouterr().out
+    model, tok = load_run(tmp_path / "run")
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    assert tok.stop_ids == tuple(stops)
+    for conv in CONVERSATIONS:
+        for tools in (None, TOOLS):
+            for gen in (True, False):
+                want = _ids(theirs.apply_chat_template(_hf_form(conv), tools=tools, add_generation_prompt=gen, tokenize=True))
+                assert tok.render(conv, add_generation_prompt=gen, tools=tools).ids == want, (conv, tools, gen)
+
+    # SFT's loss mask: exactly each assistant reply and its <|im_end|>, calls included
+    conv = CONVERSATIONS[1] + [{"role": "assistant", "content": "三百零五"}]
+    r = tok.render(conv)
+    assert r.ids == _ids(theirs.apply_chat_template(conv, tokenize=True))
+    assert tok.decode([i for i, m in zip(r.ids, r.mask) if m]) == "2 4 7 9<|im_end|>三百零五<|im_end|>"
+    call = CONVERSATIONS[2][:2]
+    r = tok.render(call)
+    assert tok.decode([i for i, m in zip(r.ids, r.mask) if m]) == \
+        '<tool_call>\n{"name": "calculator", "arguments": {"expression": "4821 * 7733"}}\n</tool_call><|im_end|>'
+    ex = encode_conversations(tok, [conv], max_len=256)
+    assert ex.masks[0].sum() == sum(tok.render(conv).mask)
+
+    # generation: greedy tokens and the stop at the model's own end-of-turn, as transformers does
+    ids = tok.render(CONVERSATIONS[1], add_generation_prompt=True).ids
+    ours = Engine(model, tok.pad_id).generate([ids], SamplingParams(max_new_tokens=12, temperature=0, stop_ids=tok.stop_ids))[0]
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stops)[0, len(ids):].tolist()
+    assert list(ours) == want
+
+
+def test_export_and_sft_keep_the_imported_template(tmp_path, capsys):
+    from ownllm.tokenizer import Tokenizer
+
+    src, hf, stops = _qwen_dir(tmp_path)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == TEMPLATE and cfg["eos_token"] == "<|im_end|>"
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == stops
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for conv in CONVERSATIONS:
+        assert _ids(exported.apply_chat_template(_hf_form(conv), tools=TOOLS, add_generation_prompt=True, tokenize=True)) == \
+            Tokenizer.load(tmp_path / "run").render(conv, add_generation_prompt=True, tools=TOOLS).ids
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0   # round trip
+    assert Tokenizer.load(tmp_path / "back").template.source == TEMPLATE
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": CONVERSATIONS[1] + [{"role": "assistant", "content": "三百零五"}]},
+                                       ensure_ascii=False) + "\n" for _ in range(8)))
+    assert main(["sft", "--base", str(tmp_path / "run"), "--data", str(data), "--out", str(tmp_path / "sft"),
+                 "--max-steps", "2", "--no-compile", "--no-progress", "--set", "batch_size=2"]) == 0
+    tok = Tokenizer.load(tmp_path / "sft")
+    assert tok.template.source == TEMPLATE and tok.stop_ids == tuple(stops)
+
+
+def test_templates_run_sandboxed_and_errors_name_the_file(tmp_path, capsys):
+    from ownllm.tokenizer import Tokenizer
+
+    src, _, _ = _qwen_dir(tmp_path / "a", template="{{ messages[0].content.__class__.__mro__ }}")
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    with pytest.raises(OwnLLMError, match="tokenizer_config.json.*refused"):   # sandbox: no dunder access
+        Tokenizer.load(tmp_path / "run").render([{"role": "user", "content": "hi"}])
+    src, _, _ = _qwen_dir(tmp_path / "b")
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run2")]) == 0
+    with pytest.raises(OwnLLMError, match="unknown role narrator"):   # the template's own raise_exception
+        Tokenizer.load(tmp_path / "run2").render([{"role": "narrator", "content": "x"}])
+    src, _, _ = _qwen_dir(tmp_path / "c", template="{% for m in messages %}{{ m.content }")
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run3")]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer_config.json" in err and "chat template line 1" in err
+
+
+def test_agent_reads_and_writes_tool_calls_in_the_imported_format(tmp_path):
+    from ownllm.agent.loop import Agent, split_calls
+    from ownllm.agent.tools import builtin_tools
+    from ownllm.tokenizer import Tokenizer
+
+    src, _, _ = _qwen_dir(tmp_path / "a")
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    tok = Tokenizer.load(tmp_path / "run")
+    reg = builtin_tools(["calculator"])
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "4821 * 3907"}}\n</tool_call>'
+    assert split_calls(tok, tok.encode("Let me compute." + call)) == \
+        ("Let me compute.", ['{"name": "calculator", "arguments": {"expression": "4821 * 3907"}}'])
+
+    class Scripted(Agent):
+        def __init__(self, script):
+            self.tok, self.registry, self.max_steps, self.script, self.prompts = tok, reg, 4, list(script), []
+
+        def _generate(self, messages):
+            self.prompts.append(self.tok.render(messages, add_generation_prompt=True, tools=self.registry.schemas()).ids)
+            return self.tok.encode(self.script.pop(0))
+
+    agent = Scripted([call, "18835647"])
+    res = agent.run("What is 4821 × 3907?")
+    assert res.answer == "18835647" and res.calls[0].valid and res.calls[0].result == "18835647"
+    seen = tok.decode(agent.prompts[1])
+    assert call + "<|im_end|>" in seen and "<tool_response>\n18835647\n</tool_response>" in seen
+
+    plain = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    src, _, _ = _qwen_dir(tmp_path / "b", template=plain)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run2")]) == 0
+    with pytest.raises(OwnLLMError, match="no tool-call format"):
+        Agent(None, Tokenizer.load(tmp_path / "run2"), reg)
