@@ -16,6 +16,11 @@ from typing import Any
 from ownllm.errors import OwnLLMError
 
 
+# RoPE frequency schemes a model can use, with the parameters each needs (as transformers names them)
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 @dataclass
 class ModelConfig:
     """A Llama-layout decoder. Names match `transformers.LlamaConfig` where one exists."""
@@ -36,23 +41,36 @@ class ModelConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     score_head: bool = False        # a scalar head `score` on the final hidden state (reward / value models)
     attention_bias: bool = False    # biases on the q/k/v projections (the Qwen2 architecture; `ownllm import`)
+    # Imported architectures (`ownllm import`): Qwen3 sets a head size of its own and RMS-normalises
+    # each head's q and k before RoPE; Llama 3.x stretches RoPE's low frequencies (rope_scaling).
+    attn_head_dim: int = 0          # head_dim when it is not dim / n_heads; 0: dim // n_heads
+    qk_norm: bool = False           # q_norm / k_norm (RMSNorm over head_dim, shared by the heads)
+    rope_scaling: dict | None = None  # {"rope_type": "linear", "factor": f} or Llama 3's "llama3" parameters
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads:
+        if self.dim % self.n_heads and not self.attn_head_dim:
             raise OwnLLMError(f"model config: dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise OwnLLMError(f"model config: n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise OwnLLMError(f"model config: head dim {self.dim // self.n_heads} must be even for RoPE")
+        if self.head_dim % 2:
+            raise OwnLLMError(f"model config: head dim {self.head_dim} must be even for RoPE")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ROPE_SCALING_KEYS:
+            raise OwnLLMError(f"model config: rope_scaling type {kind!r} is not supported "
+                              f"(supported: {', '.join(ROPE_SCALING_KEYS)})")
+        missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance((self.rope_scaling or {}).get(k), (int, float))]
+        if missing:
+            raise OwnLLMError(f"model config: rope_scaling {kind!r} needs numeric {', '.join(missing)}")
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim or self.dim // self.n_heads
 
     def num_params(self, embeddings: bool = True) -> int:
         d, f, hd = self.dim, self.ffn_dim, self.head_dim
-        attn = d * d * 2 + 2 * d * self.n_kv_heads * hd + (d + 2 * self.n_kv_heads * hd) * self.attention_bias
-        per_layer = attn + 3 * d * f + 2 * d
+        q = self.n_heads * hd
+        attn = 2 * d * q + 2 * d * self.n_kv_heads * hd + (q + 2 * self.n_kv_heads * hd) * self.attention_bias
+        per_layer = attn + 3 * d * f + 2 * d + 2 * hd * self.qk_norm
         n = self.n_layers * per_layer + d
         if embeddings:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)

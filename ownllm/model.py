@@ -14,6 +14,7 @@ its leading `model.`), so export/import is a rename and the logits match HF's (t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,29 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (length, head_dim) in HF's 'rotate_half' layout (frequencies repeated twice)."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    inv_freq = scaled_inv_freq(1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)),
+                               cfg.rope_scaling)
     freqs = torch.outer(torch.arange(length, device=device).float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """RoPE frequencies under `rope_scaling`: 'linear' divides all by `factor`; 'llama3' (Llama 3.1+)
+    divides the low frequencies (wavelength above original_max / low_freq_factor) by `factor`, keeps
+    the high ones (below original_max / high_freq_factor) and blends in between."""
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > old_len / low, inv_freq / factor, torch.where(wavelen < old_len / high, inv_freq, blended))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -144,12 +164,16 @@ class Attention(nn.Module):
         self.k_proj = linear(cfg, "k_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.v_proj = linear(cfg, "v_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.o_proj = linear(cfg, "o_proj", cfg.n_heads * cfg.head_dim, cfg.dim)
+        if cfg.qk_norm:   # Qwen3: each head's q and k RMS-normalised before RoPE
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def _rope_qkv(self, x, cos, sin):
         B, T, _ = x.shape
         q, k, v = project(self, "_qkv", x, self.q_proj, self.k_proj, self.v_proj)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v

@@ -349,3 +349,49 @@ def test_import_takes_a_sentencepiece_style_tokenizer_and_streams_it(tmp_path):
     assert ids == sp.encode(text).ids and tok.decode(ids) == text
     stream = tok.stream_decoder()
     assert "".join(stream.push(i) for i in ids) == text
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama3"])
+def test_qwen3_and_llama3_rope_import_and_export_match_transformers(tmp_path, small_tokenizer, arch):
+    """Qwen3 (q/k RMSNorm per head, head_dim ≠ hidden/heads) and Llama 3.x (rope_scaling 'llama3',
+    its own head_dim): logits over 120 positions — past the original context, where the scaled
+    frequencies matter — and KV-cache greedy tokens equal transformers', out and back again."""
+    from ownllm.inference.generate import load_run
+    from ownllm.inference.quantize import quantize_int8
+
+    common = dict(vocab_size=small_tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=160,
+                  initializer_range=0.2, tie_word_embeddings=arch == "qwen3")
+    torch.manual_seed(0)
+    if arch == "qwen3":
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, rope_theta=1e6)).eval()
+        for layer in hf.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.data.uniform_(0.5, 1.5)
+    else:
+        rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=32, rope_theta=500000.0)
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_parameters=rope)).eval()
+    hf.save_pretrained(tmp_path / "src")
+    small_tokenizer.save(tmp_path / "src")
+    assert main(["import", "--hf", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 0
+    model, _ = load_run(tmp_path / "run")
+    assert model.config.head_dim == 24 and model.config.qk_norm == (arch == "qwen3")
+    assert (model.config.rope_scaling or {}).get("rope_type") == (None if arch == "qwen3" else "llama3")
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+    x = torch.randint(0, small_tokenizer.vocab_size, (1, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(x).logits
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+    prompt = x[0, :40].tolist()
+    ours = Engine(model, small_tokenizer.pad_id).generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, stop_ids=()))[0]
+    theirs = hf.generate(x[:, :40], max_new_tokens=10, do_sample=False, eos_token_id=None, min_new_tokens=10)[0, 40:]
+    assert list(ours) == theirs.tolist()
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == type(hf).__name__
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, want, rtol=1e-4, atol=1e-4)
+        quantize_int8(model)
+        assert (model(x) - want).norm() < 0.05 * want.norm()     # int8 keeps the q/k norms and scaled RoPE
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2

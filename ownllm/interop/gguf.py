@@ -192,6 +192,9 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwr
     if cfg.attention_bias:
         raise OwnLLMError(f"{run}: has q/k/v biases (the Qwen2 architecture); GGUF export writes Llama models only "
                           "so far — use the Hugging Face export for it")
+    if cfg.qk_norm or cfg.attn_head_dim or cfg.rope_scaling:
+        raise OwnLLMError(f"{run}: has q/k norms, its own head size or scaled RoPE (Qwen3 / Llama 3 imports); GGUF "
+                          "export writes plain Llama models only so far — use the Hugging Face export for it")
     tok = Tokenizer.load(run)
     file_type, _, np_dtype = FILE_TYPES[dtype]
     names = gguf_tensor_names(cfg.n_layers)

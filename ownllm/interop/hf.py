@@ -29,12 +29,21 @@ from ownllm.errors import OwnLLMError
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def hf_family(cfg: ModelConfig) -> str:
+    """The transformers architecture a config is: q/k norms are Qwen3, q/k/v biases (none on o_proj)
+    Qwen2, neither Llama."""
+    if cfg.qk_norm and cfg.attention_bias:
+        raise OwnLLMError("q/k norms with q/k/v biases match no transformers architecture; cannot export")
+    return "Qwen3" if cfg.qk_norm else "Qwen2" if cfg.attention_bias else "Llama"
+
+
 def hf_config_dict(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
                    pad_id: int | None = None) -> dict[str, Any]:
-    qwen2 = cfg.attention_bias  # q/k/v biases (and none on o_proj) are the Qwen2 architecture
+    family = hf_family(cfg)
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {})}
     return {
-        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen2 else "llama",
+        "architectures": [f"{family}ForCausalLM"],
+        "model_type": family.lower(),
         "use_sliding_window": False,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
@@ -46,7 +55,8 @@ def hf_config_dict(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | No
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},
+        "rope_scaling": cfg.rope_scaling,   # the transformers 4 name
         "hidden_act": "silu",
         "attention_bias": cfg.attention_bias,
         "mlp_bias": False,
@@ -111,7 +121,7 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
         raise OwnLLMError(f"--run {run}: no config.json; expected a run directory")
     cfg, state, lora_merged = load_plain(run)
     tok = Tokenizer.load(run)
-    family = "Qwen2" if cfg.attention_bias else "Llama"
+    family = hf_family(cfg)
     if cfg.score_head:
         arch = f"{family}ForSequenceClassification"
         weights = to_hf_reward_state_dict(state)
@@ -152,35 +162,46 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
 
 
 def model_config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
-    """Our ModelConfig for a transformers Llama `config.json`; anything the model cannot run exactly
-    (biases, scaled RoPE, another activation or head size) is refused by name."""
+    """Our ModelConfig for a transformers Llama, Qwen2 or Qwen3 `config.json`; anything the model
+    cannot run exactly (sliding windows, other RoPE scalings, another activation) is refused by name."""
+    from ownllm.config import ROPE_SCALING_KEYS
+
     kind = d.get("model_type")
-    if kind not in ("llama", "qwen2"):
-        raise OwnLLMError(f"{source}: model_type {kind!r}; `ownllm import` reads the Llama and Qwen2 architectures "
-                          "(model_type 'llama' or 'qwen2')")
+    if kind not in ("llama", "qwen2", "qwen3"):
+        raise OwnLLMError(f"{source}: model_type {kind!r}; `ownllm import` reads the Llama, Qwen2 and Qwen3 "
+                          "architectures (model_type 'llama', 'qwen2' or 'qwen3')")
     checks = [("mlp_bias", False), ("hidden_act", "silu")]
-    checks += [("use_sliding_window", False)] if kind == "qwen2" else [("attention_bias", False)]
+    checks += [("use_sliding_window", False)] if kind != "llama" else []
+    checks += [("attention_bias", False)] if kind != "qwen2" else []   # Qwen2's q/k/v biases are implied
     for key, ok in checks:
         if d.get(key, ok) != ok:
             raise OwnLLMError(f"{source}: {key}={d[key]!r} is not supported (expected {ok!r})")
-    rope = d.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or rope.get("type") or (d.get("rope_parameters") or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise OwnLLMError(f"{source}: RoPE scaling {rope_type!r} is not supported (plain RoPE only)")
+    params = {**(d.get("rope_parameters") or {}), **(d.get("rope_scaling") or {})}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise OwnLLMError(f"{source}: RoPE scaling {rope_type!r} is not supported "
+                          f"(supported: {', '.join(ROPE_SCALING_KEYS)})")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise OwnLLMError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported")
+    scaling = {"rope_type": rope_type, **{k: params.get(k) for k in ROPE_SCALING_KEYS[rope_type]}} \
+        if rope_type != "default" else None
     try:
         dim, n_heads = int(d["hidden_size"]), int(d["num_attention_heads"])
-        if d.get("head_dim") not in (None, dim // n_heads):
-            raise OwnLLMError(f"{source}: head_dim {d['head_dim']} differs from hidden_size / num_attention_heads")
-        theta = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        head_dim = int(d.get("head_dim") or dim // n_heads)
+        theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
         return ModelConfig(vocab_size=int(d["vocab_size"]), dim=dim, n_layers=int(d["num_hidden_layers"]),
                            n_heads=n_heads, n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
                            ffn_dim=int(d["intermediate_size"]), max_seq_len=int(d.get("max_position_embeddings", 2048)),
                            rope_theta=float(theta), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), attention_bias=kind == "qwen2")
+                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), attention_bias=kind == "qwen2",
+                           attn_head_dim=head_dim if head_dim * n_heads != dim else 0, qk_norm=kind == "qwen3",
+                           rope_scaling=scaling)
     except KeyError as e:
         raise OwnLLMError(f"{source}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise OwnLLMError(f"{source}: a size field is not a number ({e})") from None
+    except OwnLLMError as e:
+        raise OwnLLMError(f"{source}: {e}") from None
 
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
