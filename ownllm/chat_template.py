@@ -15,12 +15,21 @@ text an assistant message adds is the difference between rendering the conversat
 """
 from __future__ import annotations
 
+import contextvars
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
 from ownllm.errors import OwnLLMError
+
+
+# While _TRACK is set, `{% generation %}` blocks come out between these two characters (which a
+# rendered template never holds otherwise), so their spans can be read off the text.
+GEN_OPEN, GEN_CLOSE = "\x02", "\x03"
+_TRACK: contextvars.ContextVar[bool] = contextvars.ContextVar("ownllm_track_generation", default=False)
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -44,7 +53,8 @@ def _compile(source: str):
             return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
         def _body(self, caller):
-            return caller()
+            text = caller()
+            return f"{GEN_OPEN}{text}{GEN_CLOSE}" if _TRACK.get() else text
 
     class Namespace(jinja2.utils.Namespace):
         """`namespace(...)` that refuses underscore names (as transformers does: no reaching CPython internals)."""
@@ -122,26 +132,55 @@ class ChatTemplate:
 
     def assistant_spans(self, messages: list[dict], full: str, tools: list[dict] | None = None) -> list[tuple[int, int]]:
         """Character spans of `full` (the whole conversation rendered) that assistant messages
-        produced: each message's text up to and including its last stop token."""
+        produced. A template with `{% generation %}` blocks says so itself (as transformers reads
+        them); otherwise each message's span is the text it adds to the conversation before it
+        (with the generation prompt), up to and including its last stop token, found in `full`;
+        where a template renders earlier turns differently (Qwen3 drops their empty think blocks),
+        the span runs from the message's content to the stop token after it."""
+        if _GENERATION_TAG.search(self.source):
+            return self._generation_spans(messages, full, tools)
         spans, pos = [], 0
         for i, m in enumerate(messages):
             if m.get("role") != "assistant":
                 continue
             before = self.text(messages[:i], add_generation_prompt=True, tools=tools)
             upto = self.text(messages[: i + 1], tools=tools)
-            if not upto.startswith(before):
-                raise OwnLLMError(f"{self.origin}: message {i}: the chat template does not render this conversation "
-                                  "turn by turn (a prefix changes when a reply is added), so its assistant tokens "
-                                  "cannot be found for training")
-            added = upto[len(before):]
+            added = upto[len(before):] if upto.startswith(before) else ""
             cut = max((added.rfind(s) + len(s) for s in self.stop_tokens if s in added), default=len(added))
             added = added[:cut]
-            start = full.find(added, pos)
-            if not added or start < 0:
-                raise OwnLLMError(f"{self.origin}: message {i}: the assistant text is not in the rendered conversation")
-            spans.append((start, start + len(added)))
-            pos = start + len(added)
+            start = full.find(added, pos) if added else -1
+            if start >= 0:
+                end = start + len(added)
+            else:
+                content = (m.get("content") or "").strip()
+                start = full.find(content, pos) if content else -1
+                stops = [j + len(s) for s in self.stop_tokens if (j := full.find(s, start + len(content))) >= 0]
+                if start < 0 or not stops:
+                    raise OwnLLMError(f"{self.origin}: message {i}: cannot find this assistant turn in the rendered "
+                                      "conversation, so its tokens cannot be marked for training")
+                end = min(stops)
+            spans.append((start, end))
+            pos = end
         return spans
+
+    def _generation_spans(self, messages, full, tools) -> list[tuple[int, int]]:
+        token = _TRACK.set(True)
+        try:
+            marked = self.text(messages, tools=tools)
+        finally:
+            _TRACK.reset(token)
+        spans, out, depth, start = [], [], 0, 0
+        for ch in marked:
+            if ch == GEN_OPEN:
+                start, depth = len(out), depth + 1
+            elif ch == GEN_CLOSE:
+                depth -= 1
+                spans.append((start, len(out)))
+            else:
+                out.append(ch)
+        if "".join(out) != full:
+            raise OwnLLMError(f"{self.origin}: the conversation renders differently on a second pass")
+        return [(s, e) for s, e in spans if e > s]
 
 
 def _plain_message(m: dict) -> dict:

@@ -206,3 +206,35 @@ def test_agent_reads_and_writes_tool_calls_in_the_imported_format(tmp_path):
     assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run2")]) == 0
     with pytest.raises(OwnLLMError, match="no tool-call format"):
         Agent(None, Tokenizer.load(tmp_path / "run2"), reg)
+
+
+# Qwen3-style: only the last reply carries the (empty) think block, so earlier turns render differently
+# once a reply follows them; the second form marks replies with {% generation %} as transformers reads it.
+THINK = """{%- for message in messages %}
+{%- if message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' }}{% generation %}{%- if loop.last %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}
+{%- else %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+
+
+@pytest.mark.parametrize("tagged", [False, True])
+def test_sft_mask_when_earlier_turns_render_differently(tmp_path, tagged):
+    from ownllm.tokenizer import Tokenizer
+
+    template = THINK if tagged else THINK.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    src, _, _ = _qwen_dir(tmp_path, template=template)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    tok = Tokenizer.load(tmp_path / "run")
+    conv = CONVERSATIONS[1] + [{"role": "assistant", "content": "三百零五"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    r = tok.render(conv)
+    assert r.ids == _ids(theirs.apply_chat_template(conv, tokenize=True))
+    masked = tok.decode([i for i, m in zip(r.ids, r.mask) if m])
+    assert masked == "2 4 7 9<|im_end|><think>\n\n</think>\n\n三百零五<|im_end|>"
+    if tagged:   # the same mask transformers derives from the generation blocks
+        want = theirs.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert r.mask == list(want["assistant_masks"])
