@@ -203,7 +203,8 @@ def cmd_ask(args) -> None:
     with _open_kb(args.kb, args.embedder) as kb:
         result = None
         for piece in ask_stream(model, tok, kb, args.question, k=args.k, min_relevance=args.min_relevance,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, mode=args.mode):
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, mode=args.mode,
+                                verify=args.verify):
             if isinstance(piece, str):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -213,6 +214,8 @@ def cmd_ask(args) -> None:
     if not result.retrieved:
         print("(no source in the knowledge base is relevant enough; the model was not asked)")
         return
+    if result.withheld is not None:
+        print(f"(withheld by --verify: the model's reply {result.withheld!r} is not in a source it cites)")
     cited = {id(h) for h in result.cited}
     print("sources:")
     for i, h in enumerate(result.hits, 1):
@@ -583,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="below this (share of the question's weighted terms in the best chunk) answer 'not in the sources'")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--verify", action="store_true", help="citation check: withhold an answer that no source it cites "
+                   "contains, and say the sources do not say (the reply then prints whole, not streamed)")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("agent", help="answer a question with tools (calculator, search, sql), printing the trace")

@@ -102,7 +102,7 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
                "base_tasks": {k: {"mean": v["mean_exact_match"], **v["per_family"]} for k, v in base_tasks.items()},
                "sft": {"step": ft["step"], "elapsed_s": ft["elapsed_s"], "mean": sft_tasks["mean_exact_match"],
                        **sft_tasks["per_family"]},
-               "rag": {"retrieval": rag["retrieval"], "rag": rag["rag"], "closed_book": rag["closed_book"]},
+               "rag": {k: rag[k] for k in ("retrieval", "rag", "rag_verified", "closed_book")},
                "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
                "rlhf": rlhf, "wall_s": wall}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
@@ -222,12 +222,14 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
           "## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
           "| retrieval | recall@5 | MRR |", "|---|---:|---:|"]
     L += [f"| {m} | {r['recall_at_5']:.3f} | {r['mrr']:.3f} |" for m, r in rag["retrieval"].items()]
-    cb, rg = rag["closed_book"], rag["rag"]
-    L += ["", "| answers | closed-book | with RAG |", "|---|---:|---:|",
-          f"| exact match (answerable) | {cb['exact_match']:.3f} | {rg['exact_match']:.3f} |",
-          f"| hallucination (all) | {cb['hallucination']:.3f} | {rg['hallucination']:.3f} |",
-          f"| \"not in the sources\" when unanswerable | {cb['unanswerable_accuracy']:.3f} | {rg['unanswerable_accuracy']:.3f} |",
-          f"| citation accuracy | - | {rg['citation_accuracy']:.3f} |", "",
+    cb, rg, vf = rag["closed_book"], rag["rag"], rag["rag_verified"]
+    L += ["", "| answers | closed-book | with RAG | RAG + citation check (`ask --verify`) |", "|---|---:|---:|---:|",
+          f"| exact match (answerable) | {cb['exact_match']:.3f} | {rg['exact_match']:.3f} | {vf['exact_match']:.3f} |",
+          f"| hallucination (all) | {cb['hallucination']:.3f} | {rg['hallucination']:.3f} | {vf['hallucination']:.3f} |",
+          f"| \"not in the sources\" when unanswerable | {cb['unanswerable_accuracy']:.3f} | {rg['unanswerable_accuracy']:.3f} "
+          f"| {vf['unanswerable_accuracy']:.3f} |",
+          f"| citation accuracy (answers that cite) | - | {rg['citation_accuracy']:.3f} ({rg['cited']}) "
+          f"| {vf['citation_accuracy']:.3f} ({vf['cited']}) |", "",
           "## 6. Agent (`ownllm eval agent --run sft`)", "", "| questions | accuracy |", "|---|---:|"]
     L += [f"| {f} (with tools) | {a:.3f} |" for f, a in agent["with_tools"].items()]
     L += [f"| arithmetic without tools | {agent['arithmetic_without_tools']:.3f} |",

@@ -291,3 +291,45 @@ def test_demo_kb_retrieval_recall(tmp_path, monkeypatch):
         assert m["n"] >= 150 and m["recall_at_5"] >= 0.95 and m["mrr"] >= 0.9
         hits = kb.search(make_world("demo").questions()[0].question, k=1)
         assert os.path.basename(hits[0].path) == slug(make_world("demo").towns[0].name) + ".md"
+
+
+def test_citation_check_of_ask_verify(tmp_path, tiny_sft, capsys, monkeypatch):
+    """`supported` by hand; then `ask --verify` with the model's reply fixed: an answer its cited
+    source holds is shown, one it does not is withheld and the refusal given."""
+    from ownllm.rag.grounded import supported
+
+    passages = ["Varnok was founded in 1642.", "The mayor of Quellis is Irdel  Fask."]
+    assert supported("1642 [1]", passages) and supported("irdel fask [2]", passages)
+    assert supported(REFUSAL["en"], passages) and supported(REFUSAL["zh"], [])
+    assert not supported("1642 [2]", passages)        # cites a source that does not hold it
+    assert not supported("1642", passages)            # cites nothing
+    assert not supported("1642 [3]", passages)        # cites a source that was not shown
+    assert not supported(" [1]", passages)            # no answer at all
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "varnok.md").write_text("Varnok is a town in the Selam valley. Varnok was founded in 1642.\n")
+    kb = str(tmp_path / "kb.sqlite")
+    assert main(["rag", "index", str(docs), "--kb", kb, "--embedder", "none", "--no-progress"]) == 0
+    import ownllm.inference.generate as gen
+
+    for reply, shown in (("1642 [1]", "1642 [1]"), ("1999 [1]", REFUSAL["en"])):
+        monkeypatch.setattr(gen, "stream_text", lambda *a, r=reply, **k: iter([r[:2], r[2:]]))
+        capsys.readouterr()
+        assert main(["ask", "When was Varnok founded?", "--run", str(tiny_sft), "--kb", kb, "--embedder", "none",
+                     "--verify"]) == 0
+        out = capsys.readouterr().out
+        assert out.splitlines()[0] == shown
+        assert ("withheld by --verify" in out) == (reply != shown) and "varnok.md" in out
+
+
+def test_eval_rag_reports_the_citation_check_beside_the_models_own(tmp_path, tiny_sft, capsys, monkeypatch):
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    assert main(["eval", "rag", "--run", str(tiny_sft), "--kb", "demo", "--embedder", "none", "--n", "20"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT ")][-1]
+    r = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+    # the check only turns answers into refusals: never more hallucination, never more exact matches
+    assert r["hallucination_rag_verified"] <= r["hallucination_rag"]
+    assert r["rag_exact_match_verified"] <= r["rag_exact_match"]
+    assert r["unanswerable_accuracy_verified"] >= r["unanswerable_accuracy"]
+    assert r["recall_at_5_bm25"] >= 0.9

@@ -12,6 +12,8 @@ Definitions (all over the sampled questions):
 - citation accuracy: among non-refusal RAG answers that cite, the share whose first cited
   source contains the gold answer (answerable questions).
 - unanswerable accuracy: the share of questions the KB cannot answer that get the refusal.
+- verified: the same RAG replies after `ask --verify`'s citation check (grounded.supported),
+  reported beside the model's own, never instead of them.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from ownllm.inference.generate import greedy_texts, load_run
 from ownllm.rag.answer import MIN_RELEVANCE, prompt_ids, retrieve
 from ownllm.rag.demo import Question, make_world, slug
-from ownllm.rag.grounded import REFUSAL, is_refusal, parse_answer
+from ownllm.rag.grounded import REFUSAL, is_refusal, parse_answer, supported
 from ownllm.rag.store import KnowledgeBase
 
 
@@ -106,15 +108,19 @@ def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, m
                 cite_ok += 0 < c <= len(shown) and q.answer in shown[c - 1].text
         return {"exact_match": em / max(n_ans, 1), "hallucination": hall / max(len(questions), 1),
                 "unanswerable_accuracy": unans_ok / max(n_unans, 1),
-                "citation_accuracy": cite_ok / max(cited, 1) if hits_list is not None else None,
+                "citation_accuracy": cite_ok / max(cited, 1) if hits_list is not None else None, "cited": cited,
                 "answerable": n_ans, "unanswerable": n_unans}
 
     rag = score(rag_text, rag_hits)
+    # what `ask --verify` would say: answers no cited source contains become the refusal
+    checked = [t if supported(t, [h.text for h in hits]) else REFUSAL[q.lang]
+               for q, t, hits in zip(questions, rag_text, rag_hits)]
+    verified = score(checked, rag_hits)
     cb = score(closed)
     samples = [{"question": q.question, "kind": q.kind, "gold": q.answer, "rag": t, "closed_book": c}
                for q, t, c in zip(questions, rag_text, closed)]
-    return {"retrieval": retrieval, "mode": main_mode, "rag": rag, "closed_book": cb, "n": len(questions),
-            "samples": samples}
+    return {"retrieval": retrieval, "mode": main_mode, "rag": rag, "rag_verified": verified, "closed_book": cb,
+            "n": len(questions), "samples": samples}
 
 
 def print_rag_report(res: dict, out=print) -> None:
@@ -125,13 +131,20 @@ def print_rag_report(res: dict, out=print) -> None:
     rag, cb = res["rag"], res["closed_book"]
     out(f"answers: {res['n']} questions ({rag['answerable']} answerable, {rag['unanswerable']} not), greedy, "
         f"RAG retrieval: {res['mode']}")
-    out(f"{'':<24}{'closed-book':>12}{'RAG':>8}")
+    ver = res["rag_verified"]
+    out(f"{'':<24}{'closed-book':>12}{'RAG':>8}{'RAG --verify':>14}")
     for key in ("exact_match", "hallucination", "unanswerable_accuracy"):
-        out(f"{key:<24}{cb[key]:>12.3f}{rag[key]:>8.3f}")
-    out(f"{'citation_accuracy':<24}{'-':>12}{rag['citation_accuracy']:>8.3f}")
+        out(f"{key:<24}{cb[key]:>12.3f}{rag[key]:>8.3f}{ver[key]:>14.3f}")
+    cite = {k: f"{r['citation_accuracy']:.3f}" if r["cited"] else "-" for k, r in (("rag", rag), ("ver", ver))}
+    out(f"{'citation_accuracy':<24}{'-':>12}{cite['rag']:>8}{cite['ver']:>14}   (answers that cite: "
+        f"{rag['cited']}, {ver['cited']})")
+    out("(RAG --verify: the same replies after the citation check of `ask --verify`, which withholds an "
+        "answer that no source it cites contains)")
     best = res["retrieval"][res["mode"]]
     out(f"RESULT recall_at_5={best['recall_at_5']:.4f} mrr={best['mrr']:.4f} rag_exact_match={rag['exact_match']:.4f} "
         f"closed_book_exact_match={cb['exact_match']:.4f} hallucination_rag={rag['hallucination']:.4f} "
         f"hallucination_closed_book={cb['hallucination']:.4f} citation_accuracy={rag['citation_accuracy']:.4f} "
         f"unanswerable_accuracy={rag['unanswerable_accuracy']:.4f} "
+        f"rag_exact_match_verified={ver['exact_match']:.4f} hallucination_rag_verified={ver['hallucination']:.4f} "
+        f"unanswerable_accuracy_verified={ver['unanswerable_accuracy']:.4f} "
         + " ".join(f"recall_at_5_{m}={r['recall_at_5']:.4f} mrr_{m}={r['mrr']:.4f}" for m, r in res["retrieval"].items()))

@@ -5,14 +5,15 @@ the agent's search tool and the server. Retrieval finds the top chunks; when eve
 covers too little of the question (`min_relevance`, the IDF-weighted share of the question's
 terms it contains) the answer is the refusal without asking the model at all. Otherwise the
 chunks that fit the model's context become numbered sources (grounded.sources_prompt), the
-model answers, and the citations it gives are mapped back to `path:line`.
+model answers, and the citations it gives are mapped back to `path:line`. `verify` adds a
+citation check: an answer that no source it cites contains is withheld (the refusal instead).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ownllm.rag.grounded import REFUSAL, language, parse_answer, sources_prompt
+from ownllm.rag.grounded import REFUSAL, language, parse_answer, sources_prompt, supported
 from ownllm.rag.store import Hit, KnowledgeBase
 
 MIN_RELEVANCE = 0.5
@@ -24,6 +25,7 @@ class GroundedAnswer:
     text: str = ""                              # the model's reply (or the refusal)
     hits: list[Hit] = field(default_factory=list)  # the sources shown to the model, in order
     retrieved: bool = True                      # False: nothing relevant, the model was not asked
+    withheld: str | None = None                 # verify: the reply that failed the citation check
 
     @property
     def answer(self) -> str:
@@ -54,8 +56,10 @@ def prompt_ids(tok, question: str, hits: list[Hit], budget: int) -> tuple[list[i
 
 def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_relevance: float = MIN_RELEVANCE,
                max_new_tokens: int = 48, temperature: float = 0.0, mode: str | None = None,
-               engine=None) -> Iterator[str | GroundedAnswer]:
-    """Yields text pieces as they stream, then the finished GroundedAnswer."""
+               engine=None, verify: bool = False) -> Iterator[str | GroundedAnswer]:
+    """Yields text pieces as they stream, then the finished GroundedAnswer. With `verify` the
+    reply comes whole, after the citation check (grounded.supported): an answer its cited source
+    does not contain is withheld and the refusal given instead."""
     from ownllm.inference.engine import Engine, SamplingParams
     from ownllm.inference.generate import stream_text
 
@@ -72,8 +76,13 @@ def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_rel
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids)
     for piece in stream_text(engine or Engine(model, tok.pad_id), tok, ids, params):
         pieces.append(piece)
-        yield piece
+        if not verify:
+            yield piece
     result.text = "".join(pieces).strip()
+    if verify:
+        if not supported(result.text, [h.text for h in result.hits]):
+            result.withheld, result.text = result.text, REFUSAL[language(question)]
+        yield result.text
     yield result
 
 

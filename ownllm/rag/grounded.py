@@ -40,3 +40,17 @@ def parse_answer(text: str) -> tuple[str, list[int]]:
 
 def is_refusal(text: str) -> bool:
     return text.strip() in REFUSALS
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def supported(text: str, passages: list[str]) -> bool:
+    """Whether a reply passes the citation check: a refusal always does; an answer does when it
+    appears (spacing and case aside) in a source it cites. An answer that cites nothing, or only
+    sources that were not shown, does not."""
+    ans, cites = parse_answer(text)
+    if is_refusal(ans) or is_refusal(text):
+        return True
+    return bool(ans) and any(0 < c <= len(passages) and _norm(ans) in _norm(passages[c - 1]) for c in cites)
