@@ -121,16 +121,23 @@ class ChatTemplate:
                      if (t := _token_text(cfg.get(k))) is not None}
         return cls(source, stop_tokens, variables, origin)
 
-    def text(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+    def text(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,
+             extra: dict | None = None) -> str:
+        """The conversation as the template renders it; `extra`: more template variables."""
         import jinja2
 
+        kwargs = extra or {}
+        reserved = {"messages", "tools", "add_generation_prompt", *self.variables} & kwargs.keys()
+        if reserved:
+            raise OwnLLMError(f"template arguments {sorted(reserved)} are set by ownllm, not by the caller")
         try:
             return _compile(self.source).render(messages=[_plain_message(m) for m in messages], tools=tools or None,
-                                                add_generation_prompt=add_generation_prompt, **self.variables)
+                                                add_generation_prompt=add_generation_prompt, **self.variables, **kwargs)
         except jinja2.TemplateError as e:
             raise OwnLLMError(f"{self.origin}: the chat template refused this conversation: {e}") from None
 
-    def assistant_spans(self, messages: list[dict], full: str, tools: list[dict] | None = None) -> list[tuple[int, int]]:
+    def assistant_spans(self, messages: list[dict], full: str, tools: list[dict] | None = None,
+                        extra: dict | None = None) -> list[tuple[int, int]]:
         """Character spans of `full` (the whole conversation rendered) that assistant messages
         produced. A template with `{% generation %}` blocks says so itself (as transformers reads
         them); otherwise each message's span is the text it adds to the conversation before it
@@ -138,13 +145,13 @@ class ChatTemplate:
         where a template renders earlier turns differently (Qwen3 drops their empty think blocks),
         the span runs from the message's content to the stop token after it."""
         if _GENERATION_TAG.search(self.source):
-            return self._generation_spans(messages, full, tools)
+            return self._generation_spans(messages, full, tools, extra)
         spans, pos = [], 0
         for i, m in enumerate(messages):
             if m.get("role") != "assistant":
                 continue
-            before = self.text(messages[:i], add_generation_prompt=True, tools=tools)
-            upto = self.text(messages[: i + 1], tools=tools)
+            before = self.text(messages[:i], add_generation_prompt=True, tools=tools, extra=extra)
+            upto = self.text(messages[: i + 1], tools=tools, extra=extra)
             added = upto[len(before):] if upto.startswith(before) else ""
             cut = max((added.rfind(s) + len(s) for s in self.stop_tokens if s in added), default=len(added))
             added = added[:cut]
@@ -163,10 +170,10 @@ class ChatTemplate:
             pos = end
         return spans
 
-    def _generation_spans(self, messages, full, tools) -> list[tuple[int, int]]:
+    def _generation_spans(self, messages, full, tools, extra) -> list[tuple[int, int]]:
         token = _TRACK.set(True)
         try:
-            marked = self.text(messages, tools=tools)
+            marked = self.text(messages, tools=tools, extra=extra)
         finally:
             _TRACK.reset(token)
         spans, out, depth, start = [], [], 0, 0

@@ -275,7 +275,8 @@ def build_server_state(args):
     elif getattr(args, "kb", None):
         kb = _open_kb(args.kb, args.embedder)
     return ServerState(model=model, tok=tok, model_id=run.resolve().name, api_key=args.api_key,
-                       batcher=ContinuousBatcher(model, tok.pad_id, slots=args.slots), kb=kb, registry=reg)
+                       batcher=ContinuousBatcher(model, tok.pad_id, slots=args.slots), kb=kb, registry=reg,
+                       template_kwargs=template_args(getattr(args, "template_arg", [])))
 
 
 def torch_threads(n: int | None) -> None:
@@ -501,13 +502,31 @@ def cmd_import(args) -> None:
                                             "before chatting"))
 
 
+TEMPLATE_ARG_HELP = ("a variable for an imported model's own chat template, repeatable (e.g. enable_thinking=false "
+                     "for Qwen3); VALUE is read as JSON when it parses, else as text")
+
+
+def template_args(items: list[str]) -> dict:
+    """--template-arg KEY=VALUE items → {KEY: VALUE}, VALUE as JSON when it parses (false, 3, "x")."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise OwnLLMError(f"--template-arg {item!r}: expected KEY=VALUE with KEY a name")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 def cmd_chat(args) -> None:
     from ownllm.inference.chat import repl
 
     reg, owned = _registry(args.tools, args.kb, args.db, args.embedder) if args.tools else (None, [])
     try:
         repl(args.run, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-             quantize=args.quantize, registry=reg)
+             quantize=args.quantize, registry=reg, template_kwargs=template_args(args.template_arg))
     finally:
         for x in owned:
             x.close()
@@ -614,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (continuous batching)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--template-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help=TEMPLATE_ARG_HELP + "; a request's chat_template_kwargs override these")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="continue a prompt (streams)")
@@ -735,6 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="SQLite database for the sql tool (file or 'demo')")
     p.add_argument("--embedder", help="sentence-embedding model directory, or 'none'")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
+    p.add_argument("--template-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help=TEMPLATE_ARG_HELP)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")

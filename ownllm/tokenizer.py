@@ -171,13 +171,14 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False,
-               tools: list[dict] | None = None) -> Rendered:
+               tools: list[dict] | None = None, template_kwargs: dict | None = None) -> Rendered:
         """Chat template: bos, the tool list (if any), then `<|role|>content<|end|>` per message, an
         assistant's tool calls before its end; mask marks assistant turns (calls included).
         An imported model's own template renders instead, its mask on each assistant message's
-        text up to its stop token."""
+        text up to its stop token; `template_kwargs` are extra variables for it (e.g. Qwen3's
+        enable_thinking=False). Ours takes none and ignores them."""
         if self.template:
-            return self._render_template(messages, add_generation_prompt, tools)
+            return self._render_template(messages, add_generation_prompt, tools, template_kwargs or {})
         ids, mask = [self.bos_id], [0]
         if tools:
             body = self.encode(tools_text(tools))
@@ -198,10 +199,11 @@ class Tokenizer:
             mask.append(0)
         return Rendered(ids, mask)
 
-    def _render_template(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None) -> Rendered:
-        text = self.template.text(messages, add_generation_prompt, tools)
+    def _render_template(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+                         kwargs: dict) -> Rendered:
+        text = self.template.text(messages, add_generation_prompt, tools, kwargs)
         enc = self.hf.encode(text, add_special_tokens=False)
-        spans = self.template.assistant_spans(messages, text, tools) if not add_generation_prompt else []
+        spans = self.template.assistant_spans(messages, text, tools, kwargs) if not add_generation_prompt else []
         mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc.offsets]
         return Rendered(enc.ids, mask)
 

@@ -238,3 +238,28 @@ def test_sft_mask_when_earlier_turns_render_differently(tmp_path, tagged):
     if tagged:   # the same mask transformers derives from the generation blocks
         want = theirs.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert r.mask == list(want["assistant_masks"])
+
+
+def test_template_variables_reach_the_template(tmp_path):
+    """Qwen3-style enable_thinking=False: the same ids as transformers given the same variable."""
+    from ownllm.cli import template_args
+    from ownllm.tokenizer import Tokenizer
+
+    template = THINK + ("{%- if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+                        "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+    src, _, _ = _qwen_dir(tmp_path, template=template)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    tok = Tokenizer.load(tmp_path / "run")
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    conv = CONVERSATIONS[0]
+    kwargs = template_args(["enable_thinking=false"])
+    assert kwargs == {"enable_thinking": False}
+    off = tok.render(conv, add_generation_prompt=True, template_kwargs=kwargs).ids
+    assert off == _ids(theirs.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, enable_thinking=False))
+    assert tok.decode(off).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not tok.decode(tok.render(conv, add_generation_prompt=True).ids).endswith("</think>\n\n")
+    assert template_args(["name=Ada", "n=3"]) == {"name": "Ada", "n": 3}
+    with pytest.raises(OwnLLMError, match="KEY=VALUE"):
+        template_args(["enable_thinking"])
+    with pytest.raises(OwnLLMError, match="set by ownllm"):
+        tok.render(conv, template_kwargs={"messages": []})

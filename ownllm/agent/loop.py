@@ -80,16 +80,18 @@ def require_tool_calls(tok) -> None:
 
 class Agent:
     def __init__(self, model, tok, registry: ToolRegistry, max_steps: int = 4, max_new_tokens: int = 160,
-                 temperature: float = 0.0, seed: int | None = None):
+                 temperature: float = 0.0, seed: int | None = None, template_kwargs: dict | None = None):
         require_tool_calls(tok)
         self.model, self.tok, self.registry = model, tok, registry
+        self.template_kwargs = template_kwargs or {}
         self.max_steps, self.max_new_tokens = max_steps, max_new_tokens
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                      stop_ids=tok.stop_ids)
         self.engine = Engine(model, tok.pad_id)
 
     def _generate(self, messages: list[dict]) -> list[int] | None:
-        ids = self.tok.render(messages, add_generation_prompt=True, tools=self.registry.schemas()).ids
+        ids = self.tok.render(messages, add_generation_prompt=True, tools=self.registry.schemas(),
+                              template_kwargs=self.template_kwargs).ids
         if len(ids) + self.max_new_tokens > self.model.config.max_seq_len:
             return None
         with torch.inference_mode():

@@ -15,8 +15,9 @@ from ownllm.inference.generate import load_run, stream_text
 
 class ChatSession:
     def __init__(self, run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None,
-                 quantize: str | None = None, registry=None):
+                 quantize: str | None = None, registry=None, template_kwargs: dict | None = None):
         self.model, self.tok = load_run(run, quantize)
+        self.template_kwargs = template_kwargs or {}   # variables for an imported chat template
         self.registry = registry  # tools (agent/tools.py): each turn runs the agent loop
         if registry is not None:
             from ownllm.agent.loop import require_tool_calls
@@ -36,11 +37,11 @@ class ChatSession:
             yield from self._agent_reply(user_text)
             return
         self.history.append({"role": "user", "content": user_text})
-        ids = self.tok.render(self.messages(), add_generation_prompt=True).ids
+        ids = self.tok.render(self.messages(), add_generation_prompt=True, template_kwargs=self.template_kwargs).ids
         ctx = self.model.config.max_seq_len
         while len(ids) > ctx - 16 and len(self.history) > 1:  # drop the oldest turns to fit the context
             self.history.pop(0)
-            ids = self.tok.render(self.messages(), add_generation_prompt=True).ids
+            ids = self.tok.render(self.messages(), add_generation_prompt=True, template_kwargs=self.template_kwargs).ids
         ids = ids[-(ctx - 16):]
         params = SamplingParams(max_new_tokens=min(self.max_new_tokens, ctx - len(ids)), temperature=self.temperature,
                                 seed=self.seed, stop_ids=self.tok.stop_ids)
@@ -55,7 +56,8 @@ class ChatSession:
         from ownllm.agent.loop import Agent
 
         self.history.append({"role": "user", "content": user_text})
-        agent = Agent(self.model, self.tok, self.registry, temperature=self.temperature, seed=self.seed)
+        agent = Agent(self.model, self.tok, self.registry, temperature=self.temperature, seed=self.seed,
+                      template_kwargs=self.template_kwargs)
         res = agent.run(self.messages())
         for c in res.calls:
             yield f"[{c.raw} → {c.result}]\n"
@@ -85,9 +87,10 @@ class ChatSession:
 
 def repl(run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None,
          read: Callable[[str], str] = input, write: Callable[[str], None] = None, quantize: str | None = None,
-         registry=None) -> None:
+         registry=None, template_kwargs: dict | None = None) -> None:
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    s = ChatSession(run, temperature, max_new_tokens, seed, quantize=quantize, registry=registry)
+    s = ChatSession(run, temperature, max_new_tokens, seed, quantize=quantize, registry=registry,
+                    template_kwargs=template_kwargs)
     write(f"chatting with {run} (/reset, /system TEXT, /temp X, /quit; Ctrl-C stops a reply)\n")
     while True:
         try:

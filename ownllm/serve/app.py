@@ -53,6 +53,7 @@ class ServerState:
     kb: Any = None
     registry: Any = None
     max_body: int = MAX_BODY
+    template_kwargs: dict = field(default_factory=dict)   # defaults for an imported chat template's variables
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -308,7 +309,8 @@ def create_app(state: ServerState) -> FastAPI:
             ids, shown = prompt_ids(tok, q, hits, state.model.config.max_seq_len - 64)
             extra["sources"] = [{"index": i, "path": h.path, "line": h.line, "text": h.text} for i, h in enumerate(shown, 1)]
         else:
-            ids = tok.render(messages, add_generation_prompt=True, tools=tools).ids
+            kwargs = {**state.template_kwargs, **_get(body, "chat_template_kwargs", dict, {}, what="an object")}
+            ids = tok.render(messages, add_generation_prompt=True, tools=tools, template_kwargs=kwargs).ids
         params, stops = sampling_from(body, state, len(ids), tok.stop_ids)
         ts = TextStream(state, ids, params, stops, keep_special=tools is not None)
         if tools is not None:  # whole reply first: it may be tool calls
@@ -367,7 +369,8 @@ def create_app(state: ServerState) -> FastAPI:
         from ownllm.agent.loop import Agent
 
         sampling_from(body, state, 1, ())  # validate the fields even though the agent samples greedily
-        agent = Agent(state.model, state.tok, state.registry)
+        agent = Agent(state.model, state.tok, state.registry, template_kwargs={
+            **state.template_kwargs, **_get(body, "chat_template_kwargs", dict, {}, what="an object")})
 
         def run():
             with state.batcher.lock:
