@@ -51,7 +51,7 @@ def report(run: Path, args) -> None:
     from ownllm.checkpoint import load_model
     from ownllm.data.shards import Shards
     from ownllm.evaluation.lm import evaluate_sources
-    from ownllm.inference.quantize import linear_weight_bytes, quantize_int8
+    from ownllm.inference.quantize import linear_weight_bytes, model_bytes, quantize_int8
     from ownllm.tokenizer import Tokenizer
 
     fp32 = load_model(run).float().eval()
@@ -68,9 +68,11 @@ def report(run: Path, args) -> None:
         b32 = evaluate_sources(fp32, shards, seq, args.max_eval_tokens)
         b8 = evaluate_sources(int8, shards, seq, args.max_eval_tokens)
     mean = lambda rows: sum(r["val_bpb"] for r in rows) / len(rows)  # noqa: E731
-    print(f"run {run}: {n_q} linear layers quantised (embeddings and the tied head stay fp32)")
+    print(f"run {run}: {n_q} linear layers quantised, the output head included (a tied head as its own int8 "
+          "copy); the embedding lookup stays fp32")
     print(f"{'':<14}{'fp32':>12}{'int8':>12}")
-    print(f"{'linear MB':<14}{mem32 / 2**20:>12.2f}{mem8 / 2**20:>12.2f}")
+    print(f"{'linear MB':<14}{mem32 / 2**20:>12.2f}{mem8 / 2**20:>12.2f}   (the blocks' linear layers)")
+    print(f"{'model MB':<14}{model_bytes(fp32) / 2**20:>12.2f}{model_bytes(int8) / 2**20:>12.2f}   (everything)")
     print(f"{'decode tok/s':<14}{s32:>12.1f}{s8:>12.1f}")
     print(f"{'val bpb':<14}{mean(b32):>12.4f}{mean(b8):>12.4f}")
     print(result_line(memory_ratio=mem32 / mem8, speed_ratio=s8 / s32, bpb_delta=mean(b8) - mean(b32)))

@@ -323,6 +323,11 @@ class GPT(nn.Module):
         """Logits (B, T, vocab). kwargs: cache, positions, mask (see hidden_states)."""
         return self.lm_head(self.hidden_states(idx, **kwargs))
 
+    def last_logits(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits (B, vocab) at the last position only: a prefill needs no more, and the output head
+        over every prompt position would cost T times the vocabulary-sized product."""
+        return self.lm_head(self.hidden_states(idx, **kwargs)[:, -1])
+
     def scores(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Scalar head per position (B, T): reward (read at a sequence's last token) or value."""
         return self.score(self.hidden_states(idx, **kwargs)).squeeze(-1)

@@ -143,7 +143,7 @@ class ContinuousBatcher:
         with self.lock:
             tmp = KVCache.empty(self.cfg, 1, L, dtype=self.cache.k.dtype, device=self.model.device)
             tmp.valid[:, :L] = True
-            logits = self.model(torch.tensor([req.ids], device=self.model.device), cache=tmp)[:, -1]
+            logits = self.model.last_logits(torch.tensor([req.ids], device=self.model.device), cache=tmp)
         c = self.cache
         if c.length < L or c.length >= c.max_len:  # prompt longer than the column, or cache full
             self._compact(need=L)
@@ -194,7 +194,7 @@ class ContinuousBatcher:
                 toks[i, 0], pos[i, 0] = r.last, r.pos
         c.valid[:, c.length] = True  # each row sees its own new entry (idle rows: only that, no NaN)
         with self.lock:
-            logits = self.model(toks, cache=c, positions=pos, mask=c.valid[:, None, None, : c.length + 1])[:, -1]
+            logits = self.model.last_logits(toks, cache=c, positions=pos, mask=c.valid[:, None, None, : c.length + 1])
         self.steps += 1
         for i, r in enumerate(self.slots):
             if r is None:

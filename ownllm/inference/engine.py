@@ -93,14 +93,13 @@ class Engine:
             idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
             cache.valid[i, L - len(p): L] = True
         if all(len(p) == L for p in prompts):
-            logits = self.model(idx, cache=cache)
-            return logits[:, -1], cache, None
+            return self.model.last_logits(idx, cache=cache), cache, None
         valid = cache.valid[:, :L]
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
         mask = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)  # pad rows see themselves
-        logits = self.model(idx, cache=cache, positions=positions, mask=mask[:, None])
-        return logits[:, -1], cache, positions[:, -1]
+        logits = self.model.last_logits(idx, cache=cache, positions=positions, mask=mask[:, None])
+        return logits, cache, positions[:, -1]
 
     @torch.inference_mode()
     def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int | None]]:
@@ -141,10 +140,10 @@ class Engine:
                 continue
             cache.valid[:, cache.length] = True
             if last_pos is None:
-                logits = self.model(tok[:, None], cache=cache)[:, -1]
+                logits = self.model.last_logits(tok[:, None], cache=cache)
             else:
-                logits = self.model(tok[:, None], cache=cache, positions=last_pos[:, None],
-                                    mask=cache.valid[:, None, None, : cache.length + 1])[:, -1]
+                logits = self.model.last_logits(tok[:, None], cache=cache, positions=last_pos[:, None],
+                                                mask=cache.valid[:, None, None, : cache.length + 1])
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """New tokens per row, up to and including a stop token."""
