@@ -9,9 +9,10 @@ a loss mask on the assistant turns — instead of ours, and a later export write
 The template runs the way transformers' `apply_chat_template` runs it (a sandboxed Jinja
 environment with trim_blocks/lstrip_blocks, `raise_exception`, a non-escaping `tojson`,
 `strftime_now`), so the same messages give the same text; a template is untrusted code from a
-downloaded directory, hence the sandbox. The loss mask is found without template support: the
-text an assistant message adds is the difference between rendering the conversation up to it
-(with the generation prompt) and up to and including it.
+downloaded directory, hence the sandbox. The loss mask comes from `{% generation %}` blocks where
+a template has them (as transformers reads them), otherwise from the text each assistant message
+adds: the difference between rendering the conversation up to it (with the generation prompt) and
+up to and including it (`ChatTemplate.assistant_spans`).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def _compile(source: str):
     return env.from_string(source)
 
 
-def _token_text(value) -> str | None:
+def token_text(value) -> str | None:
     """tokenizer_config.json names a token as a string or as {"content": ...}."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -118,7 +119,7 @@ class ChatTemplate:
         if not isinstance(source, str) or not source.strip():
             return None
         variables = {k: t for k in ("bos_token", "eos_token", "pad_token", "unk_token")
-                     if (t := _token_text(cfg.get(k))) is not None}
+                     if (t := token_text(cfg.get(k))) is not None}
         return cls(source, stop_tokens, variables, origin)
 
     def text(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,

@@ -267,7 +267,7 @@ def _read_json(path: Path) -> dict:
 def _stop_tokens(hf_tok, tok_cfg: dict, gen_cfg: dict, src: Path) -> list[str]:
     """Token strings that end a reply: generation_config.json's eos_token_id (one id or a list),
     else tokenizer_config.json's eos_token."""
-    from ownllm.chat_template import _token_text
+    from ownllm.chat_template import token_text
 
     ids = gen_cfg.get("eos_token_id")
     ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
@@ -277,7 +277,7 @@ def _stop_tokens(hf_tok, tok_cfg: dict, gen_cfg: dict, src: Path) -> list[str]:
         if t is None:
             raise OwnLLMError(f"{src / 'generation_config.json'}: eos_token_id {i!r} is not a token of tokenizer.json")
         stops.append(t)
-    eos = _token_text(tok_cfg.get("eos_token"))
+    eos = token_text(tok_cfg.get("eos_token"))
     if eos and hf_tok.token_to_id(eos) is not None and eos not in stops:
         stops.append(eos)
     return stops
