@@ -228,8 +228,8 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
           f"| hallucination (all) | {cb['hallucination']:.3f} | {rg['hallucination']:.3f} | {vf['hallucination']:.3f} |",
           f"| \"not in the sources\" when unanswerable | {cb['unanswerable_accuracy']:.3f} | {rg['unanswerable_accuracy']:.3f} "
           f"| {vf['unanswerable_accuracy']:.3f} |",
-          f"| citation accuracy (answers that cite) | - | {rg['citation_accuracy']:.3f} ({rg['cited']}) "
-          f"| {vf['citation_accuracy']:.3f} ({vf['cited']}) |", "",
+          "| citation accuracy (answers that cite) | - | " + " | ".join(
+              f"{r['citation_accuracy']:.3f} ({r['cited']})" if r["cited"] else "- (0)" for r in (rg, vf)) + " |", "",
           "## 6. Agent (`ownllm eval agent --run sft`)", "", "| questions | accuracy |", "|---|---:|"]
     L += [f"| {f} (with tools) | {a:.3f} |" for f, a in agent["with_tools"].items()]
     L += [f"| arithmetic without tools | {agent['arithmetic_without_tools']:.3f} |",
