@@ -263,3 +263,37 @@ def test_template_variables_reach_the_template(tmp_path):
         template_args(["enable_thinking"])
     with pytest.raises(OwnLLMError, match="set by ownllm"):
         tok.render(conv, template_kwargs={"messages": []})
+
+
+def test_server_renders_the_imported_template_with_request_variables(tmp_path):
+    """/v1/chat/completions on an imported run: the prompt is its own template (usage counts it),
+    chat_template_kwargs reach the template, --template-arg sets defaults, and a bad field is a 400."""
+    import argparse
+
+    fastapi_testclient = pytest.importorskip("fastapi.testclient")
+    from ownllm.cli import build_server_state
+    from ownllm.serve.app import create_app
+    from ownllm.tokenizer import Tokenizer
+
+    template = THINK + ("{%- if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+                        "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+    src, _, _ = _qwen_dir(tmp_path, template=template)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    tok = Tokenizer.load(tmp_path / "run")
+    conv = CONVERSATIONS[1]
+    plain = len(tok.render(conv, add_generation_prompt=True).ids)
+    off = len(tok.render(conv, add_generation_prompt=True, template_kwargs={"enable_thinking": False}).ids)
+    assert off > plain
+    for defaults, body_kwargs, want in (([], None, plain), ([], {"enable_thinking": False}, off),
+                                        (["enable_thinking=false"], None, off), (["enable_thinking=false"], {"enable_thinking": True}, plain)):
+        ns = argparse.Namespace(run=str(tmp_path / "run"), api_key=None, kb=None, tools=None, db=None, embedder="none",
+                                quantize=None, slots=2, threads=None, template_arg=defaults)
+        state = build_server_state(ns)
+        with fastapi_testclient.TestClient(create_app(state)) as c:
+            body = {"messages": conv, "max_tokens": 3, "temperature": 0,
+                    **({"chat_template_kwargs": body_kwargs} if body_kwargs is not None else {})}
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == want, (defaults, body_kwargs)
+            bad = c.post("/v1/chat/completions", json={**body, "chat_template_kwargs": "no"})
+            assert bad.status_code == 400 and "chat_template_kwargs" in bad.text
+        state.batcher.close()
