@@ -172,6 +172,13 @@ def test_templates_run_sandboxed_and_errors_name_the_file(tmp_path, capsys):
     assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run3")]) == 2
     err = capsys.readouterr().err
     assert "tokenizer_config.json" in err and "chat template line 1" in err
+    src, _, _ = _qwen_dir(tmp_path / "d")        # a template, but nothing says where a reply ends
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": None}))
+    (src / "generation_config.json").unlink()
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run4")]) == 2
+    assert "no token that ends a reply" in capsys.readouterr().err
+    assert not (tmp_path / "run4" / "model.safetensors").exists()
 
 
 def test_agent_reads_and_writes_tool_calls_in_the_imported_format(tmp_path):
