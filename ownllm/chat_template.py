@@ -205,3 +205,65 @@ def _plain_message(m: dict) -> dict:
                 pass
         calls.append({**c, "function": f} if "function" in c else f)
     return {**m, "tool_calls": calls}
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ReasoningSplitter:
+    """A thinking model's reply (Qwen3, DeepSeek-R1 style), streamed piece by piece, split into its
+    reasoning — the text inside `<think>`…`</think>`; the reply may start inside the block when the
+    prompt opened it — and its answer, the rest, without the blank lines after the closing tag.
+    `push` returns [(kind, text)] with kind 'reasoning' or 'content'; a tag split across pieces is
+    held back until it is whole, so the joined pieces are the same however the reply was cut."""
+
+    def __init__(self, in_think: bool = False):
+        self.mode = "reasoning" if in_think else "start"
+        self.buf = ""
+
+    def push(self, piece: str) -> list[tuple[str, str]]:
+        self.buf += piece
+        out: list[tuple[str, str]] = []
+        while True:
+            if self.mode == "start":
+                head = self.buf.lstrip()
+                if head.startswith(THINK_OPEN):
+                    self.buf, self.mode = head[len(THINK_OPEN):], "reasoning"
+                elif THINK_OPEN.startswith(head):   # blank so far, or a tag still arriving
+                    return out
+                else:
+                    self.mode = "content"
+            elif self.mode == "reasoning":
+                i = self.buf.find(THINK_CLOSE)
+                if i >= 0:
+                    if i:
+                        out.append(("reasoning", self.buf[:i]))
+                    self.buf, self.mode = self.buf[i + len(THINK_CLOSE):], "after"
+                    continue
+                keep = next((k for k in range(len(THINK_CLOSE) - 1, 0, -1) if self.buf.endswith(THINK_CLOSE[:k])), 0)
+                if len(self.buf) > keep:
+                    out.append(("reasoning", self.buf[: len(self.buf) - keep]))
+                self.buf = self.buf[len(self.buf) - keep:]
+                return out
+            elif self.mode == "after":
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    return out
+                self.mode = "content"
+            else:
+                if self.buf:
+                    out.append(("content", self.buf))
+                self.buf = ""
+                return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        """What is still held back at the end of the reply."""
+        kind = "reasoning" if self.mode == "reasoning" else "content"
+        rest, self.buf = ("" if self.mode == "after" else self.buf), ""
+        return [(kind, rest)] if rest else []
+
+    def split(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) of a whole reply."""
+        parts = self.push(text) + self.flush()
+        return ("".join(t for k, t in parts if k == "reasoning"),
+                "".join(t for k, t in parts if k == "content"))

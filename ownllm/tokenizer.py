@@ -152,6 +152,15 @@ class Tokenizer:
             return (TOOL_CALL, TOOL_CALL_END)
         return ("<tool_call>", "</tool_call>") if "<tool_call>" in self.template.source else None
 
+    def reasoning_splitter(self, prompt_ids: list[int]):
+        """A ReasoningSplitter when an imported template writes `<think>` blocks (Qwen3, DeepSeek-R1),
+        starting inside one when the prompt ends in an open block; None otherwise."""
+        from ownllm.chat_template import THINK_OPEN, ReasoningSplitter
+
+        if not self.template or THINK_OPEN not in self.template.source:
+            return None
+        return ReasoningSplitter(in_think=self.decode(prompt_ids[-16:]).rstrip().endswith(THINK_OPEN))
+
     @property
     def chat_template(self) -> str:
         """The Jinja chat template, for files other tools read (tokenizer_config.json, GGUF)."""

@@ -304,3 +304,78 @@ def test_server_renders_the_imported_template_with_request_variables(tmp_path):
             bad = c.post("/v1/chat/completions", json={**body, "chat_template_kwargs": "no"})
             assert bad.status_code == 400 and "chat_template_kwargs" in bad.text
         state.batcher.close()
+
+
+@pytest.mark.parametrize("text,in_think,want", [
+    ("<think>\nlet me see\n</think>\n\n42", False, ("\nlet me see\n", "42")),
+    ("42", False, ("", "42")),
+    ("  <think>a</think>b", False, ("a", "b")),
+    ("abc</think>\n\nok", True, ("abc", "ok")),       # the prompt opened the block (DeepSeek-R1 style)
+    ("<think>abc", False, ("abc", "")),                # cut off while thinking
+    ("<thi", False, ("", "<thi")),                     # looked like a tag, was not
+    ("<think>x</thin", False, ("x</thin", "")),
+])
+def test_reasoning_split_is_the_same_however_the_reply_is_streamed(text, in_think, want):
+    from ownllm.chat_template import ReasoningSplitter
+
+    assert ReasoningSplitter(in_think).split(text) == want
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            s = ReasoningSplitter(in_think)
+            parts = s.push(text[:i]) + s.push(text[i:j]) + s.push(text[j:]) + s.flush()
+            got = tuple("".join(t for k, t in parts if k == kind) for kind in ("reasoning", "content"))
+            assert got == want, (i, j)
+
+
+def test_server_returns_a_thinking_models_reasoning_apart(tmp_path, monkeypatch):
+    """A template with <think> blocks: the server's reply carries reasoning_content and content,
+    streamed or not (the model's text is fixed here; the splitting is what is tested)."""
+    import argparse
+
+    fastapi_testclient = pytest.importorskip("fastapi.testclient")
+    import ownllm.serve.app as app_mod
+    from ownllm.cli import build_server_state
+
+    reply = ["<th", "ink>\nTwo and ", "two.\n</thi", "nk>\n\n", "4"]
+
+    class FixedStream:
+        def __init__(self, state, ids, params, stops, keep_special):
+            self.tokens, self.finish_reason, self.prompt_tokens = [1] * len(reply), "stop", len(ids)
+
+        async def pieces(self):
+            for p in reply:
+                yield p
+
+        async def text(self):
+            return "".join(reply)
+
+    monkeypatch.setattr(app_mod, "TextStream", FixedStream)
+    src, _, _ = _qwen_dir(tmp_path, template=THINK)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    ns = argparse.Namespace(run=str(tmp_path / "run"), api_key=None, kb=None, tools=None, db=None, embedder="none",
+                            quantize=None, slots=2, threads=None, template_arg=[])
+    state = build_server_state(ns)
+    body = {"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 8}
+    with fastapi_testclient.TestClient(app_mod.create_app(state)) as c:
+        msg = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert msg["reasoning_content"] == "\nTwo and two.\n" and msg["content"] == "4"
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            chunks = [json.loads(ln[6:]) for ln in s.iter_lines() if ln and ln != "data: [DONE]"]
+    deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "\nTwo and two.\n"
+    assert "".join(d.get("content", "") for d in deltas) == "4"
+    state.batcher.close()
+
+
+def test_reasoning_split_only_for_thinking_templates(tmp_path, small_tokenizer):
+    from ownllm.tokenizer import Tokenizer
+
+    opened = THINK.replace("{{- '<|im_start|>assistant\\n' }}{%- endif %}", "{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
+    assert opened != THINK
+    for name, template, inside in (("a", THINK, False), ("b", opened, True), ("c", TEMPLATE, None)):
+        src, _, _ = _qwen_dir(tmp_path / name, template=template)
+        assert main(["import", "--hf", str(src), "--out", str(tmp_path / name / "run")]) == 0
+        tok = Tokenizer.load(tmp_path / name / "run")
+        s = tok.reasoning_splitter(tok.render(CONVERSATIONS[0], add_generation_prompt=True).ids)
+        assert (s is None) if inside is None else (s.mode == ("reasoning" if inside else "start"))
+    assert small_tokenizer.reasoning_splitter(small_tokenizer.encode("<think>")) is None   # ownllm's own template

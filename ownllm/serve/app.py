@@ -330,19 +330,31 @@ def create_app(state: ServerState) -> FastAPI:
             return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
                     "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
                     "usage": usage(len(ids), len(ts.tokens))}
+        splitter = tok.reasoning_splitter(ids)   # a thinking model: <think>…</think> → reasoning_content
         if stream:
+            def deltas(parts):
+                return [sse(_chunk(cid, created, state, {"reasoning_content" if k == "reasoning" else "content": t}, None))
+                        for k, t in parts]
+
             async def events():
                 yield sse({**_chunk(cid, created, state, {"role": "assistant", "content": ""}, None), **extra})
                 async for piece in ts.pieces():
-                    yield sse(_chunk(cid, created, state, {"content": piece}, None))
+                    for event in deltas(splitter.push(piece) if splitter else [("content", piece)]):
+                        yield event
+                for event in deltas(splitter.flush() if splitter else []):
+                    yield event
                 yield sse(_chunk(cid, created, state, {}, ts.finish_reason))
                 if opts.get("include_usage"):
                     yield sse({**_chunk(cid, created, state, {}, None), "choices": [], "usage": usage(len(ids), len(ts.tokens))})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         text = await ts.text()
+        msg = {"role": "assistant", "content": text}
+        if splitter:
+            reasoning, msg["content"] = splitter.split(text)
+            msg["reasoning_content"] = reasoning or None
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": ts.finish_reason}],
+                "choices": [{"index": 0, "message": msg, "finish_reason": ts.finish_reason}],
                 "usage": usage(len(ids), len(ts.tokens)), **extra}
 
     def _chunk(cid, created, st, delta, finish):
