@@ -145,3 +145,28 @@ def test_muon_option_trains_and_resumes(tmp_path, text_file):
     assert len(losses) == 4 and all(math.isfinite(l) for l in losses)
     pretrain(run, _cfg(text_file, optimizer="muon", max_steps=6), resume=True, progress=False, log=lambda *a: None)
     assert [s for s, _ in _losses(run)] == list(range(1, 7))
+
+
+def test_dtype_probe_stops_early_only_when_the_answer_is_clear():
+    import time
+
+    from ownllm.train.trainer import measure_dtype
+
+    w = torch.nn.Parameter(torch.ones(2))
+    model = torch.nn.Module()
+    model.w = w
+
+    def run(fp32_s, bf16_s):
+        calls = []
+
+        def loss_fn(m, batch):
+            bf16 = torch.is_autocast_enabled("cpu")
+            calls.append(bf16)
+            time.sleep(bf16_s if bf16 else fp32_s)
+            return (m.w * 2).sum(), 1
+        return measure_dtype(model, loss_fn, None), calls
+
+    (choice, _), calls = run(0.06, 0.01)       # bf16 6x faster: warm-up round + one timed round
+    assert choice == "bfloat16" and len(calls) == 4 and w.grad is None
+    (choice, _), calls = run(0.02, 0.02)       # a tie: every round, and fp32 kept
+    assert choice == "float32" and len(calls) == 8

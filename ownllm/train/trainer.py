@@ -49,7 +49,9 @@ def autocast(dtype: str, device: torch.device | str = "cpu"):
 
 def measure_dtype(model, loss_fn, batch, reps: int = 3, device: torch.device | str = "cpu") -> tuple[str, dict[str, float]]:
     """Time forward+backward in fp32 and under bf16 autocast, interleaved so machine noise hits
-    both alike; pick bf16 when its best time is clearly lower. Gradients are cleared after."""
+    both alike; pick bf16 when its best time is clearly lower. Gradients are cleared after.
+    Stops after the first timed round when one dtype is under 0.6x the other: for a large model
+    every round costs a real step in each dtype (a 0.5B model here: 54 s fp32 + 19 s bf16)."""
     device = torch.device(device)
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), {}
@@ -64,6 +66,8 @@ def measure_dtype(model, loss_fn, batch, reps: int = 3, device: torch.device | s
             loss.backward()
             if i:  # the first round warms up kernels
                 timings[dtype] = min(timings[dtype], time.perf_counter() - t0)
+        if i and not 0.6 < timings["bfloat16"] / timings["float32"] < 1 / 0.6:
+            break   # clear already
     model.zero_grad(set_to_none=True)
     choice = "bfloat16" if timings["bfloat16"] < 0.9 * timings["float32"] else "float32"
     return choice, timings
