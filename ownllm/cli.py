@@ -740,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="bring a Hugging Face Llama directory (another model, or an ownllm export trained elsewhere) in as a run")
+    p = sub.add_parser("import", help="bring a Hugging Face Llama, Qwen2 or Qwen3 directory (another model, or an ownllm export trained elsewhere) in as a run")
     p.add_argument("--hf", required=True, help="directory with config.json, model.safetensors (or an index of shards), tokenizer.json")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from ownllm.config import read_json
 from ownllm.errors import OwnLLMError
 
 if TYPE_CHECKING:
@@ -268,11 +269,8 @@ def saved_template(directory: Path) -> "ChatTemplate | None":
     path = directory / "tokenizer_config.json"
     if not directory.is_dir() or not path.is_file():
         return None
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise OwnLLMError(f"{path}: invalid JSON ({e})") from None
-    stops = cfg.get("ownllm_stop_tokens")
+    cfg = read_json(path, "tokenizer_config.json")
+    stops = cfg.get("ownllm_stop_tokens") if isinstance(cfg, dict) else None
     if not stops:
         return None
     return ChatTemplate.from_tokenizer_config(cfg, list(stops), origin=str(path))

@@ -7,10 +7,11 @@ chat template included; tests check logits, chat-template ids and greedy generat
 transformers. Our parameter names are HF's without the leading `model.` (lm_head keeps its
 name), so the mapping is a prefix; no tensor is permuted because we use HF's rotate-half RoPE
 convention. LoRA adapters are folded into the weights on the way out.
-`ownllm import --hf DIR --out R` goes the other way for a Llama directory (single or sharded
-safetensors, any float dtype, stored as float32): an ownllm export trained elsewhere comes back
-unchanged; another model keeps its tokenizer and gains ownllm's chat tokens (`import_hf`).
-Biases, scaled RoPE and other features the model cannot run exactly are refused by name.
+`ownllm import --hf DIR --out R` goes the other way for a Llama, Qwen2 or Qwen3 directory (single
+or sharded safetensors, any float dtype, stored as float32): an ownllm export trained elsewhere
+comes back unchanged; another model keeps its tokenizer, gains ownllm's chat tokens and keeps its
+own chat template (`import_hf`). Sliding windows, other RoPE scalings and other features the
+model cannot run exactly are refused by name.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ownllm.config import ModelConfig
+from ownllm.config import ModelConfig, read_json
 from ownllm.errors import OwnLLMError
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,16 +87,17 @@ def to_hf_reward_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.T
             if n != "lm_head.weight"}
 
 
-def _model_card(run: Path, cfg: ModelConfig, arch: str, dtype: str) -> str:
+def _model_card(run: Path, cfg: ModelConfig, arch: str, dtype: str, stops: list[str]) -> str:
     auto = "AutoModelForSequenceClassification" if cfg.score_head else "AutoModelForCausalLM"
-    return (f"---\nlibrary_name: transformers\ntags:\n- ownllm\n- llama\n---\n"
+    return (f"---\nlibrary_name: transformers\ntags:\n- ownllm\n- {hf_family(cfg).lower()}\n---\n"
             f"# {run.name}\n\nExported by `ownllm export` from the run `{run}` as `{arch}` ({dtype}): "
             f"{cfg.num_params() / 1e6:.2f}M parameters, {cfg.n_layers} layers, dim {cfg.dim}, "
             f"vocab {cfg.vocab_size}, context {cfg.max_seq_len} tokens.\n\n"
             f"```python\nfrom transformers import AutoTokenizer, {auto}\n"
             f"tok = AutoTokenizer.from_pretrained(PATH)\nmodel = {auto}.from_pretrained(PATH)\n```\n\n"
             "The chat template is the tokenizer's (`tok.apply_chat_template(messages, add_generation_prompt=True)`);"
-            " a turn ends with `<|end|>`, which generation_config.json lists as an end-of-sequence token.\n")
+            f" a turn ends with {' or '.join(f'`{t}`' for t in stops)}, which generation_config.json lists as"
+            " end-of-sequence tokens.\n")
 
 
 def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> dict:
@@ -147,7 +149,8 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
         tok.save(tmp, model_max_length=cfg.max_seq_len)
-        (tmp / "README.md").write_text(_model_card(run, cfg, arch, dtype), encoding="utf-8")
+        stops = [tok.hf.id_to_token(i) for i in tok.stop_ids]
+        (tmp / "README.md").write_text(_model_card(run, cfg, arch, dtype, stops), encoding="utf-8")
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         if out.exists():
             out.rename(old)      # the earlier export stays whole until the new one is in place
@@ -241,24 +244,22 @@ def _import_tokenizer(src: Path):
         raise OwnLLMError(f"{src}: no tokenizer.json (a fast tokenizer file is needed; sentencepiece .model files are not read)")
     hf_tok = read_tokenizer_file(src)
     missing = [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
-    template = saved_template(src)   # an ownllm export of an imported model: the template it kept
-    if missing:
-        hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-        tok_cfg = _read_json(src / "tokenizer_config.json")
-        if tok_cfg.get("chat_template") is None and (src / "chat_template.jinja").is_file():
-            tok_cfg["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
-        stops = _stop_tokens(hf_tok, tok_cfg, _read_json(src / "generation_config.json"), src)
-        template = ChatTemplate.from_tokenizer_config(tok_cfg, stops, origin=str(src / "tokenizer_config.json"))
+    if not missing:   # an ownllm export (of an imported model, maybe): the template it kept, if any
+        return Tokenizer(hf_tok, saved_template(src)), missing
+    hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    tok_cfg = _json_object(src / "tokenizer_config.json")
+    if tok_cfg.get("chat_template") is None and (src / "chat_template.jinja").is_file():
+        tok_cfg["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
+    stops = _stop_tokens(hf_tok, tok_cfg, _json_object(src / "generation_config.json"), src)
+    template = ChatTemplate.from_tokenizer_config(tok_cfg, stops, origin=str(src / "tokenizer_config.json"))
     return Tokenizer(hf_tok, template), missing
 
 
-def _read_json(path: Path) -> dict:
+def _json_object(path: Path) -> dict:
+    """A JSON object file, or {} when it is absent (config.read_json names a corrupt one)."""
     if not path.is_file():
         return {}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise OwnLLMError(f"{path}: invalid JSON ({e})") from None
+    d = read_json(path)
     if not isinstance(d, dict):
         raise OwnLLMError(f"{path}: expected a JSON object")
     return d
@@ -284,12 +285,12 @@ def _stop_tokens(hf_tok, tok_cfg: dict, gen_cfg: dict, src: Path) -> list[str]:
 
 
 def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
-    """A transformers LlamaForCausalLM directory → an ownllm run (config, float32 weights,
+    """A transformers Llama / Qwen2 / Qwen3 directory → an ownllm run (config, float32 weights,
     tokenizer). A tokenizer made by ownllm (an export trained elsewhere) comes back unchanged.
     Another model's tokenizer keeps all its tokens and gains ownllm's chat tokens; where they need
     new embedding rows, those start at the mean of the existing rows (input and output), so plain
-    text gives exactly the original logits over the original vocabulary, and the model has yet to
-    learn the chat template (`ownllm sft --base`)."""
+    text gives exactly the original logits over the original vocabulary. Its own chat template
+    comes along when it has one; without one, the model learns ours with `ownllm sft --base`."""
     from ownllm.checkpoint import is_trained_run, refuse_overwrite, save_checkpoint
     from ownllm.model import GPT
 
@@ -297,11 +298,7 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise OwnLLMError(f"{src}: no config.json; expected a Hugging Face model directory")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise OwnLLMError(f"{cfg_path}: invalid JSON ({e})") from None
-    cfg = model_config_from_hf(raw, str(cfg_path))
+    cfg = model_config_from_hf(_json_object(cfg_path), str(cfg_path))
     tok, added = _import_tokenizer(src)
     if tok.vocab_size - len(added) > cfg.vocab_size:
         raise OwnLLMError(f"{src}: the tokenizer has {tok.vocab_size - len(added)} tokens but vocab_size is {cfg.vocab_size}")

@@ -309,8 +309,7 @@ def create_app(state: ServerState) -> FastAPI:
             ids, shown = prompt_ids(tok, q, hits, state.model.config.max_seq_len - 64)
             extra["sources"] = [{"index": i, "path": h.path, "line": h.line, "text": h.text} for i, h in enumerate(shown, 1)]
         else:
-            kwargs = {**state.template_kwargs, **_get(body, "chat_template_kwargs", dict, {}, what="an object")}
-            ids = tok.render(messages, add_generation_prompt=True, tools=tools, template_kwargs=kwargs).ids
+            ids = tok.render(messages, add_generation_prompt=True, tools=tools, template_kwargs=template_kwargs(body)).ids
         params, stops = sampling_from(body, state, len(ids), tok.stop_ids)
         ts = TextStream(state, ids, params, stops, keep_special=tools is not None)
         if tools is not None:  # whole reply first: it may be tool calls
@@ -357,6 +356,10 @@ def create_app(state: ServerState) -> FastAPI:
                 "choices": [{"index": 0, "message": msg, "finish_reason": ts.finish_reason}],
                 "usage": usage(len(ids), len(ts.tokens)), **extra}
 
+    def template_kwargs(body: dict) -> dict:
+        """An imported template's variables: the server's --template-arg defaults, then the request's."""
+        return {**state.template_kwargs, **_get(body, "chat_template_kwargs", dict, {}, what="an object")}
+
     def _chunk(cid, created, st, delta, finish):
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": st.model_id,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -381,8 +384,7 @@ def create_app(state: ServerState) -> FastAPI:
         from ownllm.agent.loop import Agent
 
         sampling_from(body, state, 1, ())  # validate the fields even though the agent samples greedily
-        agent = Agent(state.model, state.tok, state.registry, template_kwargs={
-            **state.template_kwargs, **_get(body, "chat_template_kwargs", dict, {}, what="an object")})
+        agent = Agent(state.model, state.tok, state.registry, template_kwargs=template_kwargs(body))
 
         def run():
             with state.batcher.lock:
