@@ -28,6 +28,22 @@ def randomize_(model, scale: float = 0.05):
     return model
 
 
+def save_foreign_model(src, family: str, vocab_size: int, tied: bool, max_positions: int, eos_ids=None):
+    """A small random transformers `family` model ('Llama', 'Qwen2') saved at `src`: a model that
+    never met ownllm, for the import tests (the caller adds its tokenizer files)."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=tied,
+        initializer_range=0.2)).eval()
+    if eos_ids is not None:
+        hf.generation_config.eos_token_id = eos_ids
+    hf.save_pretrained(src)
+    return hf
+
+
 @pytest.fixture
 def tiny_cfg():
     from ownllm.config import ModelConfig

@@ -8,6 +8,7 @@ import torch
 from ownllm.cli import main
 from ownllm.errors import OwnLLMError
 from ownllm.inference import Engine, SamplingParams
+from tests.conftest import save_foreign_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,14 +73,8 @@ def _qwen_dir(tmp_path, template=TEMPLATE):
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.add_tokens([AddedToken(t, normalized=False) for t in SPECIALS[3:]])   # as Qwen2.5: plain added tokens
     src = tmp_path / "qwen"
-    torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=tok.get_vocab_size() + 3, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        initializer_range=0.2)).eval()
     stops = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
-    hf.generation_config.eos_token_id = stops
-    hf.save_pretrained(src)
+    hf = save_foreign_model(src, "Qwen2", tok.get_vocab_size() + 3, tied=True, max_positions=256, eos_ids=stops)
     tok.save(str(src / "tokenizer.json"))
     (src / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",

@@ -10,7 +10,7 @@ from ownllm.cli import main
 from ownllm.config import ModelConfig
 from ownllm.inference import Engine, SamplingParams
 from ownllm.model import GPT
-from tests.conftest import randomize_
+from tests.conftest import randomize_, save_foreign_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -250,12 +250,7 @@ def test_import_of_another_models_llama_keeps_its_tokens_and_logits(tmp_path, ca
     foreign.train_from_iterator([text] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
                                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     src = tmp_path / "foreign"
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=foreign.get_vocab_size() + 4, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-        initializer_range=0.2)).eval()
-    hf.save_pretrained(src)
+    hf = save_foreign_model(src, "Llama", foreign.get_vocab_size() + 4, tied=False, max_positions=128)
     foreign.save(str(src / "tokenizer.json"))
 
     assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
