@@ -147,14 +147,15 @@ def test_muon_option_trains_and_resumes(tmp_path, text_file):
     assert [s for s, _ in _losses(run)] == list(range(1, 7))
 
 
-def test_dtype_probe_stops_early_only_when_the_answer_is_clear():
-    import time
-
+def test_dtype_probe_stops_early_only_when_the_answer_is_clear(monkeypatch):
+    import ownllm.train.trainer as trainer_mod
     from ownllm.train.trainer import measure_dtype
 
     w = torch.nn.Parameter(torch.ones(2))
     model = torch.nn.Module()
     model.w = w
+    clock = [0.0]   # a fake clock each micro-batch advances: the test does not depend on machine noise
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock[0])
 
     def run(fp32_s, bf16_s):
         calls = []
@@ -162,7 +163,7 @@ def test_dtype_probe_stops_early_only_when_the_answer_is_clear():
         def loss_fn(m, batch):
             bf16 = torch.is_autocast_enabled("cpu")
             calls.append(bf16)
-            time.sleep(bf16_s if bf16 else fp32_s)
+            clock[0] += bf16_s if bf16 else fp32_s
             return (m.w * 2).sum(), 1
         return measure_dtype(model, loss_fn, None), calls
 
