@@ -137,13 +137,9 @@ class Tokenizer:
             if not template.stop_tokens:
                 raise OwnLLMError(f"{template.origin}: the chat template comes with no token that ends a reply "
                                   "(no eos_token here, no eos_token_id in generation_config.json)")
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """Tokens that end an assistant reply: `<|end|>` and eos, or the imported template's own."""
-        if self.template:
-            return tuple(self.hf.token_to_id(t) for t in self.template.stop_tokens)
-        return (self.end_id, self.eos_id)
+        # tokens that end an assistant reply: `<|end|>` and eos, or the imported template's own
+        self.stop_ids: tuple[int, ...] = (tuple(tok.token_to_id(t) for t in template.stop_tokens) if template
+                                          else (self.end_id, self.eos_id))
 
     @property
     def call_markers(self) -> tuple[str, str] | None:
