@@ -52,14 +52,14 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
     out = Path(out)
     if resume:
         tcfg = resumed_train_config(out, tcfg)
-        mcfg, tok = load_model_config(out), Tokenizer.load(out)
+        mcfg = load_model_config(out)
     else:
         tcfg = tcfg or TrainConfig()
         with main_first(tcfg.device) as ctx:  # under torchrun rank 0 lays down tokenizer and shards, the others read them
             if ctx.is_main:
-                mcfg, tok = prepare_run(out, tcfg, preset, model_overrides or {}, overwrite, log)
+                mcfg, _ = prepare_run(out, tcfg, preset, model_overrides or {}, overwrite, log)
             else:
-                mcfg, tok = load_model_config(out), Tokenizer.load(out)
+                mcfg = load_model_config(out)
     shards = Shards.open(out / "data")
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg)
