@@ -147,6 +147,32 @@ def test_muon_option_trains_and_resumes(tmp_path, text_file):
     assert [s for s, _ in _losses(run)] == list(range(1, 7))
 
 
+def test_muon_takes_hidden_matrices_only():
+    """Muon gets the blocks' weight matrices; embeddings, the head, a score head, norms and LoRA
+    factors stay with AdamW, and a LoRA model (no trainable hidden matrix) is AdamW throughout."""
+    from ownllm.config import ModelConfig
+    from ownllm.lora import freeze_base
+    from ownllm.train.trainer import make_optimizer
+
+    cfg = TrainConfig(optimizer="muon")
+    model = GPT(ModelConfig(**TINY, vocab_size=64, score_head=True, tie_embeddings=False))
+    opts = make_optimizer(model, cfg).opts
+    assert [type(o).__name__ for o in opts] == ["Muon", "AdamW"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opts[0].param_groups for p in g["params"]}
+    adam = {names[id(p)] for g in opts[1].param_groups for p in g["params"]}
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+    assert {"embed_tokens.weight", "lm_head.weight", "score.weight", "norm.weight"} <= adam
+    assert muon.isdisjoint(adam) and muon | adam == set(names.values())
+
+    lora = GPT(ModelConfig(**TINY, vocab_size=64, lora_rank=4))
+    freeze_base(lora)
+    opts = make_optimizer(lora, cfg).opts
+    assert [type(o).__name__ for o in opts] == ["AdamW"]
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith(("lora_A", "lora_B")) for n in trained)
+
+
 def test_dtype_probe_stops_early_only_when_the_answer_is_clear(monkeypatch):
     import ownllm.train.trainer as trainer_mod
     from ownllm.train.trainer import measure_dtype

@@ -32,10 +32,14 @@ from ownllm.train.trainer import Trainer
 # turns per round, passage_qa two, the long ones (poems, sources, tool traces) one. At 650 steps
 # on the same base this took held-out mean exact match from 0.247 to 0.442 (json 0.02 → 0.96,
 # zh_numeral 0.66 → 0.98: the model learned to copy names once it saw enough short examples).
+# Muon on the blocks' matrices (AdamW on embeddings, norms, LoRA factors): 600 steps from one 120 s
+# quickstart base, 40 held-out prompts per family, took mean exact match from 0.419 (AdamW) to 0.622
+# (count 0.42 → 1.00, json 0.55 → 1.00, reverse 0.38 → 0.95); a Muon step costs ~20% more here
+# (Newton–Schulz on every matrix), still far ahead per second. Twice Muon's lr: 0.600.
 TASK_WEIGHTS = "arithmetic=3,reverse=3,count=3,sort=3,json=3,zh_numeral=3,passage_qa=2"
 SFT_DEFAULTS = dict(lr=2e-3, warmup_steps=20, batch_size=8, seq_len=512, eval_interval=100, eval_batches=8,
                     time_budget=None, max_steps=1200, weight_decay=0.0, stage="sft", data="tasks",
-                    pack=True, compile=True, task_weights=TASK_WEIGHTS)
+                    pack=True, compile=True, task_weights=TASK_WEIGHTS, optimizer="muon")
 
 
 def sft_config(**overrides) -> TrainConfig:

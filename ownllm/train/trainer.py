@@ -117,14 +117,16 @@ def _adamw(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
     """AdamW (decay on matrices only), or Muon on the hidden matrices with AdamW on embeddings,
-    output head and norms. Each group's lr is `schedule × lr_scale`."""
+    output heads (lm_head, a reward/value model's score), norms and LoRA's rank-r factors (Muon orthogonalises whole weight matrices; a
+    LoRA run has none to train, so it is AdamW throughout). Each group's lr is `schedule × lr_scale`."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = [p for n, p in named if p.dim() < 2]
     matrices = [(n, p) for n, p in named if p.dim() >= 2]
-    is_edge = lambda name: "embed" in name.split(".")[0] or "head" in name.split(".")[0]  # noqa: E731
+    is_edge = lambda name: (name.split(".")[0] in ("embed_tokens", "lm_head", "score")  # noqa: E731
+                            or name.endswith(("lora_A", "lora_B")))
     edge = [p for n, p in matrices if is_edge(n)]
     hidden = [p for n, p in matrices if not is_edge(n)]
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer == "adamw" or (cfg.optimizer == "muon" and not hidden):
         return Optimizers(_adamw([{"params": edge + hidden, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
                                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg))
     if cfg.optimizer == "muon":
