@@ -26,7 +26,7 @@ from ownllm.train.trainer import Trainer
 
 
 def prepare_run(out: Path, tcfg: TrainConfig, preset: str | None, model_overrides: dict, overwrite: bool,
-                log=print) -> tuple[ModelConfig, Tokenizer]:
+                log=print) -> ModelConfig:
     """Validate everything, then lay down config, tokenizer and shards in a fresh run dir."""
     refuse_overwrite(out, overwrite)
     sources = load_sources(tcfg.data)
@@ -43,7 +43,7 @@ def prepare_run(out: Path, tcfg: TrainConfig, preset: str | None, model_override
     for s in meta["sources"]:
         log(f"  {s['name']}: train {s['train']['tokens']:,} tokens ({s['train']['bytes'] / s['train']['tokens']:.2f} bytes/token), "
             f"val {s['val']['tokens']:,} tokens ({s['val']['bytes'] / s['val']['tokens']:.2f} bytes/token)")
-    return mcfg, tok
+    return mcfg
 
 
 def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | None = None,
@@ -57,7 +57,7 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
         tcfg = tcfg or TrainConfig()
         with main_first(tcfg.device) as ctx:  # under torchrun rank 0 lays down tokenizer and shards, the others read them
             if ctx.is_main:
-                mcfg, _ = prepare_run(out, tcfg, preset, model_overrides or {}, overwrite, log)
+                mcfg = prepare_run(out, tcfg, preset, model_overrides or {}, overwrite, log)
             else:
                 mcfg = load_model_config(out)
     shards = Shards.open(out / "data")
