@@ -660,8 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="run eagerly (default: torch.compile each block)")
     p.add_argument("--prompt-loss-weight", type=float, help="weight of prompt tokens in the loss (default 0: "
                    "answers only; answer tokens weigh 1)")
-    p.add_argument("--task-weights", metavar="FAMILY=K,...", help="(--data tasks) turns per round of each family "
-                   "(default 1 each), e.g. arithmetic=3,sort=2")
+    p.add_argument("--task-weights", metavar="FAMILY=K,...", help="(--data tasks) turns per round of each family, "
+                   "replacing the tuned default mix (train/sft.py TASK_WEIGHTS); a family not named takes 1, "
+                   "e.g. arithmetic=3,sort=2")
     p.add_argument("--out", required=True)
     p.add_argument("--time-budget", type=float)
     p.add_argument("--max-steps", type=int)

@@ -117,8 +117,9 @@ def _adamw(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
     """AdamW (decay on matrices only), or Muon on the hidden matrices with AdamW on embeddings,
-    output heads (lm_head, a reward/value model's score), norms and LoRA's rank-r factors (Muon orthogonalises whole weight matrices; a
-    LoRA run has none to train, so it is AdamW throughout). Each group's lr is `schedule × lr_scale`."""
+    output heads (lm_head, a reward/value model's score), norms and LoRA's rank-r factors (Muon
+    orthogonalises whole weight matrices; a LoRA run has none to train, so it is AdamW throughout).
+    Each group's lr is `schedule × lr_scale`."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = [p for n, p in named if p.dim() < 2]
     matrices = [(n, p) for n, p in named if p.dim() >= 2]
