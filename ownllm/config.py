@@ -120,6 +120,8 @@ class TrainConfig:
     compile: bool = True                # torch.compile each block (warm-up runs before the clock starts)
     threads: int | None = None          # torch threads; None: one per core (per process under torchrun)
     device: str = "auto"                # auto (this process's GPU if any, else CPU) | cpu | cuda | cuda:N | mps
+    parallel: str = "ddp"               # under torchrun: ddp (a whole replica per process) | fsdp (weights,
+                                        # gradients and AdamW state sharded over the processes: FSDP2)
     stage: str = "pretrain"             # pretrain | sft (recorded so eval knows how to prompt the run)
     # fine-tuning data (sft)
     format: str | None = None           # messages | sharegpt | alpaca | completion (None: detect)

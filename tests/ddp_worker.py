@@ -1,5 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (2 processes, Gloo on the CPU): a few Trainer
-steps of a tiny model, each rank on its own batches; rank 0 writes the run directory."""
+steps of a tiny model, each rank on its own batches; rank 0 writes the run directory.
+Arguments: OUT [ddp|fsdp] [stop3|resume]: with stop3 a 5-step run stops (checkpointed) after
+step 3, as if killed; resume continues it to step 5."""
 import sys
 
 import torch
@@ -26,6 +28,13 @@ def draw(gen: torch.Generator, batch: int = 3, T: int = 16):
 if __name__ == "__main__":
     torch.manual_seed(0)
     try:
-        Trainer(GPT(CFG), TrainConfig(**TRAIN), sys.argv[1], draw, lm_step, progress=False).run()
+        parallel = sys.argv[2] if len(sys.argv) > 2 else "ddp"
+        phase = sys.argv[3] if len(sys.argv) > 3 else None
+        cfg = TrainConfig(**{**TRAIN, "parallel": parallel, **({"max_steps": 5} if phase else {})})
+        trainer = Trainer(GPT(CFG), cfg, sys.argv[1], draw, lm_step, progress=False, resume=phase == "resume")
+        if parallel == "fsdp":  # each rank holds half of every weight (and so of its gradients and moments)
+            w = trainer.model.layers[0].self_attn.q_proj.weight
+            assert w.to_local().shape[0] == w.shape[0] // 2, w.to_local().shape
+        trainer.run(stop_at_step=3 if phase == "stop3" else None)
     finally:
         finish()  # leave the Gloo group before exit, as the CLI does: a live group can abort at teardown

@@ -18,29 +18,70 @@ from tests.ddp_worker import CFG, TRAIN, draw
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ddp_two_processes_equal_one_process_on_both_batches(tmp_path):
-    """torchrun, 2 processes (Gloo, CPU): the weights after 3 steps (2 micro-batches each) equal one
-    process training on both ranks' batches at once — every token of every rank weighs the same —
-    and only rank 0 wrote metrics (the loss over both ranks) and the checkpoint."""
+def _torchrun(*args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ddp")],
-                          env=env, capture_output=True, text=True, timeout=300)
+                           str(ROOT / "tests" / "ddp_worker.py"), *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+
+def _one_process_on_both_ranks_batches(out, steps: int = TRAIN["max_steps"], stop_at: int | None = None):
+    """The reference: one process, each step on rank 0's next batch and rank 1's as one batch.
+    With stop_at: the weights at that step, then (resumed in this process) at the last."""
     g0, g1 = torch.Generator().manual_seed(TRAIN["seed"]), torch.Generator().manual_seed(TRAIN["seed"] + 7919)
 
-    def both(_gen):  # rank 0's next batch and rank 1's, as one batch
+    def both(_gen):
         (x0, y0), (x1, y1) = draw(g0), draw(g1)
         return torch.cat([x0, x1]), torch.cat([y0, y1])
 
     torch.manual_seed(0)
-    ref = Trainer(GPT(CFG), TrainConfig(**TRAIN), tmp_path / "ref", both, lm_step, progress=False)
-    ref.run()
-    got, want = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
+    cfg = TrainConfig(**{**TRAIN, "max_steps": steps})
+    Trainer(GPT(CFG), cfg, out, both, lm_step, progress=False).run(stop_at_step=stop_at)
+    if stop_at is None:
+        return load_file(str(out / "model.safetensors"))
+    at_stop = load_file(str(out / "model.safetensors"))
+    Trainer(GPT(CFG), cfg, out, both, lm_step, progress=False, resume=True).run()
+    return at_stop, load_file(str(out / "model.safetensors"))
+
+
+def _assert_same_weights(got_dir, want: dict) -> None:
+    got = load_file(str(got_dir / "model.safetensors"))
     assert got.keys() == want.keys()
     for k in want:  # (Adam magnifies summation-order noise on near-zero gradients a little)
         torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4)
+
+
+def test_fsdp_two_processes_train_save_and_resume_like_one_process(tmp_path):
+    """`--set parallel=fsdp` under torchrun (2 processes, Gloo, CPU): each holds half of every
+    weight and its AdamW moments; after 3 steps the gathered weights equal one process training on
+    both ranks' batches, the checkpoint holds whole tensors (moments too), and resuming it under
+    torchrun for the last 2 of 5 steps lands where one process does."""
+    at_3, at_5 = _one_process_on_both_ranks_batches(tmp_path / "ref", steps=5, stop_at=3)
+    _torchrun(str(tmp_path / "fsdp"), "fsdp", "stop3")
+    _assert_same_weights(tmp_path / "fsdp", at_3)
+    state = torch.load(tmp_path / "fsdp" / "state.pt", weights_only=True)
+    moments = state["optimizer"]["fsdp"]["state"]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert moments[q]["exp_avg"].shape == GPT(CFG).layers[0].self_attn.q_proj.weight.shape  # whole, not a shard
+    assert len(state["data_rngs"]) == 2
+    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()
+              if "train_loss" in line]
+    assert len(losses) == 3
+    from ownllm.errors import OwnLLMError
+
+    with pytest.raises(OwnLLMError, match="saved with --set parallel=fsdp"):  # one process cannot take the shards' state
+        Trainer(GPT(CFG), TrainConfig(**TRAIN), tmp_path / "fsdp", draw, lm_step, resume=True, progress=False)
+    _torchrun(str(tmp_path / "fsdp"), "fsdp", "resume")
+    _assert_same_weights(tmp_path / "fsdp", at_5)
+
+
+def test_ddp_two_processes_equal_one_process_on_both_batches(tmp_path):
+    """torchrun, 2 processes (Gloo, CPU): the weights after 3 steps (2 micro-batches each) equal one
+    process training on both ranks' batches at once — every token of every rank weighs the same —
+    and only rank 0 wrote metrics (the loss over both ranks) and the checkpoint."""
+    _torchrun(str(tmp_path / "ddp"))
+    want = _one_process_on_both_ranks_batches(tmp_path / "ref")
+    _assert_same_weights(tmp_path / "ddp", want)
     # Adam is blind to a gradient's scale; its moments are not: the gradients themselves agree
     moments = [torch.load(tmp_path / run / "state.pt", weights_only=True)["optimizer"]["optimizers"][0]["state"]
                for run in ("ddp", "ref")]

@@ -1,10 +1,12 @@
-"""Devices and multi-process training (PyTorch DDP under `torchrun`).
+"""Devices and multi-process training (PyTorch DDP or FSDP2 under `torchrun`).
 
 Where it sits: the Trainer asks `context()` which device to use and whether it runs as one of
 several processes. Started by `torchrun --nproc_per_node N -m ownllm pretrain|sft …`, each process
-joins the process group (NCCL on GPUs, Gloo on CPUs), trains a replica wrapped in
-`DistributedDataParallel` on its own batches, and only rank 0 writes the run directory (config,
-shards, metrics, checkpoints). Without torchrun nothing here talks to other processes.
+joins the process group (NCCL on GPUs, Gloo on CPUs), trains on its own batches, and only rank 0
+writes the run directory (config, shards, metrics, checkpoints). By default each process holds a
+whole replica wrapped in `DistributedDataParallel`; with `--set parallel=fsdp` (`shard`) each
+holds 1/N of the weights, gradients and optimizer state (PyTorch's `fully_shard`), for models
+whose replica would not fit. Without torchrun nothing here talks to other processes.
 """
 from __future__ import annotations
 
@@ -133,3 +135,38 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shard(model: torch.nn.Module, loss_fn, device: torch.device) -> torch.nn.Module:
+    """FSDP2 over all processes: each Block's parameters sharded as one unit (gathered just before
+    it runs, freed after), the rest (embeddings, final norm, heads) at the root. The root is
+    model + loss (LossModule), so a stage's loss, which calls model parts rather than model(),
+    still runs inside the root's forward. Every rank starts from rank 0's weights, as DDP does.
+    Returns the root; the optimizer must be built after this (it holds the sharded parameters)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in getattr(model, "layers", []):
+        fully_shard(block, mesh=mesh)
+    return fully_shard(LossModule(model, loss_fn), mesh=mesh)
+
+
+def full_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    """(model weights, optimizer state) of a sharded root, whole, on the CPU of rank 0 (other ranks
+    get empty dicts). A collective call: every rank makes it at the same point."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = {k.removeprefix("model."): v for k, v in get_model_state_dict(root, options=opts).items()}
+    return weights, (get_optimizer_state_dict(root, optimizer, options=opts) if optimizer is not None else None)
+
+
+def load_full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Scatter a whole optimizer state (as `full_state` returned it) back onto the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))

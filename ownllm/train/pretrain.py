@@ -75,7 +75,7 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
     result = trainer.run(stop_at_step=stop_at_step)
     if result.get("stopped") or not trainer.ctx.is_main:
         return result
-    model.eval()
+    model = trainer.final_model().eval()
     per_source = evaluate_sources(model, shards, tcfg.seq_len)
     result["sources"] = per_source
     (out / "eval.json").write_text(json.dumps(per_source, indent=2))

@@ -7,9 +7,10 @@ accumulation, clipping, bf16 autocast (chosen by measurement when dtype=auto), o
 torch.compile, periodic eval, atomic checkpoints with everything needed to resume bit-for-bit
 (weights, optimizer, step, elapsed time, data RNG), metrics.jsonl, a progress bar and plots.
 It also places the model on the run's device (`device`: auto = the GPU when there is one) and,
-started by `torchrun`, trains one DistributedDataParallel replica per process
-(train/distributed.py): each rank draws its own batches, gradients are averaged by DDP, every
-token of every rank weighs the same, and only rank 0 writes metrics and checkpoints.
+started by `torchrun`, trains one DistributedDataParallel replica per process, or with
+`parallel="fsdp"` one shard of the model per process (train/distributed.py): each rank draws its
+own batches, gradients are averaged over ranks, every token of every rank weighs the same, and only
+rank 0 writes metrics and checkpoints (FSDP: the shards gathered into whole weights first).
 """
 from __future__ import annotations
 
@@ -115,18 +116,22 @@ def _adamw(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def split_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
+    """Trainable parameters as (edge matrices: embeddings, output heads, LoRA factors; hidden
+    matrices: the blocks' weights; vectors: norms and biases)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_edge = lambda name: (name.split(".")[0] in ("embed_tokens", "lm_head", "score")  # noqa: E731
+                            or name.endswith(("lora_A", "lora_B")))
+    return ([p for n, p in named if p.dim() >= 2 and is_edge(n)], [p for n, p in named if p.dim() >= 2 and not is_edge(n)],
+            [p for n, p in named if p.dim() < 2])
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
     """AdamW (decay on matrices only), or Muon on the hidden matrices with AdamW on embeddings,
     output heads (lm_head, a reward/value model's score), norms and LoRA's rank-r factors (Muon
     orthogonalises whole weight matrices; a LoRA run has none to train, so it is AdamW throughout).
     Each group's lr is `schedule × lr_scale`."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for n, p in named if p.dim() < 2]
-    matrices = [(n, p) for n, p in named if p.dim() >= 2]
-    is_edge = lambda name: (name.split(".")[0] in ("embed_tokens", "lm_head", "score")  # noqa: E731
-                            or name.endswith(("lora_A", "lora_B")))
-    edge = [p for n, p in matrices if is_edge(n)]
-    hidden = [p for n, p in matrices if not is_edge(n)]
+    edge, hidden, no_decay = split_parameters(model)
     if cfg.optimizer == "adamw" or (cfg.optimizer == "muon" and not hidden):
         return Optimizers(_adamw([{"params": edge + hidden, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
                                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg))
@@ -171,13 +176,16 @@ class Trainer:
         if self.device.type == "cpu":
             set_threads(cfg.threads or max(1, (os.cpu_count() or 1) // self.ctx.world_size))
         model.to(self.device)
-        self.optimizer = make_optimizer(model, cfg)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.ctx.rank)  # each rank its own batches
+        if cfg.parallel not in ("ddp", "fsdp"):
+            raise OwnLLMError(f"--set parallel={cfg.parallel!r}: expected ddp or fsdp")
+        use_fsdp = self.ctx.distributed and cfg.parallel == "fsdp"
+        if use_fsdp and cfg.optimizer == "muon" and split_parameters(model)[1]:  # (LoRA: AdamW anyway)
+            raise OwnLLMError(f"--set parallel=fsdp shards every weight matrix and optimizer={cfg.optimizer} needs whole "
+                              "ones (Muon orthogonalises each matrix); use --set optimizer=adamw with fsdp")
         self.step, self.elapsed, self.dtype = 0, 0.0, cfg.dtype
-        if resume:
-            self._restore()
-        self.metrics = (MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
-                        if self.ctx.is_main else _NoMetrics())
+        if resume:  # weights first: FSDP cuts its shards from them
+            self.step = load_weights(model, self.run_dir)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.ctx.rank)  # each rank its own batches
         self.forward_model = model
         if cfg.compile:  # per block when the model offers it: one graph reused by every layer compiles fast
             import torch._dynamo as dynamo
@@ -187,8 +195,16 @@ class Trainer:
                 model.compile_blocks()
             else:
                 self.forward_model = torch.compile(model)
+        self.fsdp, self._whole = None, None
+        if use_fsdp:
+            self.fsdp = D.shard(model, loss_fn, self.device)
+        self.optimizer = make_optimizer(model, cfg)  # after sharding: FSDP's optimizer holds the shards
+        if resume:
+            self._restore()
+        self.metrics = (MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
+                        if self.ctx.is_main else _NoMetrics())
         self.ddp = None
-        if self.ctx.distributed:  # replicas start from rank 0's weights; DDP averages gradients
+        if self.ctx.distributed and not use_fsdp:  # replicas start from rank 0's weights; DDP averages gradients
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(D.LossModule(self.forward_model, loss_fn),
@@ -199,14 +215,32 @@ class Trainer:
         """A batch drawn from a fixed seed (leaves the training data stream untouched), on the device."""
         return D.to_device(self.next_batch(torch.Generator().manual_seed(0)), self.device)
 
+    def _forward(self, batch):
+        """(loss sum, count) of a batch on the device, through DDP or the FSDP root when there is one."""
+        wrapped = self.ddp if self.ddp is not None else self.fsdp
+        return wrapped(batch) if wrapped is not None else self.loss_fn(self.forward_model, batch)
+
     def _loss(self, batch):
         batch = D.to_device(batch, self.device)
         with autocast(self.dtype, self.device):
-            return self.ddp(batch) if self.ddp is not None else self.loss_fn(self.forward_model, batch)
+            return self._forward(batch)
+
+    def _whole_model(self, weights: dict) -> torch.nn.Module:
+        """FSDP, rank 0: an unsharded copy of the model holding `weights` (gathered shards), to save,
+        evaluate and hand back after training. Costs one more copy of the weights on rank 0."""
+        if self._whole is None:
+            self._whole = type(self.model)(self.model.config).to(self.device)
+        self._whole.load_state_dict(weights)
+        return self._whole
+
+    def final_model(self) -> torch.nn.Module:
+        """The trained model as a plain module (FSDP: rank 0's whole copy from the last checkpoint)."""
+        return self._whole if self.fsdp is not None else self.model
 
     # -- state ---------------------------------------------------------------------------
-    def _state(self, gather: bool = True) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "elapsed": self.elapsed, "dtype": self.dtype,
+    def _state(self, gather: bool = True, optimizer_state: dict | None = None) -> dict:
+        optimizer = {"fsdp": optimizer_state} if self.fsdp is not None else self.optimizer.state_dict()
+        state = {"optimizer": optimizer, "elapsed": self.elapsed, "dtype": self.dtype,
                  "data_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
         if self.ctx.distributed and gather:  # every rank's data position (a collective call)
             state["data_rngs"] = D.gather_objects(self.gen.get_state())
@@ -214,10 +248,17 @@ class Trainer:
 
     def _restore(self) -> None:
         state = load_state(self.run_dir)
-        self.step = load_weights(self.model, self.run_dir)
         if state["step"] != self.step:
             raise RuntimeError(f"{self.run_dir}: state.pt is at step {state['step']} but weights at {self.step}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_fsdp = "fsdp" in state["optimizer"]
+        if saved_fsdp != (self.fsdp is not None):
+            raise OwnLLMError(f"{self.run_dir}: saved {'with' if saved_fsdp else 'without'} --set parallel=fsdp; resume "
+                              f"it the same way ({'torchrun and ' if saved_fsdp else ''}"
+                              f"--set parallel={'fsdp' if saved_fsdp else 'ddp'})")
+        if self.fsdp is not None:
+            D.load_full_optimizer_state(self.fsdp, self.optimizer.opts[0], state["optimizer"]["fsdp"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.elapsed, self.dtype = state["elapsed"], state["dtype"]
         rngs = state.get("data_rngs", [state["data_rng"]])
         if len(rngs) > 1 and len(rngs) != self.ctx.world_size:
@@ -230,14 +271,20 @@ class Trainer:
             self.aux.load_state_dict(state["aux"])
 
     def checkpoint(self, gather: bool = True) -> None:
-        """Every rank calls it at the same step (it gathers their data RNGs); rank 0 writes."""
-        state = self._state(gather)
+        """Every rank calls it at the same step (it gathers their data RNGs and FSDP's shards); rank 0 writes."""
+        model, optimizer_state = self.model, None
+        if self.fsdp is not None:
+            if not gather:  # interrupted: ranks are out of step and gathering shards takes all of them
+                return      # (the last checkpoint stays)
+            weights, optimizer_state = D.full_state(self.fsdp, self.optimizer.opts[0])
+            model = self._whole_model(weights) if self.ctx.is_main else None
+        state = self._state(gather, optimizer_state)
         if not self.ctx.is_main:
             return
         self.metrics.flush()
         files = {"train_config.json": json.dumps({**asdict(self.cfg), "dtype_used": self.dtype}, indent=2).encode(),
                  **self.extra_files}
-        save_checkpoint(self.run_dir, self.model, state, self.step, files)
+        save_checkpoint(self.run_dir, model, state, self.step, files)
         rows = MetricsLog.read(self.run_dir / "metrics.jsonl")
         plot_curves(rows, self.run_dir / "plots" / "loss.png", title=f"{self.run_dir.name}: loss")
         for stem, keys in self.plots.items():
@@ -270,8 +317,11 @@ class Trainer:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for i in range(self.cfg.grad_accum):
-            # DDP averages gradients once per step: not after the micro-batches before the last
-            sync = self.ddp.no_sync() if self.ddp is not None and i < self.cfg.grad_accum - 1 else contextlib.nullcontext()
+            # DDP / FSDP average gradients once per step: not after the micro-batches before the last
+            last_micro = i == self.cfg.grad_accum - 1
+            sync = self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
+            if self.fsdp is not None:
+                self.fsdp.set_requires_gradient_sync(last_micro)
             with sync:
                 loss_sum, n = self._loss(self.next_batch(self.gen))
                 loss_sum.backward()
@@ -281,7 +331,7 @@ class Trainer:
             total, count = D.all_reduce_sum(torch.stack([total, count])).unbind()
         count = count.clamp(min=1)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        torch._foreach_div_(grads, count / self.ctx.world_size)  # DDP's gradients are the mean over ranks
+        torch._foreach_div_(grads, count / self.ctx.world_size)  # DDP's and FSDP's gradients are the mean over ranks
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
@@ -293,14 +343,15 @@ class Trainer:
         """Train until the budget ends (or `stop_at_step`, which simulates a kill after a checkpoint)."""
         model = self.model.train()
         if self.dtype == "auto":
-            self.dtype, timings = measure_dtype(model, self.loss_fn, self._warmup_batch(), device=self.device)
+            self.dtype, timings = measure_dtype(model, lambda _m, b: self._forward(b), self._warmup_batch(),
+                                                device=self.device)
             if self.ctx.distributed:  # timings differ between processes: all follow rank 0
                 self.dtype = D.gather_objects(self.dtype)[0]
             self.metrics.write(step=self.step, event="dtype", chosen=self.dtype,
                                **{f"{k}_s_per_microbatch": v for k, v in timings.items()})
         elif self.cfg.compile:  # compile before the clock starts (measure_dtype above does it too)
             with autocast(self.dtype, self.device):
-                loss, _ = self.loss_fn(self.forward_model, self._warmup_batch())
+                loss, _ = self._forward(self._warmup_batch())
             loss.backward()
             model.zero_grad(set_to_none=True)
         total = self.cfg.max_steps or None
@@ -326,7 +377,7 @@ class Trainer:
                         raise OwnLLMError(f"training diverged: loss became {last['train_loss']} at step {self.step} "
                                           f"(lr {self.cfg.lr:g}); lower it with --set lr=…; the last checkpoint is kept")
                 if self.evaluate and self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0 \
-                        and self.ctx.is_main:
+                        and (self.ctx.is_main or self.fsdp is not None):
                     last.update(self._eval())
                 if stop_at_step is not None and self.step >= stop_at_step:
                     self._flush(pending, bar)
@@ -345,7 +396,7 @@ class Trainer:
         self._flush(pending, bar)
         bar.close()
         if self.evaluate and not (self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0) \
-                and self.ctx.is_main:
+                and (self.ctx.is_main or self.fsdp is not None):
             last.update(self._eval())
         self.checkpoint()
         self.metrics.close()
@@ -365,9 +416,16 @@ class Trainer:
         return row
 
     def _eval(self) -> dict:
-        self.model.eval()
+        """Rank 0 evaluates (FSDP: every rank gathers the shards, then rank 0 runs a whole copy)."""
+        model = self.model
+        if self.fsdp is not None:
+            weights, _ = D.full_state(self.fsdp)
+            if not self.ctx.is_main:
+                return {}
+            model = self._whole_model(weights)
+        model.eval()
         with torch.no_grad(), autocast(self.dtype, self.device):
-            result = self.evaluate(self.model)
+            result = self.evaluate(model)
         self.model.train()
         self.metrics.write(step=self.step, elapsed_s=round(self.elapsed, 3), **result)
         self.metrics.flush()
