@@ -69,18 +69,21 @@ def commit_files(run_dir: str | Path, files: dict[str, bytes | Any]) -> None:
     recover(d)
 
 
-def _clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights to save: tied lm_head is not stored twice; tensors made contiguous fp32 copies."""
-    sd = model.state_dict()
+def _clean_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Weights to save (the model's, or `weights` given for it): tied lm_head is not stored twice;
+    tensors made contiguous fp32 copies."""
+    sd = dict(model.state_dict() if weights is None else weights)
     if getattr(model.config, "tie_embeddings", False):
         sd.pop("lm_head.weight", None)
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
 def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict | None = None,
-                    step: int = 0, extra_files: dict[str, bytes] | None = None) -> None:
+                    step: int = 0, extra_files: dict[str, bytes] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> None:
+    """`weights`: the model's whole state dict when `model` holds it in shards (FSDP)."""
     def write_weights(path: Path):
-        save_file(_clean_state_dict(model), str(path), metadata={"step": str(step), "format": "pt"})
+        save_file(_clean_state_dict(model, weights), str(path), metadata={"step": str(step), "format": "pt"})
 
     files: dict[str, Any] = {"model.safetensors": write_weights, "config.json": to_json(model.config).encode()}
     if state is not None:

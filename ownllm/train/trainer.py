@@ -195,7 +195,7 @@ class Trainer:
                 model.compile_blocks()
             else:
                 self.forward_model = torch.compile(model)
-        self.fsdp, self._whole = None, None
+        self.fsdp = None
         if use_fsdp:
             self.fsdp = D.shard(model, loss_fn, self.device)
         self.optimizer = make_optimizer(model, cfg)  # after sharding: FSDP's optimizer holds the shards
@@ -226,16 +226,18 @@ class Trainer:
             return self._forward(batch)
 
     def _whole_model(self, weights: dict) -> torch.nn.Module:
-        """FSDP, rank 0: an unsharded copy of the model holding `weights` (gathered shards), to save,
-        evaluate and hand back after training. Costs one more copy of the weights on rank 0."""
-        if self._whole is None:
-            self._whole = type(self.model)(self.model.config).to(self.device)
-        self._whole.load_state_dict(weights)
-        return self._whole
+        """FSDP, rank 0: an unsharded copy of the model holding `weights` (gathered shards)."""
+        whole = type(self.model)(self.model.config).to(self.device)
+        whole.load_state_dict(weights)
+        return whole
 
     def final_model(self) -> torch.nn.Module:
-        """The trained model as a plain module (FSDP: rank 0's whole copy from the last checkpoint)."""
-        return self._whole if self.fsdp is not None else self.model
+        """The trained model as a plain module (FSDP, rank 0: a whole copy read from the last checkpoint)."""
+        if self.fsdp is None:
+            return self.model
+        whole = type(self.model)(self.model.config)
+        load_weights(whole, self.run_dir)
+        return whole.to(self.device)
 
     # -- state ---------------------------------------------------------------------------
     def _state(self, gather: bool = True, optimizer_state: dict | None = None) -> dict:
@@ -272,19 +274,18 @@ class Trainer:
 
     def checkpoint(self, gather: bool = True) -> None:
         """Every rank calls it at the same step (it gathers their data RNGs and FSDP's shards); rank 0 writes."""
-        model, optimizer_state = self.model, None
+        weights, optimizer_state = None, None
         if self.fsdp is not None:
             if not gather:  # interrupted: ranks are out of step and gathering shards takes all of them
                 return      # (the last checkpoint stays)
             weights, optimizer_state = D.full_state(self.fsdp, self.optimizer.opts[0])
-            model = self._whole_model(weights) if self.ctx.is_main else None
         state = self._state(gather, optimizer_state)
         if not self.ctx.is_main:
             return
         self.metrics.flush()
         files = {"train_config.json": json.dumps({**asdict(self.cfg), "dtype_used": self.dtype}, indent=2).encode(),
                  **self.extra_files}
-        save_checkpoint(self.run_dir, model, state, self.step, files)
+        save_checkpoint(self.run_dir, self.model, state, self.step, files, weights=weights)
         rows = MetricsLog.read(self.run_dir / "metrics.jsonl")
         plot_curves(rows, self.run_dir / "plots" / "loss.png", title=f"{self.run_dir.name}: loss")
         for stem, keys in self.plots.items():
@@ -422,7 +423,7 @@ class Trainer:
             weights, _ = D.full_state(self.fsdp)
             if not self.ctx.is_main:
                 return {}
-            model = self._whole_model(weights)
+            model = self._whole_model(weights)  # (for the evaluation only: freed after it)
         model.eval()
         with torch.no_grad(), autocast(self.dtype, self.device):
             result = self.evaluate(model)
