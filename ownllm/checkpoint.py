@@ -113,6 +113,23 @@ def load_weights(model: torch.nn.Module, run_dir: str | Path, base_only: bool = 
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise OwnLLMError(f"{path}: corrupt checkpoint ({str(e)[:160]})") from None
+    _load_state_dict(model, sd, path, base_only)
+    return int(meta.get("step", 0))
+
+
+def load_start_weights(model: torch.nn.Module, run_dir: str | Path) -> None:
+    """The weights a new stage starts from: run_dir's model with its LoRA adapters folded in (a
+    LoRA run's base matrices alone are not the model it trained). As with base_only, `model` may
+    add fresh adapters and a scalar head of its own."""
+    if load_model_config(run_dir).lora_rank == 0:
+        load_weights(model, run_dir, base_only=True)
+        return
+    from ownllm.lora import merged_state_dict
+
+    _load_state_dict(model, merged_state_dict(load_model(run_dir)), Path(run_dir) / "model.safetensors", base_only=True)
+
+
+def _load_state_dict(model: torch.nn.Module, sd: dict, path: Path, base_only: bool) -> None:
     if getattr(model.config, "tie_embeddings", False) and "embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     expected, got = set(model.state_dict()), set(sd)
@@ -128,7 +145,6 @@ def load_weights(model: torch.nn.Module, run_dir: str | Path, base_only: bool = 
         model.load_state_dict(sd, strict=not base_only)
     except RuntimeError as e:
         raise OwnLLMError(f"{path}: weights do not match config.json ({str(e).splitlines()[-1][:160]})") from None
-    return int(meta.get("step", 0))
 
 
 def load_state(run_dir: str | Path) -> dict:

@@ -359,3 +359,39 @@ def test_quickstart_alignment_stage_runs_every_step_and_reports(tiny_sft, tmp_pa
     assert 0 <= res["reward"]["pair_accuracy"] <= 1 and res["dpo"]["wins"] + res["dpo"]["ties"] + res["dpo"]["losses"] == 8
     report = _rlhf_report(res)
     assert "Reward model: pairwise accuracy" in report and "| PPO |" in report and "GRPO" in report
+
+
+def test_stages_started_from_a_lora_run_start_from_it_with_its_adapters(tiny_sft, tmp_path):
+    """Reward, DPO, PPO and GRPO (open_run) and SFT started from a LoRA run begin from that run's
+    model — its adapters folded in — not from the base weights under them, with or without adapters
+    of their own (fresh ones change nothing until trained)."""
+    import dataclasses
+
+    from ownllm.checkpoint import load_model_config, load_weights, save_checkpoint
+    from ownllm.config import TrainConfig
+    from ownllm.model import GPT
+    from ownllm.tokenizer import Tokenizer
+    from ownllm.train.preference import open_run
+    from ownllm.checkpoint import load_start_weights
+
+    lora = GPT(dataclasses.replace(load_model_config(tiny_sft), lora_rank=4))
+    load_weights(lora, tiny_sft, base_only=True)
+    with torch.no_grad():  # trained adapters: B away from zero
+        for n, p in lora.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    run = tmp_path / "sft-lora"
+    Tokenizer.load(tiny_sft).save(run, model_max_length=lora.config.max_seq_len)
+    save_checkpoint(run, lora)
+    idx = torch.randint(3, lora.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        want, base = lora.eval()(idx), GPT(load_model_config(tiny_sft)).eval()
+        load_weights(base, tiny_sft)
+        assert not torch.allclose(base(idx), want, atol=1e-3)  # the adapters matter
+        for rank in (0, 4):
+            model = open_run(run, tmp_path / f"dpo{rank}", TrainConfig(), TrainConfig(), resume=False, overwrite=False,
+                             lora_rank=rank)[0]
+            torch.testing.assert_close(model.eval()(idx), want, rtol=1e-4, atol=1e-4)
+        plain = GPT(load_model_config(tiny_sft))
+        load_start_weights(plain, run)
+        torch.testing.assert_close(plain.eval()(idx), want, rtol=1e-4, atol=1e-4)

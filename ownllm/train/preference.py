@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ownllm.checkpoint import load_model_config, load_weights, refuse_overwrite, resumed_train_config, start_run
+from ownllm.checkpoint import load_model_config, load_start_weights, refuse_overwrite, resumed_train_config, start_run
 from ownllm.config import TrainConfig, from_json_dict, read_json
 from ownllm.data.chat import ChatExamples, collate_padded, target_logits
 from ownllm.data.preferences import Pair, generate_preferences, load_pairs
@@ -152,7 +152,7 @@ def open_run(start: str | Path | None, out: str | Path, tcfg: TrainConfig, defau
     tok = Tokenizer.load(start)
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg)
-    load_weights(model, start, base_only=True)
+    load_start_weights(model, start)
     return model, tok, tcfg, start, {}
 
 
@@ -299,7 +299,7 @@ def train_dpo(policy, out, tcfg: TrainConfig | None = None, dcfg: DPOConfig | No
     # come from the start run's weights, loaded into a temporary model)
     ref_model = model if not resume else GPT(dataclasses.replace(model.config, lora_rank=0))
     if resume:
-        load_weights(ref_model, start, base_only=True)
+        load_start_weights(ref_model, start)
     ref, val_ref = all_completion_logps(ref_model, ex, tok.pad_id), all_completion_logps(ref_model, val_ex, tok.pad_id)
     del ref_model
     if not resume:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ownllm.checkpoint import load_model_config, load_weights, refuse_overwrite, resumed_train_config, start_run
+from ownllm.checkpoint import load_model_config, load_start_weights, refuse_overwrite, resumed_train_config, start_run
 from ownllm.config import TrainConfig
 from ownllm.data.chat import ChatExamples, collate_packed, collate_padded, encode_conversations, masked_lm_step
 from ownllm.data.formats import read_chat_jsonl
@@ -136,7 +136,7 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg)
     if not resume:
-        load_weights(model, base, base_only=mcfg.lora_rank > 0)
+        load_start_weights(model, base)  # a LoRA base: its adapters folded in
         if writer:
             start_run(out, tok, mcfg, tcfg, overwrite)
     if mcfg.lora_rank > 0:
