@@ -107,6 +107,15 @@ def test_lora_sft_and_merge(capsys, tiny_run, tmp_path):
     assert b.config.lora_rank == 0
     x = torch.randint(0, a.config.vocab_size, (1, 12))
     torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+    from ownllm.inference.generate import load_run
+    from ownllm.inference.quantize import Int8Linear
+    from ownllm.lora import LoRALinear
+
+    served = load_run(lora)[0]  # inference folds the adapters in: plain layers (fused, quantizable)
+    assert not any(isinstance(m, LoRALinear) for m in served.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), a(x), rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, Int8Linear) for m in load_run(lora, quantize="int8")[0].layers.modules())
     code, err = _err(capsys, ["merge-lora", "--run", str(merged), "--out", str(tmp_path / "again")])
     assert code == 2 and "no LoRA" in err[0]
 

@@ -19,6 +19,15 @@ from ownllm.tokenizer import Tokenizer
 @lru_cache(maxsize=4)
 def _load(run: str, mtime: float, quantize: str | None):
     model = load_model(run)
+    if model.config.lora_rank:  # adapters folded in: plain layers decode faster (fused projections) and quantize
+        import dataclasses
+
+        from ownllm.lora import merged_state_dict
+        from ownllm.model import GPT
+
+        plain = GPT(dataclasses.replace(model.config, lora_rank=0))
+        plain.load_state_dict(merged_state_dict(model))
+        model = plain.eval()
     if quantize == "int8":
         from ownllm.inference.quantize import quantize_int8
 
@@ -29,8 +38,9 @@ def _load(run: str, mtime: float, quantize: str | None):
 
 
 def load_run(run: str | Path, quantize: str | None = None):
-    """(model, tokenizer) for a run directory, cached until its weights change; quantize='int8'
-    gives weight-only int8 linear layers (inference/quantize.py)."""
+    """(model, tokenizer) for a run directory, cached until its weights change; a LoRA run's
+    adapters are folded into its weights; quantize='int8' gives weight-only int8 linear layers
+    (inference/quantize.py)."""
     p = Path(run)
     if not p.is_dir():
         raise OwnLLMError(f"--run {run}: no such run directory")
