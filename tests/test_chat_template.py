@@ -374,3 +374,20 @@ def test_reasoning_split_only_for_thinking_templates(tmp_path, small_tokenizer):
         s = tok.reasoning_splitter(tok.render(CONVERSATIONS[0], add_generation_prompt=True).ids)
         assert (s is None) if inside is None else (s.mode == ("reasoning" if inside else "start"))
     assert small_tokenizer.reasoning_splitter(small_tokenizer.encode("<think>")) is None   # ownllm's own template
+
+
+def test_chat_repl_shows_a_thinking_models_reasoning_apart(tmp_path, monkeypatch):
+    """`ownllm chat` on a thinking template: the reasoning between markers, then the answer; the
+    history keeps the whole reply for the template to render (the model's text is fixed here)."""
+    import ownllm.inference.chat as chat_mod
+
+    reply = ["<th", "ink>\nTwo and ", "two.\n</thi", "nk>\n\n", "4"]
+    monkeypatch.setattr(chat_mod, "stream_text", lambda *a, **k: iter(reply))
+    src, _, _ = _qwen_dir(tmp_path, template=THINK)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    lines, out = iter(["2+2?", "/quit"]), []
+    chat_mod.repl(str(tmp_path / "run"), read=lambda prompt: next(lines), write=out.append)
+    assert "bot> (thinking) \nTwo and two.\n\n(answer) 4\n" in "".join(out)
+    session = chat_mod.ChatSession(str(tmp_path / "run"))
+    assert list(session.reply_parts("2+2?")) == [("reasoning", "\nTwo and "), ("reasoning", "two.\n"), ("content", "4")]
+    assert session.history[-1]["content"] == "".join(reply)

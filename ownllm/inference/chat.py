@@ -2,7 +2,9 @@
 
 Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /temp X
 (sampling temperature), /quit. Ctrl-C while a reply streams stops that reply and keeps the
-session; Ctrl-C or Ctrl-D at the prompt leaves.
+session; Ctrl-C or Ctrl-D at the prompt leaves. A thinking model's reasoning (`<think>` blocks of
+an imported Qwen3 / DeepSeek-R1 template) is shown apart from its answer: dimmed on a terminal,
+between "(thinking)" and "(answer)" markers elsewhere.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class ChatSession:
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.system: str | None = None
         self.history: list[dict] = []
+        self._splitter = None  # the current reply's ReasoningSplitter (a thinking template), else None
 
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
@@ -46,14 +49,28 @@ class ChatSession:
         params = SamplingParams(max_new_tokens=min(self.max_new_tokens, ctx - len(ids)), temperature=self.temperature,
                                 seed=self.seed, stop_ids=self.tok.stop_ids)
         self.history.append({"role": "assistant", "content": ""})
+        self._splitter = self.tok.reasoning_splitter(ids)
         for piece in stream_text(self.engine, self.tok, ids, params):
             self.history[-1]["content"] += piece
             if piece:
                 yield piece
 
+    def reply_parts(self, user_text: str) -> Iterator[tuple[str, str]]:
+        """reply() as ('reasoning' | 'content', text) pieces: a thinking model's `<think>` block
+        apart from its answer (everything is 'content' for other models)."""
+        split = None
+        for piece in self.reply(user_text):
+            if split is None:
+                split = self._splitter or False
+            yield from (split.push(piece) if split else [("content", piece)])
+        if split:
+            yield from split.flush()
+
     def _agent_reply(self, user_text: str) -> Iterator[str]:
         """With tools: the agent loop answers; each call and its result is shown before the answer."""
         from ownllm.agent.loop import Agent
+
+        self._splitter = None
 
         self.history.append({"role": "user", "content": user_text})
         agent = Agent(self.model, self.tok, self.registry, temperature=self.temperature, seed=self.seed,
@@ -88,7 +105,9 @@ class ChatSession:
 def repl(run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None,
          read: Callable[[str], str] = input, write: Callable[[str], None] = None, quantize: str | None = None,
          registry=None, template_kwargs: dict | None = None) -> None:
+    styled = write is None and sys.stdout.isatty()  # dim reasoning with ANSI codes only on a terminal
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    open_mark, close_mark = ("\x1b[2m", "\x1b[0m\n") if styled else ("(thinking) ", "\n(answer) ")
     s = ChatSession(run, temperature, max_new_tokens, seed, quantize=quantize, registry=registry,
                     template_kwargs=template_kwargs)
     write(f"chatting with {run} (/reset, /system TEXT, /temp X, /quit; Ctrl-C stops a reply)\n")
@@ -106,9 +125,15 @@ def repl(run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: in
             write(s.command(line.strip()) + "\n")
             continue
         write("bot> ")
+        thinking = False
         try:
-            for piece in s.reply(line):
+            for kind, piece in s.reply_parts(line):
+                if (kind == "reasoning") != thinking:
+                    write(open_mark if not thinking else close_mark)
+                    thinking = not thinking
                 write(piece)
         except KeyboardInterrupt:
             write(" [stopped]")
+        if thinking and styled:
+            write("\x1b[0m")
         write("\n")
