@@ -277,7 +277,14 @@ class Trainer:
         weights, optimizer_state = None, None
         if self.fsdp is not None:
             if not gather:  # interrupted: ranks are out of step and gathering shards takes all of them
-                return      # (the last checkpoint stays)
+                if self.ctx.is_main:
+                    import sys
+
+                    saved = load_state(self.run_dir)["step"] if (self.run_dir / "state.pt").is_file() else None
+                    print(f"interrupted: FSDP shards cannot be gathered now; "
+                          f"{f'the checkpoint at step {saved} is kept' if saved is not None else 'no checkpoint yet'}",
+                          file=sys.stderr)
+                return
             weights, optimizer_state = D.full_state(self.fsdp, self.optimizer.opts[0])
         state = self._state(gather, optimizer_state)
         if not self.ctx.is_main:
