@@ -280,7 +280,13 @@ class Trainer:
                 if self.ctx.is_main:
                     import sys
 
-                    saved = load_state(self.run_dir)["step"] if (self.run_dir / "state.pt").is_file() else None
+                    from safetensors import safe_open
+
+                    weights_file = self.run_dir / "model.safetensors"  # (its metadata holds the step: cheap to read)
+                    saved = None
+                    if weights_file.is_file() and (self.run_dir / "state.pt").is_file():
+                        with safe_open(str(weights_file), "pt") as f:
+                            saved = (f.metadata() or {}).get("step")
                     print(f"interrupted: FSDP shards cannot be gathered now; "
                           f"{f'the checkpoint at step {saved} is kept' if saved is not None else 'no checkpoint yet'}",
                           file=sys.stderr)
