@@ -48,11 +48,13 @@ def autocast(dtype: str, device: torch.device | str = "cpu"):
     return contextlib.nullcontext()
 
 
-def measure_dtype(model, loss_fn, batch, reps: int = 3, device: torch.device | str = "cpu") -> tuple[str, dict[str, float]]:
+def measure_dtype(model, loss_fn, batch, reps: int = 3, device: torch.device | str = "cpu",
+                  early_stop: bool = True) -> tuple[str, dict[str, float]]:
     """Time forward+backward in fp32 and under bf16 autocast, interleaved so machine noise hits
     both alike; pick bf16 when its best time is clearly lower. Gradients are cleared after.
     Stops after the first timed round when one dtype is under 0.6x the other: for a large model
-    every round costs a real step in each dtype (a 0.5B model here: 54 s fp32 + 19 s bf16)."""
+    every round costs a real step in each dtype (a 0.5B model here: 54 s fp32 + 19 s bf16) —
+    unless early_stop is off (FSDP: every rank must run as many rounds, each forward gathers shards)."""
     device = torch.device(device)
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), {}
@@ -67,7 +69,7 @@ def measure_dtype(model, loss_fn, batch, reps: int = 3, device: torch.device | s
             loss.backward()
             if i:  # the first round warms up kernels
                 timings[dtype] = min(timings[dtype], time.perf_counter() - t0)
-        if i and not 0.6 < timings["bfloat16"] / timings["float32"] < 1 / 0.6:
+        if early_stop and i and not 0.6 < timings["bfloat16"] / timings["float32"] < 1 / 0.6:
             break   # clear already
     model.zero_grad(set_to_none=True)
     choice = "bfloat16" if timings["bfloat16"] < 0.9 * timings["float32"] else "float32"
@@ -220,6 +222,11 @@ class Trainer:
         wrapped = self.ddp if self.ddp is not None else self.fsdp
         return wrapped(batch) if wrapped is not None else self.loss_fn(self.forward_model, batch)
 
+    def _plain_or_sharded_loss(self):
+        """loss_fn(model, batch) for warm-up and the dtype probe: on the model itself (no collective
+        calls, so ranks need not keep in step), except under FSDP, whose shards only gather in the root."""
+        return (lambda _model, batch: self.fsdp(batch)) if self.fsdp is not None else self.loss_fn
+
     def _loss(self, batch):
         batch = D.to_device(batch, self.device)
         with autocast(self.dtype, self.device):
@@ -357,15 +364,15 @@ class Trainer:
         """Train until the budget ends (or `stop_at_step`, which simulates a kill after a checkpoint)."""
         model = self.model.train()
         if self.dtype == "auto":
-            self.dtype, timings = measure_dtype(model, lambda _m, b: self._forward(b), self._warmup_batch(),
-                                                device=self.device)
+            self.dtype, timings = measure_dtype(model, self._plain_or_sharded_loss(), self._warmup_batch(),
+                                                device=self.device, early_stop=self.fsdp is None)
             if self.ctx.distributed:  # timings differ between processes: all follow rank 0
                 self.dtype = D.gather_objects(self.dtype)[0]
             self.metrics.write(step=self.step, event="dtype", chosen=self.dtype,
                                **{f"{k}_s_per_microbatch": v for k, v in timings.items()})
         elif self.cfg.compile:  # compile before the clock starts (measure_dtype above does it too)
             with autocast(self.dtype, self.device):
-                loss, _ = self._forward(self._warmup_batch())
+                loss, _ = self._plain_or_sharded_loss()(self.forward_model, self._warmup_batch())
             loss.backward()
             model.zero_grad(set_to_none=True)
         total = self.cfg.max_steps or None
