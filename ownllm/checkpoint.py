@@ -124,9 +124,19 @@ def load_start_weights(model: torch.nn.Module, run_dir: str | Path) -> None:
     if load_model_config(run_dir).lora_rank == 0:
         load_weights(model, run_dir, base_only=True)
         return
-    from ownllm.lora import merged_state_dict
+    from ownllm.lora import load_plain
 
-    _load_state_dict(model, merged_state_dict(load_model(run_dir)), Path(run_dir) / "model.safetensors", base_only=True)
+    _load_state_dict(model, load_plain(run_dir)[1], Path(run_dir) / "model.safetensors", base_only=True)
+
+
+def saved_step(run_dir: str | Path) -> int | None:
+    """The step of the run's last complete checkpoint (weights and training state), read from the
+    weights' metadata (cheap: no tensor is loaded); None when there is none."""
+    d = Path(run_dir)
+    if not ((d / "model.safetensors").is_file() and (d / "state.pt").is_file()):
+        return None
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        return int((f.metadata() or {}).get("step", 0))
 
 
 def _load_state_dict(model: torch.nn.Module, sd: dict, path: Path, base_only: bool) -> None:

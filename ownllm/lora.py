@@ -63,6 +63,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
+def fold_adapters(model: nn.Module) -> nn.Module:
+    """A plain copy of a LoRA model (eval mode), its adapters folded into the weights."""
+    from ownllm.model import GPT
+
+    plain = GPT(dataclasses.replace(model.config, lora_rank=0))
+    plain.load_state_dict(merged_state_dict(model))
+    return plain.eval()
+
+
 def load_plain(run) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
     """(config with lora_rank 0, plain state dict, whether adapters were folded in) for a run
     directory: what `merge-lora` and the exports write."""

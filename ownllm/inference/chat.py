@@ -71,7 +71,6 @@ class ChatSession:
         from ownllm.agent.loop import Agent
 
         self._splitter = None
-
         self.history.append({"role": "user", "content": user_text})
         agent = Agent(self.model, self.tok, self.registry, temperature=self.temperature, seed=self.seed,
                       template_kwargs=self.template_kwargs)

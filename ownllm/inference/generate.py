@@ -20,14 +20,9 @@ from ownllm.tokenizer import Tokenizer
 def _load(run: str, mtime: float, quantize: str | None):
     model = load_model(run)
     if model.config.lora_rank:  # adapters folded in: plain layers decode faster (fused projections) and quantize
-        import dataclasses
+        from ownllm.lora import fold_adapters
 
-        from ownllm.lora import merged_state_dict
-        from ownllm.model import GPT
-
-        plain = GPT(dataclasses.replace(model.config, lora_rank=0))
-        plain.load_state_dict(merged_state_dict(model))
-        model = plain.eval()
+        model = fold_adapters(model)
     if quantize == "int8":
         from ownllm.inference.quantize import quantize_int8
 

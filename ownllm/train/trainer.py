@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from ownllm.checkpoint import load_state, load_weights, save_checkpoint
+from ownllm.checkpoint import load_state, load_weights, save_checkpoint, saved_step
 from ownllm.config import TrainConfig
 from ownllm.errors import OwnLLMError
 from ownllm.metrics import MetricsLog, plot_curves
@@ -217,11 +218,6 @@ class Trainer:
         """A batch drawn from a fixed seed (leaves the training data stream untouched), on the device."""
         return D.to_device(self.next_batch(torch.Generator().manual_seed(0)), self.device)
 
-    def _forward(self, batch):
-        """(loss sum, count) of a batch on the device, through DDP or the FSDP root when there is one."""
-        wrapped = self.ddp if self.ddp is not None else self.fsdp
-        return wrapped(batch) if wrapped is not None else self.loss_fn(self.forward_model, batch)
-
     def _plain_or_sharded_loss(self):
         """loss_fn(model, batch) for warm-up and the dtype probe: on the model itself (no collective
         calls, so ranks need not keep in step), except under FSDP, whose shards only gather in the root."""
@@ -229,8 +225,9 @@ class Trainer:
 
     def _loss(self, batch):
         batch = D.to_device(batch, self.device)
+        wrapped = self.ddp if self.ddp is not None else self.fsdp  # DDP, or the FSDP root, when there is one
         with autocast(self.dtype, self.device):
-            return self._forward(batch)
+            return wrapped(batch) if wrapped is not None else self.loss_fn(self.forward_model, batch)
 
     def _whole_model(self, weights: dict) -> torch.nn.Module:
         """FSDP, rank 0: an unsharded copy of the model holding `weights` (gathered shards)."""
@@ -285,15 +282,7 @@ class Trainer:
         if self.fsdp is not None:
             if not gather:  # interrupted: ranks are out of step and gathering shards takes all of them
                 if self.ctx.is_main:
-                    import sys
-
-                    from safetensors import safe_open
-
-                    weights_file = self.run_dir / "model.safetensors"  # (its metadata holds the step: cheap to read)
-                    saved = None
-                    if weights_file.is_file() and (self.run_dir / "state.pt").is_file():
-                        with safe_open(str(weights_file), "pt") as f:
-                            saved = (f.metadata() or {}).get("step")
+                    saved = saved_step(self.run_dir)
                     print(f"interrupted: FSDP shards cannot be gathered now; "
                           f"{f'the checkpoint at step {saved} is kept' if saved is not None else 'no checkpoint yet'}",
                           file=sys.stderr)
