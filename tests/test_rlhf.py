@@ -178,6 +178,37 @@ def test_bundled_preferences_follow_the_rule_and_are_deterministic():
     assert not {p.prompt for p in test} & {p.prompt for p in a}
 
 
+def test_policy_pairs_raise_the_models_best_answer_or_the_honest_refusal_over_each_worse_one(monkeypatch):
+    """Where the model has a right answer, it beats the model's wrong ones and refusing; where it
+    has none, the honest refusal beats its inventions; no policy pair involves a perturbation."""
+    import ownllm.data.preferences as prefs
+    from ownllm.rag.grounded import is_refusal
+
+    def fake_samples(run, examples, samples, seed, temperature=1.0, progress=True):
+        if temperature == 0.0:   # greedy: right on even prompts, an invention on odd ones
+            return [[ex.answer if i % 2 == 0 else "Zorbl"] for i, ex in enumerate(examples)]
+        return [["Zorbl", "Zorbl Zorbl", "Qux"][:samples] for _ in examples]
+    monkeypatch.setattr(prefs, "sample_answers", fake_samples)
+    monkeypatch.setattr(prefs, "honest_refusals", lambda run, examples: [
+        "I don't know." if ex.lang == "en" else "我不知道。" for ex in examples])
+    examples = prefs.preference_prompts(40, "train", 1)
+    pairs = prefs.generate_preferences(40, "train", run="fake", seed=1, progress=False)
+    checked = 0
+    for i, ex in enumerate(examples):
+        mine = [p for p in pairs if p.on_policy and p.prompt[-1][1] == ex.prompt]
+        assert mine, ex.prompt
+        own = {"Zorbl", "Zorbl Zorbl", "Qux", ex.answer if i % 2 == 0 else "Zorbl"}
+        refusal = "I don't know." if ex.lang == "en" else "我不知道。"
+        if is_refusal(ex.answer):
+            continue     # closed-book: the refusal is the right answer
+        assert {p.chosen for p in mine} == {ex.answer if i % 2 == 0 else refusal}
+        worse = own | {refusal} if i % 2 == 0 else own
+        assert {p.rejected for p in mine} == worse - {p.chosen for p in mine}
+        checked += 1
+    assert checked >= 30
+    assert any(not p.on_policy for p in pairs)  # the perturbation pairs follow
+
+
 def test_bundled_preferences_do_not_tie_style_to_truth():
     """Rambling and the language of a refusal must not give away which answer is right: among
     pairs decided by truth, rambling answers are about as often rejected as chosen (when only

@@ -14,10 +14,15 @@ its assistant turn(s), of which the last is taken. A bad record is an error nami
 field.
 
 The bundled generator: prompts from the task suite's families plus closed-book questions about
-fictional towns (whose honest answer is "I don't know"); candidates are the SFT model's own
-samples plus perturbations of the reference (rambling, a wrong value, a confident invention,
-the wrong language, a refusal); the hidden rule (evaluation/judge.py) ranks them; every strictly
-ordered pair may become a training pair. The rule itself stays in the generator and the judge.
+fictional towns (whose honest answer is "I don't know"); the hidden rule (evaluation/judge.py)
+ranks the candidates, and two kinds of pairs come out:
+- policy pairs (`on_policy`): among the SFT model's own answers and an honest refusal, the best
+  one over each worse one — its right answer over its wrong ones and over refusing, and where it
+  has no right answer, the refusal over its inventions. These are what DPO learns from: what the
+  model itself should say instead of what it does.
+- perturbation pairs: the reference, rambling, a wrong value, a confident invention, the wrong
+  language, paired with each other and with the model's answers — the reward model's wider view.
+The rule itself stays in the generator and the judge.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ class Pair:
     rejected: str
     family: str = ""                      # bundled pairs: the task family (for per-family accuracy)
     rule: str = ""                        # bundled pairs: which preference decided (truth / language / directness)
-    on_policy: bool = False               # both answers were written by the model being aligned
+    on_policy: bool = False               # both answers are the aligned model's own or the honest refusal
 
     def messages(self, answer: str) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.prompt] + [{"role": "assistant", "content": answer}]
@@ -192,31 +197,49 @@ def sample_answers(run, examples: list[Example], samples: int, seed: int, max_ne
     return [[outs[i * samples + j] for j in range(samples)] for i in range(len(examples))]
 
 
+def honest_refusals(run, examples: list[Example]) -> list[str]:
+    """For each prompt, the refusal an honest model would give in the question's language: of
+    "I don't know." and "The sources do not say.", the one the chat model in `run` finds more
+    likely (a question over given sources gets the second, a closed-book one the first)."""
+    from ownllm.evaluation.prefs import answer_logps
+    from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL, REFUSAL
+
+    options = [CLOSED_BOOK_REFUSAL, REFUSAL]
+    logps = [answer_logps(run, examples, [o[ex.lang] for ex in examples]) for o in options]
+    return [options[int(logps[1][i] > logps[0][i])][ex.lang] for i, ex in enumerate(examples)]
+
+
 def generate_preferences(n_prompts: int, split: str = "train", run=None, samples: int = 3, pairs_per_prompt: int = 4,
                          seed: int = 0, progress: bool = True) -> list[Pair]:
-    """Ranked pairs for `n_prompts` prompts of `split`: candidates are the chat model's greedy answer
-    and `samples` sampled ones (when `run` is given) plus perturbations; the hidden rule ranks them."""
+    """Ranked pairs for `n_prompts` prompts of `split` (module docstring): with `run`, the policy
+    pairs among its greedy answer, `samples` sampled ones and the honest refusal; then
+    `pairs_per_prompt` perturbation pairs at random."""
+    from functools import cmp_to_key
+
     from ownllm.evaluation.judge import deciding_rule, prefer
 
     examples = preference_prompts(n_prompts, split, seed)
-    sampled = [[] for _ in examples]
+    sampled, honest = [[] for _ in examples], [[] for _ in examples]
     if run:  # the model's greedy answer and `samples` sampled ones (temperature 1)
         greedy = sample_answers(run, examples, 1, seed, temperature=0.0, progress=progress)
         sampled = [g + s for g, s in zip(greedy, sample_answers(run, examples, samples, seed, progress=progress))]
+        honest = [[h] for h in honest_refusals(run, examples)]
     by_family: dict[str, list[str]] = {}
     for ex in examples:
         by_family.setdefault(ex.family, []).append(ex.answer)
     r = random.Random(f"prefs:{split}:{seed}")
     pairs = []
-    for ex, own in zip(examples, sampled):
+    for ex, own, refusal in zip(examples, sampled, honest):
+        pair = lambda a, b, on_policy: Pair((("user", ex.prompt),), a, b, ex.family, deciding_rule(ex, a, b), on_policy)  # noqa: E731
+        policy = list(dict.fromkeys(own + refusal))  # own answers first: they win ties
+        if policy:
+            best = max(policy, key=cmp_to_key(lambda a, b: prefer(ex, a, b)))
+            pairs += [pair(best, b, True) for b in policy if prefer(ex, best, b) > 0]
         cands = list(dict.fromkeys(own + perturbations(r, ex, by_family[ex.family])))  # dedupe, keep order
-        ordered = [(a, b) for a in cands for b in cands if prefer(ex, a, b) > 0]
-        # the model's own answers are what alignment must move: pairs of two of them first, then
-        # pairs with one, then the rest, at random within each
+        ordered = [(a, b) for a in cands for b in cands
+                   if prefer(ex, a, b) > 0 and not (a in policy and b in policy)]
         r.shuffle(ordered)
-        ordered.sort(key=lambda ab: -((ab[0] in own) + (ab[1] in own)))
-        for a, b in ordered[:pairs_per_prompt]:
-            pairs.append(Pair((("user", ex.prompt),), a, b, ex.family, deciding_rule(ex, a, b), a in own and b in own))
+        pairs += [pair(a, b, False) for a, b in ordered[:pairs_per_prompt]]
     return pairs
 
 

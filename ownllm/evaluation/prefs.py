@@ -66,6 +66,9 @@ def evaluate_prefs(run, against, n: int = 200, temperature: float = 1.0, reward=
            "per_family": {f: w / c for f, (w, c) in per.items()}, "decided_by": {k: tuple(v) for k, v in rules.items()}}
     decisive = res["wins"] + res["losses"]
     res["decisive_win_rate"] = res["wins"] / decisive if decisive else 0.5
+    # the most any policy could score against these samples: the reference answer every time wins
+    # where the compared answer is wrong and ties where it is right
+    res["ceiling"] = sum((prefer(e, e.answer, b) + 1) / 2 for e, b in zip(examples, theirs)) / n
     if reward:
         res["reward"] = sum(reward_scores(reward, examples, mine)) / n
         res["against_reward"] = sum(reward_scores(reward, examples, theirs)) / n
@@ -82,6 +85,8 @@ def print_prefs_report(res: dict, run, against, out=print) -> None:
         f"judged by the hidden rule")
     out(f"wins {res['wins']}  ties {res['ties']}  losses {res['losses']}  → win rate {res['win_rate']:.3f} "
         f"(ties half; {res['decisive_win_rate']:.3f} of decided comparisons)")
+    out(f"  the reference answer every time would score {res['ceiling']:.3f} (ties half): a tie is what "
+        f"a right answer gets against a right answer")
     for rule, (w, lo) in sorted(res["decided_by"].items()):
         out(f"  decided by {rule:<11} {w:>4} won {lo:>4} lost")
     out(f"{'family':<14}{'win rate':>10}")
@@ -94,7 +99,7 @@ def print_prefs_report(res: dict, run, against, out=print) -> None:
     extra = f" reward={res['reward']:.4f} against_reward={res['against_reward']:.4f}" if "reward" in res else ""
     out(f"RESULT win_rate={res['win_rate']:.4f} kl={res['kl']:.4f} task_accuracy={res['task_accuracy']:.4f} "
         f"decisive_win_rate={res['decisive_win_rate']:.4f} wins={res['wins']} ties={res['ties']} losses={res['losses']} "
-        f"against_task_accuracy={res['against_task_accuracy']:.4f}{extra}")
+        f"against_task_accuracy={res['against_task_accuracy']:.4f} ceiling={res['ceiling']:.4f}{extra}")
 
 
 def evaluate_reward(run, data: str | None = None, n: int = 200, seed: int = 0, progress: bool = True) -> dict:

@@ -46,15 +46,15 @@ class RewardConfig:
 class DPOConfig:
     beta: float = 0.1
     loss: str = "sigmoid"         # sigmoid (DPO) | ipo | hinge
-    nll_coef: float = 0.0         # + coef × mean NLL of the chosen answer's tokens (RPO): keeps chosen likely
-    pairs: str = "all"            # all | on_policy (only pairs of two answers the policy itself wrote)
+    nll_coef: float = 1.0         # + coef × mean NLL of the chosen answer's tokens (RPO): keeps chosen likely
+    pairs: str = "auto"           # auto (on_policy when the data has such pairs, else all) | all | on_policy
     n_prompts: int = 1500
     val_prompts: int = 200
 
 
 REWARD_DEFAULTS = dict(lr=1e-3, warmup_steps=10, batch_size=16, eval_interval=50, time_budget=None, max_steps=300,
                        weight_decay=0.0, stage="reward", data="prefs", compile=False, checkpoint_interval=120.0)
-DPO_DEFAULTS = dict(REWARD_DEFAULTS, lr=1e-4, stage="dpo")
+DPO_DEFAULTS = dict(REWARD_DEFAULTS, lr=2e-4, stage="dpo")
 
 
 def stage_train_config(defaults: dict, **overrides) -> TrainConfig:
@@ -284,9 +284,9 @@ def train_dpo(policy, out, tcfg: TrainConfig | None = None, dcfg: DPOConfig | No
     if dcfg.loss not in ("sigmoid", "ipo", "hinge"):
         raise OwnLLMError(f"--loss {dcfg.loss!r}: expected sigmoid, ipo or hinge")
     train_pairs, val_pairs = training_pairs(tcfg, dcfg.n_prompts, dcfg.val_prompts, start, log)
-    if dcfg.pairs not in ("all", "on_policy"):
-        raise OwnLLMError(f"--set pairs={dcfg.pairs!r}: expected all or on_policy")
-    if dcfg.pairs == "on_policy":
+    if dcfg.pairs not in ("auto", "all", "on_policy"):
+        raise OwnLLMError(f"--set pairs={dcfg.pairs!r}: expected auto, all or on_policy")
+    if dcfg.pairs == "on_policy" or (dcfg.pairs == "auto" and any(p.on_policy for p in train_pairs)):
         train_pairs, val_pairs = [p for p in train_pairs if p.on_policy], [p for p in val_pairs if p.on_policy]
         log(f"on-policy pairs only: {len(train_pairs):,} train / {len(val_pairs):,} held-out")
         if not train_pairs or not val_pairs:
