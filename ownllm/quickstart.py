@@ -120,7 +120,8 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
         f"arithmetic_with_tools={agent['with_tools']['arithmetic']:.4f} "
         f"arithmetic_without_tools={agent['arithmetic_without_tools']:.4f} "
         f"pair_accuracy={rlhf['reward']['pair_accuracy']:.4f} dpo_win_rate={rlhf['dpo']['win_rate']:.4f} "
-        f"ppo_win_rate={rlhf['ppo']['win_rate']:.4f} grpo_arithmetic={rlhf['grpo']['arithmetic']:.4f} "
+        f"dpo_decided_win_rate={rlhf['dpo']['decisive_win_rate']:.4f} ppo_win_rate={rlhf['ppo']['win_rate']:.4f} "
+        f"ppo_decided_win_rate={rlhf['ppo']['decisive_win_rate']:.4f} grpo_arithmetic={rlhf['grpo']['arithmetic']:.4f} "
         f"sft_arithmetic={rlhf['grpo']['sft_arithmetic']:.4f} wall_s={wall:.0f}")
     return summary
 
@@ -146,7 +147,7 @@ def align(out: Path, sft_run: Path, budget: float, n_eval: int, sft_accuracy: fl
     train_ppo(sft_run, out / "ppo", str(out / "rm"), stage_train_config(PPO_DEFAULTS, **quarter), overwrite=True, log=log)
     train_grpo(sft_run, out / "grpo", "verifier:arithmetic", stage_train_config(GRPO_DEFAULTS, **quarter),
                overwrite=True, log=log)
-    res: dict = {"reward": {k: reward[k] for k in ("pair_accuracy", "n_pairs", "by_rule")}}
+    res: dict = {"reward": {k: reward[k] for k in ("pair_accuracy", "n_pairs", "by_rule", "by_kind")}}
     for name in ("dpo", "ppo"):
         r = evaluate_prefs(out / name, sft_run, n=n_judge, reward=out / "rm", n_task=n_eval, against_task_accuracy=sft_accuracy)
         print_prefs_report(r, name, "sft", out=log)
@@ -161,14 +162,16 @@ def align(out: Path, sft_run: Path, budget: float, n_eval: int, sft_accuracy: fl
 def _rlhf_report(r: dict) -> str:
     L = ["## 7. Alignment (`ownllm reward | dpo | ppo | grpo`, judged by the hidden rule on held-out prompts)", "",
          f"Reward model: pairwise accuracy **{r['reward']['pair_accuracy']:.3f}** on {r['reward']['n_pairs']} held-out pairs "
-         "(" + ", ".join(f"{k} {a:.2f}" for k, (a, _) in r["reward"]["by_rule"].items()) + ").", "",
-         "| policy vs SFT | win rate (ties ½) | of decided | KL to SFT (nats) | reward | task accuracy (SFT) |",
-         "|---|---:|---:|---:|---:|---:|"]
+         "(" + ", ".join(f"{k} {a:.2f}" for k, (a, _) in {**r["reward"]["by_kind"], **r["reward"]["by_rule"]}.items())
+         + "; policy pairs rank the model's own answers and the honest refusal, as PPO's rewards must).", "",
+         "| policy vs SFT | win rate (ties ½) | of decided | ceiling (ties ½) | KL to SFT (nats) | reward | task accuracy (SFT) |",
+         "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ("dpo", "ppo"):
         p = r[name]
-        L.append(f"| {name.upper()} | {p['win_rate']:.3f} | {p['decisive_win_rate']:.3f} | {p['kl']:.2f} | "
+        L.append(f"| {name.upper()} | {p['win_rate']:.3f} | {p['decisive_win_rate']:.3f} | {p['ceiling']:.3f} | {p['kl']:.2f} | "
                  f"{p['reward']:.2f} vs {p['against_reward']:.2f} | {p['task_accuracy']:.3f} ({p['against_task_accuracy']:.3f}) |")
-    L += ["", f"GRPO with the arithmetic verifier: held-out arithmetic exact match **{r['grpo']['arithmetic']:.3f}** "
+    L += ["", "Ceiling: the reference answer every time, against the same SFT samples — where SFT is right, "
+          "the best answer only ties.", "", f"GRPO with the arithmetic verifier: held-out arithmetic exact match **{r['grpo']['arithmetic']:.3f}** "
           f"vs SFT {r['grpo']['sft_arithmetic']:.3f}.", ""]
     return "\n".join(L)
 

@@ -390,6 +390,8 @@ def test_quickstart_alignment_stage_runs_every_step_and_reports(tiny_sft, tmp_pa
     assert 0 <= res["reward"]["pair_accuracy"] <= 1 and res["dpo"]["wins"] + res["dpo"]["ties"] + res["dpo"]["losses"] == 8
     report = _rlhf_report(res)
     assert "Reward model: pairwise accuracy" in report and "| PPO |" in report and "GRPO" in report
+    # the ceiling (the reference answer every time) is at least what any sampled policy got
+    assert res["dpo"]["win_rate"] <= res["dpo"]["ceiling"] + 1e-9 and "policy" in res["reward"]["by_kind"]
 
 
 def test_stages_started_from_a_lora_run_start_from_it_with_its_adapters(tiny_sft, tmp_path):

@@ -6,7 +6,9 @@ the win rate (a tie counts half), the KL of the policy to the one it is compared
 (Σ over answer tokens of log π − log π_against on the policy's own samples: the k1 estimate of
 KL(π‖π_against) per answer), the reward model's mean score when --reward is given, and greedy
 task-suite accuracy of both (alignment must not cost the skills SFT taught).
-`ownllm eval reward --run runs/rm` reports a reward model's pairwise accuracy on held-out pairs.
+`ownllm eval reward --run runs/rm` reports a reward model's pairwise accuracy on held-out pairs,
+by kind (policy pairs: the model's own answers and the honest refusal, what PPO's rewards rank;
+perturbation pairs), by rule and by family.
 """
 from __future__ import annotations
 
@@ -117,18 +119,18 @@ def evaluate_reward(run, data: str | None = None, n: int = 200, seed: int = 0, p
     rm, tok = load_reward_model(run), Tokenizer.load(run)
     ex, kept = encode_pairs(tok, pairs, rm.config.max_seq_len)
     res = reward_accuracy(rm, ex, tok.pad_id)
-    by = {"rule": defaultdict(list), "family": defaultdict(list)}
+    by = {"rule": defaultdict(list), "family": defaultdict(list), "kind": defaultdict(list)}
     for p, ok in zip(kept, res.pop("correct")):
-        for key in by:
-            if getattr(p, key):
-                by[key][getattr(p, key)].append(ok)
+        for key, name in (("rule", p.rule), ("family", p.family), ("kind", p.family and ("policy" if p.on_policy else "perturbation"))):
+            if name:
+                by[key][name].append(ok)
     return {"pair_accuracy": res["val_pair_accuracy"], "reward_gap": res["val_reward_gap"], "n_pairs": len(kept),
             **{f"by_{k}": {name: (sum(v) / len(v), len(v)) for name, v in d.items()} for k, d in by.items()}}
 
 
 def print_reward_report(res: dict, out=print) -> None:
     out(f"held-out preference pairs: {res['n_pairs']}; mean reward gap (chosen − rejected) {res['reward_gap']:.3f}")
-    for key in ("by_rule", "by_family"):
+    for key in ("by_kind", "by_rule", "by_family"):
         for name, (acc, cnt) in res[key].items():
             out(f"  {key[3:]:<7}{name:<13}{acc:>7.3f}  ({cnt} pairs)")
     out(f"RESULT pair_accuracy={res['pair_accuracy']:.4f} n_pairs={res['n_pairs']}")
