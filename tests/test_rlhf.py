@@ -320,6 +320,25 @@ def test_ppo_trains_policy_and_value_head_reference_frozen(capsys, tiny_sft, rew
     assert "6 steps" in capsys.readouterr().out
 
 
+def test_ppo_ptx_makes_the_preferred_answers_more_likely(tiny_sft, reward_run, prefs_file, tmp_path):
+    """--set ptx_coef adds the NLL of the data's preferred answers (the policy pairs' chosen side)
+    to PPO's loss: after a few steps they are more likely than under the starting policy."""
+    from ownllm.data.preferences import read_preferences
+    from ownllm.data.tasks import Example
+    from ownllm.evaluation.prefs import answer_logps
+
+    out = tmp_path / "ppo-ptx"
+    assert main(["ppo", "--policy", str(tiny_sft), "--reward", str(reward_run), "--out", str(out), "--max-steps", "4",
+                 "--lr", "1e-3", "--data", str(prefs_file), "--set", "ptx_coef=5", "--set", "max_new_tokens=8",
+                 "--set", "n_prompts=40", *FAST]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("ptx_nll" in r for r in rows if "train_loss" in r)
+    best = list(dict.fromkeys((p.prompt[-1][1], p.chosen) for p in read_preferences(prefs_file) if p.on_policy))
+    examples = [Example("x", "en", prompt, "") for prompt, _ in best]
+    answers = [a for _, a in best]
+    assert answer_logps(out, examples, answers).mean() > answer_logps(tiny_sft, examples, answers).mean()
+
+
 def test_grpo_with_reward_model_and_verifier(capsys, tiny_sft, reward_run, tmp_path):
     before = weights(tiny_sft)
     out = tmp_path / "grpo"

@@ -11,7 +11,11 @@ coefficient travels in state.pt), metrics.jsonl, plots and the progress bar are 
 PPO: a value head (`score`) on the policy's own trunk estimates V; per-token reward is
 −β·KL(π‖ref) on every answer token plus the reward model's (whitened) score on the last one, minus a
 penalty when the answer never ended its turn; GAE(γ, λ) gives advantages (whitened); policy loss
-clipped at 1±ε, value loss clipped at ±ε_v; β fixed or adapted toward a target KL.
+clipped at 1±ε, value loss clipped at ±ε_v; β fixed or adapted toward a target KL. With
+ptx_coef > 0 each minibatch also adds the NLL of answers the preference data ranked best (the
+policy pairs' chosen side, from --data) — InstructGPT's "PPO-ptx" mixes pretraining text the same
+way; here it is what lets PPO reach an answer its own samples never find (SFT gives the honest
+"I don't know." to a closed-book question a probability near e^-40, so no rollout ever scores it).
 GRPO: no value model: each prompt gets G answers and an answer's advantage is its reward minus the
 group mean over the group std; clipped surrogate; optional KL to the reference (β = 0 by default).
 The reference (the starting policy) stays resident and frozen; with β = 0 it is only read to report KL.
@@ -34,7 +38,8 @@ from ownllm.model import GPT
 from ownllm.rag.grounded import is_refusal
 from ownllm.train.objectives import (AdaptiveKL, gae, group_advantages, kl_penalty, masked_mean, ppo_policy_loss,
                                      ppo_value_loss, whiten)
-from ownllm.train.preference import begin, load_reward_model, open_run, stage_config, stage_train_config
+from ownllm.train.preference import (answer_lengths, begin, completion_logps, load_reward_model, open_run, stage_config,
+                                     stage_train_config)
 from ownllm.train.trainer import Trainer
 
 _INT = re.compile(r"-?\d+")
@@ -59,6 +64,9 @@ class PPOConfig:
     missing_end_penalty: float = 1.0   # subtracted from the score of an answer that never ends its turn
     whiten_rewards: bool = True
     n_prompts: int = 4000              # pool of train-split prompts rollouts draw from
+    ptx_coef: float = 0.0              # + coef × NLL of the preference data's best answers (below)
+    ptx_batch: int = 8                 # such answers per minibatch
+    ptx_prompts: int = 1500            # --data prefs: prompts the bundled generator ranks answers for
 
 
 @dataclass
@@ -194,8 +202,8 @@ class KLState:
 class RolloutBuffer:
     """Minibatches of one scored rollout, for `epochs` passes; refilled by `refill(gen)` when empty."""
 
-    def __init__(self, refill, epochs: int, minibatches: int):
-        self.refill, self.epochs, self.minibatches = refill, epochs, minibatches
+    def __init__(self, refill, epochs: int, minibatches: int, extra=None):
+        self.refill, self.epochs, self.minibatches, self.extra = refill, epochs, minibatches, extra
         self.queue: list[dict] = []
         self.stats: dict = {}
 
@@ -206,7 +214,8 @@ class RolloutBuffer:
             for _ in range(self.epochs):
                 order = torch.randperm(B, generator=gen)
                 for idx in order.chunk(self.minibatches):
-                    self.queue.append({k: (v.rows(idx) if isinstance(v, Rollout) else v[idx]) for k, v in data.items()})
+                    mb = {k: (v.rows(idx) if isinstance(v, Rollout) else v[idx]) for k, v in data.items()}
+                    self.queue.append({**mb, **(self.extra(gen) if self.extra else {})})
         return self.queue.pop(0)
 
 
@@ -252,6 +261,7 @@ def train_ppo(policy, out, reward: str | None = None, tcfg: TrainConfig | None =
     pool = _pool(pcfg.n_prompts, None, tcfg.seed)
     ctx = model.config.max_seq_len - pcfg.max_new_tokens
     kl = KLState(AdaptiveKL(pcfg.kl_coef, pcfg.target_kl, pcfg.kl_horizon))
+    extra = _ptx_batches(tok, model.config.max_seq_len, tcfg, pcfg, start, log) if pcfg.ptx_coef else None
     if not resume:
         begin(out, tok, model, tcfg, overwrite, start, pcfg)
     stats: dict = {}
@@ -285,9 +295,14 @@ def train_ppo(policy, out, reward: str | None = None, tcfg: TrainConfig | None =
         vf = ppo_value_loss(now["values"], mb["old_values"], mb["returns"], ro.mask, pcfg.value_clip)
         stats.update(policy_loss=float(pg.detach()), value_loss=float(vf.detach()), clipfrac=float(clipfrac),
                      entropy=float(masked_mean(now["entropy"].detach(), ro.mask)))
-        return pg + pcfg.vf_coef * vf, torch.tensor(1.0)
+        loss = pg + pcfg.vf_coef * vf
+        if "ptx" in mb:
+            nll = -(completion_logps(m, mb["ptx"]) / answer_lengths(mb["ptx"]).clamp(min=1)).mean()
+            stats["ptx_nll"] = float(nll.detach())
+            loss = loss + pcfg.ptx_coef * nll
+        return loss, torch.tensor(1.0)
 
-    buffer = RolloutBuffer(refill, pcfg.ppo_epochs, pcfg.minibatches)
+    buffer = RolloutBuffer(refill, pcfg.ppo_epochs, pcfg.minibatches, extra)
     log(f"ppo: reward model {pcfg.reward}, {tcfg.batch_size} answers per rollout, {pcfg.ppo_epochs} epochs × "
         f"{pcfg.minibatches} minibatches, KL coef {kl.ctl.coef} ({pcfg.kl_estimator}"
         f"{f', adaptive to {pcfg.target_kl}' if pcfg.target_kl else ', fixed'})")
@@ -295,6 +310,24 @@ def train_ppo(policy, out, reward: str | None = None, tcfg: TrainConfig | None =
                       step_stats=lambda: dict(stats), aux=kl,
                       plots={"reward": ("reward",), "kl": ("kl",), "entropy": ("entropy",), "clipfrac": ("clipfrac",)})
     return trainer.run(stop_at_step=stop_at_step)
+
+
+def _ptx_batches(tok, max_len: int, tcfg, pcfg: PPOConfig, start, log):
+    """A sampler of `ptx_batch` preferred answers (prompt + chosen, loss on the answer) from --data:
+    the policy pairs' chosen side where the data has policy pairs, else every pair's."""
+    from ownllm.data.chat import collate_padded, encode_conversations
+    from ownllm.data.preferences import load_pairs
+
+    pairs = load_pairs(tcfg.data, run=start, n_prompts=pcfg.ptx_prompts, seed=tcfg.seed, log=log)
+    pairs = [p for p in pairs if p.on_policy] or pairs
+    best = list(dict.fromkeys((p.prompt, p.chosen) for p in pairs))
+    ex = encode_conversations(tok, [[{"role": r, "content": c} for r, c in prompt] + [{"role": "assistant", "content": a}]
+                                    for prompt, a in best], max_len)
+    log(f"ppo-ptx: {len(ex):,} preferred answers, {pcfg.ptx_batch} per minibatch, coef {pcfg.ptx_coef}")
+
+    def extra(gen: torch.Generator) -> dict:
+        return {"ptx": collate_padded(ex, torch.randint(0, len(ex), (pcfg.ptx_batch,), generator=gen).tolist(), tok.pad_id)}
+    return extra
 
 
 # -- GRPO --------------------------------------------------------------------------------------------
