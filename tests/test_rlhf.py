@@ -282,11 +282,16 @@ def test_dpo_full_and_lora(capsys, tiny_sft, prefs_file, tmp_path):
     before = weights(tiny_sft)
     assert main(["dpo", "--policy", str(tiny_sft), "--data", str(prefs_file), "--out", str(tmp_path / "dpo"),
                  "--max-steps", "3", "--lr", "1e-3", "--loss", "ipo", *FAST]) == 0
+    assert "on-policy pairs only" in capsys.readouterr().out   # pairs=auto: the policy pairs when the data has them
     after = weights(tmp_path / "dpo")
     assert not [k for k in before if torch.equal(before[k], after[k])]
     assert json.loads((tmp_path / "dpo" / "stage_config.json").read_text())["config"]["loss"] == "ipo"
-    assert main(["dpo", "--policy", str(tiny_sft), "--data", str(prefs_file), "--out", str(tmp_path / "lora"),
+    plain = tmp_path / "plain.jsonl"   # pairs from elsewhere, no policy pairs: auto takes them all
+    plain.write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "on_policy"}) + "\n"
+                             for x in prefs_file.read_text().splitlines()))
+    assert main(["dpo", "--policy", str(tiny_sft), "--data", str(plain), "--out", str(tmp_path / "lora"),
                  "--max-steps", "3", "--lr", "1e-2", "--lora", "--lora-rank", "2", *FAST]) == 0
+    assert "on-policy pairs only" not in capsys.readouterr().out
     lora = weights(tmp_path / "lora")
     for k, v in before.items():
         assert torch.equal(lora[k], v), f"LoRA DPO changed base weight {k}"
