@@ -786,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet:
             args.func(args)
+        finish(completed=True)
     except OwnLLMError as e:
         print(f"ownllm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -36,5 +36,6 @@ if __name__ == "__main__":
             w = trainer.model.layers[0].self_attn.q_proj.weight
             assert w.to_local().shape[0] == w.shape[0] // 2, w.to_local().shape
         trainer.run(stop_at_step=3 if phase == "stop3" else None)
+        finish(completed=True)
     finally:
         finish()  # leave the Gloo group before exit, as the CLI does: a live group can abort at teardown
