@@ -765,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--pretrain-budget", type=float, default=120.0, help="seconds of pretraining")
     p.add_argument("--sft-budget", type=float, default=420.0, help="seconds of supervised fine-tuning (the task suite learns faster from SFT time than from pretraining time: README)")
-    p.add_argument("--n-eval", type=int, default=25, help="held-out prompts per task family")
+    p.add_argument("--n-eval", type=int, default=50, help="held-out prompts per task family")
     p.add_argument("--data", default="shakespeare,chinese-poetry,tasks", help="pretraining sources ('tasks': the "
                    "task suite's train split as text)")
     p.add_argument("--rlhf-budget", type=float, default=240.0, help="seconds of training for the reward model, DPO, "

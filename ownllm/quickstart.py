@@ -20,7 +20,7 @@ from ownllm.metrics import MetricsLog, plot_curves
 
 
 def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120.0, sft_budget: float = 420.0,
-               n_eval: int = 25, data: str = "shakespeare,chinese-poetry,tasks", rlhf_budget: float = 240.0,
+               n_eval: int = 50, data: str = "shakespeare,chinese-poetry,tasks", rlhf_budget: float = 240.0,
                log=print) -> dict:
     """`data`: the pretraining mix. With `tasks` (the suite's train split as text, ~25% of tokens)
     SFT reached 0.342 held-out mean exact match vs 0.147 without, in the same 120 s + 420 s."""
