@@ -320,9 +320,8 @@ def _ptx_batches(tok, max_len: int, tcfg, pcfg: PPOConfig, start, log):
 
     pairs = load_pairs(tcfg.data, run=start, n_prompts=pcfg.ptx_prompts, seed=tcfg.seed, log=log)
     pairs = [p for p in pairs if p.on_policy] or pairs
-    best = list(dict.fromkeys((p.prompt, p.chosen) for p in pairs))
-    ex = encode_conversations(tok, [[{"role": r, "content": c} for r, c in prompt] + [{"role": "assistant", "content": a}]
-                                    for prompt, a in best], max_len)
+    best = {(p.prompt, p.chosen): p for p in pairs}.values()   # each preferred answer once
+    ex = encode_conversations(tok, [p.messages(p.chosen) for p in best], max_len)
     log(f"ppo-ptx: {len(ex):,} preferred answers, {pcfg.ptx_batch} per minibatch, coef {pcfg.ptx_coef}")
 
     def extra(gen: torch.Generator) -> dict:
