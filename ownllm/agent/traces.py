@@ -92,7 +92,7 @@ def _search_result(r: random.Random, lang: str) -> tuple[str, str, str]:
     first = r.random() < 0.8  # usually the best hit is the town asked about
     shown = [target, other] if first else [other, target]
     out = "\n".join(f"[{i}] {t.article()}" for i, t in enumerate(shown, 1))
-    return QUESTIONS[lang][attr].format(n=target.name), out, cited_answer(target.facts[attr], shown.index(target) + 1, lang)
+    return QUESTIONS[lang][attr].format(n=target.name), out, cited_answer(target.sentence(attr), shown.index(target) + 1, lang)
 
 
 def tool_trace(r: random.Random, lang: str) -> tuple[str, str, tuple]:

@@ -138,13 +138,15 @@ def _poem_next(r: random.Random, lang: str) -> tuple[str, str]:
         q = f"Here is a poem:\n{body}\nWhich line comes after \"{poem[i]}\"?"
     else:
         q = f"诗：\n{body}\n“{poem[i]}”的下一句是什么？"
-    return q, poem[i + 1]
+    return q, poem[i] + "\n" + poem[i + 1]  # the given line, then its successor, as the poem has them
 
 
+# The answer is the passage's sentence that holds it ("Ben lives in Lima."): written name first,
+# the value follows by matching the passage (see SENTENCES in rag/demo.py for why).
 PASSAGE_QA = {
-    "en": dict(names=NAMES, cities=CITIES, things=THINGS, sep=" ", fact="{p} lives in {c} and has {n} {t}.",
+    "en": dict(names=NAMES, cities=CITIES, things=THINGS, sep=" ", lives="{p} lives in {c}.", has="{p} has {n} {t}.",
                where="{facts}\nQuestion: Where does {p} live?", count="{facts}\nQuestion: How many {t} does {p} have?"),
-    "zh": dict(names=ZH_NAMES, cities=ZH_CITIES, things=ZH_THINGS, sep="", fact="{p}住在{c}，有{n}个{t}。",
+    "zh": dict(names=ZH_NAMES, cities=ZH_CITIES, things=ZH_THINGS, sep="", lives="{p}住在{c}。", has="{p}有{n}个{t}。",
                where="{facts}\n问题：{p}住在哪里？", count="{facts}\n问题：{p}有几个{t}？"),
 }
 
@@ -154,13 +156,14 @@ def _passage_qa(r: random.Random, lang: str) -> tuple[str, str]:
     people, cities = r.sample(L["names"], 3), r.sample(L["cities"], 3)
     counts = [r.randint(2, 9) for _ in people]
     thing = r.choice(L["things"])
-    facts = [L["fact"].format(p=p, c=c, n=n, t=thing) for p, c, n in zip(people, cities, counts)]
-    r.shuffle(facts)
+    lives = [L["lives"].format(p=p, c=c) for p, c in zip(people, cities)]
+    has = [L["has"].format(p=p, n=n, t=thing) for p, n in zip(people, counts)]
+    order = r.sample(range(3), 3)
+    joined = L["sep"].join(s for i in order for s in (lives[i], has[i]))
     k = r.randrange(3)
-    joined = L["sep"].join(facts)
     if r.random() < 0.5:
-        return L["where"].format(facts=joined, p=people[k]), cities[k]
-    return L["count"].format(facts=joined, p=people[k], t=thing), str(counts[k])
+        return L["where"].format(facts=joined, p=people[k]), lives[k]
+    return L["count"].format(facts=joined, p=people[k], t=thing), has[k]
 
 
 def _rag_qa(r: random.Random, lang: str) -> tuple[str, str]:
@@ -178,7 +181,7 @@ def _rag_qa(r: random.Random, lang: str) -> tuple[str, str]:
     attr = r.choice(ATTRIBUTES)
     q = sources_prompt(QUESTIONS[lang][attr].format(n=target.name), [t.article() for t in shown])
     if target in shown and attr in target.facts:
-        return q, cited_answer(target.facts[attr], shown.index(target) + 1, lang)
+        return q, cited_answer(target.sentence(attr), shown.index(target) + 1, lang)
     return q, cited_answer("", None, lang)
 
 

@@ -6,7 +6,8 @@ Where it sits: scores a run and a knowledge base on the held-out questions of th
 Definitions (all over the sampled questions):
 - recall@5 / MRR: the gold document has a chunk among the top 5 / 1 ÷ rank of its first chunk,
   over questions about towns in the KB; for bm25, dense and hybrid where available.
-- exact match: the answer (citations stripped) equals the gold answer, over answerable questions.
+- exact match: the answer (citations stripped) equals the gold answer, or the article's sentence
+  that states it (the form the SFT suite teaches), over answerable questions.
 - hallucination: an answer that asserts something the KB does not support — any non-refusal to
   a question the KB cannot answer, or a non-refusal that is not the gold answer — over all.
 - citation accuracy: among non-refusal RAG answers that cite, the share whose first cited
@@ -99,8 +100,9 @@ def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, m
                 hall += not refused
                 continue
             n_ans += 1
-            em += ans == q.answer
-            hall += (not refused) and ans != q.answer
+            exact = ans in (q.answer, q.sentence)
+            em += exact
+            hall += (not refused) and not exact
             if hits_list is not None and not refused and cites:
                 shown = hits_list[j]
                 cited += 1

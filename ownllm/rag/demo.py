@@ -13,6 +13,7 @@ questions about towns of neither world have no answer at all.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from dataclasses import dataclass, field
@@ -30,9 +31,14 @@ PRODUCTS = {"en": ["glass bells", "copper kettles", "blue salt", "wool maps", "r
                    "梅子酒", "陶哨"]}
 ATTRIBUTES = ("region", "founded", "population", "known_for", "mayor")
 
+# Every sentence names the town before the attribute and ends with its value, and a grounded
+# answer repeats the sentence (Town.sentence): writing "The town of Fenbel was founded in" first,
+# the model finds the year by matching what it has just written against the source, the copying
+# pattern a small model learns readily (json does), instead of a two-hop lookup (town, then
+# attribute, then value) that it did not learn within the quickstart's budget.
 SENTENCES = {
-    "en": {"region": "{n} is a town in the {v} valley.", "founded": "{n} was founded in {v}.",
-           "population": "About {v} people live in {n}.", "known_for": "{n} is known for its {v}.",
+    "en": {"region": "The town of {n} lies in the {v} valley.", "founded": "The town of {n} was founded in {v}.",
+           "population": "The town of {n} has about {v} people.", "known_for": "The town of {n} is known for its {v}.",
            "mayor": "The mayor of {n} is {v}."},
     "zh": {"region": "{n}是{v}的一个小镇。", "founded": "{n}建于{v}年。", "population": "{n}住着大约{v}人。",
            "known_for": "{n}以{v}闻名。", "mayor": "{n}的镇长是{v}。"},
@@ -53,10 +59,12 @@ class Town:
     facts: dict[str, str]          # the attributes the article states (four of five)
     missing: str                   # the one it leaves out
 
+    def sentence(self, attribute: str) -> str:
+        """The article's sentence that states `attribute` (the grounded answer's wording)."""
+        return SENTENCES[self.lang][attribute].format(n=self.name, v=self.facts[attribute])
+
     def article(self) -> str:
-        first, *rest = [SENTENCES[self.lang][a].format(n=self.name, v=self.facts[a]) for a in ATTRIBUTES
-                        if a in self.facts]
-        return (first + ("" if self.lang == "zh" else " ") + ("" if self.lang == "zh" else " ").join(rest))
+        return ("" if self.lang == "zh" else " ").join(self.sentence(a) for a in ATTRIBUTES if a in self.facts)
 
     @property
     def slug(self) -> str:
@@ -71,6 +79,7 @@ class Question:
     town: str
     attribute: str
     kind: str                      # answerable | missing_fact | unknown_town
+    sentence: str | None = None    # the article's sentence stating the answer (also an exact answer)
 
 
 @dataclass
@@ -87,7 +96,7 @@ class World:
             for a in ATTRIBUTES:
                 q = QUESTIONS[t.lang][a].format(n=t.name)
                 if a in t.facts:
-                    out.append(Question(q, t.facts[a], t.lang, t.name, a, "answerable"))
+                    out.append(Question(q, t.facts[a], t.lang, t.name, a, "answerable", t.sentence(a)))
                 else:
                     out.append(Question(q, None, t.lang, t.name, a, "missing_fact"))
         for i, t in enumerate(self.strangers):
@@ -151,10 +160,17 @@ def demo_kb_path(embedder=None, log=print) -> Path:
 
     root = home() / "demo-kb"
     docs = root / "docs"
-    kb_path = root / ("kb-dense.sqlite" if embedder is not None else "kb.sqlite")
+    documents = make_world("demo").documents()
+    # named by a digest of the articles: a KB built from an older version of the generator is
+    # never used for this one (its questions would ask about sentences it does not hold)
+    digest = hashlib.sha256("\0".join(f"{rel}\0{text}" for rel, text in documents).encode()).hexdigest()[:12]
+    kind = "kb-dense" if embedder is not None else "kb-bm25"
+    kb_path = root / f"{kind}-{digest}.sqlite"
     if kb_path.is_file():
         return kb_path
-    for rel, text in make_world("demo").documents():
+    for stale in [*root.glob(f"{kind}-*.sqlite"), root / ("kb-dense.sqlite" if embedder is not None else "kb.sqlite")]:
+        stale.unlink(missing_ok=True)
+    for rel, text in documents:
         p = docs / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         if not p.is_file() or p.read_text(encoding="utf-8") != text:
