@@ -46,6 +46,7 @@ class ModelConfig:
     attn_head_dim: int = 0          # head_dim when it is not dim / n_heads; 0: dim // n_heads
     qk_norm: bool = False           # q_norm / k_norm (RMSNorm over head_dim, shared by the heads)
     rope_scaling: dict | None = None  # {"rope_type": "linear", "factor": f} or Llama 3's "llama3" parameters
+    smear: bool = False             # add gate ⊙ the previous token's embedding to each token's (see model.py)
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads and not self.attn_head_dim:
@@ -103,6 +104,8 @@ class TrainConfig:
     lr: float = 2.5e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 40
+    copy_steps: int = 0                 # pretraining: first train this many steps on repeated random token
+                                        # sequences (data/shards.copy_batch), forming the copying head early
     schedule: str = "linear"            # linear | cosine | wsd | constant (see train/schedule.py)
     weight_decay: float = 0.1
     optimizer: str = "adamw"            # adamw | muon (Muon on hidden matrices, AdamW elsewhere)

@@ -86,6 +86,7 @@ class KVCache:
     v: torch.Tensor
     valid: torch.Tensor  # (B, max_len) bool
     length: int = 0
+    prev: torch.Tensor | None = None  # (B, 1, dim) the last token's embedding, for ModelConfig.smear
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None) -> "KVCache":
@@ -258,6 +259,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if cfg.smear:
+            self.smear_gate = nn.Parameter(torch.zeros(cfg.dim))
         if cfg.score_head:  # reward / value model: one scalar per position
             self.score = nn.Linear(cfg.dim, 1, bias=False)
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
@@ -273,7 +276,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("lora_A", "lora_B")):
                 continue  # LoRALinear initialises its own adapters (B = 0)
-            if name.endswith(".bias"):
+            if name.endswith(".bias") or name == "smear_gate":
                 nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)
@@ -298,21 +301,36 @@ class GPT(nn.Module):
         offset = cache.length if cache is not None else 0
         cos, sin = self._rope(T, positions, offset)
         x = self.embed_tokens(idx)
+        if self.config.smear:
+            x = self._smear(x, cache, positions)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, layer=i, cache=cache, mask=mask)
         if cache is not None:
             cache.length += T
         return self.norm(x)
 
+    def _smear(self, x: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None) -> torch.Tensor:
+        prev = cache.prev if cache is not None and cache.length > 0 and cache.prev is not None else x.new_zeros(
+            x.shape[0], 1, x.shape[2])
+        shifted = torch.cat([prev, x[:, :-1]], 1)
+        if positions is not None:  # no previous token at an example's first position (packed rows, left padding)
+            shifted = shifted * (positions > 0).to(x.dtype)[..., None]
+        if cache is not None:
+            cache.prev = x[:, -1:]
+        return x + self.smear_gate.to(x.dtype) * shifted
+
     def decode_static(self, idx: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                      keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      keep: torch.Tensor, prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step whose tensor shapes never change, so torch.compile builds it once: idx
         and positions (B, 1), the whole stacked cache (KVCache.k / .v), `keep` (B, 1, 1, max_len)
         marking the cached positions to attend to (not the new token's slot). Writes nothing:
         returns logits (B, vocab) and the new token's keys and values (n_layers, B, n_kv_heads,
-        1, head_dim) for the caller to store (Engine.stream)."""
+        1, head_dim) for the caller to store (Engine.stream). With smear, `prev` (B, 1, dim) is the
+        previous token's embedding (KVCache.prev; the caller sets it to this token's afterwards)."""
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.embed_tokens(idx)
+        if self.config.smear:
+            x = x + self.smear_gate.to(x.dtype) * prev * (positions > 0).to(x.dtype)[..., None]
         ks, vs = [], []
         for i, block in enumerate(self.layers):
             x, k, v = block.decode_static(x, cos, sin, cache_k[i], cache_v[i], keep)

@@ -36,9 +36,25 @@ def test_logits_match_transformers_llama(tiny_cfg, tie):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_kv_cache_decode_equals_full_forward(tiny_cfg):
-    torch.manual_seed(1)
-    model = randomize_(GPT(tiny_cfg)).eval()
+def _smeared(cfg, smear: bool):
+    """The config with ModelConfig.smear on or off; with it on the gate is made large (0.5 ± 0.05)
+    so that a position fed the wrong previous token changes the logits visibly."""
+    return ModelConfig(**{**cfg.__dict__, "smear": smear})
+
+
+def _model(cfg, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    model = randomize_(GPT(cfg)).eval()
+    if cfg.smear:
+        with torch.no_grad():
+            model.smear_gate.add_(0.5)
+    return model
+
+
+@pytest.mark.parametrize("smear", [False, True])
+def test_kv_cache_decode_equals_full_forward(tiny_cfg, smear):
+    tiny_cfg = _smeared(tiny_cfg, smear)
+    model = _model(tiny_cfg, 1)
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 20))
     with torch.no_grad():
         full = model(idx)
@@ -51,12 +67,14 @@ def test_kv_cache_decode_equals_full_forward(tiny_cfg):
     assert cache.length == 20
 
 
-def test_left_padded_batch_matches_unpadded_rows(tiny_cfg):
-    """Row-wise positions and a key mask make a left-padded row give the logits it has alone."""
+@pytest.mark.parametrize("smear", [False, True])
+def test_left_padded_batch_matches_unpadded_rows(tiny_cfg, smear):
+    """Row-wise positions and a key mask make a left-padded row give the logits it has alone
+    (with smear: the first real token gets no pad embedding mixed in)."""
     from ownllm.inference.engine import Engine
 
-    torch.manual_seed(2)
-    model = randomize_(GPT(tiny_cfg)).eval()
+    tiny_cfg = _smeared(tiny_cfg, smear)
+    model = _model(tiny_cfg, 2)
     a = torch.randint(0, tiny_cfg.vocab_size, (1, 12))
     b = torch.randint(0, tiny_cfg.vocab_size, (1, 5))
     with torch.no_grad():
@@ -76,11 +94,11 @@ def test_presets_and_bad_config():
         ModelConfig(n_heads=4, n_kv_heads=3)
 
 
-def test_batched_greedy_generation_equals_one_by_one(tiny_cfg):
+@pytest.mark.parametrize("smear", [False, True])
+def test_batched_greedy_generation_equals_one_by_one(tiny_cfg, smear):
     from ownllm.inference.engine import Engine, SamplingParams
 
-    torch.manual_seed(3)
-    model = randomize_(GPT(tiny_cfg)).eval()
+    model = _model(_smeared(tiny_cfg, smear), 3)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     eng = Engine(model, pad_id=0)
     params = SamplingParams(max_new_tokens=12, temperature=0)
@@ -133,15 +151,14 @@ def test_fused_inference_projections_follow_weight_updates(tiny_cfg):
     assert model.layers[0].self_attn.q_proj.weight.grad is not None
 
 
-@pytest.mark.parametrize("kv_heads", [2, 4])
-def test_compiled_static_decode_matches_eager(tiny_cfg, kv_heads):
+@pytest.mark.parametrize("kv_heads,smear", [(2, False), (4, False), (2, True)])
+def test_compiled_static_decode_matches_eager(tiny_cfg, kv_heads, smear):
     """The compiled step (reads the cache, returns new k/v) against eager decoding: one row, and
     a left-padded batch whose rows have their own positions; grouped-query (2 of 4) and not."""
     from ownllm.inference.engine import Engine, SamplingParams
 
-    torch.manual_seed(6)
-    cfg = ModelConfig(**{**tiny_cfg.__dict__, "n_kv_heads": kv_heads})
-    model = randomize_(GPT(cfg)).eval()
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "n_kv_heads": kv_heads, "smear": smear})
+    model = _model(cfg, 6)
     params = SamplingParams(max_new_tokens=10, temperature=0)
     compiled, eager = Engine(model, compile=True), Engine(model)
     for prompts in ([[3, 4, 5, 6, 7]], [[3, 4, 5, 6, 7], [9, 8], [2, 7, 1, 8]]):

@@ -88,10 +88,16 @@ def test_truncation_is_counted(small_tokenizer):
     assert ex.truncated == 1 and ex.dropped == 1 and len(ex) == 1
 
 
-def test_packing_does_not_leak_across_examples(small_tokenizer, tiny_cfg):
+@pytest.mark.parametrize("smear", [False, True])
+def test_packing_does_not_leak_across_examples(small_tokenizer, tiny_cfg, smear):
+    """Neither attention nor the smear (the previous token's embedding) crosses examples in a row."""
     tok = small_tokenizer
     torch.manual_seed(0)
-    model = randomize_(GPT(ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "max_seq_len": 160}))).eval()
+    model = randomize_(GPT(ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "max_seq_len": 160,
+                                         "smear": smear}))).eval()
+    if smear:
+        with torch.no_grad():
+            model.smear_gate.add_(0.5)
     ex = encode_conversations(tok, CONVS, max_len=60)
     packed = collate_packed(ex, [0, 1, 2], seq_len=160, pad_id=tok.pad_id)
     assert packed["x"].shape[0] == 1  # all three fit one row

@@ -152,6 +152,10 @@ class ContinuousBatcher:
         c.v[:, slot, :, dst] = tmp.v[:, 0]
         c.valid[slot] = False
         c.valid[slot, dst] = True
+        if tmp.prev is not None:  # smear: the prompt's last token's embedding, for the row's next step
+            if c.prev is None:
+                c.prev = torch.zeros(len(self.slots), 1, self.cfg.dim, dtype=tmp.prev.dtype, device=tmp.prev.device)
+            c.prev[slot] = tmp.prev[0]
         req.pos = L
         if req.params.repetition_penalty != 1.0:
             req.history = torch.tensor([req.ids], device=self.model.device)

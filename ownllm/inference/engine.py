@@ -132,7 +132,10 @@ class Engine:
                 last_pos = last_pos + 1
             if self._decode is not None:
                 pos = last_pos if last_pos is not None else torch.full((B,), cache.length, device=tok.device)
-                logits, k, v = self._decode(tok[:, None], pos[:, None], cache.k, cache.v, cache.valid[:, None, None, :])
+                logits, k, v = self._decode(tok[:, None], pos[:, None], cache.k, cache.v, cache.valid[:, None, None, :],
+                                            cache.prev)
+                if self.cfg.smear:
+                    cache.prev = self.model.embed_tokens(tok[:, None])
                 at = cache.length
                 cache.k[:, :, :, at: at + 1], cache.v[:, :, :, at: at + 1] = k, v
                 cache.valid[:, at] = True

@@ -189,6 +189,9 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwr
     if cfg.score_head:
         raise OwnLLMError(f"{run}: is a reward model (scalar head); GGUF holds language models — "
                           "use the Hugging Face export for it")
+    if cfg.smear:
+        raise OwnLLMError(f"{run}: mixes each token's embedding with the previous one's (model.smear), which no "
+                          "GGUF architecture does; cannot export (train with --set model.smear=false to export)")
     if cfg.attention_bias:
         raise OwnLLMError(f"{run}: has q/k/v biases (the Qwen2 architecture); GGUF export writes Llama models only "
                           "so far — use the Hugging Face export for it")

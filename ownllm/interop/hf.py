@@ -33,6 +33,9 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 def hf_family(cfg: ModelConfig) -> str:
     """The transformers architecture a config is: q/k norms are Qwen3, q/k/v biases (none on o_proj)
     Qwen2, neither Llama."""
+    if cfg.smear:
+        raise OwnLLMError("the model mixes each token's embedding with the previous one's (model.smear), which no "
+                          "transformers architecture does; cannot export (train with --set model.smear=false to export)")
     if cfg.qk_norm and cfg.attention_bias:
         raise OwnLLMError("q/k norms with q/k/v biases match no transformers architecture; cannot export")
     return "Qwen3" if cfg.qk_norm else "Qwen2" if cfg.attention_bias else "Llama"
