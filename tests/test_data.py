@@ -89,3 +89,21 @@ def test_tasks_text_source_is_train_split_only():
     assert len(blocks) > 30_000
     test_prompts = {e.prompt for e in generate(300, "test")}
     assert not any(f"Q: {p}\nA: " in src.text for p in test_prompts)  # no held-out prompt leaks in
+
+
+def test_copy_batch_targets_only_the_predictable_second_copies():
+    import torch
+
+    from ownllm.data.shards import copy_batch
+
+    x, y = copy_batch(3, 50, (16, 200), torch.Generator().manual_seed(0), span=8)
+    assert x.shape == y.shape == (3, 50) and int(x.min()) >= 16 and int(x.max()) < 200
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        for t, target in enumerate(row_y):
+            if target == -100:
+                continue
+            # the target is what followed the current token at its earlier (unique) occurrence
+            seg = t // 16 * 16
+            first = row_x[seg: seg + 8]
+            assert t % 16 >= 8 and len(set(first)) == 8 and target == first[first.index(row_x[t]) + 1]
+        assert sum(v != -100 for v in row_y) == 3 * 7  # 7 in each of the three whole 16-token segments

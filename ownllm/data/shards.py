@@ -88,6 +88,24 @@ def random_batch(data: np.ndarray, batch: int, seq_len: int, gen: torch.Generato
     return t[:, :-1], t[:, 1:]
 
 
+def copy_batch(batch: int, seq_len: int, vocab: tuple[int, int], gen: torch.Generator,
+               span: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `span` distinct random token ids (from the range `vocab`) each followed by the same
+    ids again, packed to seq_len; targets only where the second copy is predictable (after its
+    first token). Only content-addressed copying predicts them — find the current token earlier,
+    emit the one that followed it: the induction head a model needs to look a value up in its
+    prompt, which this architecture forms here within ~100 Muon steps (with ModelConfig.smear and
+    qk_norm) where natural text had not formed it in the quickstart's budget."""
+    lo, hi = vocab
+    n = (seq_len + 1 + 2 * span - 1) // (2 * span)
+    perm = torch.rand(batch * n, hi - lo, generator=gen).argsort(dim=1)[:, :span] + lo
+    rows = torch.cat([perm, perm], 1).view(batch, n * 2 * span)[:, : seq_len + 1]
+    target = rows[:, 1:].clone()
+    pos = torch.arange(1, seq_len + 1) % (2 * span)
+    target[:, (pos < span + 1)] = -100  # first copies and the first token of each second copy
+    return rows[:, :-1], target
+
+
 def sequential_windows(data: np.ndarray, seq_len: int, batch: int):
     """Non-overlapping windows covering `data` once (for exact held-out loss); yields (x, y) with y=-100 past the end."""
     n = len(data) - 1

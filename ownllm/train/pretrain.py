@@ -16,7 +16,7 @@ import torch
 from ownllm.checkpoint import load_model_config, refuse_overwrite, resumed_train_config, start_run
 from ownllm.config import ModelConfig, TrainConfig, model_config
 from ownllm.data.corpora import load_sources
-from ownllm.data.shards import Shards, pack, random_batch
+from ownllm.data.shards import Shards, copy_batch, pack, random_batch
 from ownllm.evaluation.lm import evaluate_sources, quick_eval_fn
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer, train_tokenizer
@@ -66,7 +66,11 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
     log(f"model: {mcfg.num_params() / 1e6:.2f}M parameters ({mcfg.num_params(embeddings=False) / 1e6:.2f}M without "
         f"embeddings), {mcfg.n_layers} layers, dim {mcfg.dim}, vocab {mcfg.vocab_size}, windows of {tcfg.seq_len} tokens (context {mcfg.max_seq_len})")
 
+    specials = len(Tokenizer.load(out).special)
+
     def next_batch(gen):
+        if trainer.step < tcfg.copy_steps:
+            return copy_batch(tcfg.batch_size, tcfg.seq_len, (specials, mcfg.vocab_size), gen)
         return random_batch(shards.train, tcfg.batch_size, tcfg.seq_len, gen)
 
     trainer = Trainer(model, tcfg, out, next_batch, lm_step,
