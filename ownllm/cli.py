@@ -536,7 +536,7 @@ def cmd_quickstart(args) -> None:
     from ownllm.quickstart import quickstart
 
     quickstart(args.out, pretrain_budget=args.pretrain_budget, sft_budget=args.sft_budget, n_eval=args.n_eval,
-               data=args.data, rlhf_budget=args.rlhf_budget)
+               data=args.data, rlhf_budget=args.rlhf_budget, llama=args.llama)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -770,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "task suite's train split as text)")
     p.add_argument("--rlhf-budget", type=float, default=240.0, help="seconds of training for the reward model, DPO, "
                    "PPO and GRPO together (a quarter each)")
+    p.add_argument("--llama", action="store_true", help="a plain Llama model (exportable to transformers and GGUF) "
+                   "instead of the recipe with smear, q/k norms and the copy warm-up, which learns to look values "
+                   "up in its prompt (README: what moved lookup)")
     p.set_defaults(func=cmd_quickstart)
     return ap
 
