@@ -215,7 +215,9 @@ def cmd_ask(args) -> None:
         print("(no source in the knowledge base is relevant enough; the model was not asked)")
         return
     if result.withheld is not None:
-        print(f"(withheld by --verify: the model's reply {result.withheld!r} is not in a source it cites)")
+        print(f"(withheld by --verify: the model's reply {result.withheld!r} is in no source shown to it)")
+    if result.recited is not None:
+        print(f"(re-cited by --verify: the model's reply was {result.recited!r}; its answer is in the source cited now)")
     cited = {id(h) for h in result.cited}
     print("sources:")
     for i, h in enumerate(result.hits, 1):
@@ -605,8 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="below this (share of the question's weighted terms in the best chunk) answer 'not in the sources'")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--verify", action="store_true", help="citation check: withhold an answer that no source it cites "
-                   "contains, and say the sources do not say (the reply then prints whole, not streamed)")
+    p.add_argument("--verify", action="store_true", help="citation check: withhold an answer that no source shown "
+                   "contains and say the sources do not say; cite the source that holds it where the model cited "
+                   "another (the reply then prints whole, not streamed)")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("agent", help="answer a question with tools (calculator, search, sql), printing the trace")

@@ -295,8 +295,9 @@ def test_demo_kb_retrieval_recall(tmp_path, monkeypatch):
 
 
 def test_citation_check_of_ask_verify(tmp_path, tiny_sft, capsys, monkeypatch):
-    """`supported` by hand; then `ask --verify` with the model's reply fixed: an answer its cited
-    source holds is shown, one it does not is withheld and the refusal given."""
+    """`supported` and `checked` by hand; then `ask --verify` with the model's reply fixed: an
+    answer its cited source holds is shown, one no source holds is withheld and the refusal
+    given, one cited to the wrong source is shown re-cited."""
     from ownllm.rag.grounded import supported
 
     passages = ["Varnok was founded in 1642.", "The mayor of Quellis is Irdel  Fask."]
@@ -306,6 +307,11 @@ def test_citation_check_of_ask_verify(tmp_path, tiny_sft, capsys, monkeypatch):
     assert not supported("1642", passages)            # cites nothing
     assert not supported("1642 [3]", passages)        # cites a source that was not shown
     assert not supported(" [1]", passages)            # no answer at all
+    from ownllm.rag.grounded import checked
+
+    assert checked("irdel fask [2]", passages) == "irdel fask [2]" and checked(REFUSAL["zh"], []) == REFUSAL["zh"]
+    assert checked("1642 [2]", passages) == checked("1642", passages) == "1642 [1]"  # re-cited to its source
+    assert checked("1999 [1]", passages) is None and checked(" [1]", passages) is None
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -314,14 +320,15 @@ def test_citation_check_of_ask_verify(tmp_path, tiny_sft, capsys, monkeypatch):
     assert main(["rag", "index", str(docs), "--kb", kb, "--embedder", "none", "--no-progress"]) == 0
     import ownllm.inference.generate as gen
 
-    for reply, shown in (("1642 [1]", "1642 [1]"), ("1999 [1]", REFUSAL["en"])):
+    for reply, shown in (("1642 [1]", "1642 [1]"), ("1999 [1]", REFUSAL["en"]), ("1642 [2]", "1642 [1]")):
         monkeypatch.setattr(gen, "stream_text", lambda *a, r=reply, **k: iter([r[:2], r[2:]]))
         capsys.readouterr()
         assert main(["ask", "When was Varnok founded?", "--run", str(tiny_sft), "--kb", kb, "--embedder", "none",
                      "--verify"]) == 0
         out = capsys.readouterr().out
         assert out.splitlines()[0] == shown
-        assert ("withheld by --verify" in out) == (reply != shown) and "varnok.md" in out
+        assert ("withheld by --verify" in out) == (shown == REFUSAL["en"]) and "varnok.md" in out
+        assert ("re-cited by --verify" in out) == (reply == "1642 [2]")
 
 
 def test_eval_rag_reports_the_citation_check_beside_the_models_own(tmp_path, tiny_sft, capsys, monkeypatch):

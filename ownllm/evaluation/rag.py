@@ -13,7 +13,8 @@ Definitions (all over the sampled questions):
 - citation accuracy: among non-refusal RAG answers that cite, the share whose first cited
   source contains the gold answer (answerable questions).
 - unanswerable accuracy: the share of questions the KB cannot answer that get the refusal.
-- verified: the same RAG replies after `ask --verify`'s citation check (grounded.supported),
+- verified: the same RAG replies after `ask --verify`'s citation check (grounded.checked:
+  unsupported answers withheld, wrong citations corrected to the source that holds the answer),
   reported beside the model's own, never instead of them.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from ownllm.inference.generate import greedy_texts, load_run
 from ownllm.rag.answer import MIN_RELEVANCE, prompt_ids, retrieve
 from ownllm.rag.demo import Question, make_world, slug
-from ownllm.rag.grounded import REFUSAL, is_refusal, parse_answer, supported
+from ownllm.rag.grounded import REFUSAL, checked, is_refusal, parse_answer
 from ownllm.rag.store import KnowledgeBase
 
 
@@ -114,10 +115,10 @@ def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, m
                 "answerable": n_ans, "unanswerable": n_unans}
 
     rag = score(rag_text, rag_hits)
-    # what `ask --verify` would say: answers no cited source contains become the refusal
-    checked = [t if supported(t, [h.text for h in hits]) else REFUSAL[q.lang]
-               for q, t, hits in zip(questions, rag_text, rag_hits)]
-    verified = score(checked, rag_hits)
+    # what `ask --verify` would say: answers no shown source contains become the refusal, wrong citations corrected
+    passed = [checked(t, [h.text for h in hits]) for t, hits in zip(rag_text, rag_hits)]
+    verified = score([REFUSAL[q.lang] if p is None else p for q, p in zip(questions, passed)], rag_hits)
+    verified["recited"] = sum(p is not None and p != t for p, t in zip(passed, rag_text))
     cb = score(closed)
     samples = [{"question": q.question, "kind": q.kind, "gold": q.answer, "rag": t, "closed_book": c}
                for q, t, c in zip(questions, rag_text, closed)]
@@ -140,8 +141,8 @@ def print_rag_report(res: dict, out=print) -> None:
     cite = {k: f"{r['citation_accuracy']:.3f}" if r["cited"] else "-" for k, r in (("rag", rag), ("ver", ver))}
     out(f"{'citation_accuracy':<24}{'-':>12}{cite['rag']:>8}{cite['ver']:>14}   (answers that cite: "
         f"{rag['cited']}, {ver['cited']})")
-    out("(RAG --verify: the same replies after the citation check of `ask --verify`, which withholds an "
-        "answer that no source it cites contains)")
+    out(f"(RAG --verify: the same replies after the citation check of `ask --verify`, which withholds an "
+        f"answer that no shown source contains and re-cites one cited to the wrong source: {ver['recited']} re-cited)")
     best = res["retrieval"][res["mode"]]
     out(f"RESULT recall_at_5={best['recall_at_5']:.4f} mrr={best['mrr']:.4f} rag_exact_match={rag['exact_match']:.4f} "
         f"closed_book_exact_match={cb['exact_match']:.4f} hallucination_rag={rag['hallucination']:.4f} "

@@ -6,14 +6,15 @@ covers too little of the question (`min_relevance`, the IDF-weighted share of th
 terms it contains) the answer is the refusal without asking the model at all. Otherwise the
 chunks that fit the model's context become numbered sources (grounded.sources_prompt), the
 model answers, and the citations it gives are mapped back to `path:line`. `verify` adds a
-citation check: an answer that no source it cites contains is withheld (the refusal instead).
+citation check: an answer that no shown source contains is withheld (the refusal instead), and
+one that a source other than the cited one contains is re-cited to it (grounded.checked).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ownllm.rag.grounded import REFUSAL, language, parse_answer, sources_prompt, supported
+from ownllm.rag.grounded import REFUSAL, checked, language, parse_answer, sources_prompt
 from ownllm.rag.store import Hit, KnowledgeBase
 
 MIN_RELEVANCE = 0.5
@@ -26,6 +27,7 @@ class GroundedAnswer:
     hits: list[Hit] = field(default_factory=list)  # the sources shown to the model, in order
     retrieved: bool = True                      # False: nothing relevant, the model was not asked
     withheld: str | None = None                 # verify: the reply that failed the citation check
+    recited: str | None = None                  # verify: the reply whose citation was corrected
 
     @property
     def answer(self) -> str:
@@ -58,8 +60,8 @@ def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_rel
                max_new_tokens: int = 48, temperature: float = 0.0, mode: str | None = None,
                engine=None, verify: bool = False) -> Iterator[str | GroundedAnswer]:
     """Yields text pieces as they stream, then the finished GroundedAnswer. With `verify` the
-    reply comes whole, after the citation check (grounded.supported): an answer its cited source
-    does not contain is withheld and the refusal given instead."""
+    reply comes whole, after the citation check (grounded.checked): an answer no shown source
+    contains is withheld and the refusal given instead; one cited to the wrong source is re-cited."""
     from ownllm.inference.engine import Engine, SamplingParams
     from ownllm.inference.generate import stream_text
 
@@ -80,8 +82,11 @@ def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_rel
             yield piece
     result.text = "".join(pieces).strip()
     if verify:
-        if not supported(result.text, [h.text for h in result.hits]):
+        passed = checked(result.text, [h.text for h in result.hits])
+        if passed is None:
             result.withheld, result.text = result.text, REFUSAL[language(question)]
+        elif passed != result.text:
+            result.recited, result.text = result.text, passed
         yield result.text
     yield result
 

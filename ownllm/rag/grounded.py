@@ -54,3 +54,17 @@ def supported(text: str, passages: list[str]) -> bool:
     if is_refusal(ans) or is_refusal(text):
         return True
     return bool(ans) and any(0 < c <= len(passages) and _norm(ans) in _norm(passages[c - 1]) for c in cites)
+
+
+def checked(text: str, passages: list[str]) -> str | None:
+    """The reply as the citation check lets it through: unchanged when a source it cites holds the
+    answer; with its citation corrected when the answer is in another shown source (the model
+    copied the right passage and numbered it wrong); None when no shown source holds it."""
+    if supported(text, passages):
+        return text
+    ans, _ = parse_answer(text)
+    for i, p in enumerate(passages, 1):
+        if ans and _norm(ans) in _norm(p):
+            return cited_answer(ans, i, language(ans))
+    return None
+
