@@ -74,6 +74,11 @@ class Engine:
         self.pad_id = pad_id
         self._decode = None
         if compile:
+            # one graph per (model, batch, context length) is by design; dynamo's default limit of 8
+            # per code object would stop a long-lived process (fullgraph: an error) at the ninth
+            import torch._dynamo
+
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._decode = torch.compile(model.decode_static, dynamic=False, fullgraph=True,
                                          options={"cpp_wrapper": True})
 
