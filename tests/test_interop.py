@@ -97,6 +97,10 @@ def test_export_refuses_to_clobber_and_names_what_is_wrong(tmp_path, small_token
     assert "nope" in capsys.readouterr().err
     assert main(["export", "--run", str(run), "--out", str(run), "--overwrite"]) == 2
     assert "is the run itself" in capsys.readouterr().err and (run / "model.safetensors").is_file()
+    smeared, _ = _run(tmp_path, small_tokenizer, name="smeared", smear=True)
+    for out, fmt in ((tmp_path / "hf3", "hf"), (tmp_path / "s.gguf", "gguf")):
+        assert main(["export", "--run", str(smeared), "--out", str(out), "--format", fmt]) == 2
+        assert "smear" in capsys.readouterr().err and not out.exists()
 
 
 def _interleaved_rope_forward(reader, ids: torch.Tensor) -> torch.Tensor:
