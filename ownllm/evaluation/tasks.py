@@ -56,8 +56,8 @@ def evaluate_tasks(run: str | Path, shots: int = 0, n_per_family: int = 50, batc
     answers = []
     per = defaultdict(lambda: [0, 0])
     for ex, text in zip(tests, greedy_texts(model, tok, prompts, max_new_tokens, batch_size)):
-        if not chat:
-            text = text.split("\n")[0]
+        if not chat:  # a base model runs on past its answer: as many lines as the answer has
+            text = "\n".join(text.split("\n")[: ex.answer.count("\n") + 1])
         ok = text.strip() == ex.answer
         per[ex.family][0] += ok
         per[ex.family][1] += 1
