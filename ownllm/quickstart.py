@@ -1,9 +1,11 @@
 """`ownllm quickstart`: every stage that exists, on bundled data, on a laptop CPU, then a report card.
 
-Where it sits: the main job. Pipeline now: tokenizer + pretraining (tiny preset, Shakespeare +
-Chinese poetry + the task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
+Where it sits: the main job. Pipeline now: tokenizer + pretraining (tiny preset with the lookup
+recipe — smear, q/k norms, a copy warm-up — unless `llama`; Shakespeare + Chinese poetry + the
+task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
-tool-use traces) → held-out exact match, a chat sample, Hugging Face and GGUF exports → RAG over the demo knowledge base
+tool-use traces) → held-out exact match, a chat sample, Hugging Face and GGUF exports (`llama`
+only) → RAG over the demo knowledge base
 (retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools →
 alignment: preference pairs ranked by the hidden rule, a reward model, DPO, PPO against the reward
 model and GRPO against the arithmetic verifier, each judged on held-out prompts.
