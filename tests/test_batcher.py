@@ -1,8 +1,10 @@
 """Continuous batching gives every request exactly the tokens it would get alone."""
 import threading
 
+import pytest
 import torch
 
+from ownllm.config import ModelConfig
 from ownllm.inference.batcher import ContinuousBatcher, Request
 from ownllm.inference.engine import Engine, SamplingParams
 from ownllm.model import GPT
@@ -23,9 +25,15 @@ def _collect(batcher, ids, params, started=None):
     return req, out, reason, done
 
 
-def test_joining_requests_match_solo_generation(tiny_cfg):
+@pytest.mark.parametrize("smear", [False, True])
+def test_joining_requests_match_solo_generation(tiny_cfg, smear):
+    """(With smear each row also carries its last token's embedding into its next step.)"""
+    tiny_cfg = ModelConfig(**{**tiny_cfg.__dict__, "smear": smear})
     torch.manual_seed(0)
     model = randomize_(GPT(tiny_cfg), 0.3).eval()
+    if smear:
+        with torch.no_grad():
+            model.smear_gate.add_(0.5)
     engine = Engine(model, pad_id=0)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, tiny_cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 3, 12)]
