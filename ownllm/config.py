@@ -72,7 +72,7 @@ class ModelConfig:
         q = self.n_heads * hd
         attn = 2 * d * q + 2 * d * self.n_kv_heads * hd + (q + 2 * self.n_kv_heads * hd) * self.attention_bias
         per_layer = attn + 3 * d * f + 2 * d + 2 * hd * self.qk_norm
-        n = self.n_layers * per_layer + d
+        n = self.n_layers * per_layer + d + d * self.smear
         if embeddings:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return n

@@ -310,6 +310,11 @@ class GPT(nn.Module):
         return self.norm(x)
 
     def _smear(self, x: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None) -> torch.Tensor:
+        """x + gate ⊙ (the previous token's embedding): each position sees what preceded it without
+        an attention head that learns to look one back, the half of an induction head ("find where
+        this token occurred before, emit what followed") that formed slowest here (README: what
+        moved lookup). The gate starts at zero; nothing crosses an example boundary or left padding
+        (positions 0), and the KV cache keeps the last embedding for the next call."""
         prev = cache.prev if cache is not None and cache.length > 0 and cache.prev is not None else x.new_zeros(
             x.shape[0], 1, x.shape[2])
         shifted = torch.cat([prev, x[:, :-1]], 1)

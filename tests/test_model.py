@@ -55,6 +55,7 @@ def _model(cfg, seed: int) -> GPT:
 def test_kv_cache_decode_equals_full_forward(tiny_cfg, smear):
     tiny_cfg = _smeared(tiny_cfg, smear)
     model = _model(tiny_cfg, 1)
+    assert sum(p.numel() for p in model.parameters()) == tiny_cfg.num_params()
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 20))
     with torch.no_grad():
         full = model(idx)
