@@ -318,11 +318,16 @@ class GPT(nn.Module):
         prev = cache.prev if cache is not None and cache.length > 0 and cache.prev is not None else x.new_zeros(
             x.shape[0], 1, x.shape[2])
         shifted = torch.cat([prev, x[:, :-1]], 1)
-        if positions is not None:  # no previous token at an example's first position (packed rows, left padding)
-            shifted = shifted * (positions > 0).to(x.dtype)[..., None]
         if cache is not None:
             cache.prev = x[:, -1:]
-        return x + self.smear_gate.to(x.dtype) * shifted
+        return self._add_prev(x, shifted, positions)
+
+    def _add_prev(self, x: torch.Tensor, prev: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """x + gate ⊙ prev, where `prev` holds each position's previous embedding; none at an
+        example's first position (packed rows, left padding)."""
+        if positions is not None:
+            prev = prev * (positions > 0).to(x.dtype)[..., None]
+        return x + self.smear_gate.to(x.dtype) * prev
 
     def decode_static(self, idx: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                       keep: torch.Tensor, prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -335,7 +340,7 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.embed_tokens(idx)
         if self.config.smear:
-            x = x + self.smear_gate.to(x.dtype) * prev * (positions > 0).to(x.dtype)[..., None]
+            x = self._add_prev(x, prev, positions)
         ks, vs = [], []
         for i, block in enumerate(self.layers):
             x, k, v = block.decode_static(x, cos, sin, cache_k[i], cache_v[i], keep)
