@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from ownllm.config import TrainConfig
+from ownllm.interop.hf import SMEAR_UNEXPORTABLE
 from ownllm.metrics import MetricsLog, plot_curves
 
 
-NOT_EXPORTED = ("the model mixes each token's embedding with the previous one's (smear), which neither transformers "
-                "nor GGUF has; `ownllm quickstart --llama` trains a plain Llama and exports it")
+NOT_EXPORTED = f"the model {SMEAR_UNEXPORTABLE}; `ownllm quickstart --llama` trains a plain Llama and exports it"
 
 
 def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120.0, sft_budget: float = 420.0,

@@ -173,6 +173,7 @@ def write_gguf(path: Path, metadata: dict, tensors: dict[str, np.ndarray]) -> No
 
 def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwrite: bool = False) -> dict:
     """Write run `run` as one GGUF file at `out` (written beside it, then renamed into place)."""
+    from ownllm.interop.hf import SMEAR_HINT, SMEAR_UNEXPORTABLE
     from ownllm.lora import load_plain
     from ownllm.tokenizer import Tokenizer
 
@@ -190,8 +191,7 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwr
         raise OwnLLMError(f"{run}: is a reward model (scalar head); GGUF holds language models — "
                           "use the Hugging Face export for it")
     if cfg.smear:
-        raise OwnLLMError(f"{run}: mixes each token's embedding with the previous one's (model.smear), which no "
-                          "GGUF architecture does; cannot export (train with --set model.smear=false to export)")
+        raise OwnLLMError(f"{run}: {SMEAR_UNEXPORTABLE}{SMEAR_HINT}")
     if cfg.attention_bias:
         raise OwnLLMError(f"{run}: has q/k/v biases (the Qwen2 architecture); GGUF export writes Llama models only "
                           "so far — use the Hugging Face export for it")

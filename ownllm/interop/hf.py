@@ -30,12 +30,16 @@ from ownllm.errors import OwnLLMError
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+SMEAR_UNEXPORTABLE = ("mixes each token's embedding with the previous one's (model.smear), which no transformers "
+                      "or GGUF architecture does")
+SMEAR_HINT = "; cannot export (train with --set model.smear=false to export)"
+
+
 def hf_family(cfg: ModelConfig) -> str:
     """The transformers architecture a config is: q/k norms are Qwen3, q/k/v biases (none on o_proj)
     Qwen2, neither Llama."""
     if cfg.smear:
-        raise OwnLLMError("the model mixes each token's embedding with the previous one's (model.smear), which no "
-                          "transformers architecture does; cannot export (train with --set model.smear=false to export)")
+        raise OwnLLMError(f"the model {SMEAR_UNEXPORTABLE}{SMEAR_HINT}")
     if cfg.qk_norm and cfg.attention_bias:
         raise OwnLLMError("q/k norms with q/k/v biases match no transformers architecture; cannot export")
     return "Qwen3" if cfg.qk_norm else "Qwen2" if cfg.attention_bias else "Llama"
