@@ -54,8 +54,7 @@ def evaluate_agent(run, kb=None, db=None, n_arith: int = 40, n_sql: int = 40, n_
 
         r = random.Random(seed)
         qs = [q for q in make_world("demo").questions() if q.kind == "answerable"]
-        # exact: the value, or the article's sentence that states it (as rag_qa teaches)
-        questions += [("search", q.question, (q.answer, q.sentence)) for q in r.sample(qs, n_search)]
+        questions += [("search", q.question, q.exact_answers) for q in r.sample(qs, n_search)]
     per = defaultdict(lambda: [0, 0])
     calls = valid = 0
     samples = []

@@ -101,7 +101,7 @@ def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, m
                 hall += not refused
                 continue
             n_ans += 1
-            exact = ans in (q.answer, q.sentence)
+            exact = ans in q.exact_answers
             em += exact
             hall += (not refused) and not exact
             if hits_list is not None and not refused and cites:

@@ -81,6 +81,12 @@ class Question:
     kind: str                      # answerable | missing_fact | unknown_town
     sentence: str | None = None    # the article's sentence stating the answer (also an exact answer)
 
+    @property
+    def exact_answers(self) -> tuple[str, ...]:
+        """What counts as exactly right: the value, or the article's sentence stating it (the form
+        rag_qa teaches)."""
+        return tuple(a for a in (self.answer, self.sentence) if a is not None)
+
 
 @dataclass
 class World:

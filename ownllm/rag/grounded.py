@@ -53,7 +53,11 @@ def supported(text: str, passages: list[str]) -> bool:
     ans, cites = parse_answer(text)
     if is_refusal(ans) or is_refusal(text):
         return True
-    return bool(ans) and any(0 < c <= len(passages) and _norm(ans) in _norm(passages[c - 1]) for c in cites)
+    return any(0 < c <= len(passages) and _holds(passages[c - 1], ans) for c in cites)
+
+
+def _holds(passage: str, ans: str) -> bool:
+    return bool(ans) and _norm(ans) in _norm(passage)
 
 
 def checked(text: str, passages: list[str]) -> str | None:
@@ -63,8 +67,4 @@ def checked(text: str, passages: list[str]) -> str | None:
     if supported(text, passages):
         return text
     ans, _ = parse_answer(text)
-    for i, p in enumerate(passages, 1):
-        if ans and _norm(ans) in _norm(p):
-            return cited_answer(ans, i, language(ans))
-    return None
-
+    return next((cited_answer(ans, i, language(ans)) for i, p in enumerate(passages, 1) if _holds(p, ans)), None)
