@@ -9,7 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from ownllm.checkpoint import load_model
+from ownllm.checkpoint import load_model, trained_context
 from ownllm.data.corpora import load_sources
 from ownllm.data.shards import Shards, pack
 from ownllm.errors import OwnLLMError
@@ -20,10 +20,7 @@ from ownllm.tokenizer import Tokenizer
 def eval_run(run: str | Path, data: str | None = None, max_tokens: int | None = None) -> list[dict]:
     run = Path(run)
     model = load_model(run)
-    seq_len = model.config.max_seq_len
-    tc = run / "train_config.json"
-    if tc.exists():
-        seq_len = min(seq_len, json.loads(tc.read_text()).get("seq_len", seq_len))
+    seq_len = trained_context(run, model.config.max_seq_len)
     if data is None:
         if not (run / "data" / "meta.json").exists():
             raise OwnLLMError(f"{run}: has no packed data/; pass --data to choose held-out text")

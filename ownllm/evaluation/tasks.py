@@ -12,6 +12,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from ownllm.checkpoint import trained_context
 from ownllm.data.tasks import FAMILIES, Example, generate
 from ownllm.inference.generate import greedy_texts, load_run
 
@@ -44,7 +45,7 @@ def evaluate_tasks(run: str | Path, shots: int = 0, n_per_family: int = 50, batc
     for e in generate(200 * len(fams), "train", seed=seed + 1, families=fams):
         pool[(e.family, e.lang)].append(e)
     r = random.Random(seed)
-    ctx = model.config.max_seq_len
+    ctx = trained_context(run, model.config.max_seq_len)  # a base run: its 256-token windows
     prompts = []
     for ex in tests:
         k = shots
