@@ -121,6 +121,23 @@ def test_completion_logps_sum_answer_tokens_only(small_tokenizer, tiny_cfg):
     assert got.shape == (3,) and got.tolist() == pytest.approx(want, rel=1e-5)
 
 
+def test_scoring_keeps_every_answer_of_an_over_long_prompt(small_tokenizer):
+    """Scores are matched to answers by position: a prompt longer than the context is cut at its
+    start, never dropped (dropping one shifted every later score onto the wrong answer)."""
+    from ownllm.data.chat import encode_conversations
+
+    tok = small_tokenizer
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in (("What is 2 + 2?", "4"), ("word " * 200, "c b a"), ("床前明月光", "疑是地上霜。"))]
+    full = [tok.render(c) for c in convs]
+    ex = encode_conversations(tok, convs, max_len=40, keep_end=True)
+    assert len(ex.ids) == 3 and ex.truncated == 1
+    for r, ids, mask in zip(full, ex.ids, ex.masks):
+        assert list(ids) == r.ids[-len(ids):] and mask.sum() == sum(r.mask)  # the whole answer kept
+    cut = encode_conversations(tok, convs, max_len=40)  # training: the long one's answer is lost, dropped
+    assert len(cut.ids) == 2 and cut.dropped == 1
+
+
 def test_hidden_rule_ranks_like_a_person():
     from ownllm.data.tasks import Example
     from ownllm.evaluation.judge import deciding_rule, grade, prefer

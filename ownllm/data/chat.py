@@ -27,14 +27,19 @@ class ChatExamples:
         return len(self.ids)
 
 
-def encode_conversations(tok: Tokenizer, conversations: list[list[dict]], max_len: int) -> ChatExamples:
+def encode_conversations(tok: Tokenizer, conversations: list[list[dict]], max_len: int,
+                         keep_end: bool = False) -> ChatExamples:
+    """Token ids and loss masks. An over-long conversation is cut to max_len + 1 tokens: its end
+    for training (what does not fit is dropped, counted), its start with `keep_end` — for scoring
+    answers, where every conversation must keep its final answer so scores stay aligned."""
     out = ChatExamples([], [])
     for conv in conversations:
         r = tok.render(conv)
         ids, mask = np.asarray(r.ids, dtype=np.int64), np.asarray(r.mask, dtype=np.int8)
         if len(ids) > max_len + 1:
             out.truncated += 1
-            ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+            cut = slice(-(max_len + 1), None) if keep_end else slice(None, max_len + 1)
+            ids, mask = ids[cut], mask[cut]
         if mask[1:].sum() == 0:
             out.dropped += 1
             continue

@@ -31,14 +31,14 @@ def answer_logps(run, examples, answers: list[str]) -> torch.Tensor:
 
     model, tok = load_run(run)
     return all_completion_logps(model, encode_conversations(tok, _conversations(examples, answers),
-                                                            model.config.max_seq_len), tok.pad_id)
+                                                            model.config.max_seq_len, keep_end=True), tok.pad_id)
 
 
 def reward_scores(rm_run, examples, answers: list[str]) -> list[float]:
     from ownllm.train.preference import all_rewards, load_reward_model
 
     rm, tok = load_reward_model(rm_run), Tokenizer.load(rm_run)
-    ex = encode_conversations(tok, _conversations(examples, answers), rm.config.max_seq_len)
+    ex = encode_conversations(tok, _conversations(examples, answers), rm.config.max_seq_len, keep_end=True)
     return all_rewards(rm, ex, tok.pad_id).tolist()
 
 
