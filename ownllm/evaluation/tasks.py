@@ -45,15 +45,16 @@ def evaluate_tasks(run: str | Path, shots: int = 0, n_per_family: int = 50, batc
     for e in generate(200 * len(fams), "train", seed=seed + 1, families=fams):
         pool[(e.family, e.lang)].append(e)
     r = random.Random(seed)
-    ctx = trained_context(run, model.config.max_seq_len)  # a base run: its 256-token windows
+    # prompt + answer within the windows the run was trained on (a base run: 256 of its 512 positions)
+    budget = max(1, trained_context(run, model.config.max_seq_len) - max_new_tokens)
     prompts = []
     for ex in tests:
         k = shots
         ids = build_prompt(tok, ex, _shots(ex, pool, k, r), chat)
-        while len(ids) + max_new_tokens > ctx and k > 0:  # fewer shots when the context is full
+        while len(ids) > budget and k > 0:  # fewer shots when the context is full
             k -= 1
             ids = build_prompt(tok, ex, _shots(ex, pool, k, r), chat)
-        prompts.append(ids[-(ctx - max_new_tokens):])
+        prompts.append(ids[-budget:])
     answers = []
     per = defaultdict(lambda: [0, 0])
     for ex, text in zip(tests, greedy_texts(model, tok, prompts, max_new_tokens, batch_size)):
