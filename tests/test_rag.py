@@ -10,7 +10,7 @@ from ownllm.cli import main
 from ownllm.errors import OwnLLMError
 from ownllm.rag.demo import make_world, slug
 from ownllm.rag.documents import html_to_text, iter_files, read_document, split_chunks
-from ownllm.rag.grounded import REFUSAL, is_refusal, parse_answer, sources_prompt
+from ownllm.rag.grounded import REFUSAL, cited_answer, is_refusal, parse_answer, sources_prompt
 from ownllm.rag.store import KnowledgeBase, rrf
 from ownllm.rag.text import fts_query, terms
 
@@ -230,9 +230,15 @@ def test_hybrid_leaves_dense_out_for_a_script_the_embedder_never_learned(tmp_pat
 
 
 def test_grounded_format_round_trip():
-    p = sources_prompt("When was Varnok founded?", ["Varnok was founded in 1642.", "Quellis is a river."])
-    assert p == "Sources:\n[1] Varnok was founded in 1642.\n[2] Quellis is a river.\nQuestion: When was Varnok founded?"
-    assert sources_prompt("翠岚镇在哪？", ["x"]).startswith("资料：\n[1] x\n问题：")
+    p = sources_prompt("When was Varnok founded?", ["Varnok was founded in 1642. Its mayor is\nIrdel Fask!",
+                                                     "Quellis is a river"])
+    # every sentence carries its passage's number, so copying the sentence copies the citation
+    assert p == ("Sources:\nVarnok was founded in 1642. [1] Its mayor is Irdel Fask! [1]\nQuellis is a river [2]\n"
+                 "Question: When was Varnok founded?")
+    assert cited_answer("Varnok was founded in 1642.", 1, "en") in p
+    zh = sources_prompt("翠岚镇在哪？", ["翠岚镇是苍棠省的一个小镇。翠岚镇建于1300年。"])
+    assert zh == "资料：\n翠岚镇是苍棠省的一个小镇。 [1] 翠岚镇建于1300年。 [1]\n问题：翠岚镇在哪？"
+    assert cited_answer("翠岚镇建于1300年。", 1, "zh") in zh
     assert parse_answer("1642 [1]") == ("1642", [1])
     assert parse_answer("Irdel Fask [2][3]") == ("Irdel Fask", [2, 3])
     assert is_refusal(REFUSAL["en"]) and is_refusal(REFUSAL["zh"]) and not is_refusal("1642")
@@ -251,12 +257,12 @@ def test_demo_world_is_disjoint_and_rag_tasks_cite_the_right_source():
         if is_refusal(ans):
             refusals += 1
             continue
-        src = re.findall(r"^\[(\d+)\] (.*)$", e.prompt, flags=re.M)
-        assert len(cites) == 1 and ans in dict(src)[str(cites[0])]
+        src = dict(enumerate(e.prompt.splitlines()[1:-1], 1))  # one line per source, after the header
+        assert len(cites) == 1 and e.answer in src[cites[0]]     # the answer, citation and all, is a copy
         question = e.prompt.splitlines()[-1]
         town = (re.findall(r"[\u4e00-\u9fff]{3}镇", question) or [w for w in re.findall(r"[A-Z][a-z]+", question)
                                                                if w in names])[0]
-        assert re.search(rf"(?<![A-Za-z]){town}(?![a-z])", dict(src)[str(cites[0])])  # the asked town's article
+        assert re.search(rf"(?<![A-Za-z]){town}(?![a-z])", src[cites[0]])  # the asked town's article
         assert ans.startswith(town) or ans.startswith(("The town of " + town, "The mayor of " + town))
     assert 0.15 < refusals / 900 < 0.5
 

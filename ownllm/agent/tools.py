@@ -171,6 +171,7 @@ def builtin_tools(names: list[str], kb=None, db=None) -> ToolRegistry:
         elif n == "search":
             if kb is None:
                 raise OwnLLMError("--tools search needs a knowledge base (--kb FILE or --kb demo)")
+            from ownllm.rag.grounded import numbered_sources
 
             def search(query: str) -> str:
                 """Search the knowledge base.
@@ -179,7 +180,7 @@ def builtin_tools(names: list[str], kb=None, db=None) -> ToolRegistry:
                     query: what to look for
                 """
                 hits = kb.search(query, k=2)
-                return "\n".join(f"[{i}] {' '.join(h.text.split())}" for i, h in enumerate(hits, 1)) or "(no results)"
+                return numbered_sources([h.text for h in hits]) or "(no results)"
             reg.tool(search)
         elif n == "sql":
             if db is None:

@@ -17,6 +17,9 @@ import random
 from functools import lru_cache
 
 KINDS = ("mul", "multi", "sql", "search", "direct")
+# sql twice as often as each other kind: writing the query (a customer's or product's name copied
+# into the right clause) takes the most practice (see TASK_WEIGHTS in train/sft.py)
+KIND_WEIGHTS = (1, 1, 2, 1, 1)
 
 
 @lru_cache(maxsize=1)
@@ -84,14 +87,14 @@ def _call(name: str, args: dict) -> dict:
 def _search_result(r: random.Random, lang: str) -> tuple[str, str, str]:
     """(question, search output as the search tool prints it, cited answer) from the train world."""
     from ownllm.rag.demo import ATTRIBUTES, QUESTIONS, make_world
-    from ownllm.rag.grounded import cited_answer
+    from ownllm.rag.grounded import cited_answer, numbered_sources
 
     towns = [t for t in make_world("train").towns if t.lang == lang]
     target, other = r.sample(towns, 2)
     attr = r.choice([a for a in ATTRIBUTES if a in target.facts])
     first = r.random() < 0.8  # usually the best hit is the town asked about
     shown = [target, other] if first else [other, target]
-    out = "\n".join(f"[{i}] {t.article()}" for i, t in enumerate(shown, 1))
+    out = numbered_sources([t.article() for t in shown])
     return QUESTIONS[lang][attr].format(n=target.name), out, cited_answer(target.sentence(attr), shown.index(target) + 1, lang)
 
 
@@ -100,7 +103,7 @@ def tool_trace(r: random.Random, lang: str) -> tuple[str, str, tuple]:
     from ownllm.tokenizer import tools_text
 
     system = {"role": "system", "content": tools_text(tool_schemas())}
-    kind = r.choice(KINDS)
+    kind = r.choices(KINDS, KIND_WEIGHTS)[0]
     if kind in ("mul", "multi"):
         q, expr, ans = arithmetic_question(r, lang, kind)
         turns = [_call("calculator", {"expression": expr}), {"role": "tool", "content": ans}]

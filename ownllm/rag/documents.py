@@ -127,6 +127,11 @@ def _sentences(text: str, start: int) -> list[tuple[int, int]]:
     return spans
 
 
+def sentences(text: str) -> list[str]:
+    """The sentences of `text` (ends included), as chunking splits them."""
+    return [text[a:b] for a, b in _sentences(text, 0)]
+
+
 def _hard_split(a: int, b: int, max_chars: int) -> list[tuple[int, int]]:
     return [(s, min(s + max_chars, b)) for s in range(a, b, max_chars)]
 

@@ -21,14 +21,26 @@ def language(text: str) -> str:
     return "zh" if _CJK.search(text) else "en"
 
 
+def numbered_sources(passages: list[str]) -> str:
+    """One line per passage, every sentence followed by its passage's number: "The mayor of Fenbel
+    is Irdel Fask. [2] The town of Fenbel was founded in 1320. [2]". A grounded answer copies the
+    sentence that holds it and the citation comes with the copy; with the number only at the start
+    of the line, citing was a second lookup that the `tiny` model did not learn (citation accuracy
+    0.11 while it copied the right sentence)."""
+    from ownllm.rag.documents import sentences
+
+    return "\n".join(" ".join(cited_answer(sent, i, "en") for sent in sentences(" ".join(p.split())))
+                     for i, p in enumerate(passages, 1))
+
+
 def sources_prompt(question: str, passages: list[str]) -> str:
-    lines = ["Sources:" if language(question) == "en" else "资料："]
-    lines += [f"[{i}] {p.strip()}" for i, p in enumerate(passages, 1)]
-    lines.append(("Question: " if language(question) == "en" else "问题：") + question.strip())
-    return "\n".join(lines)
+    head = "Sources:" if language(question) == "en" else "资料："
+    ask = ("Question: " if language(question) == "en" else "问题：") + question.strip()
+    return "\n".join([head, numbered_sources(passages), ask])
 
 
 def cited_answer(answer: str, source: int | None, lang: str) -> str:
+    """`answer [source]`, or the refusal of `lang` when no source holds an answer."""
     return REFUSAL[lang] if source is None else f"{answer} [{source}]"
 
 
