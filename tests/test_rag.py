@@ -300,6 +300,32 @@ def test_demo_kb_retrieval_recall(tmp_path, monkeypatch):
         assert os.path.basename(hits[0].path) == slug(make_world("demo").towns[0].name) + ".md"
 
 
+def test_grounded_prompt_shows_relevant_sources_best_last(tmp_path, small_tokenizer):
+    """retrieve drops sources far less relevant than the best (distractors for a small model);
+    prompt_ids numbers what it shows in reverse rank, the best next to the question, and the hits
+    it returns are in that shown order (citations map back through them)."""
+    from ownllm.rag.answer import RELATIVE_RELEVANCE, prompt_ids, retrieve
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "varnok.md").write_text("The town of Varnok was founded in 1642.\n")
+    (docs / "quellis.md").write_text("The town of Quellis was founded in 1710.\n")
+    (docs / "selam.md").write_text("Varnok and Quellis trade wool. Selam keeps the ledgers.\n")
+    with KnowledgeBase(tmp_path / "kb.sqlite", create=True) as kb:
+        kb.index([docs])
+        everything = kb.search("When was Varnok founded?", k=3)
+        hits = retrieve(kb, "When was Varnok founded?", k=3)
+        best = max(h.relevance for h in everything)
+        assert os.path.basename(hits[0].path) == "varnok.md" and len(everything) == 3
+        assert [h.path for h in hits] == [h.path for h in everything if h.relevance >= RELATIVE_RELEVANCE * best]
+        assert 0 < len(hits) < len(everything)      # quellis.md holds "founded" only: not shown
+        assert retrieve(kb, "Who painted the Selam ledgers blue?", k=3, min_relevance=0.99) == []
+        ids, shown = prompt_ids(small_tokenizer, "When was Varnok founded?", everything, budget=10_000)
+        assert shown == everything[::-1]
+        text = small_tokenizer.decode(ids)
+        assert text.index("1642. [3]") > text.index("[2]") > text.index("[1]")  # the best is [3], last
+
+
 def test_citation_check_of_ask_verify(tmp_path, tiny_sft, capsys, monkeypatch):
     """`supported` and `checked` by hand; then `ask --verify` with the model's reply fixed: an
     answer its cited source holds is shown, one no source holds is withheld and the refusal

@@ -18,6 +18,7 @@ from ownllm.rag.grounded import REFUSAL, checked, language, parse_answer, source
 from ownllm.rag.store import Hit, KnowledgeBase
 
 MIN_RELEVANCE = 0.5
+RELATIVE_RELEVANCE = 0.6  # a source covering under 60% of what the best covers is a distractor, not shown
 
 
 @dataclass
@@ -40,20 +41,26 @@ class GroundedAnswer:
 
 def retrieve(kb: KnowledgeBase, question: str, k: int = 3, min_relevance: float = MIN_RELEVANCE,
              mode: str | None = None) -> list[Hit]:
-    """The top-k chunks, or none when even the best covers less than `min_relevance` of the question."""
+    """The top-k chunks, or none when even the best covers less than `min_relevance` of the question;
+    of those, the ones that cover at least RELATIVE_RELEVANCE of what the best covers."""
     hits = kb.search(question, k=k, mode=mode)
-    return hits if hits and max(h.relevance for h in hits) >= min_relevance else []
+    best = max((h.relevance for h in hits), default=0.0)
+    return [h for h in hits if h.relevance >= RELATIVE_RELEVANCE * best] if best >= min_relevance else []
 
 
 def prompt_ids(tok, question: str, hits: list[Hit], budget: int) -> tuple[list[int], list[Hit]]:
-    """Chat prompt ids with as many of `hits` (best first) as fit `budget` tokens."""
-    shown = list(hits)
+    """Chat prompt ids with as many of `hits` (best first) as fit `budget` tokens, and the hits as
+    shown: numbered in reverse rank, so the best source is the last, next to the question. A small
+    model copies most readily from the nearest source; with the best first, most wrong answers
+    were the last source's value for the asked attribute (cited [3])."""
+    kept = list(hits)
     while True:
+        shown = kept[::-1]
         content = sources_prompt(question, [h.text for h in shown])
         ids = tok.render([{"role": "user", "content": content}], add_generation_prompt=True).ids
-        if len(ids) <= budget or len(shown) <= 1:
+        if len(ids) <= budget or len(kept) <= 1:
             return ids[-budget:], shown
-        shown.pop()
+        kept.pop()
 
 
 def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_relevance: float = MIN_RELEVANCE,
