@@ -101,8 +101,7 @@ def load_model_config(run_dir: str | Path) -> ModelConfig:
 def trained_context(run_dir: str | Path, max_seq_len: int) -> int:
     """The longest prompt the run was trained on: its training windows (`seq_len` in
     train_config.json) when shorter than the model's context. Pretraining reads 256-token windows
-    of a 512-token model; positions past 256 are ones it never saw (a 4-shot prompt that ran into
-    them scored below zero-shot)."""
+    of a 512-token model; positions past 256 are ones it never saw."""
     tc = Path(run_dir) / "train_config.json"
     if tc.exists():
         return min(max_seq_len, int(json.loads(tc.read_text()).get("seq_len") or max_seq_len))

@@ -5,7 +5,6 @@ run's tokenizer (so any two runs can be compared on the same text).
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 

@@ -3,7 +3,8 @@
 Where it sits: one format shared by training and use, so the model sees at `ownllm ask` exactly
 what it learned from: the SFT task family `rag_qa` (data/tasks.py) renders its examples with
 `sources_prompt`, and `ask`, the agent's search tool and the server render retrieved chunks
-the same way. An answer is `<text> [n]`; when the sources hold no answer it is the refusal of
+the same way: one line per source, every sentence followed by its number (numbered_sources).
+An answer is `<text> [n]`; when the sources hold no answer it is the refusal of
 the question's language (`REFUSAL`), which `is_refusal` recognises.
 """
 from __future__ import annotations
