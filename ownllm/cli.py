@@ -199,12 +199,14 @@ def cmd_ask(args) -> None:
     from ownllm.inference.generate import load_run
     from ownllm.rag.answer import ask_stream
 
+    if not 0 <= args.relative_relevance <= 1:
+        raise OwnLLMError(f"--relative-relevance must be between 0 and 1 (got {args.relative_relevance})")
     model, tok = load_run(args.run)
     with _open_kb(args.kb, args.embedder) as kb:
         result = None
         for piece in ask_stream(model, tok, kb, args.question, k=args.k, min_relevance=args.min_relevance,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, mode=args.mode,
-                                verify=args.verify):
+                                verify=args.verify, relative_relevance=args.relative_relevance):
             if isinstance(piece, str):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -605,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["bm25", "dense", "hybrid"])
     p.add_argument("--min-relevance", type=float, default=0.5,
                    help="below this (share of the question's weighted terms in the best chunk) answer 'not in the sources'")
+    p.add_argument("--relative-relevance", type=float, default=0.6,
+                   help="show only chunks covering at least this share of what the best chunk covers (0: all k); "
+                        "less relevant ones distract a small model")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--verify", action="store_true", help="citation check: withhold an answer that no source shown "

@@ -326,6 +326,28 @@ def test_grounded_prompt_shows_relevant_sources_best_last(tmp_path, small_tokeni
         assert text.index("1642. [3]") > text.index("[2]") > text.index("[1]")  # the best is [3], last
 
 
+def test_ask_relative_relevance_flag(tmp_path, tiny_sft, capsys):
+    """`ask` lists what it showed: by default only the relevant source, with --relative-relevance 0
+    every retrieved one; a value outside [0, 1] is refused by name."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "varnok.md").write_text("The town of Varnok was founded in 1642.\n")
+    (docs / "quellis.md").write_text("The town of Quellis was founded in 1710.\n")
+    kb = str(tmp_path / "kb.sqlite")
+    assert main(["rag", "index", str(docs), "--kb", kb, "--embedder", "none", "--no-progress"]) == 0
+    listed = {}
+    for rel in ("0.6", "0"):
+        capsys.readouterr()
+        assert main(["ask", "When was Varnok founded?", "--run", str(tiny_sft), "--kb", kb, "--embedder", "none",
+                     "--max-new-tokens", "4", "--relative-relevance", rel]) == 0
+        out = capsys.readouterr().out
+        listed[rel] = [ln for ln in out.splitlines() if ln.startswith("  [")]
+    assert len(listed["0.6"]) == 1 and "varnok.md" in listed["0.6"][0]
+    assert len(listed["0"]) == 2 and "varnok.md" in listed["0"][-1]   # the best is shown last
+    assert main(["ask", "x", "--run", str(tiny_sft), "--kb", kb, "--relative-relevance", "1.5"]) == 2
+    assert "--relative-relevance" in capsys.readouterr().err
+
+
 def test_citation_check_of_ask_verify(tmp_path, tiny_sft, capsys, monkeypatch):
     """`supported` and `checked` by hand; then `ask --verify` with the model's reply fixed: an
     answer its cited source holds is shown, one no source holds is withheld and the refusal

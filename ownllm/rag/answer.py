@@ -40,12 +40,12 @@ class GroundedAnswer:
 
 
 def retrieve(kb: KnowledgeBase, question: str, k: int = 3, min_relevance: float = MIN_RELEVANCE,
-             mode: str | None = None) -> list[Hit]:
+             mode: str | None = None, relative_relevance: float = RELATIVE_RELEVANCE) -> list[Hit]:
     """The top-k chunks, or none when even the best covers less than `min_relevance` of the question;
-    of those, the ones that cover at least RELATIVE_RELEVANCE of what the best covers."""
+    of those, the ones that cover at least `relative_relevance` of what the best covers (0: all k)."""
     hits = kb.search(question, k=k, mode=mode)
     best = max((h.relevance for h in hits), default=0.0)
-    return [h for h in hits if h.relevance >= RELATIVE_RELEVANCE * best] if best >= min_relevance else []
+    return [h for h in hits if h.relevance >= relative_relevance * best] if best >= min_relevance else []
 
 
 def prompt_ids(tok, question: str, hits: list[Hit], budget: int) -> tuple[list[int], list[Hit]]:
@@ -65,7 +65,8 @@ def prompt_ids(tok, question: str, hits: list[Hit], budget: int) -> tuple[list[i
 
 def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_relevance: float = MIN_RELEVANCE,
                max_new_tokens: int = 48, temperature: float = 0.0, mode: str | None = None,
-               engine=None, verify: bool = False) -> Iterator[str | GroundedAnswer]:
+               engine=None, verify: bool = False,
+               relative_relevance: float = RELATIVE_RELEVANCE) -> Iterator[str | GroundedAnswer]:
     """Yields text pieces as they stream, then the finished GroundedAnswer. With `verify` the
     reply comes whole, after the citation check (grounded.checked): an answer no shown source
     contains is withheld and the refusal given instead; one cited to the wrong source is re-cited."""
@@ -73,7 +74,7 @@ def ask_stream(model, tok, kb: KnowledgeBase, question: str, k: int = 3, min_rel
     from ownllm.inference.generate import stream_text
 
     result = GroundedAnswer(question)
-    hits = retrieve(kb, question, k, min_relevance, mode)
+    hits = retrieve(kb, question, k, min_relevance, mode, relative_relevance)
     if not hits:
         result.retrieved = False
         result.text = REFUSAL[language(question)]
