@@ -154,7 +154,7 @@ def _load_state_dict(model: torch.nn.Module, sd: dict, path: Path, base_only: bo
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     expected, got = set(model.state_dict()), set(sd)
     if base_only:
-        fresh = ("lora_A", "lora_B", "score.weight")
+        fresh = ("lora_A", "lora_B", "score.weight", "score_gate.weight", "score_gate.bias", "score_scale")
         expected = {k for k in expected if not k.endswith(fresh)}
         got = {k for k in got if not k.endswith(fresh)}
         sd = {k: v for k, v in sd.items() if k in got}

@@ -40,6 +40,8 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     score_head: bool = False        # a scalar head `score` on the final hidden state (reward / value models)
+    score_likelihood: bool = False  # reward models: + the model's own log-likelihood of the answer's tokens,
+                                    # each weighted by a learned gate (model.py: GPT.rewards)
     attention_bias: bool = False    # biases on the q/k/v projections (the Qwen2 architecture; `ownllm import`)
     # Imported architectures (`ownllm import`): Qwen3 sets a head size of its own and RMS-normalises
     # each head's q and k before RoPE; Llama 3.x stretches RoPE's low frequencies (rope_scaling).
@@ -110,6 +112,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     optimizer: str = "adamw"            # adamw | muon (Muon on hidden matrices, AdamW elsewhere)
     muon_lr_scale: float = 1.0          # Muon lr = schedule × this (its update RMS is matched to AdamW's)
+    head_lr_scale: float = 1.0          # lr of a reward / value model's score head(s) = schedule × this
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from ownllm.config import ModelConfig
 
+LOGP_FLOOR = 10.0  # GPT.rewards: a token's log-likelihood counts down to −10 nats, no lower
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 like HF's LlamaRMSNorm."""
@@ -263,6 +265,9 @@ class GPT(nn.Module):
             self.smear_gate = nn.Parameter(torch.zeros(cfg.dim))
         if cfg.score_head:  # reward / value model: one scalar per position
             self.score = nn.Linear(cfg.dim, 1, bias=False)
+        if cfg.score_likelihood:  # reward model: + gated log-likelihood of the answer (rewards)
+            self.score_gate = nn.Linear(cfg.dim, 1)
+            self.score_scale = nn.Parameter(torch.ones(1))
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -359,6 +364,30 @@ class GPT(nn.Module):
     def scores(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Scalar head per position (B, T): reward (read at a sequence's last token) or value."""
         return self.score(self.hidden_states(idx, **kwargs)).squeeze(-1)
+
+    def rewards(self, idx: torch.Tensor, answer_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """A reward model's score of each row (B,): the scalar head read at the row's last token
+        (`last`, (B,)); with `score_likelihood`, plus scale × Σ over the answer's tokens
+        (`answer_mask` (B, T), 1 on them) of gate_t × max(log p(token_t | before), −LOGP_FLOOR),
+        the gate a learned σ(linear(h_t)) of the token's own hidden state. Why: whether an answer
+        is right is what the model already knows when it predicts the answer's tokens — a wrong
+        digit is one it finds unlikely — but a head on the last hidden state has to learn that
+        comparison anew, and on the bundled pairs it had not after an epoch (held-out 0.68–0.76);
+        the gate lets it ignore tokens whose likelihood says nothing of truth (filler, a refusal's
+        wording). Measured on the quickstart's pairs, 240 s each: head alone 0.72–0.76, with this
+        term 0.87 (README: reward model)."""
+        h = self.hidden_states(idx)
+        r = self.score(h[torch.arange(len(idx), device=idx.device), last]).squeeze(-1).float()
+        if not self.config.score_likelihood:
+            return r
+        # the LM head on the answer's positions only: row b's token t (answer_mask[b, t] = 1, t ≥ 1)
+        # is predicted at t − 1, and gated by its own hidden state at t
+        b, t = (answer_mask[:, 1:] > 0).nonzero(as_tuple=True)
+        t = t + 1
+        logp = torch.gather(F.log_softmax(self.lm_head(h[b, t - 1]).float(), -1), 1, idx[b, t, None]).squeeze(1)
+        gate = torch.sigmoid(self.score_gate(h[b, t]).squeeze(-1).float())
+        term = gate * logp.clamp(min=-LOGP_FLOOR)
+        return r + self.score_scale.float() * torch.zeros_like(r).index_add(0, b, term)
 
     def compile_blocks(self) -> None:
         """torch.compile each Block in place; identical blocks share one compiled graph."""

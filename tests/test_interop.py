@@ -67,6 +67,10 @@ def test_export_folds_lora_and_writes_reward_models_and_bf16(tmp_path, small_tok
     assert hf_rm.config.num_labels == 1
     with torch.no_grad():  # HF pools each row's last token (no padding here): our reward read there
         torch.testing.assert_close(hf_rm(x).logits[:, 0], rm.scores(x)[:, -1], rtol=1e-4, atol=1e-4)
+    # a reward model whose score adds the answer's likelihood has no HF architecture: refused by name
+    lik_run, _ = _run(tmp_path, small_tokenizer, "rm_lik", score_head=True, score_likelihood=True)
+    assert main(["export", "--run", str(lik_run), "--out", str(tmp_path / "hf_lik")]) == 2
+    assert not (tmp_path / "hf_lik").exists()
 
     plain_run, plain = _run(tmp_path, small_tokenizer, "plain")
     assert main(["export", "--run", str(plain_run), "--out", str(tmp_path / "hf16"), "--dtype", "bfloat16"]) == 0

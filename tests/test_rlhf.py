@@ -1,5 +1,6 @@
 """RLHF: losses against hand-computed values, GAE against a direct loop, the preference formats and
 the hidden rule, and each stage training a few steps on a tiny run (what changes, what must not)."""
+import dataclasses
 import json
 import math
 
@@ -119,6 +120,53 @@ def test_completion_logps_sum_answer_tokens_only(small_tokenizer, tiny_cfg):
     want = [sum(float(logp[r, i, batch["y"][r, i]]) for i in range(batch["y"].shape[1]) if batch["y"][r, i] != -100)
             for r in range(3)]
     assert got.shape == (3,) and got.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_reward_adds_the_gated_likelihood_of_the_answer_and_rollouts_score_alike(small_tokenizer, tiny_cfg):
+    """GPT.rewards against the sum written out (head at the last token + scale × Σ over answer
+    tokens of σ(gate(h_t)) × max(log p_t, −10)) on a padded batch; the head alone without
+    score_likelihood; and PPO's scoring of a rollout (prompt + sampled tokens) gives the same."""
+    from ownllm.config import ModelConfig
+    from ownllm.data.chat import encode_conversations
+    from ownllm.model import LOGP_FLOOR, GPT
+    from ownllm.train.preference import all_rewards, sequence_batch
+    from ownllm.train.rl import Rollout, last_token_scores
+    from tests.conftest import randomize_
+
+    tok = small_tokenizer
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in (("What is 2 + 2?", "4"), ("Reverse: a b c", "c b a"), ("床前明月光", "疑是地上霜。"))]
+    ex = encode_conversations(tok, convs, max_len=60)
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "max_seq_len": 64, "score_head": True})
+    torch.manual_seed(0)
+    for likelihood in (True, False):
+        model = randomize_(GPT(dataclasses.replace(cfg, score_likelihood=likelihood))).eval()
+        batch = sequence_batch(ex, [0, 1, 2], tok.pad_id)
+        with torch.no_grad():
+            got = model.rewards(batch["x"], batch["mask"], batch["last"])
+            h = model.hidden_states(batch["x"])
+            logp = model(batch["x"]).float().log_softmax(-1)
+        want = []
+        for r in range(3):
+            n = len(ex.ids[r])
+            total = float(model.score(h[r, n - 1]))
+            for t in range(1, n):
+                if likelihood and ex.masks[r][t]:
+                    g = float(torch.sigmoid(model.score_gate(h[r, t])))
+                    total += float(model.score_scale) * g * max(float(logp[r, t - 1, ex.ids[r][t]]), -LOGP_FLOOR)
+            want.append(total)
+        assert got.tolist() == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert all_rewards(model, ex, tok.pad_id, batch_size=2).tolist() == pytest.approx(want, rel=1e-4, abs=1e-5)
+        # a rollout: the prompt (up to the assistant header) and the answer's tokens, right-padded
+        prompts = [tok.render(c[:1], add_generation_prompt=True).ids for c in convs]
+        answers = [list(ex.ids[r][len(p):]) for r, p in enumerate(prompts)]
+        L, R = max(len(i) for i in ex.ids), max(len(a) for a in answers)
+        x, tokens, mask = torch.full((3, L), tok.pad_id), torch.full((3, R), tok.pad_id), torch.zeros(3, R)
+        for r, (p, a) in enumerate(zip(prompts, answers)):
+            x[r, : len(p) + len(a)] = torch.tensor(p + a)
+            tokens[r, : len(a)], mask[r, : len(a)] = torch.tensor(a), 1
+        ro = Rollout(x, torch.tensor([len(p) for p in prompts]), tokens, mask, torch.ones(3, dtype=torch.bool), [""] * 3)
+        assert last_token_scores(model, ro).tolist() == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 def test_scoring_keeps_every_answer_of_an_over_long_prompt(small_tokenizer):

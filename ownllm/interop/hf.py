@@ -129,6 +129,10 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
     if not (run / "config.json").is_file():
         raise OwnLLMError(f"--run {run}: no config.json; expected a run directory")
     cfg, state, lora_merged = load_plain(run)
+    if cfg.score_likelihood:
+        raise OwnLLMError(f"{run}: a reward model whose score adds the answer's gated log-likelihood to its head "
+                          "(`ownllm reward`'s default) has no Hugging Face architecture; train one with "
+                          "`--set likelihood=false` to export it")
     tok = Tokenizer.load(run)
     family = hf_family(cfg)
     if cfg.score_head:

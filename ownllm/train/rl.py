@@ -140,9 +140,12 @@ def answer_stats(model: GPT, ro: Rollout, values: bool = False) -> dict:
 
 
 def last_token_scores(reward_model: GPT, ro: Rollout) -> torch.Tensor:
-    last = ro.prompt_len + ro.mask.sum(1).long() - 1
+    """The reward model's score of each rollout (GPT.rewards: its head at the answer's last token)."""
+    n = ro.mask.sum(1).long()
+    pos = torch.arange(ro.x.shape[1])[None]
+    answer = (pos >= ro.prompt_len[:, None]) & (pos < (ro.prompt_len + n)[:, None])
     with torch.no_grad():
-        return reward_model.scores(ro.x).float()[torch.arange(len(last)), last]
+        return reward_model.rewards(ro.x, answer.float(), ro.prompt_len + n - 1)
 
 
 class Verifier:

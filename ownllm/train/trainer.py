@@ -135,12 +135,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
     orthogonalises whole weight matrices; a LoRA run has none to train, so it is AdamW throughout).
     Each group's lr is `schedule × lr_scale`."""
     edge, hidden, no_decay = split_parameters(model)
+    heads = {id(p) for n, p in model.named_parameters() if n.startswith("score") and p.requires_grad}
+    edge, hidden, no_decay = ([p for p in group if id(p) not in heads] for group in (edge, hidden, no_decay))
+    head = [{"params": [p for p in model.parameters() if id(p) in heads], "weight_decay": 0.0,
+             "lr_scale": cfg.head_lr_scale}] if heads else []
     if cfg.optimizer == "adamw" or (cfg.optimizer == "muon" and not hidden):
         return Optimizers(_adamw([{"params": edge + hidden, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg))
+                                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}, *head], cfg))
     if cfg.optimizer == "muon":
         adam = _adamw([{"params": edge, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                       {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg)
+                       {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}, *head], cfg)
         muon = torch.optim.Muon([{"params": hidden, "lr_scale": cfg.muon_lr_scale}], lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
         return Optimizers(muon, adam)
