@@ -112,7 +112,6 @@ class TrainConfig:
     weight_decay: float = 0.1
     optimizer: str = "adamw"            # adamw | muon (Muon on hidden matrices, AdamW elsewhere)
     muon_lr_scale: float = 1.0          # Muon lr = schedule × this (its update RMS is matched to AdamW's)
-    head_lr_scale: float = 1.0          # lr of a reward / value model's score head(s) = schedule × this
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0

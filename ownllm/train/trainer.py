@@ -123,7 +123,7 @@ def split_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
     """Trainable parameters as (edge matrices: embeddings, output heads, LoRA factors; hidden
     matrices: the blocks' weights; vectors: norms and biases)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_edge = lambda name: (name.split(".")[0] in ("embed_tokens", "lm_head", "score")  # noqa: E731
+    is_edge = lambda name: (name.split(".")[0] in ("embed_tokens", "lm_head", "score", "score_gate")  # noqa: E731
                             or name.endswith(("lora_A", "lora_B")))
     return ([p for n, p in named if p.dim() >= 2 and is_edge(n)], [p for n, p in named if p.dim() >= 2 and not is_edge(n)],
             [p for n, p in named if p.dim() < 2])
@@ -131,20 +131,17 @@ def split_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
     """AdamW (decay on matrices only), or Muon on the hidden matrices with AdamW on embeddings,
-    output heads (lm_head, a reward/value model's score), norms and LoRA's rank-r factors (Muon
-    orthogonalises whole weight matrices; a LoRA run has none to train, so it is AdamW throughout).
+    output heads (lm_head, a reward/value model's score and likelihood gate), norms and LoRA's
+    rank-r factors (Muon orthogonalises whole weight matrices; a LoRA run has none to train, so it
+    is AdamW throughout).
     Each group's lr is `schedule × lr_scale`."""
     edge, hidden, no_decay = split_parameters(model)
-    heads = {id(p) for n, p in model.named_parameters() if n.startswith("score") and p.requires_grad}
-    edge, hidden, no_decay = ([p for p in group if id(p) not in heads] for group in (edge, hidden, no_decay))
-    head = [{"params": [p for p in model.parameters() if id(p) in heads], "weight_decay": 0.0,
-             "lr_scale": cfg.head_lr_scale}] if heads else []
     if cfg.optimizer == "adamw" or (cfg.optimizer == "muon" and not hidden):
         return Optimizers(_adamw([{"params": edge + hidden, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}, *head], cfg))
+                                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg))
     if cfg.optimizer == "muon":
         adam = _adamw([{"params": edge, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                       {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}, *head], cfg)
+                       {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], cfg)
         muon = torch.optim.Muon([{"params": hidden, "lr_scale": cfg.muon_lr_scale}], lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
         return Optimizers(muon, adam)
