@@ -126,6 +126,18 @@ def test_sampling_seed_determinism_and_stop(tiny_cfg):
     assert stopped[0] == a[0][: first + 1]
 
 
+def test_a_temperature_near_zero_samples_the_best_token_not_nan():
+    """logits / 1e-212 overflowed to inf and the softmax to nan (a 500 from the server, found by
+    test_random_bodies_never_5xx); the limit of a vanishing temperature is greedy."""
+    from ownllm.inference.engine import SamplingParams, sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, -5.0], [0.5, -1.0, 0.25, 4.0]])
+    for t in (4.0622005835253036e-212, 1e-38, 1e-30, 1e-6):
+        for top_k, top_p in ((None, None), (2, 0.9)):
+            p = SamplingParams(max_new_tokens=1, temperature=t, top_k=top_k, top_p=top_p)
+            assert sample_next(logits, p, torch.Generator().manual_seed(0)).tolist() == [1, 3]
+
+
 def test_fused_inference_projections_follow_weight_updates(tiny_cfg):
     """q/k/v and gate/up are fused at inference; an in-place update must not leave them stale."""
     torch.manual_seed(5)

@@ -44,9 +44,11 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
         seen = torch.gather(logits, 1, history)
         seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
         logits = logits.scatter(1, history, seen)
-    if p.temperature == 0:
+    if p.temperature < torch.finfo(logits.dtype).tiny:  # 0, or too small to be a float32 (1e-212): greedy
         return logits.argmax(dim=-1)
-    logits = logits / p.temperature
+    # shifted so the best logit is 0 first: a tiny temperature (1e-38) then tends to greedy instead
+    # of overflowing to inf − inf = nan (the softmax below is shift-invariant)
+    logits = (logits - logits.amax(-1, keepdim=True)) / p.temperature
     if p.top_k is not None and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
