@@ -350,13 +350,27 @@ def cmd_eval(args) -> None:
     if args.suite == "tasks":
         from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
 
-        res = evaluate_tasks(args.run, shots=args.shots, n_per_family=args.n or 50)
+        res = evaluate_tasks(args.run, shots=args.shots, n_per_family=args.n or 50, families=_families(args.families))
         _write_samples(args.samples, res)
         print_task_report(res)
         return
     from ownllm.evaluation.runs import eval_run
 
     _print_lm_eval(eval_run(args.run, args.data, max_tokens=args.max_tokens))
+
+
+def _families(spec: str | None) -> list[str] | None:
+    """`--families arithmetic,count` → the named task families (None: all), each one checked."""
+    from ownllm.data.tasks import FAMILIES
+
+    if spec is None:
+        return None
+    names = [f.strip() for f in spec.split(",") if f.strip()]
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown or not names:
+        raise OwnLLMError(f"--families {spec!r}: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"known: {', '.join(FAMILIES)}")
+    return names
 
 
 def cmd_generate(args) -> None:
@@ -576,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kb", help="(rag, agent) knowledge base file, or 'demo' (default)")
     p.add_argument("--db", help="(agent) SQLite database for the sql tool, or 'demo' (default)")
     p.add_argument("--embedder", help="(rag) sentence-embedding model directory, or 'none'")
+    p.add_argument("--families", help="(tasks) comma-separated families to score (default: all), e.g. arithmetic")
     p.add_argument("--samples", help="(tasks) write every prompt/output/verdict to this JSONL file")
     p.add_argument("--data", help="(lm) evaluate on these sources' held-out 10%% instead of the run's own; "
                    "(reward) preference JSONL to score instead of the bundled held-out pairs")

@@ -82,6 +82,11 @@ def test_sft_eval_tasks_and_resume(capsys, tiny_sft, tmp_path):
     from ownllm.data.tasks import FAMILIES
 
     assert len(samples.read_text().splitlines()) == 2 * len(FAMILIES)
+    assert main(["eval", "tasks", "--run", str(tiny_sft), "--n", "3", "--families", "arithmetic, count"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "arithmetic=" in last and "count=" in last and "sort=" not in last
+    assert main(["eval", "tasks", "--run", str(tiny_sft), "--families", "arithmetic,algebra"]) == 2
+    assert "unknown algebra" in capsys.readouterr().err
     assert main(["sft", "--out", str(tiny_sft), "--resume", "--max-steps", "4", "--no-progress"]) == 0
     assert "fine-tuned 4 steps" in capsys.readouterr().out
 
