@@ -9,7 +9,8 @@ skills, so the best it can do is (a) answer as SFT does at its best (its greedy 
 samples: greedy everywhere, then abstaining on one more family at a time (cheapest in task accuracy
 first), with the task accuracy each costs (mean over the suite's families, exact match of the
 greedy answers on these prompts). Ends with `RESULT ceiling_within_2_points=…` — the best win rate
-of a simulated policy that keeps task accuracy within 0.02 of SFT (issue 4's condition).
+of a simulated policy that keeps task accuracy within 0.02 of SFT (issue 4's condition), ties
+counting half and (`decided_within_2_points`) over the comparisons that are not ties.
 """
 from __future__ import annotations
 
@@ -38,27 +39,38 @@ def main() -> None:
     greedy = [s[0] for s in sample_answers(args.run, examples, 1, 0, temperature=0.0, progress=False)]
     n_fam = len(FAMILIES)  # task accuracy is the mean over the suite's families
 
-    win = defaultdict(lambda: [0.0, 0.0])   # family → [score answering greedily, score abstaining]
+    # family → [[wins, losses] answering greedily, [wins, losses] abstaining]
+    win = defaultdict(lambda: [[0, 0], [0, 0]])
     count, right = defaultdict(int), defaultdict(int)
     for ex, a, b in zip(examples, greedy, theirs):
-        win[ex.family][0] += (prefer(ex, a, b) + 1) / 2
-        win[ex.family][1] += (prefer(ex, CLOSED_BOOK_REFUSAL[ex.lang], b) + 1) / 2
+        for i, mine in enumerate((a, CLOSED_BOOK_REFUSAL[ex.lang])):
+            v = prefer(ex, mine, b)
+            win[ex.family][i][0] += v > 0
+            win[ex.family][i][1] += v < 0
         count[ex.family] += 1
         right[ex.family] += a.strip() == ex.answer  # as `ownllm eval tasks` scores
     # abstaining on a family costs its greedy accuracy ÷ the suite's family count (closed-book
     # questions are not in the suite: free); a family is worth abstaining on only if it wins more
     cost = {f: (right[f] / count[f] / n_fam if f in FAMILIES else 0.0) for f in win}
-    gain = {f: (win[f][1] - win[f][0]) / args.n for f in win}
-    score = sum(w[0] for w in win.values()) / args.n
-    spent, best = 0.0, score
-    print(f"{'policy':<44}{'win rate':>10}{'accuracy cost':>15}")
-    print(f"{'greedy answers everywhere':<44}{score:>10.3f}{0.0:>15.3f}")
+    gain = {f: (win[f][1][0] - win[f][1][1] - win[f][0][0] + win[f][0][1]) / 2 / args.n for f in win}
+    choice = {f: 0 for f in win}
+
+    def rates() -> tuple[float, float]:
+        w = sum(win[f][choice[f]][0] for f in win)
+        lost = sum(win[f][choice[f]][1] for f in win)
+        return 0.5 + (w - lost) / 2 / args.n, w / max(1, w + lost)
+
+    score, decided = rates()
+    spent, best, best_decided = 0.0, score, decided
+    print(f"{'policy':<44}{'win rate':>10}{'of decided':>12}{'accuracy cost':>15}")
+    print(f"{'greedy answers everywhere':<44}{score:>10.3f}{decided:>12.3f}{0.0:>15.3f}")
     for f in sorted((f for f in win if gain[f] > 0), key=lambda f: cost[f] / gain[f]):
-        score, spent = score + gain[f], spent + cost[f]
-        print(f"{'+ abstain on ' + f:<44}{score:>10.3f}{-spent:>15.3f}")
+        choice[f], spent = 1, spent + cost[f]
+        score, decided = rates()
+        print(f"{'+ abstain on ' + f:<44}{score:>10.3f}{decided:>12.3f}{-spent:>15.3f}")
         if spent <= 0.02:
-            best = score
-    print(result_line(ceiling_within_2_points=best, n=args.n))
+            best, best_decided = score, decided
+    print(result_line(ceiling_within_2_points=best, decided_within_2_points=best_decided, n=args.n))
 
 
 if __name__ == "__main__":
