@@ -517,3 +517,36 @@ def test_stages_started_from_a_lora_run_start_from_it_with_its_adapters(tiny_sft
         plain = GPT(load_model_config(tiny_sft))
         load_start_weights(plain, run)
         torch.testing.assert_close(plain.eval()(idx), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_rl_raises_a_known_reward(stage, tiny_sft, reward_run, tmp_path, monkeypatch):
+    """The optimisation works end to end, not only moves weights: with the reward model's score
+    replaced by a known function (the share of answer tokens with an id in the lower half of the
+    vocabulary, about half of a barely trained model's), PPO and GRPO raise it — measured on 128
+    fresh answers from the policy before and after, same prompts and seed (0.52 → 0.67 and 0.65
+    when written; 100 steps gave +0.08 / +0.07, too near the bar)."""
+    import ownllm.train.rl as rl
+    from ownllm.checkpoint import load_model
+    from ownllm.data.tasks import generate
+    from ownllm.tokenizer import Tokenizer
+
+    def lower_half(reward_model, ro):
+        half = reward_model.config.vocab_size // 2
+        return ((ro.tokens < half).float() * ro.mask).sum(1) / ro.mask.sum(1).clamp(min=1)
+
+    monkeypatch.setattr(rl, "last_token_scores", lower_half)
+    out = tmp_path / stage
+    extra = (["--num-generations", "4", "--batch-size", "4"] if stage == "grpo" else  # one rollout of 16 per step
+             ["--batch-size", "16", "--kl-coef", "0", "--set", "missing_end_penalty=0", "--set", "ppo_epochs=1",
+              "--set", "minibatches=1"])
+    assert main([stage, "--policy", str(tiny_sft), "--reward", str(reward_run), "--out", str(out), "--max-steps", "150",
+                 "--lr", "1e-3", "--set", "max_new_tokens=8", "--set", "n_prompts=40", *extra, "--no-progress"]) == 0
+    tok = Tokenizer.load(tiny_sft)
+    prompts = rl.prompt_ids(tok, generate(128, "test", seed=5), 200)
+    params = rl.SamplingParams(max_new_tokens=8, temperature=1.0, top_k=None, top_p=None, seed=3, stop_ids=tok.stop_ids)
+    share = {}
+    for name, run in (("before", tiny_sft), ("after", out)):
+        model = load_model(run)
+        share[name] = float(lower_half(model, rl.rollout(model, tok, prompts, params)).mean())
+    assert share["after"] > share["before"] + 0.05, share
