@@ -590,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kb", help="(rag, agent) knowledge base file, or 'demo' (default)")
     p.add_argument("--db", help="(agent) SQLite database for the sql tool, or 'demo' (default)")
     p.add_argument("--embedder", help="(rag) sentence-embedding model directory, or 'none'")
-    p.add_argument("--families", help="(tasks) comma-separated families to score (default: all), e.g. arithmetic")
+    p.add_argument("--families", help="(tasks) comma-separated families to score (default: all), e.g. arithmetic; "
+                   "held-out prompts drawn for these families alone, not the same ones as the full suite's")
     p.add_argument("--samples", help="(tasks) write every prompt/output/verdict to this JSONL file")
     p.add_argument("--data", help="(lm) evaluate on these sources' held-out 10%% instead of the run's own; "
                    "(reward) preference JSONL to score instead of the bundled held-out pairs")
