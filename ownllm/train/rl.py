@@ -140,7 +140,8 @@ def answer_stats(model: GPT, ro: Rollout, values: bool = False) -> dict:
 
 
 def last_token_scores(reward_model: GPT, ro: Rollout) -> torch.Tensor:
-    """The reward model's score of each rollout (GPT.rewards: its head at the answer's last token)."""
+    """The reward model's score of each rollout (GPT.rewards: its head at the answer's last token,
+    plus, for a likelihood reward model, the gated log-likelihood of the answer's tokens)."""
     n = ro.mask.sum(1).long()
     pos = torch.arange(ro.x.shape[1])[None]
     answer = (pos >= ro.prompt_len[:, None]) & (pos < (ro.prompt_len + n)[:, None])
