@@ -30,6 +30,11 @@ def test_dpo_losses_by_hand():
     assert dpo_loss(*args, beta=0.1, kind="ipo").item() == pytest.approx((2 - 5) ** 2)
     assert dpo_loss(*args, beta=0.1, kind="hinge").item() == pytest.approx(0.8)
     assert dpo_loss(*args, beta=1.0, kind="hinge").item() == 0.0
+    # DPO-Positive: no change while the chosen answer is likelier than under the reference (−1 > −2) …
+    assert dpo_loss(*args, beta=0.1, dpop=50.0).item() == pytest.approx(math.log(1 + math.exp(-0.2)))
+    # … and λ × the drop off the margin once it is not: chosen −2.5 vs ref −2, h = (−2.5 + 3) − 0 − 50 × 0.5
+    assert dpo_loss(t(-2.5), t(-3.0), t(-2.0), t(-2.0), beta=0.1, dpop=50.0).item() == \
+        pytest.approx(math.log(1 + math.exp(-0.1 * (0.5 - 25))))
     with pytest.raises(ValueError):
         dpo_loss(*args, kind="nope")
 
@@ -361,11 +366,39 @@ def test_dpo_full_and_lora(capsys, tiny_sft, prefs_file, tmp_path):
     for k, v in before.items():
         assert torch.equal(lora[k], v), f"LoRA DPO changed base weight {k}"
     assert all(lora[k].abs().sum() > 0 for k in lora if k.endswith("lora_B"))  # adapters moved off zero
+    val = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines() if "val_reward_margin" in x][-1]
+    # the margin is β (0.1) × the chosen side's log-prob shift minus the rejected side's, both reported
+    assert val["val_reward_margin"] == pytest.approx(0.1 * (val["val_chosen_logp_shift"] - val["val_rejected_logp_shift"]),
+                                                     rel=1e-4, abs=1e-6)
+    assert val["val_chosen_logp_shift"] != 0 and (tmp_path / "lora" / "plots" / "logp_shift.png").exists()
+    assert 0 <= val["val_chosen_fell"] <= 1
     assert file_digest(tiny_sft / "model.safetensors") == sft_digest       # the reference run is untouched
     capsys.readouterr()
     assert main(["eval", "prefs", "--run", str(tmp_path / "dpo"), "--against", str(tiny_sft), "--n", "6"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT win_rate=") and " kl=" in last and " task_accuracy=" in last
+
+
+def test_dpo_resumes_with_the_loss_it_began_with(capsys, monkeypatch, tiny_sft, prefs_file, tmp_path):
+    """A DPO run resumes to its step count with its saved settings; one begun before DPO-Positive
+    existed (no `dpop` in its stage_config.json) resumes without it, not with today's default."""
+    import ownllm.train.preference as preference
+
+    seen = []
+    real = preference.dpo_loss
+    monkeypatch.setattr(preference, "dpo_loss", lambda *a: seen.append(a[-1]) or real(*a))
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--policy", str(tiny_sft), "--data", str(prefs_file), "--out", str(out),
+                 "--max-steps", "2", "--set", "dpop=7", *FAST]) == 0
+    assert set(seen) == {7.0}
+    assert main(["dpo", "--out", str(out), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    assert "3 steps" in capsys.readouterr().out and seen[-1] == 7.0
+    sc = out / "stage_config.json"
+    saved = json.loads(sc.read_text())
+    del saved["config"]["dpop"]
+    sc.write_text(json.dumps(saved))
+    assert main(["dpo", "--out", str(out), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert "4 steps" in capsys.readouterr().out and seen[-1] == 0.0
 
 
 def test_ppo_trains_policy_and_value_head_reference_frozen(capsys, tiny_sft, reward_run, tmp_path):

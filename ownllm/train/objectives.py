@@ -62,10 +62,16 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, kind: str = "sigmoid") -> torch.Tensor:
+             ref_rejected: torch.Tensor, beta: float = 0.1, kind: str = "sigmoid", dpop: float = 0.0) -> torch.Tensor:
     """Per-pair DPO-family loss from summed completion log-probs under the policy and the reference.
-    h = (π_c − π_r) − (ref_c − ref_r); sigmoid (DPO): −log σ(βh); ipo: (h − 1/(2β))²; hinge: max(0, 1 − βh)."""
+    h = (π_c − π_r) − (ref_c − ref_r) − dpop·max(0, ref_c − π_c); sigmoid (DPO): −log σ(βh);
+    ipo: (h − 1/(2β))²; hinge: max(0, 1 − βh). `dpop` > 0 is DPO-Positive (Pal et al., 2024): the
+    margin counts against the pair whenever the chosen answer has become less likely than under
+    the reference, which plain DPO allows (it only widens the gap, and on pairs that differ in a
+    few tokens it often does so by lowering both)."""
     h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+    if dpop:
+        h = h - dpop * torch.relu(ref_chosen - pi_chosen)
     if kind == "sigmoid":
         return -F.logsigmoid(beta * h)
     if kind == "ipo":
