@@ -77,7 +77,9 @@ def cmd_data(args) -> None:
 
         if not args.out:
             raise OwnLLMError("data prefs: --out FILE is required")
-        pairs = generate_preferences(args.n, args.split, run=args.run, seed=args.seed)
+        if args.samples < 1:
+            raise OwnLLMError(f"data prefs: --samples must be at least 1, got {args.samples}")
+        pairs = generate_preferences(args.n, args.split, run=args.run, samples=args.samples, seed=args.seed)
         write_preferences(pairs, args.out)
         print(f"wrote {len(pairs)} {args.split} preference pairs from {args.n} prompts to {args.out}"
               f"{f' (answers sampled from {args.run} + perturbations)' if args.run else ' (perturbations only)'}")
@@ -566,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="(tasks, prefs) output JSONL file")
     p.add_argument("--n", type=int, default=1000, help="(tasks) number of examples; (prefs) number of prompts")
     p.add_argument("--run", help="(prefs) chat run whose sampled answers join the candidates")
+    p.add_argument("--samples", type=int, default=3,
+                   help="(prefs) answers sampled per prompt from --run besides its greedy one (3); more finds more "
+                        "of its wrong answers to pair against its right ones")
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data)

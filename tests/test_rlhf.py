@@ -330,6 +330,19 @@ def reward_run(tmp_path_factory, tiny_sft, prefs_file):
     return out
 
 
+def test_data_prefs_samples_sets_the_answers_drawn_per_prompt(capsys, monkeypatch, tiny_sft, tmp_path):
+    import ownllm.data.preferences as prefs
+
+    drawn = []
+    real = prefs.sample_answers
+    monkeypatch.setattr(prefs, "sample_answers", lambda run, ex, samples, *a, **k: drawn.append(samples) or real(run, ex, samples, *a, **k))
+    out = tmp_path / "p.jsonl"
+    assert main(["data", "prefs", "--run", str(tiny_sft), "--n", "4", "--samples", "5", "--out", str(out)]) == 0
+    assert drawn == [1, 5] and out.exists()   # the greedy answer, then 5 sampled ones per prompt
+    assert main(["data", "prefs", "--run", str(tiny_sft), "--n", "4", "--samples", "0", "--out", str(tmp_path / "q.jsonl")]) == 2
+    assert "--samples must be at least 1" in capsys.readouterr().err and not (tmp_path / "q.jsonl").exists()
+
+
 def test_reward_model_trains_every_parameter_and_reports_accuracy(capsys, tiny_sft, reward_run, prefs_file):
     before, after = weights(tiny_sft), weights(reward_run)
     assert "score.weight" in after and after["score.weight"].shape[0] == 1
