@@ -330,6 +330,26 @@ def reward_run(tmp_path_factory, tiny_sft, prefs_file):
     return out
 
 
+def test_held_out_pairs_scored_at_each_evaluation_are_capped():
+    import dataclasses
+
+    from ownllm.data.preferences import Pair
+    from ownllm.train.preference import DPOConfig, RewardConfig, at_most, stage_config
+
+    pairs = [Pair((("user", f"q{i}"),), "a", "b") for i in range(10)]
+    said = []
+    some = at_most(pairs, 4, said.append)
+    assert len(some) == 4 and some == sorted(some, key=pairs.index) and some == at_most(pairs, 4, said.append)
+    assert "4 of 10" in said[0]
+    said.clear()
+    assert at_most(pairs, 0, said.append) == pairs and at_most(pairs, 10, said.append) == pairs and not said
+    for cls in (DPOConfig, RewardConfig):
+        old = dataclasses.asdict(cls())
+        del old["max_val_pairs"]   # a run saved before the cap: resumes scoring every held-out pair
+        assert stage_config(cls, {"config": old}, None).max_val_pairs == 0
+        assert stage_config(cls, {"config": dataclasses.asdict(cls(max_val_pairs=7))}, None).max_val_pairs == 7
+
+
 def test_data_prefs_samples_sets_the_answers_drawn_per_prompt(capsys, monkeypatch, tiny_sft, tmp_path):
     import ownllm.data.preferences as prefs
 
