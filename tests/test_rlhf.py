@@ -330,6 +330,26 @@ def reward_run(tmp_path_factory, tiny_sft, prefs_file):
     return out
 
 
+def test_held_out_pairs_of_a_file_never_share_a_prompt_with_training_pairs():
+    """A file from `data prefs` of the train split has no test-bucket prompts: 1 prompt in 10 is
+    held out by another hash, with all of its pairs (before: the first 5% of the training pairs)."""
+    from ownllm.data.preferences import generate_preferences
+    from ownllm.data.tasks import prompt_bucket
+    from ownllm.train.preference import _split_pairs
+
+    pairs = generate_preferences(200, "train", seed=3, progress=False)
+    assert not any(prompt_bucket(p.prompt[-1][1]) == 0 for p in pairs)
+    train, val = _split_pairs(pairs, log=lambda m: None)
+    assert len(train) + len(val) == len(pairs) and 0.04 < len(val) / len(pairs) < 0.2
+    assert not {p.prompt for p in train} & {p.prompt for p in val}
+    mixed = pairs + generate_preferences(30, "test", seed=3, progress=False)
+    train, val = _split_pairs(mixed, log=lambda m: None)     # test-split prompts present: they are the held-out ones
+    assert all(prompt_bucket(p.prompt[-1][1]) == 0 for p in val) and len(train) == len(pairs)
+    said = []
+    train, val = _split_pairs(pairs[:1], log=said.append)   # one pair: nothing to hold out, and it says so
+    assert train == pairs[:1] and val == pairs[:1] and "on training pairs" in said[0]
+
+
 def test_held_out_pairs_scored_at_each_evaluation_are_capped():
     import dataclasses
 

@@ -191,18 +191,29 @@ def stage_config(cls, saved: dict, given):
     return cfg
 
 
-def _split_pairs(pairs: list[Pair]) -> tuple[list[Pair], list[Pair]]:
-    """User files: held-out pairs are those whose prompt falls in the test bucket (never trained on)."""
-    val = [p for p in pairs if prompt_bucket(p.prompt[-1][1]) == 0]
-    train = [p for p in pairs if prompt_bucket(p.prompt[-1][1]) != 0]
-    return (train, val) if train and val else (pairs, pairs[: max(1, len(pairs) // 20)])
+def _held_out(prompt: str) -> bool:
+    """1 prompt in 10 by a salted hash: held out of a file that has no test-split prompts."""
+    return prompt_bucket("held-out:" + prompt) == 0
+
+
+def _split_pairs(pairs: list[Pair], log=print) -> tuple[list[Pair], list[Pair]]:
+    """User files: held-out pairs are those whose prompt falls in the task suite's test bucket; a
+    file with none (e.g. `data prefs` of the train split) holds out the pairs of 1 prompt in 10.
+    Either way no held-out prompt is trained on. A file too small for that scores training pairs."""
+    for held in (lambda q: prompt_bucket(q) == 0, _held_out):
+        val = [p for p in pairs if held(p.prompt[-1][1])]
+        train = [p for p in pairs if not held(p.prompt[-1][1])]
+        if train and val:
+            return train, val
+    log(f"{len(pairs)} pairs: too few prompts to hold any out; the held-out scores are on training pairs")
+    return pairs, pairs[: max(1, len(pairs) // 20)]
 
 
 def training_pairs(tcfg, n_prompts: int, val_prompts: int, start, log) -> tuple[list[Pair], list[Pair]]:
     pairs = load_pairs(tcfg.data, run=start, n_prompts=n_prompts, seed=tcfg.seed, log=log)
     if tcfg.data == "prefs":
         return pairs, generate_preferences(val_prompts, "test", run=start, seed=0, progress=False)
-    return _split_pairs(pairs)
+    return _split_pairs(pairs, log)
 
 
 def at_most(val_pairs: list[Pair], n: int, log) -> list[Pair]:
