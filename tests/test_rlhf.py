@@ -354,7 +354,7 @@ def test_held_out_pairs_scored_at_each_evaluation_are_capped():
     import dataclasses
 
     from ownllm.data.preferences import Pair
-    from ownllm.train.preference import DPOConfig, RewardConfig, at_most, stage_config
+    from ownllm.train.preference import PAIR_STAGE_BEFORE, DPOConfig, RewardConfig, at_most, stage_config
 
     pairs = [Pair((("user", f"q{i}"),), "a", "b") for i in range(10)]
     said = []
@@ -366,8 +366,9 @@ def test_held_out_pairs_scored_at_each_evaluation_are_capped():
     for cls in (DPOConfig, RewardConfig):
         old = dataclasses.asdict(cls())
         del old["max_val_pairs"]   # a run saved before the cap: resumes scoring every held-out pair
-        assert stage_config(cls, {"config": old}, None).max_val_pairs == 0
-        assert stage_config(cls, {"config": dataclasses.asdict(cls(max_val_pairs=7))}, None).max_val_pairs == 7
+        assert stage_config(cls, {"config": old}, None, PAIR_STAGE_BEFORE).max_val_pairs == 0
+        assert stage_config(cls, {"config": dataclasses.asdict(cls(max_val_pairs=7))}, None,
+                            PAIR_STAGE_BEFORE).max_val_pairs == 7
 
 
 def test_data_prefs_samples_sets_the_answers_drawn_per_prompt(capsys, monkeypatch, tiny_sft, tmp_path):
