@@ -91,6 +91,29 @@ def test_tasks_text_source_is_train_split_only():
     assert not any(f"Q: {p}\nA: " in src.text for p in test_prompts)  # no held-out prompt leaks in
 
 
+def test_task_text_words_each_run_of_one_task_in_one_answer_style():
+    from collections import Counter
+
+    from ownllm.data.corpora import ANSWER_STYLES, task_runs, task_text
+    from ownllm.data.tasks import generate
+
+    runs = task_runs(600, seed=3)
+    examples = [e for _, run in runs for e in run]
+    assert sorted(e.prompt for e in examples) == sorted(e.prompt for e in generate(600, "train", seed=3))
+    assert all(1 <= len(run) <= 6 and len({(e.family, e.lang) for e in run}) == 1 for _, run in runs)
+    assert all(style in ANSWER_STYLES[run[0].lang] for style, run in runs)
+    used = Counter((run[0].lang, style) for style, run in runs)
+    assert all(used[(lang, s)] > 10 for lang, styles in ANSWER_STYLES.items() for s in styles)
+    text = task_text(600, seed=3)
+    for style, run in runs[:50]:   # the text is the runs, each answer worded in its run's style
+        for e in run:
+            assert f"Q: {e.prompt}\nA: {style.format(a=e.answer)}\n\n" in text
+    # without styles: every answer worded as exact match scores it
+    plain = task_text(600, seed=3, styles=False)
+    assert plain == "".join(f"Q: {e.prompt}\nA: {e.answer}\n\n" for _, run in task_runs(600, 3, False) for e in run)
+    assert sorted(plain.split("\n\n")) != sorted(text.split("\n\n"))
+
+
 def test_copy_batch_targets_only_the_predictable_second_copies():
     import torch
 

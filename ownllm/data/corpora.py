@@ -76,13 +76,28 @@ def _read_jsonl(path: Path) -> str:
     return "\n\n".join(texts)
 
 
-def task_text(n: int = 40_000, seed: int = 0) -> str:
-    """The train split of the task suite (data/tasks.py) as plain text, in the same `Q: …\nA: …`
-    form the base model is prompted with few-shot — never a held-out prompt. Examples come in runs
-    of 1–6 of one family and language, as a K-shot prompt has them (in the suite's round-robin
-    order every example was followed by one of another family, so a K-shot prompt was text unlike
-    any the base model had read). Measured on one base: 0-shot 0.107 → 0.124, 4-shot 0.093 → 0.116
-    — still below: the base model copies the examples' answers (README, stop 20)."""
+# How a run of task text words its answers, by language: a web page of worked questions answers in
+# one voice, and another page in another. The first is the suite's own (what exact match scores).
+ANSWER_STYLES = {"en": ("{a}", "The answer is {a}", "Answer: {a}"), "zh": ("{a}", "答案是{a}", "答：{a}")}
+
+
+def task_text(n: int = 40_000, seed: int = 0, styles: bool = True) -> str:
+    """The train split of the task suite (data/tasks.py) as plain text, in the `Q: …\nA: …` form
+    the base model is prompted with few-shot — never a held-out prompt. Examples come in runs of
+    1–6 of one family and language, as a K-shot prompt has them (in the suite's round-robin order
+    every example was followed by one of another family, so a K-shot prompt was text unlike any the
+    base model had read). With `styles` each run words its answers one way of ANSWER_STYLES
+    ("6", "The answer is 6", "Answer: 6"), as text found in the wild does: a base model then learns
+    each task but not which wording a prompt wants, and the examples of a K-shot prompt say it —
+    what few-shot prompting is for. Without styles every answer is worded as exact match scores
+    it, so a zero-shot prompt already says all the examples would (0-shot 0.548, 4-shot 0.552 on a
+    600 s base; README, stop 23)."""
+    return "".join(f"Q: {e.prompt}\nA: {style.format(a=e.answer)}\n\n" for style, run in task_runs(n, seed, styles)
+                   for e in run)
+
+
+def task_runs(n: int, seed: int, styles: bool = True) -> list[tuple[str, list]]:
+    """task_text's runs: (answer style, 1–6 train examples of one family and language), in order."""
     import random
     from collections import defaultdict
 
@@ -94,14 +109,15 @@ def task_text(n: int = 40_000, seed: int = 0) -> str:
     r = random.Random(f"task-text:{seed}")
     keys, out = sorted(pools), []
     while keys:
-        key, run = r.choice(keys), r.randint(1, 6)
-        out += pools[key][:run]
-        pools[key] = pools[key][run:]
+        key, size = r.choice(keys), r.randint(1, 6)
+        out.append((r.choice(ANSWER_STYLES[key[1]]) if styles else "{a}", pools[key][:size]))
+        pools[key] = pools[key][size:]
         keys = [k for k in keys if pools[k]]
-    return "".join(f"Q: {e.prompt}\nA: {e.answer}\n\n" for e in out)
+    return out
 
 
-GENERATED = {"tasks": "the task suite's train split as Q:/A: text (generated, seeded; for pretraining mixes)"}
+GENERATED = {"tasks": "the task suite's train split as Q:/A: text, each run of examples answering in one of three "
+                      "wordings (generated, seeded; for pretraining mixes)"}
 
 
 def _load_one(item: str) -> Source:
