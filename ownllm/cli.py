@@ -319,14 +319,15 @@ def cmd_eval(args) -> None:
 
         if not args.against:
             raise OwnLLMError("eval prefs: --against RUN is required (e.g. the SFT run the policy started from)")
-        res = evaluate_prefs(args.run, args.against, n=args.n or 200, temperature=args.temperature, reward=args.reward)
+        res = evaluate_prefs(args.run, args.against, n=args.n or 200, temperature=args.temperature, reward=args.reward,
+                             seed=args.seed)
         _write_samples(args.samples, res)
         print_prefs_report(res, args.run, args.against)
         return
     if args.suite == "reward":
         from ownllm.evaluation.prefs import evaluate_reward, print_reward_report
 
-        print_reward_report(evaluate_reward(args.run, data=args.data, n=args.n or 200))
+        print_reward_report(evaluate_reward(args.run, data=args.data, n=args.n or 200, seed=args.seed))
         return
     if args.suite == "agent":
         from ownllm.agent.sql import ReadOnlyDB, resolve_db
@@ -335,7 +336,8 @@ def cmd_eval(args) -> None:
         kb = _open_kb(args.kb or "demo", args.embedder)
         db = ReadOnlyDB(resolve_db(args.db or "demo"))
         try:
-            res = evaluate_agent(args.run, kb=kb, db=db, n_arith=args.n or 40, n_sql=args.n or 40, n_search=args.n or 20)
+            res = evaluate_agent(args.run, kb=kb, db=db, n_arith=args.n or 40, n_sql=args.n or 40, n_search=args.n or 20,
+                                 seed=args.seed)
         finally:
             kb.close(), db.close()
         _write_samples(args.samples, res)
@@ -345,14 +347,15 @@ def cmd_eval(args) -> None:
         from ownllm.evaluation.rag import evaluate_rag, print_rag_report
 
         with _open_kb(args.kb or "demo", args.embedder) as kb:
-            res = evaluate_rag(args.run, kb, n=args.n or 200)
+            res = evaluate_rag(args.run, kb, n=args.n or 200, seed=args.seed)
         _write_samples(args.samples, res)
         print_rag_report(res)
         return
     if args.suite == "tasks":
         from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
 
-        res = evaluate_tasks(args.run, shots=args.shots, n_per_family=args.n or 50, families=_families(args.families))
+        res = evaluate_tasks(args.run, shots=args.shots, n_per_family=args.n or 50, families=_families(args.families),
+                             seed=args.seed)
         _write_samples(args.samples, res)
         print_task_report(res)
         return
@@ -592,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="(tasks) K-shot prompts from the train split")
     p.add_argument("--n", type=int, help="(tasks) held-out prompts per family (50); (rag) questions (200); "
                    "(prefs, reward) held-out prompts (200)")
+    p.add_argument("--seed", type=int, default=0, help="(tasks, rag, agent, prefs, reward) which held-out draw: "
+                   "prompts, shots and (prefs) samples; 0 is the one every figure in the README uses unless it says")
     p.add_argument("--kb", help="(rag, agent) knowledge base file, or 'demo' (default)")
     p.add_argument("--db", help="(agent) SQLite database for the sql tool, or 'demo' (default)")
     p.add_argument("--embedder", help="(rag) sentence-embedding model directory, or 'none'")

@@ -1,4 +1,5 @@
 """The CLI end to end: exit codes, one-line errors, a tiny pretrain → eval → generate."""
+import json
 import subprocess
 import sys
 
@@ -81,7 +82,14 @@ def test_sft_eval_tasks_and_resume(capsys, tiny_sft, tmp_path):
     assert "chat template" in out[0]
     from ownllm.data.tasks import FAMILIES
 
-    assert len(samples.read_text().splitlines()) == 2 * len(FAMILIES)
+    lines = samples.read_text().splitlines()
+    assert len(lines) == 2 * len(FAMILIES)
+    # --seed draws other held-out prompts; the same seed the same ones
+    for seed, same in (("1", False), ("0", True)):
+        again = tmp_path / f"seed{seed}.jsonl"
+        assert main(["eval", "tasks", "--run", str(tiny_sft), "--n", "2", "--seed", seed, "--samples", str(again)]) == 0
+        prompts = [[json.loads(x)["prompt"] for x in f] for f in (lines, again.read_text().splitlines())]
+        assert (prompts[0] == prompts[1]) == same
     assert main(["eval", "tasks", "--run", str(tiny_sft), "--n", "3", "--families", "arithmetic, count"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "arithmetic=" in last and "count=" in last and "sort=" not in last
