@@ -11,6 +11,15 @@ first), with the task accuracy each costs (mean over the suite's families, exact
 greedy answers on these prompts). Ends with `RESULT ceiling_within_2_points=…` — the best win rate
 of a simulated policy that keeps task accuracy within 0.02 of SFT (issue 4's condition), ties
 counting half and (`decided_within_2_points`) over the comparisons that are not ties.
+
+    python bench/prefs_ceiling.py --run runs/sft --reward runs/rm [--best-of 8]
+
+adds what RL against a reward model could reach within the policy's own samples: K answers per
+prompt (temperature 1), the best one picked by the hidden rule (an oracle: the most any policy
+that only re-weights SFT's answers can win) and the one the reward model scores highest (what
+optimising that reward model selects — best-of-K sampling, the yardstick RL against a reward model
+is usually measured by), each against SFT's sample. Adds `oracle_best_of_K` and `rm_best_of_K`
+(of decided comparisons) to the RESULT line.
 """
 from __future__ import annotations
 
@@ -27,6 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True, help="the SFT run alignment starts from")
     ap.add_argument("--n", type=int, default=400, help="held-out preference prompts")
+    ap.add_argument("--reward", help="a reward-model run: also pick the best of --best-of samples by its score")
+    ap.add_argument("--best-of", type=int, default=8, help="answers sampled per prompt for the best-of rows")
     args = ap.parse_args()
 
     from ownllm.data.preferences import preference_prompts, sample_answers
@@ -70,7 +81,34 @@ def main() -> None:
         print(f"{'+ abstain on ' + f:<44}{score:>10.3f}{decided:>12.3f}{-spent:>15.3f}")
         if spent <= 0.02:
             best, best_decided = score, decided
-    print(result_line(ceiling_within_2_points=best, decided_within_2_points=best_decided, n=args.n))
+    extra = best_of(args, examples, theirs) if args.reward else {}
+    print(result_line(ceiling_within_2_points=best, decided_within_2_points=best_decided, n=args.n, **extra))
+
+
+def best_of(args, examples, theirs: list[str]) -> dict:
+    """Rows for the best of k ≤ K of the policy's own samples, picked by the hidden rule and by the
+    reward model, against SFT's sample; returns the RESULT keys for k = K."""
+    from ownllm.data.preferences import sample_answers
+    from ownllm.evaluation.judge import grade, prefer
+    from ownllm.evaluation.prefs import reward_scores
+
+    K = args.best_of
+    many = sample_answers(args.run, examples, K, 1000, progress=False)
+    flat = [a for answers in many for a in answers]
+    scores = reward_scores(args.reward, [ex for ex in examples for _ in range(K)], flat)
+    pickers = {"hidden rule": lambda i, ex, k: max(many[i][:k], key=lambda a: grade(ex, a)),
+               "reward model": lambda i, ex, k: many[i][max(range(k), key=lambda j: scores[i * K + j])]}
+    print(f"\n{'best of k own samples, picked by':<34}{'k':>4}{'won':>6}{'lost':>6}{'of decided':>12}")
+    out = {}
+    for name, pick in pickers.items():
+        for k in sorted({1, 2, 4, K}):
+            if k > K:
+                continue
+            v = [prefer(ex, pick(i, ex, k), b) for i, (ex, b) in enumerate(zip(examples, theirs))]
+            won, lost = v.count(1), v.count(-1)
+            print(f"{name:<34}{k:>4}{won:>6}{lost:>6}{won / max(1, won + lost):>12.3f}")
+            out[f"{'oracle' if name == 'hidden rule' else 'rm'}_best_of_{K}"] = won / max(1, won + lost)
+    return out
 
 
 if __name__ == "__main__":
