@@ -101,13 +101,12 @@ def best_of(args, examples, theirs: list[str]) -> dict:
     print(f"\n{'best of k own samples, picked by':<34}{'k':>4}{'won':>6}{'lost':>6}{'of decided':>12}")
     out = {}
     for name, pick in pickers.items():
-        for k in sorted({1, 2, 4, K}):
-            if k > K:
-                continue
+        for k in sorted(k for k in {1, 2, 4, K} if k <= K):
             v = [prefer(ex, pick(i, ex, k), b) for i, (ex, b) in enumerate(zip(examples, theirs))]
             won, lost = v.count(1), v.count(-1)
             print(f"{name:<34}{k:>4}{won:>6}{lost:>6}{won / max(1, won + lost):>12.3f}")
-            out[f"{'oracle' if name == 'hidden rule' else 'rm'}_best_of_{K}"] = won / max(1, won + lost)
+            if k == K:
+                out[f"{'oracle' if name == 'hidden rule' else 'rm'}_best_of_{K}"] = won / max(1, won + lost)
     return out
 
 
