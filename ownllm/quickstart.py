@@ -23,6 +23,24 @@ from ownllm.metrics import MetricsLog, plot_curves
 
 
 NOT_EXPORTED = f"the model {SMEAR_UNEXPORTABLE}; `ownllm quickstart --llama` trains a plain Llama and exports it"
+# Pretraining steps per second of the runs the README's quickstart rows measure (stops 23-25: 365, 366 steps in
+# 120 s on 2 cores). The budgets are seconds, so a slower host trains every stage for fewer steps: stop 26's host
+# ran 196 (0.54x) and its SFT reached 0.780 where stop 25's reached 0.918 (README, "quickstart, stop 26").
+REFERENCE_STEPS_PER_S = 3.0
+
+
+def host_speed_hint(steps: int, seconds: float, budgets: dict[str, float], reference: float = REFERENCE_STEPS_PER_S,
+                    slow: float = 0.75) -> tuple[float, str | None]:
+    """(this host's pretraining speed / the reference's, a hint or None): where the host ran under
+    `slow` of the reference's steps per second, the hint names budgets that give it the reference's
+    step counts (each budget / speed, rounded up to 10 s)."""
+    speed = steps / max(seconds, 1e-9) / reference
+    if speed >= slow:
+        return speed, None
+    scaled = " ".join(f"--{k.replace('_', '-')} {10 * -(-v / speed // 10):.0f}" for k, v in budgets.items())
+    return speed, (f"this host trained {steps} steps in {seconds:.0f}s, {speed:.2f}x the {reference:.1f} steps/s the "
+                   f"README's quickstart rows were measured at: every stage gets that share of their steps, so expect "
+                   f"weaker numbers than theirs. The same step counts here: ownllm quickstart {scaled}")
 
 
 def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120.0, sft_budget: float = 420.0,
@@ -63,6 +81,10 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
                    preset="tiny", model_overrides=recipe, overwrite=True, log=log)
     for r in pre["sources"]:
         log(f"  {r['source']:<16} val_loss {r['val_loss']:.4f}  val_bpb {r['val_bpb']:.4f}")
+    speed, hint = host_speed_hint(pre["step"], pre["elapsed_s"], {"pretrain_budget": pretrain_budget,
+                                  "sft_budget": sft_budget, "rlhf_budget": rlhf_budget})
+    if hint:
+        log(f"note: {hint}")
     samples = {p: p + generate_text(base, p, max_new_tokens=80, temperature=0.8, seed=1) for p in ("ROMEO:\n", "春风")}
     for s in samples.values():
         log("--- sample ---\n" + s)
@@ -124,10 +146,10 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = 120
                        **sft_tasks["per_family"]},
                "rag": {k: rag[k] for k in ("retrieval", "rag", "rag_verified", "closed_book")},
                "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
-               "rlhf": rlhf, "wall_s": wall}
+               "rlhf": rlhf, "wall_s": wall, "host_speed": speed}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent,
-                                           exported) + _rlhf_report(rlhf), encoding="utf-8")
+                                           exported, hint) + _rlhf_report(rlhf), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
     log(f"RESULT val_bpb={mean_bpb:.4f} base_zero_shot={base_tasks[0]['mean_exact_match']:.4f} "
@@ -214,11 +236,12 @@ def _plot_tasks(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent, exported) -> str:
+def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent, exported, hint=None) -> str:
     fams = list(sft_tasks["per_family"])
     L = ["# ownllm quickstart report card", "",
          f"The whole pipeline in {wall / 60:.1f} minutes of wall time on this machine. Each stage's run directory "
          "holds its config, weights, metrics.jsonl and plots.", "",
+         *([f"Note: {hint}", ""] if hint else []),
          "## 1. Pretraining (`base/`)", "",
          f"{pre['step']} steps in {pre['elapsed_s']:.0f}s of training ({pre['dtype']}).", "",
          "| held-out source | tokens | val loss (nats/token) | bits per byte |", "|---|---:|---:|---:|"]
