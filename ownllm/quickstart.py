@@ -23,7 +23,7 @@ from ownllm.metrics import MetricsLog, plot_curves
 
 
 NOT_EXPORTED = f"the model {SMEAR_UNEXPORTABLE}; `ownllm quickstart --llama` trains a plain Llama and exports it"
-# Pretraining steps per second of the runs the README's quickstart rows measure (stops 23-25: 365, 366 steps in
+# Pretraining steps per second of the runs the README's quickstart rows measure (stops 23 and 25: 365 and 366 steps in
 # 120 s on 2 cores). The budgets are seconds, so a slower host trains every stage for fewer steps: stop 26's host
 # ran 196 (0.54x) and its SFT reached 0.780 where stop 25's reached 0.918 (README, "quickstart, stop 26").
 REFERENCE_STEPS_PER_S = 3.0
