@@ -104,9 +104,10 @@ def best_of(args, examples, theirs: list[str]) -> dict:
         for k in sorted(k for k in {1, 2, 4, K} if k <= K):
             v = [prefer(ex, pick(i, ex, k), b) for i, (ex, b) in enumerate(zip(examples, theirs))]
             won, lost = v.count(1), v.count(-1)
-            print(f"{name:<34}{k:>4}{won:>6}{lost:>6}{won / max(1, won + lost):>12.3f}")
+            rate = won / max(1, won + lost)
+            print(f"{name:<34}{k:>4}{won:>6}{lost:>6}{rate:>12.3f}")
             if k == K:
-                out[f"{'oracle' if name == 'hidden rule' else 'rm'}_best_of_{K}"] = won / max(1, won + lost)
+                out[f"{'oracle' if name == 'hidden rule' else 'rm'}_best_of_{K}"] = rate
     return out
 
 
