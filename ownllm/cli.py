@@ -558,7 +558,7 @@ def cmd_chat(args) -> None:
 def cmd_quickstart(args) -> None:
     from ownllm.quickstart import quickstart
 
-    budgets = {k: getattr(args, k) for k in ("pretrain_budget", "sft_budget", "rlhf_budget") if getattr(args, k) is not None}
+    budgets = {k: v for k in ("pretrain_budget", "sft_budget", "rlhf_budget") if (v := getattr(args, k)) is not None}
     quickstart(args.out, n_eval=args.n_eval, data=args.data, llama=args.llama, **budgets)
 
 
@@ -795,17 +795,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=TEMPLATE_ARG_HELP)
     p.set_defaults(func=cmd_chat)
 
+    from ownllm.config import QUICKSTART_BUDGETS as budgets
+
     p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--pretrain-budget", type=float, help="seconds of pretraining (default 120)")
-    p.add_argument("--sft-budget", type=float, help="seconds of supervised fine-tuning (default 420; the task suite "
-                   "learns faster from SFT time than from pretraining time: README)")
+    p.add_argument("--pretrain-budget", type=float,
+                   help=f"seconds of pretraining (default {budgets['pretrain_budget']:.0f})")
+    p.add_argument("--sft-budget", type=float, help=f"seconds of supervised fine-tuning (default "
+                   f"{budgets['sft_budget']:.0f}; the task suite learns faster from SFT time than from pretraining "
+                   "time: README)")
     p.add_argument("--n-eval", type=int, default=50, help="held-out prompts per task family")
     p.add_argument("--data", default="shakespeare,chinese-poetry,tasks", help="pretraining sources ('tasks': the "
                    "task suite's train split as text)")
-    p.add_argument("--rlhf-budget", type=float, help="seconds of training for the reward model, DPO, "
-                   "PPO and GRPO together (a quarter each; default 240). On a host slower than the README's, the "
-                   "quickstart prints the three budgets that give it the README's step counts")
+    p.add_argument("--rlhf-budget", type=float, help="seconds of training for the reward model, DPO, PPO and GRPO "
+                   f"together (a quarter each; default {budgets['rlhf_budget']:.0f}). On a host slower than the "
+                   "README's, the quickstart prints the three budgets that give it the README's step counts")
     p.add_argument("--llama", action="store_true", help="a plain Llama model (exportable to transformers and GGUF) "
                    "instead of the recipe with smear, q/k norms and the copy warm-up, which learns to look values "
                    "up in its prompt (README: what moved lookup)")

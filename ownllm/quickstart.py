@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from ownllm.config import TrainConfig
+from ownllm.config import QUICKSTART_BUDGETS as BUDGETS, TrainConfig
 from ownllm.interop.hf import SMEAR_UNEXPORTABLE
 from ownllm.metrics import MetricsLog, plot_curves
 
@@ -27,7 +27,6 @@ NOT_EXPORTED = f"the model {SMEAR_UNEXPORTABLE}; `ownllm quickstart --llama` tra
 # 120 s on 2 cores). The budgets are seconds, so a slower host trains every stage for fewer steps: stop 26's host
 # ran 196 (0.54x) and its SFT reached 0.780 where stop 25's reached 0.918 (README, "quickstart, stop 26").
 REFERENCE_STEPS_PER_S = 3.0
-BUDGETS = {"pretrain_budget": 120.0, "sft_budget": 420.0, "rlhf_budget": 240.0}  # the quickstart's defaults (s)
 
 
 def host_speed_hint(steps: int, seconds: float, reference: float = REFERENCE_STEPS_PER_S,
