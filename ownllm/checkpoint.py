@@ -71,7 +71,7 @@ def commit_files(run_dir: str | Path, files: dict[str, bytes | Any]) -> None:
 
 def _clean_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Weights to save (the model's, or `weights` given for it): tied lm_head is not stored twice;
-    tensors made contiguous fp32 copies."""
+    tensors made contiguous CPU copies in their own dtype."""
     sd = dict(model.state_dict() if weights is None else weights)
     if getattr(model.config, "tie_embeddings", False):
         sd.pop("lm_head.weight", None)

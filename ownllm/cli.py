@@ -510,11 +510,15 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from ownllm.interop.hf import import_hf
+    from ownllm.interop.hub import import_model
 
-    r = import_hf(args.hf, args.out, overwrite=args.overwrite)
+    source = args.source or args.hf
+    if not source or (args.source and args.hf):
+        raise OwnLLMError("import: give one source — a .gguf file, a model directory or a hub id (or --hf DIR|ID)")
+    r = import_model(source, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"{r['out']}: {r['parameters'] / 1e6:.2f}M parameters, {r['layers']} layers, dim {r['dim']}, "
-          f"vocab {r['vocab_size']}{', tied embeddings' if r['tied'] else ''}; use it as --run or --base")
+          f"vocab {r['vocab_size']}{', tied embeddings' if r['tied'] else ''}, stored as {r['dtype']} "
+          f"({r['bytes'] / 1e6:.1f} MB); use it as --run or --base")
     if r["chat_template"]:
         print(f"chats with its own chat template (tokenizer_config.json), replies end at {', '.join(r['stop_tokens'])}; "
               "`ownllm sft --base` fine-tunes it in that template")
@@ -770,13 +774,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="hf: the directory to write (config.json, model.safetensors, tokenizer); "
                    "gguf: the file")
     p.add_argument("--format", default="hf", choices=["hf", "gguf"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights (default: float32 for hf, float16 for gguf; gguf has no bfloat16 here)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "q8_0", "q4_0"],
+                   help="weights (default: float32 for hf, float16 for gguf; q8_0 and q4_0: gguf only)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="bring a Hugging Face Llama, Qwen2 or Qwen3 directory (another model, or an ownllm export trained elsewhere) in as a run")
-    p.add_argument("--hf", required=True, help="directory with config.json, model.safetensors (or an index of shards), tokenizer.json")
+    p = sub.add_parser("import", help="bring a Llama, Qwen2 or Qwen3 model in as a run: a GGUF file, a Hugging Face "
+                       "directory or hub id (another model, or an ownllm export trained elsewhere)")
+    p.add_argument("source", nargs="?", help="a .gguf file, a directory with config.json, model.safetensors and "
+                   "tokenizer.json, or a hub id ORG/NAME[@REVISION][:FILE.gguf]; an existing path wins over a hub id")
+    p.add_argument("--hf", help="the same as SOURCE (a directory or a hub id)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="stored weights (default: the source's precision; bfloat16 for a quantised GGUF)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_import)

@@ -168,7 +168,8 @@ def test_gguf_export_reads_back_and_runs_like_the_run(tmp_path, small_tokenizer,
     assert main(["export", "--run", str(run), "--out", str(half), "--format", "gguf"]) == 2   # exists
     assert main(["export", "--run", str(run), "--out", str(tmp_path), "--format", "gguf"]) == 2  # a directory
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "b.gguf"), "--format", "gguf",
-                 "--dtype", "bfloat16"]) == 2
+                 "--dtype", "bfloat16"]) == 0
+    assert gguf.GGUFReader(tmp_path / "b.gguf").tensors[1].tensor_type.name in ("BF16", "F32")
     rm_run, _ = _run(tmp_path, small_tokenizer, "rm", score_head=True)
     assert main(["export", "--run", str(rm_run), "--out", str(tmp_path / "rm.gguf"), "--format", "gguf"]) == 2
     padded, _ = _run(tmp_path, small_tokenizer, "padded", vocab_size=small_tokenizer.vocab_size + 8)
@@ -275,8 +276,14 @@ def test_import_of_another_models_llama_keeps_its_tokens_and_logits(tmp_path, ca
     torch.testing.assert_close(new_rows, hf.model.embed_tokens.weight.mean(0).expand_as(new_rows))
     assert tok.render([{"role": "user", "content": "hi"}], add_generation_prompt=True).ids[-1] == tok.special["<|assistant|>"]
     assert isinstance(generate_text(tmp_path / "run", "Varnok", max_new_tokens=5, temperature=0), str)
-    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
-    assert "not ownllm's byte-level BPE" in capsys.readouterr().err   # its pre-tokenizer is not the one GGUF names
+    # out to GGUF with its own GPT-2 split, and back: the same tokens and logits
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--format", "gguf",
+                 "--dtype", "float32"]) == 0
+    assert main(["import", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back")]) == 0
+    back, back_tok = load_run(tmp_path / "back")
+    assert back_tok.encode(text) == ids and back_tok.stop_ids == tok.stop_ids
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_qwen2_layout_with_qkv_biases_matches_transformers_both_ways(tmp_path, small_tokenizer, capsys):
@@ -300,8 +307,7 @@ def test_qwen2_layout_with_qkv_biases_matches_transformers_both_ways(tmp_path, s
         full = model(x)
         quantize_int8(model)
         assert (model(x) - full).abs().max() < 0.05 * full.abs().max()   # biases survive int8
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
-    assert "Qwen2" in capsys.readouterr().err
+    _gguf_round_trip(tmp_path, run, x, full, arch="qwen2")
 
     hf.model.layers[1].self_attn.k_proj.bias.data.add_(0.3)      # trained elsewhere, then brought back
     hf.save_pretrained(tmp_path / "qwen")
@@ -397,4 +403,23 @@ def test_qwen3_and_llama3_rope_import_and_export_match_transformers(tmp_path, sm
         torch.testing.assert_close(back(x).logits, want, rtol=1e-4, atol=1e-4)
         quantize_int8(model)
         assert (model(x) - want).norm() < 0.05 * want.norm()     # int8 keeps the q/k norms and scaled RoPE
-    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
+    if arch == "qwen3":
+        _gguf_round_trip(tmp_path, tmp_path / "run", x, want, arch="qwen3")
+    else:   # Llama 3's frequency scaling is a tensor llama.cpp's converter computes; not written here
+        assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
+
+
+def _gguf_round_trip(tmp_path, run, x, want, arch):
+    """`run` exported to GGUF in float32 and imported again gives `want` (its logits on x); the
+    architecture is named in the file, and the weights are not permuted outside `llama`."""
+    import gguf
+
+    from ownllm.inference.generate import load_run
+
+    out = tmp_path / f"{arch}.gguf"
+    assert main(["export", "--run", str(run), "--out", str(out), "--format", "gguf", "--dtype", "float32"]) == 0
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == arch
+    assert main(["import", str(out), "--out", str(tmp_path / f"{arch}_back")]) == 0
+    back, _ = load_run(tmp_path / f"{arch}_back")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), want, rtol=1e-4, atol=1e-4)

@@ -1,24 +1,29 @@
 """GGUF export (`ownllm export --format gguf`): one file that llama.cpp-family runtimes load.
 
-Where it sits: beside the Hugging Face export (hf.py), from the same run directory. Written by our
-own ~150-line writer of the GGUF v3 layout: a header, typed key/value metadata, a table of tensor
-descriptions, then the tensors, each aligned to 32 bytes. What goes in:
-  - `general.*` and `llama.*` hyper-parameters (the model is the Llama architecture);
-  - the byte-level BPE as `tokenizer.ggml.model = gpt2` with tokens, token types (specials are
-    control tokens), merges, and `tokenizer.ggml.pre = refact`: the llama.cpp pre-tokenizer that
-    isolates every digit and then applies GPT-2's regex, which is exactly ours;
-  - bos/eos/pad ids, `<|end|>` as the end-of-turn token, and the chat template (Jinja);
-  - the weights under llama.cpp's names. q and k are permuted per head from Hugging Face's
-    rotate-half RoPE layout to the interleaved pairs llama.cpp rotates (the inverse of what its
-    HF converter undoes); norms stay float32, matrices are float32 or float16.
-Tests read the file back with the `gguf` package (an independent reader) and run a reference
-forward pass with interleaved RoPE on the tensors it returns: the logits equal the run's.
+Where it sits: beside the Hugging Face export (hf.py), from the same run directory, for Llama,
+Qwen2 and Qwen3 runs — ours and imported ones alike. The file is written with the `gguf`
+package's writer and quantiser (llama.cpp's own Python code). What goes in:
+  - `general.*` and `<arch>.*` hyper-parameters for the architecture llama.cpp calls `llama`,
+    `qwen2` (q/k/v biases) or `qwen3` (q/k norms);
+  - the byte-level BPE as `tokenizer.ggml.model = gpt2` with tokens, token types (special tokens
+    are control tokens), merges, and the `tokenizer.ggml.pre` whose split is the run's own:
+    ours isolates every digit and then applies GPT-2's regex (`refact`); an imported tokenizer
+    maps back to the name it came with (gguf_import.PRE_TOKENIZERS), and one llama.cpp has no
+    name for is refused rather than written wrong;
+  - bos/eos/pad ids, the first stop token as end-of-turn, and the chat template (Jinja);
+  - the weights under llama.cpp's names. For `llama` only, q and k are permuted per head from
+    Hugging Face's rotate-half RoPE layout to the interleaved pairs llama.cpp rotates there (the
+    inverse of what its HF converter undoes); Qwen files keep rotate-half. Norms and biases stay
+    float32; matrices are F32, F16, BF16, Q8_0 or Q4_0 (a matrix whose rows do not split into
+    32-value blocks falls back to F16, as llama.cpp's converter does).
+Tests read the file back with the `gguf` package and run a reference forward pass with
+interleaved RoPE on the tensors it returns, and import it again: the logits equal the run's
+within the type's error.
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +31,10 @@ import torch
 
 from ownllm.errors import OwnLLMError
 
-ALIGNMENT = 32
-GGUF_VERSION = 3
-# value types of the GGUF spec
-U32, I32, F32, BOOL, STRING, ARRAY, U64 = 4, 5, 6, 7, 8, 9, 10
-# tensor types
-GGML_F32, GGML_F16 = 0, 1
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
-FILE_TYPES = {"float32": (0, GGML_F32, np.float32), "float16": (1, GGML_F16, np.float16)}
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
+# --dtype → (general.file_type as llama.cpp numbers it, the matrices' type name in gguf)
+FILE_TYPES = {"float32": (0, "F32"), "float16": (1, "F16"), "bfloat16": (32, "BF16"),
+              "q8_0": (7, "Q8_0"), "q4_0": (2, "Q4_0")}
 
 
 def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -44,76 +45,47 @@ def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def gguf_tensor_names(n_layers: int) -> dict[str, str]:
-    """Our parameter names (the Llama layout) → llama.cpp's."""
+    """Our parameter names → llama.cpp's (biases and q/k norms included)."""
     names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
+    per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    for p in "qkv":
+        per_layer[f"self_attn.{p}_proj.weight"] = f"attn_{p}.weight"
+        per_layer[f"self_attn.{p}_proj.bias"] = f"attn_{p}.bias"
+    for p in "qk":
+        per_layer[f"self_attn.{p}_norm.weight"] = f"attn_{p}_norm.weight"
     for i in range(n_layers):
         for ours, theirs in per_layer.items():
-            names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+            names[f"layers.{i}.{ours}"] = f"blk.{i}.{theirs}"
     return names
 
 
-class _Writer:
-    def __init__(self):
-        self.buf = bytearray()
+def gguf_architecture(cfg) -> str:
+    from ownllm.interop.hf import hf_family
 
-    def u32(self, v): self.buf += struct.pack("<I", v)
-    def u64(self, v): self.buf += struct.pack("<Q", v)
-
-    def string(self, s: str):
-        b = s.encode("utf-8")
-        self.u64(len(b))
-        self.buf += b
-
-    def value(self, v):
-        """A typed value: bool, int (uint32, or int32 if negative), float (float32), str, or a
-        list of one of those (an array)."""
-        if isinstance(v, bool):
-            self.u32(BOOL); self.buf += struct.pack("<?", v)
-        elif isinstance(v, int):
-            self.u32(I32 if v < 0 else U32); self.buf += struct.pack("<i" if v < 0 else "<I", v)
-        elif isinstance(v, float):
-            self.u32(F32); self.buf += struct.pack("<f", v)
-        elif isinstance(v, str):
-            self.u32(STRING); self.string(v)
-        elif isinstance(v, list):
-            self.u32(ARRAY)
-            kinds = {type(x) for x in v}
-            if kinds == {str}:
-                self.u32(STRING); self.u64(len(v))
-                for s in v:
-                    self.string(s)
-            elif kinds == {int}:
-                self.u32(I32); self.u64(len(v)); self.buf += struct.pack(f"<{len(v)}i", *v)
-            else:
-                raise TypeError(f"GGUF arrays here hold str or int, not {kinds}")
-        else:
-            raise TypeError(f"no GGUF type for {type(v).__name__}")
-
-    def pad(self):
-        self.buf += b"\0" * (-len(self.buf) % ALIGNMENT)
+    return hf_family(cfg).lower()
 
 
 def gguf_metadata(cfg, tok, name: str, file_type: int) -> dict:
-    from ownllm.tokenizer import SPECIAL_TOKENS, pre_tokenizer_spec
+    from ownllm.interop.gguf_import import pre_tokenizer_name
+    from ownllm.tokenizer import SPECIAL_TOKENS
 
     spec = json.loads(tok.hf.to_str())
-    if spec.get("pre_tokenizer") != pre_tokenizer_spec() or spec["model"].get("type") != "BPE":
-        raise OwnLLMError("the tokenizer is not ownllm's byte-level BPE (a model imported with its own tokenizer): "
-                          "GGUF export writes ownllm's pre-tokenizer only — export to a Hugging Face directory "
-                          "and convert that with llama.cpp's convert_hf_to_gguf.py")
+    pre = pre_tokenizer_name(spec)
+    if pre is None:
+        raise OwnLLMError("the tokenizer is not a byte-level BPE whose split llama.cpp names (a SentencePiece-style "
+                          "vocabulary, or a pre-tokenizer of its own): export to a Hugging Face directory and "
+                          "convert that with llama.cpp's convert_hf_to_gguf.py")
     vocab = spec["model"]["vocab"]
     tokens = [""] * tok.vocab_size
     for piece, i in vocab.items():
         tokens[i] = piece
-    specials = set()
+    specials, user = set(), set()
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
-        specials.add(added["id"])
+        (specials if added.get("special") else user).add(added["id"])
     if any(t == "" for t in tokens):
         raise OwnLLMError("tokenizer: some ids have no token; cannot write a GGUF vocabulary")
     if cfg.vocab_size < len(tokens):
@@ -121,53 +93,73 @@ def gguf_metadata(cfg, tok, name: str, file_type: int) -> dict:
     n_real = len(tokens)
     tokens += [f"[PAD{i}]" for i in range(n_real, cfg.vocab_size)]  # llama.cpp wants one token per embedding row
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    special_ids = {tok.hf.token_to_id(t) for t in SPECIAL_TOKENS}
-    return {
-        "general.architecture": "llama", "general.name": name, "general.file_type": file_type,
-        "general.alignment": ALIGNMENT,
-        "llama.vocab_size": cfg.vocab_size, "llama.context_length": cfg.max_seq_len,
-        "llama.embedding_length": cfg.dim, "llama.block_count": cfg.n_layers,
-        "llama.feed_forward_length": cfg.ffn_dim, "llama.rope.dimension_count": cfg.head_dim,
-        "llama.attention.head_count": cfg.n_heads, "llama.attention.head_count_kv": cfg.n_kv_heads,
-        "llama.attention.key_length": cfg.head_dim, "llama.attention.value_length": cfg.head_dim,
-        "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps), "llama.rope.freq_base": float(cfg.rope_theta),
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "refact",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": [TOKEN_UNUSED if i >= n_real else TOKEN_CONTROL if i in specials | special_ids
-                                      else TOKEN_NORMAL for i in range(len(tokens))],
-        "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.bos_token_id": tok.bos_id, "tokenizer.ggml.eos_token_id": tok.eos_id,
-        "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.eot_token_id": tok.stop_ids[0],
-        "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False,
-        "tokenizer.chat_template": tok.chat_template,
+    specials |= {tok.hf.token_to_id(t) for t in SPECIAL_TOKENS}
+    # an imported template names its own bos/eos; ours are <|bos|> and <|eos|>
+    named = tok.template.variables if tok.template else {}
+    bos, eos = (tok.hf.token_to_id(named[k]) if named.get(k) else None for k in ("bos_token", "eos_token"))
+    bos = tok.bos_id if bos is None else bos
+    eos = tok.eos_id if eos is None else eos
+    # a tokenizer that prepends bos by itself (Llama 3's post-processor) tells llama.cpp to do the same
+    adds_bos = tok.template is not None and tok.hf.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    arch = gguf_architecture(cfg)
+    a = arch + "."
+    meta = {
+        "general.name": name, "general.file_type": file_type,
+        a + "vocab_size": cfg.vocab_size, a + "context_length": cfg.max_seq_len,
+        a + "embedding_length": cfg.dim, a + "block_count": cfg.n_layers,
+        a + "feed_forward_length": cfg.ffn_dim, a + "rope.dimension_count": cfg.head_dim,
+        a + "attention.head_count": cfg.n_heads, a + "attention.head_count_kv": cfg.n_kv_heads,
+        a + "attention.key_length": cfg.head_dim, a + "attention.value_length": cfg.head_dim,
+        a + "attention.layer_norm_rms_epsilon": float(cfg.norm_eps), a + "rope.freq_base": float(cfg.rope_theta),
     }
+    if cfg.rope_scaling:
+        meta.update({a + "rope.scaling.type": "linear", a + "rope.scaling.factor": float(cfg.rope_scaling["factor"])})
+    meta.update({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [TOKEN_UNUSED if i >= n_real else TOKEN_CONTROL if i in specials
+                                      else TOKEN_USER_DEFINED if i in user else TOKEN_NORMAL
+                                      for i in range(len(tokens))],
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": bos, "tokenizer.ggml.eos_token_id": eos,
+        "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.eot_token_id": tok.stop_ids[0],
+        "tokenizer.ggml.add_bos_token": adds_bos, "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.chat_template": tok.chat_template,
+    })
+    return meta
 
 
-def write_gguf(path: Path, metadata: dict, tensors: dict[str, np.ndarray]) -> None:
-    w = _Writer()
-    w.buf += b"GGUF"
-    w.u32(GGUF_VERSION)
-    w.u64(len(tensors))
-    w.u64(len(metadata))
-    for key, value in metadata.items():
-        w.string(key)
-        w.value(value)
-    offset = 0
-    for name, arr in tensors.items():
-        w.string(name)
-        w.u32(arr.ndim)
-        for d in reversed(arr.shape):  # GGUF lists dimensions innermost first
-            w.u64(d)
-        w.u32(GGML_F16 if arr.dtype == np.float16 else GGML_F32)
-        w.u64(offset)
-        offset += arr.nbytes + (-arr.nbytes % ALIGNMENT)
-    w.pad()
-    with open(path, "wb") as f:
-        f.write(w.buf)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
-            f.write(b"\0" * (-arr.nbytes % ALIGNMENT))
-        f.flush()
+def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
+    """Metadata (bool, int: uint32 or int32 if negative, float: float32, str, list of str or int)
+    and tensors ({name: (array, gguf type name)}; float arrays are quantised here) as one file."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    w = GGUFWriter(path, arch)
+    for key, v in metadata.items():
+        if isinstance(v, bool):
+            w.add_bool(key, v)
+        elif isinstance(v, int):
+            w.add_uint32(key, v) if v >= 0 else w.add_int32(key, v)
+        elif isinstance(v, float):
+            w.add_float32(key, v)
+        elif isinstance(v, str):
+            w.add_string(key, v)
+        elif isinstance(v, list):
+            w.add_array(key, v)
+        else:
+            raise TypeError(f"no GGUF type for {key}: {type(v).__name__}")
+    for name, (arr, kind) in tensors.items():
+        qtype = GGMLQuantizationType[kind]
+        if kind in ("F32", "F16"):
+            w.add_tensor(name, arr.astype(np.float32 if kind == "F32" else np.float16))
+        else:
+            w.add_tensor(name, quantize(arr.astype(np.float32), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 
@@ -179,7 +171,7 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwr
 
     run, out = Path(run), Path(out)
     if dtype not in FILE_TYPES:
-        raise OwnLLMError(f"--dtype {dtype}: GGUF export writes {' or '.join(FILE_TYPES)}")
+        raise OwnLLMError(f"--dtype {dtype}: GGUF export writes {', '.join(FILE_TYPES)}")
     if out.is_dir():
         raise OwnLLMError(f"{out}: is a directory; GGUF export writes one file (e.g. --out model.gguf)")
     if out.exists() and not overwrite:
@@ -192,36 +184,38 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwr
                           "use the Hugging Face export for it")
     if cfg.smear:
         raise OwnLLMError(f"{run}: {SMEAR_UNEXPORTABLE}{SMEAR_HINT}")
-    if cfg.attention_bias:
-        raise OwnLLMError(f"{run}: has q/k/v biases (the Qwen2 architecture); GGUF export writes Llama models only "
-                          "so far — use the Hugging Face export for it")
-    if cfg.qk_norm or cfg.attn_head_dim or cfg.rope_scaling:
-        raise OwnLLMError(f"{run}: has q/k norms, its own head size or scaled RoPE (Qwen3 / Llama 3 imports); GGUF "
-                          "export writes plain Llama models only so far — use the Hugging Face export for it")
+    if cfg.attn_head_dim and not cfg.qk_norm:
+        raise OwnLLMError(f"{run}: a head size other than dim / n_heads outside the Qwen3 layout; llama.cpp's "
+                          "llama and qwen2 architectures cannot hold it — use the Hugging Face export for it")
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") != "linear":
+        raise OwnLLMError(f"{run}: RoPE scaling {cfg.rope_scaling.get('rope_type')!r} (Llama 3) is not written to "
+                          "GGUF here — use the Hugging Face export and llama.cpp's converter for it")
     tok = Tokenizer.load(run)
-    file_type, _, np_dtype = FILE_TYPES[dtype]
+    file_type, kind = FILE_TYPES[dtype]
+    arch = gguf_architecture(cfg)
     names = gguf_tensor_names(cfg.n_layers)
     tensors = {}
     for ours, t in state.items():
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue  # llama.cpp uses token_embd for the output when output.weight is absent
         t = t.detach().float()
-        if ours.endswith("q_proj.weight"):
+        if arch == "llama" and ours.endswith("q_proj.weight"):
             t = permute_rope(t, cfg.n_heads)
-        elif ours.endswith("k_proj.weight"):
+        elif arch == "llama" and ours.endswith("k_proj.weight"):
             t = permute_rope(t, cfg.n_kv_heads)
         arr = t.numpy()
-        tensors[names[ours]] = arr.astype(np.float32 if arr.ndim == 1 else np_dtype)
+        blocked = kind in ("F32", "F16", "BF16") or arr.shape[-1] % 32 == 0
+        tensors[names[ours]] = (arr, "F32" if arr.ndim == 1 else kind if blocked else "F16")
     meta = gguf_metadata(cfg, tok, run.name, file_type)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     try:
-        write_gguf(tmp, meta, tensors)
+        write_gguf(tmp, arch, meta, tensors)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"out": str(out), "architecture": "llama (GGUF)", "dtype": dtype, "tensors": len(tensors),
-            "parameters": sum(a.size for a in tensors.values()), "bytes": out.stat().st_size,
+    return {"out": str(out), "architecture": f"{arch} (GGUF)", "dtype": dtype, "tensors": len(tensors),
+            "parameters": sum(a.size for a, _ in tensors.values()), "bytes": out.stat().st_size,
             "lora_merged": lora_merged}
 

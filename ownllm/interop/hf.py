@@ -7,8 +7,9 @@ chat template included; tests check logits, chat-template ids and greedy generat
 transformers. Our parameter names are HF's without the leading `model.` (lm_head keeps its
 name), so the mapping is a prefix; no tensor is permuted because we use HF's rotate-half RoPE
 convention. LoRA adapters are folded into the weights on the way out.
-`ownllm import --hf DIR --out R` goes the other way for a Llama, Qwen2 or Qwen3 directory (single
-or sharded safetensors, any float dtype, stored as float32): an ownllm export trained elsewhere
+`ownllm import DIR --out R` goes the other way for a Llama, Qwen2 or Qwen3 directory (single or
+sharded safetensors, stored in the checkpoint's own float type unless --dtype says otherwise;
+`finish_import` is shared with the GGUF import): an ownllm export trained elsewhere
 comes back unchanged; another model keeps its tokenizer, gains ownllm's chat tokens and keeps its
 own chat template (`import_hf`). Sliding windows, other RoPE scalings and other features the
 model cannot run exactly are refused by name.
@@ -243,26 +244,35 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 
 
 def _import_tokenizer(src: Path):
-    """(Tokenizer, names of chat tokens added). Another model's tokenizer.json is used as it is and
-    gains ownllm's chat tokens (appended as special tokens) when it lacks them; its chat template
-    (tokenizer_config.json) comes along, ending replies at generation_config.json's eos tokens."""
-    from tokenizers import AddedToken
-
-    from ownllm.chat_template import ChatTemplate
+    """(Tokenizer, names of chat tokens added) of a transformers directory. An ownllm export comes
+    back with the template it kept, if any; another model's tokenizer.json goes through
+    `with_chat_tokens` with its tokenizer_config.json and generation_config.json's stops."""
     from ownllm.tokenizer import SPECIAL_TOKENS, Tokenizer, read_tokenizer_file, saved_template
 
     if not (src / "tokenizer.json").is_file():
         raise OwnLLMError(f"{src}: no tokenizer.json (a fast tokenizer file is needed; sentencepiece .model files are not read)")
     hf_tok = read_tokenizer_file(src)
-    missing = [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
-    if not missing:   # an ownllm export (of an imported model, maybe): the template it kept, if any
-        return Tokenizer(hf_tok, saved_template(src)), missing
-    hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    if all(hf_tok.token_to_id(t) is not None for t in SPECIAL_TOKENS):
+        return Tokenizer(hf_tok, saved_template(src)), []
     tok_cfg = _json_object(src / "tokenizer_config.json")
     if tok_cfg.get("chat_template") is None and (src / "chat_template.jinja").is_file():
         tok_cfg["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
     stops = _stop_tokens(hf_tok, tok_cfg, _json_object(src / "generation_config.json"), src)
-    template = ChatTemplate.from_tokenizer_config(tok_cfg, stops, origin=str(src / "tokenizer_config.json"))
+    return with_chat_tokens(hf_tok, tok_cfg, stops, origin=str(src / "tokenizer_config.json"))
+
+
+def with_chat_tokens(hf_tok, tok_cfg: dict, stops: list[str], origin: str):
+    """(Tokenizer, names of chat tokens added): another model's tokenizer used as it is, gaining
+    ownllm's chat tokens (appended as special tokens) where it lacks them, with its own chat
+    template (`tok_cfg`, tokenizer_config.json's fields) ending replies at `stops`."""
+    from tokenizers import AddedToken
+
+    from ownllm.chat_template import ChatTemplate
+    from ownllm.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+    missing = [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
+    hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    template = ChatTemplate.from_tokenizer_config(tok_cfg, stops, origin=origin)
     return Tokenizer(hf_tok, template), missing
 
 
@@ -295,54 +305,78 @@ def _stop_tokens(hf_tok, tok_cfg: dict, gen_cfg: dict, src: Path) -> list[str]:
     return stops
 
 
-def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict:
-    """A transformers Llama / Qwen2 / Qwen3 directory → an ownllm run (config, float32 weights,
-    tokenizer). A tokenizer made by ownllm (an export trained elsewhere) comes back unchanged.
-    Another model's tokenizer keeps all its tokens and gains ownllm's chat tokens; where they need
-    new embedding rows, those start at the mean of the existing rows (input and output), so plain
-    text gives exactly the original logits over the original vocabulary. Its own chat template
-    comes along when it has one; without one, the model learns ours with `ownllm sft --base`."""
-    from ownllm.checkpoint import is_trained_run, refuse_overwrite, save_checkpoint
-    from ownllm.model import GPT
+STORE_DTYPES = EXPORT_DTYPES
 
-    src, out = Path(src), Path(out)
+
+def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> dict:
+    """A transformers Llama / Qwen2 / Qwen3 directory → an ownllm run (config, weights in `dtype`,
+    default the checkpoint's own float type; tokenizer). A tokenizer made by ownllm (an export
+    trained elsewhere) comes back unchanged; another model's keeps all its tokens and gains
+    ownllm's chat tokens (`finish_import`). Its own chat template comes along when it has one;
+    without one, the model learns ours with `ownllm sft --base`."""
+    src = Path(src)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise OwnLLMError(f"{src}: no config.json; expected a Hugging Face model directory")
     cfg = model_config_from_hf(_json_object(cfg_path), str(cfg_path))
     tok, added = _import_tokenizer(src)
+    weights = read_hf_weights(src)
+    if dtype is None:
+        kinds = {t.dtype for t in weights.values() if t.is_floating_point()}
+        dtype = next((k for k, v in STORE_DTYPES.items() if kinds == {v}), "float32")
+
+    def state(expected, store):
+        return {(name[len("model."):] if name.startswith("model.") else name): t.to(store)
+                for name, t in weights.items() if not name.endswith("rotary_emb.inv_freq")}
+
+    return finish_import(str(src), cfg, tok, added, state, out, dtype, overwrite)
+
+
+def finish_import(source: str, cfg: ModelConfig, tok, added: list[str], read_state, out: str | Path,
+                  dtype: str, overwrite: bool) -> dict:
+    """Write an imported model as a run. `read_state(expected, dtype)` gives its weights under our names
+    (`expected`: the config's shapes, for checking before anything large is made). The config is
+    checked against the weights on the meta device, so a forged size allocates nothing; `read_state`
+    casts each tensor to the stored dtype as it goes, so no float32 copy of the whole model is made. Where
+    ownllm's chat tokens need new embedding rows, those start at the mean of the existing rows
+    (input and output), so plain text gives exactly the original logits over the original
+    vocabulary. Weights are stored in `dtype`."""
+    from ownllm.checkpoint import is_trained_run, refuse_overwrite, save_checkpoint
+    from ownllm.model import GPT
+
+    if dtype not in STORE_DTYPES:
+        raise OwnLLMError(f"--dtype {dtype}: expected one of {', '.join(STORE_DTYPES)}")
+    out = Path(out)
     if tok.vocab_size - len(added) > cfg.vocab_size:
-        raise OwnLLMError(f"{src}: the tokenizer has {tok.vocab_size - len(added)} tokens but vocab_size is {cfg.vocab_size}")
+        raise OwnLLMError(f"{source}: the tokenizer has {tok.vocab_size - len(added)} tokens but vocab_size is {cfg.vocab_size}")
     refuse_overwrite(out, overwrite)
     if out.exists() and any(out.iterdir()) and not is_trained_run(out):
         raise OwnLLMError(f"{out}: exists and is not a run directory; import to a new or empty directory")
-    state = {}
-    for name, t in read_hf_weights(src).items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        state[name[len("model."):] if name.startswith("model.") else name] = t.float()
+    grown = max(0, tok.vocab_size - cfg.vocab_size)   # rows for chat tokens beyond the checkpoint's vocabulary
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + grown))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    state = read_state(shapes, STORE_DTYPES[dtype])
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    grown = max(0, tok.vocab_size - cfg.vocab_size)   # rows for chat tokens beyond the checkpoint's vocabulary
-    model = GPT(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + grown))
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
     if missing or unexpected:
-        raise OwnLLMError(f"{src}: weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise OwnLLMError(f"{source}: weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for k, t in state.items():
         want = (cfg.vocab_size, *shapes[k][1:]) if k in ("embed_tokens.weight", "lm_head.weight") else shapes[k]
         if tuple(t.shape) != want:
-            raise OwnLLMError(f"{src}: {k} has shape {tuple(t.shape)}, the config implies {want}")
+            raise OwnLLMError(f"{source}: {k} has shape {tuple(t.shape)}, the config implies {want}")
     for k in ("embed_tokens.weight", "lm_head.weight"):
         if grown and k in state:
-            state[k] = torch.cat([state[k], state[k].mean(0, keepdim=True).expand(grown, -1)])
-    model.load_state_dict(state, strict=False)
+            state[k] = torch.cat([state[k], state[k].float().mean(0, keepdim=True).to(state[k].dtype).expand(grown, -1)])
+    state = {k: v.to(STORE_DTYPES[dtype]).contiguous() for k, v in state.items()}
     cfg = model.config
     if out.exists() and overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out, model_max_length=cfg.max_seq_len)
-    save_checkpoint(out, model, step=0)
+    save_checkpoint(out, model, step=0, weights=state)
     return {"out": str(out), "parameters": cfg.num_params(), "layers": cfg.n_layers, "dim": cfg.dim,
             "vocab_size": cfg.vocab_size, "tied": cfg.tie_embeddings, "added_tokens": added, "new_rows": grown,
+            "dtype": dtype, "bytes": (out / "model.safetensors").stat().st_size,
             "chat_template": tok.template is not None, "stop_tokens": tok.template.stop_tokens if tok.template else []}
