@@ -131,7 +131,8 @@ def gguf_metadata(cfg, tok, name: str, file_type: int) -> dict:
 
 def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
     """Metadata (bool, int: uint32 or int32 if negative, float: float32, str, list of str or int)
-    and tensors ({name: (array, gguf type name)}; float arrays are quantised here) as one file."""
+    and tensors ({name: (array, gguf type name)}; float arrays are quantised here, uint8 arrays
+    are taken as blocks already in that type) as one file."""
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
 
@@ -151,7 +152,9 @@ def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple[n
             raise TypeError(f"no GGUF type for {key}: {type(v).__name__}")
     for name, (arr, kind) in tensors.items():
         qtype = GGMLQuantizationType[kind]
-        if kind in ("F32", "F16"):
+        if arr.dtype == np.uint8:
+            w.add_tensor(name, arr, raw_dtype=qtype)
+        elif kind in ("F32", "F16"):
             w.add_tensor(name, arr.astype(np.float32 if kind == "F32" else np.float16))
         else:
             w.add_tensor(name, quantize(arr.astype(np.float32), qtype), raw_dtype=qtype)

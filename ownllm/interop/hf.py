@@ -268,9 +268,11 @@ def with_chat_tokens(hf_tok, tok_cfg: dict, stops: list[str], origin: str):
     from tokenizers import AddedToken
 
     from ownllm.chat_template import ChatTemplate
-    from ownllm.tokenizer import SPECIAL_TOKENS, Tokenizer
+    from ownllm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
 
     missing = [t for t in SPECIAL_TOKENS if hf_tok.token_to_id(t) is None]
+    if not missing and tok_cfg.get("chat_template") == CHAT_TEMPLATE:
+        return Tokenizer(hf_tok), []        # ownllm's own tokenizer, back from a GGUF export
     hf_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     template = ChatTemplate.from_tokenizer_config(tok_cfg, stops, origin=origin)
     return Tokenizer(hf_tok, template), missing
