@@ -132,7 +132,7 @@ class ChatTemplate:
         if reserved:
             raise OwnLLMError(f"template arguments {sorted(reserved)} are set by ownllm, not by the caller")
         try:
-            return _compile(self.source).render(messages=[_plain_message(m) for m in messages], tools=tools or None,
+            return _compile(self.source).render(messages=[plain_message(m) for m in messages], tools=tools or None,
                                                 add_generation_prompt=add_generation_prompt, **self.variables, **kwargs)
         except jinja2.TemplateError as e:
             raise OwnLLMError(f"{self.origin}: the chat template refused this conversation: {e}") from None
@@ -191,7 +191,7 @@ class ChatTemplate:
         return [(s, e) for s, e in spans if e > s]
 
 
-def _plain_message(m: dict) -> dict:
+def plain_message(m: dict) -> dict:
     """A message as templates expect it: tool-call arguments as an object, not a JSON string."""
     if not m.get("tool_calls"):
         return m

@@ -12,6 +12,7 @@ end-of-turn marker, and tool call / tool result markers.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -140,6 +141,12 @@ class Tokenizer:
         # tokens that end an assistant reply: `<|end|>` and eos, or the imported template's own
         self.stop_ids: tuple[int, ...] = (tuple(tok.token_to_id(t) for t in template.stop_tokens) if template
                                           else (self.end_id, self.eos_id))
+        # Message text is text: a copy of the tokenizer that reads `<|end|>` in it as characters,
+        # and a pattern that finds control-token strings in a message.
+        self.hf_text = HFTokenizer.from_str(tok.to_str())
+        self.hf_text.encode_special_tokens = True
+        control = sorted((t.content for t in tok.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+        self._control = re.compile("|".join(map(re.escape, control + list(MARKS))))
 
     @property
     def call_markers(self) -> tuple[str, str] | None:
@@ -170,6 +177,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of message text: a control token's string in it (`<|end|>`, `<|im_start|>`) is
+        encoded as the characters it is, so no message can forge a turn."""
+        return self.hf_text.encode(text, add_special_tokens=False).ids
+
+    def holds_control_text(self, messages: list[dict], tools: list[dict] | None = None) -> bool:
+        """Whether any string in the messages or tools spells a control token."""
+        return any(self._control.search(x) for x in _strings([messages, tools or []]))
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
@@ -187,16 +203,16 @@ class Tokenizer:
             return self._render_template(messages, add_generation_prompt, tools, template_kwargs or {})
         ids, mask = [self.bos_id], [0]
         if tools:
-            body = self.encode(tools_text(tools))
+            body = self.encode_text(tools_text(tools))
             ids += [self.special[SYSTEM], *body, self.end_id]
             mask += [0] * (len(body) + 2)
         for i, m in enumerate(messages):
             role = m.get("role")
             if role not in ROLE_TOKENS:
                 raise OwnLLMError(f"message {i}: unknown role {role!r} (expected {', '.join(ROLE_TOKENS)})")
-            body = self.encode(m.get("content") or "")
+            body = self.encode_text(m.get("content") or "")
             for call in m.get("tool_calls") or () if role == "assistant" else ():
-                body += [self.special[TOOL_CALL], *self.encode(tool_call_text(call)), self.special[TOOL_CALL_END]]
+                body += [self.special[TOOL_CALL], *self.encode_text(tool_call_text(call)), self.special[TOOL_CALL_END]]
             train = 1 if role == "assistant" else 0
             ids += [self.special[ROLE_TOKENS[role]], *body, self.end_id]
             mask += [0, *([train] * len(body)), train]
@@ -207,11 +223,38 @@ class Tokenizer:
 
     def _render_template(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
                          kwargs: dict) -> Rendered:
+        if self.holds_control_text(messages, tools):
+            return self._render_template_marked(messages, add_generation_prompt, tools, kwargs)
         text = self.template.text(messages, add_generation_prompt, tools, kwargs)
         enc = self.hf.encode(text, add_special_tokens=False)
+        return self._with_mask(messages, text, add_generation_prompt, tools, kwargs, enc.ids, [a for a, _ in enc.offsets])
+
+    def _with_mask(self, messages, text, add_generation_prompt, tools, kwargs, ids, starts) -> Rendered:
         spans = self.template.assistant_spans(messages, text, tools, kwargs) if not add_generation_prompt else []
-        mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc.offsets]
-        return Rendered(enc.ids, mask)
+        return Rendered(ids, [int(any(s <= a < e for s, e in spans)) for a in starts])
+
+    def _render_template_marked(self, messages, add_generation_prompt, tools, kwargs) -> Rendered:
+        """An imported template returns one string, so the strings the messages brought are marked
+        before rendering (MARKS around each) and encoded as text, the template's own as tokens."""
+        from ownllm.chat_template import plain_message
+
+        messages, tools = _unmarked([plain_message(m) for m in messages]), _unmarked(tools)
+        text = self.template.text(messages, add_generation_prompt, tools, kwargs)
+        marked = self.template.text(_marked(messages), add_generation_prompt, _marked(tools), kwargs)
+        pieces = re.split(f"({MARKS[0]}|{MARKS[1]})", marked)
+        if "".join(p for p in pieces if p not in MARKS) != text:
+            raise OwnLLMError(f"{self.template.origin}: a message holds control-token text and this template "
+                              "changes message text as it renders it, so that text cannot be kept apart")
+        ids, starts, pos, depth = [], [], 0, 0
+        for p in pieces:
+            if p in MARKS:
+                depth += 1 if p == MARKS[0] else -1
+                continue
+            enc = (self.hf_text if depth > 0 else self.hf).encode(p, add_special_tokens=False)
+            ids += enc.ids
+            starts += [pos + a for a, _ in enc.offsets]
+            pos += len(p)
+        return self._with_mask(messages, text, add_generation_prompt, tools, kwargs, ids, starts)
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -242,6 +285,41 @@ class Tokenizer:
             return cls(hf, saved_template(Path(directory)))
         except OwnLLMError as e:  # lacks the chat tokens: name the file
             raise OwnLLMError(f"{directory}: {e}") from None
+
+
+# Two Unicode noncharacters (reserved for a program's internal use) mark message text inside a
+# rendered template; they are dropped from messages before marking.
+MARKS = ("\ufdd0", "\ufdd1")
+
+
+def _strings(x):
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _strings(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _strings(v)
+
+
+def _map_strings(x, f, keep_keys=("role", "type")):
+    """`x` with `f` applied to every string value (not keys; not the fields templates compare)."""
+    if isinstance(x, str):
+        return f(x)
+    if isinstance(x, dict):
+        return {k: v if k in keep_keys else _map_strings(v, f, keep_keys) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_map_strings(v, f, keep_keys) for v in x]
+    return x
+
+
+def _unmarked(x):
+    return None if x is None else _map_strings(x, lambda s: s.replace(MARKS[0], "").replace(MARKS[1], ""))
+
+
+def _marked(x):
+    return None if x is None else _map_strings(x, lambda s: f"{MARKS[0]}{s}{MARKS[1]}" if s else s)
 
 
 def read_tokenizer_file(directory: str | Path) -> HFTokenizer:

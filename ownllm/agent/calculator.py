@@ -10,13 +10,15 @@ Exponents and results are bounded so a request cannot exhaust memory or time.
 from __future__ import annotations
 
 import ast
+import math
 import operator
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from fractions import Fraction
 
 MAX_EXPONENT = 10_000          # |b| in a ** b
 MAX_DIGITS = 4_000             # digits of any integer / numerator / denominator (Python prints <= 4,300)
 MAX_LENGTH = 2_000             # characters of the expression
+MAX_DEPTH = 100                # nesting of the parsed expression: the evaluator recurses on it
 
 
 class CalculatorError(ValueError):
@@ -39,12 +41,24 @@ def _check_size(x: Fraction) -> Fraction:
     return x
 
 
+def _depth(tree: ast.AST) -> int:
+    """Depth of the syntax tree, walked without recursion (a chain of 1,000 `+` is 1,000 deep)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        stack.extend((child, d + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
 def _eval(node: ast.AST):
     if isinstance(node, ast.Expression):
         return _eval(node.body)
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
             raise CalculatorError(f"unsupported value {node.value!r}: only numbers")
+        if isinstance(node.value, float) and not math.isfinite(node.value):
+            raise CalculatorError("number too large (a decimal literal beyond about 1e308)")
         # floats come from decimal literals: take their exact decimal text, not the binary float
         return _check_size(Fraction(node.value) if isinstance(node.value, int) else Fraction(Decimal(repr(node.value))))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
@@ -91,11 +105,14 @@ def format_number(x: Fraction) -> str:
         d, twos = d // 2, twos + 1
     while d % 5 == 0:
         d, fives = d // 5, fives + 1
-    if d == 1:
-        places = max(twos, fives)
+    places = max(twos, fives)
+    if d == 1 and places + _digits(x.numerator) <= MAX_DIGITS:
         s = str(abs(x.numerator) * 10 ** places // x.denominator).rjust(places + 1, "0")
         return ("-" if x < 0 else "") + s[:-places] + "." + s[-places:]
-    return f"{x.numerator}/{x.denominator} (≈ {float(x):.10g})"
+    with localcontext() as ctx:  # a float would overflow past 1e308 or vanish below 1e-308
+        ctx.prec = 12
+        approx = format(Decimal(x.numerator) / Decimal(x.denominator), ".10g")
+    return f"{x.numerator}/{x.denominator} (≈ {approx})"
 
 
 def calculate(expression: str) -> str:
@@ -109,5 +126,9 @@ def calculate(expression: str) -> str:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
         raise CalculatorError(f"cannot parse {expression!r}: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise CalculatorError(f"expression nested too deeply (limit {MAX_DEPTH})") from None
+    if _depth(tree) > MAX_DEPTH:
+        raise CalculatorError(f"expression nested too deeply (limit {MAX_DEPTH} levels)")
     value = _eval(tree)
     return ("true" if value else "false") if isinstance(value, bool) else format_number(value)
