@@ -9,7 +9,8 @@ a loss mask on the assistant turns — instead of ours, and a later export write
 The template runs the way transformers' `apply_chat_template` runs it (a sandboxed Jinja
 environment with trim_blocks/lstrip_blocks, `raise_exception`, a non-escaping `tojson`,
 `strftime_now`), so the same messages give the same text; a template is untrusted code from a
-downloaded directory, hence the sandbox. The loss mask comes from `{% generation %}` blocks where
+downloaded directory, hence the sandbox, and bounds on what one rendering may do: `range` items
+in all (nested loops), the size of `*`/`**` results, recursion — past them it is an error. The loss mask comes from `{% generation %}` blocks where
 a template has them (as transformers reads them), otherwise from the text each assistant message
 adds: the difference between rendering the conversation up to it (with the generation prompt) and
 up to and including it (`ChatTemplate.assistant_spans`).
@@ -31,6 +32,10 @@ from ownllm.errors import OwnLLMError
 GEN_OPEN, GEN_CLOSE = "\x02", "\x03"
 _TRACK: contextvars.ContextVar[bool] = contextvars.ContextVar("ownllm_track_generation", default=False)
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+# What one rendering may spend: items handed out by `range` in all, and elements in a `*` / `**` result.
+MAX_RANGE_ITEMS = 1_000_000
+MAX_PRODUCT = 1_000_000
+_RANGE_LEFT: contextvars.ContextVar[list | None] = contextvars.ContextVar("ownllm_template_range", default=None)
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -77,10 +82,30 @@ def _compile(source: str):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    def bounded_range(*args):
+        r = range(*args)
+        left = _RANGE_LEFT.get()
+        if left is not None:
+            left[0] -= len(r)
+            if left[0] < 0:
+                raise jinja2.exceptions.SecurityError(f"the template asked for over {MAX_RANGE_ITEMS} loop items")
+        return r
+
+    class Environment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > 64 and abs(left) > 1:
+                raise jinja2.exceptions.SecurityError("the template raised a number to too large a power")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_PRODUCT:
+                        raise jinja2.exceptions.SecurityError(f"the template built a sequence over {MAX_PRODUCT} long")
+            return super().call_binop(context, operator, left, right)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=raise_exception, namespace=Namespace,
+    env.globals.update(raise_exception=raise_exception, namespace=Namespace, range=bounded_range,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env.from_string(source)
 
@@ -128,14 +153,23 @@ class ChatTemplate:
         import jinja2
 
         kwargs = extra or {}
-        reserved = {"messages", "tools", "add_generation_prompt", *self.variables} & kwargs.keys()
-        if reserved:
-            raise OwnLLMError(f"template arguments {sorted(reserved)} are set by ownllm, not by the caller")
+        template = _compile(self.source)
+        reserved = {"messages", "tools", "add_generation_prompt", *self.variables, *template.environment.globals}
+        if reserved & kwargs.keys():
+            raise OwnLLMError(f"template arguments {sorted(reserved & kwargs.keys())} are set by ownllm, not by the caller")
+        budget = _RANGE_LEFT.set([MAX_RANGE_ITEMS])
         try:
-            return _compile(self.source).render(messages=[plain_message(m) for m in messages], tools=tools or None,
-                                                add_generation_prompt=add_generation_prompt, **self.variables, **kwargs)
+            return template.render(messages=[plain_message(m) for m in messages], tools=tools or None,
+                                   add_generation_prompt=add_generation_prompt, **self.variables, **kwargs)
         except jinja2.TemplateError as e:
             raise OwnLLMError(f"{self.origin}: the chat template refused this conversation: {e}") from None
+        except RecursionError:
+            raise OwnLLMError(f"{self.origin}: the chat template recursed too deeply") from None
+        except Exception as e:  # untrusted code: whatever it raises is a refusal, not a crash
+            raise OwnLLMError(f"{self.origin}: the chat template failed on this conversation "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+        finally:
+            _RANGE_LEFT.reset(budget)
 
     def assistant_spans(self, messages: list[dict], full: str, tools: list[dict] | None = None,
                         extra: dict | None = None) -> list[tuple[int, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -280,9 +281,14 @@ def build_server_state(args):
         reg, _ = _registry(args.tools, args.kb, args.db, args.embedder)
     elif getattr(args, "kb", None):
         kb = _open_kb(args.kb, args.embedder)
-    return ServerState(model=model, tok=tok, model_id=run.resolve().name, api_key=args.api_key,
-                       batcher=ContinuousBatcher(model, tok.pad_id, slots=args.slots), kb=kb, registry=reg,
-                       template_kwargs=template_args(getattr(args, "template_arg", [])))
+    host = getattr(args, "host", "127.0.0.1")
+    return ServerState(model=model, tok=tok, model_id=run.resolve().name,
+                       api_key=args.api_key or os.environ.get("OWNLLM_API_KEY") or None,
+                       batcher=ContinuousBatcher(model, tok.pad_id, slots=args.slots,
+                                                 max_waiting=getattr(args, "max_waiting", 64)),
+                       kb=kb, registry=reg, template_kwargs=template_args(getattr(args, "template_arg", [])),
+                       allow_hosts=frozenset(h.lower() for h in [host, *(getattr(args, "allow_host", None) or [])]),
+                       allow_origins=frozenset(getattr(args, "allow_origin", None) or []))
 
 
 def torch_threads(n: int | None) -> None:
@@ -299,7 +305,7 @@ def cmd_serve(args) -> None:
     from ownllm.serve.app import create_app
 
     state = build_server_state(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not state.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"ownllm serve: {state.model_id} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)"
           + (f"; knowledge base {args.kb}" if state.kb is not None else "")
@@ -663,7 +669,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests "
+                   "(or set OWNLLM_API_KEY, which `ps` does not show)")
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="also accept requests (CORS) from this web origin, e.g. http://localhost:3000; repeatable")
+    p.add_argument("--allow-host", action="append", metavar="HOST",
+                   help="also accept this Host header (a name the server is reached by); repeatable")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="requests that may wait for a slot; past that the answer is 503 with Retry-After")
     p.add_argument("--kb", help="answer chat turns from this knowledge base (file or 'demo'), with sources")
     p.add_argument("--tools", help="run these built-in tools server-side: calculator, search, sql")
     p.add_argument("--db", help="SQLite database for the sql tool (file or 'demo')")

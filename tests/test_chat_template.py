@@ -291,7 +291,7 @@ def test_server_renders_the_imported_template_with_request_variables(tmp_path):
         ns = argparse.Namespace(run=str(tmp_path / "run"), api_key=None, kb=None, tools=None, db=None, embedder="none",
                                 quantize=None, slots=2, threads=None, template_arg=defaults)
         state = build_server_state(ns)
-        with fastapi_testclient.TestClient(create_app(state)) as c:
+        with fastapi_testclient.TestClient(create_app(state), base_url="http://127.0.0.1") as c:
             body = {"messages": conv, "max_tokens": 3, "temperature": 0,
                     **({"chat_template_kwargs": body_kwargs} if body_kwargs is not None else {})}
             r = c.post("/v1/chat/completions", json=body)
@@ -341,7 +341,7 @@ def test_server_returns_a_thinking_models_reasoning_apart(tmp_path, monkeypatch)
             for p in reply:
                 yield p
 
-        async def text(self):
+        async def text(self, request=None):
             return "".join(reply)
 
     monkeypatch.setattr(app_mod, "TextStream", FixedStream)
@@ -351,7 +351,7 @@ def test_server_returns_a_thinking_models_reasoning_apart(tmp_path, monkeypatch)
                             quantize=None, slots=2, threads=None, template_arg=[])
     state = build_server_state(ns)
     body = {"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 8}
-    with fastapi_testclient.TestClient(app_mod.create_app(state)) as c:
+    with fastapi_testclient.TestClient(app_mod.create_app(state), base_url="http://127.0.0.1") as c:
         msg = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
         assert msg["reasoning_content"] == "\nTwo and two.\n" and msg["content"] == "4"
         with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:

@@ -26,7 +26,7 @@ def _state(run_dir, **kw):
 @pytest.fixture(scope="module")
 def client(run_dir):
     state = _state(run_dir)
-    with fastapi_testclient.TestClient(create_app(state)) as c:
+    with fastapi_testclient.TestClient(create_app(state), base_url="http://127.0.0.1") as c:
         c.state = state
         yield c
     state.batcher.close()
@@ -96,7 +96,7 @@ def test_bad_requests_get_openai_errors(client, body, status, param):
 def test_body_limit_and_api_key(run_dir):
     state = _state(run_dir, api_key="s3cret")
     state.max_body = 2000
-    with fastapi_testclient.TestClient(create_app(state)) as c:
+    with fastapi_testclient.TestClient(create_app(state), base_url="http://127.0.0.1") as c:
         msg = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
         assert c.post("/v1/chat/completions", json=msg).status_code == 401
         assert c.post("/v1/chat/completions", json=msg, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -259,7 +259,7 @@ def test_stop_strings_cut_the_reply_even_across_tokens(run_dir):
     state = _state(run_dir)
     real = state.batcher
     state.batcher = ScriptedBatcher(state.tok.encode("Hello world. Bye now"))
-    with fastapi_testclient.TestClient(create_app(state)) as c:
+    with fastapi_testclient.TestClient(create_app(state), base_url="http://127.0.0.1") as c:
         body = {"messages": [{"role": "user", "content": "hi"}], "stop": ["ld. B", "zzz"]}
         j = c.post("/v1/chat/completions", json=body).json()
         assert j["choices"][0]["message"]["content"] == "Hello wor" and j["choices"][0]["finish_reason"] == "stop"
@@ -281,7 +281,7 @@ def test_rag_sources_and_server_side_tools(run_dir, tmp_path):
     with KnowledgeBase(kb_path, create=True) as kb:
         kb.index([docs])
     state = _state(run_dir, kb=str(kb_path))
-    with fastapi_testclient.TestClient(create_app(state)) as c:
+    with fastapi_testclient.TestClient(create_app(state), base_url="http://127.0.0.1") as c:
         j = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Who is the mayor of Varnok?"}],
                                                   "max_tokens": 4}).json()
         assert j["sources"][0]["path"].endswith("varnok.md") and "Irdel Fask" in j["sources"][0]["text"]
@@ -289,7 +289,7 @@ def test_rag_sources_and_server_side_tools(run_dir, tmp_path):
         assert j["sources"] == [] and j["choices"][0]["message"]["content"] == "The sources do not say."
     state.batcher.close()
     state = _state(run_dir, tools="calculator")
-    with fastapi_testclient.TestClient(create_app(state)) as c:
+    with fastapi_testclient.TestClient(create_app(state), base_url="http://127.0.0.1") as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "12 × 34?"}]})
         assert r.status_code == 200 and "tool_trace" in r.json() and r.json()["choices"][0]["message"]["role"] == "assistant"
     state.batcher.close()

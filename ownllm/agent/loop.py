@@ -80,7 +80,10 @@ def require_tool_calls(tok) -> None:
 
 class Agent:
     def __init__(self, model, tok, registry: ToolRegistry, max_steps: int = 4, max_new_tokens: int = 160,
-                 temperature: float = 0.0, seed: int | None = None, template_kwargs: dict | None = None):
+                 temperature: float = 0.0, seed: int | None = None, template_kwargs: dict | None = None,
+                 generate=None):
+        """`generate(ids, params) -> ids`: how a turn is decoded (the server passes its batcher's,
+        so an agent request shares decode steps instead of holding the model); default an Engine."""
         require_tool_calls(tok)
         self.model, self.tok, self.registry = model, tok, registry
         self.template_kwargs = template_kwargs or {}
@@ -88,15 +91,18 @@ class Agent:
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                      stop_ids=tok.stop_ids)
         self.engine = Engine(model, tok.pad_id)
+        self.generate = generate or self._engine_generate
+
+    def _engine_generate(self, ids: list[int], params: SamplingParams) -> list[int]:
+        with torch.inference_mode():
+            return self.engine.generate([ids], params)[0]
 
     def _generate(self, messages: list[dict]) -> list[int] | None:
         ids = self.tok.render(messages, add_generation_prompt=True, tools=self.registry.schemas(),
                               template_kwargs=self.template_kwargs).ids
         if len(ids) + self.max_new_tokens > self.model.config.max_seq_len:
             return None
-        with torch.inference_mode():
-            out = self.engine.generate([ids], self.params)[0]
-        return [t for t in out if t not in self.tok.stop_ids]
+        return [t for t in self.generate(ids, self.params) if t not in self.tok.stop_ids]
 
     def run(self, question: str | list[dict], on_event=None) -> AgentResult:
         """Answer `question` (a user message, or a whole conversation so far). `on_event(kind, data)`

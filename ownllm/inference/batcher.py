@@ -7,7 +7,8 @@ key mask, so rows of different ages share a step. A new request is prefilled on 
 keys/values are copied into a free row, right-aligned to the shared write column; when the
 cache is full (or a prompt is longer than the column), `_compact` right-aligns every row's real
 entries again — keys carry their rotary positions, so moving them changes nothing. A finished,
-failed or cancelled request frees its row at the next step.
+failed or cancelled request frees its row at the next step. At most `max_waiting` requests wait
+for a row: past that `submit` raises QueueFull, so an overloaded server says so at once.
 """
 from __future__ import annotations
 
@@ -38,8 +39,12 @@ class Request:
         self.cancelled = True
 
 
+class QueueFull(RuntimeError):
+    pass
+
+
 class ContinuousBatcher:
-    def __init__(self, model: GPT, pad_id: int, slots: int = 8):
+    def __init__(self, model: GPT, pad_id: int, slots: int = 8, max_waiting: int = 64):
         self.model = model.eval()
         self.cfg = model.config
         self.pad_id = pad_id
@@ -47,6 +52,7 @@ class ContinuousBatcher:
         dtype = model.embed_tokens.weight.dtype
         self.cache = KVCache.empty(self.cfg, slots, self.cfg.max_seq_len, dtype=dtype, device=model.device)
         self.waiting: queue.Queue[Request] = queue.Queue()
+        self.max_waiting = max_waiting
         self.lock = threading.Lock()   # serialises model use with other callers (e.g. embeddings)
         self.steps = 0
         self.max_active = 0
@@ -61,14 +67,40 @@ class ContinuousBatcher:
             raise ValueError("empty prompt")
         if len(req.ids) >= self.cfg.max_seq_len:
             raise ValueError(f"prompt of {len(req.ids)} tokens does not fit the context of {self.cfg.max_seq_len}")
+        if self.waiting.qsize() >= self.max_waiting:
+            raise QueueFull(f"{self.waiting.qsize()} requests are already waiting for a slot")
         if req.params.seed is not None:
             req.gen = torch.Generator(device=self.model.device).manual_seed(req.params.seed)
         self.waiting.put(req)
         return req
 
+    def generate(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """Generate for one request and wait for it (from a worker thread, not the batcher's): the
+        tokens before the stop token. Shares decode steps with every other request."""
+        out: list[int] = []
+        done = threading.Event()
+        failure: list[str] = []
+
+        def emit(tok, reason):
+            if tok is not None:
+                out.append(tok)
+            else:
+                if reason and reason.startswith("error"):
+                    failure.append(reason)
+                done.set()
+        self.submit(Request(list(ids), params, emit))
+        done.wait()
+        if failure:
+            raise RuntimeError(failure[0])
+        return out
+
     @property
     def active(self) -> int:
         return sum(r is not None for r in self.slots)
+
+    @property
+    def queued(self) -> int:
+        return self.waiting.qsize()
 
     def close(self) -> None:
         self._stop = True
@@ -83,12 +115,12 @@ class ContinuousBatcher:
                     req = self.waiting.get()
                     if req is None:
                         return
-                    self._admit(req)
+                    self._admit_or_fail(req)
                 while None in self.slots and not self.waiting.empty():
                     req = self.waiting.get_nowait()
                     if req is None:
                         return
-                    self._admit(req)
+                    self._admit_or_fail(req)
                 self._drop_cancelled()
                 if self.active:
                     self._step()
@@ -97,6 +129,16 @@ class ContinuousBatcher:
                     if r is not None:
                         r.emit(None, f"error: {type(e).__name__}: {e}")
                         self._free(i)
+
+    def _admit_or_fail(self, req: Request) -> None:
+        """A request whose prefill fails gets its answer (an error) and the others keep going."""
+        try:
+            self._admit(req)
+        except Exception as e:
+            for i, r in enumerate(self.slots):
+                if r is req:
+                    self._free(i)
+            req.emit(None, f"error: {type(e).__name__}: {e}")
 
     def _free(self, i: int) -> None:
         self.slots[i] = None

@@ -117,6 +117,16 @@ class KnowledgeBase:
     def _set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
 
+    def display_path(self, path: str) -> str:
+        """A document's path relative to the folder all indexed documents share, for replies that
+        leave this machine (the server's `sources`): no absolute paths of the user's disk."""
+        if not hasattr(self, "_root"):
+            with self.lock:
+                paths = [r[0] for r in self.db.execute("SELECT path FROM documents")]
+            common = os.path.commonpath(paths) if paths else ""
+            self._root = os.path.dirname(common) if common in paths else common
+        return os.path.relpath(path, self._root) if self._root and os.path.isabs(path) else os.path.basename(path)
+
     @property
     def has_vectors(self) -> bool:
         return self.db.execute("SELECT 1 FROM chunks WHERE vector IS NOT NULL LIMIT 1").fetchone() is not None

@@ -6,6 +6,16 @@ through the continuous batcher (inference/batcher.py), so concurrent clients sha
 steps. Requests are validated by hand so that any malformed body gets an OpenAI-style error
 object with a 4xx status (never a 500) and the server keeps serving.
 
+Who may call it: by default only this machine's browser pages from the same origin and local
+programs. The Host header must name 127.0.0.1, localhost, [::1] or the bound host (a DNS-rebinding
+page names its own domain), a request that carries an Origin must come from this server's own
+origin or one given with --allow-origin (which also answers CORS preflights), POST bodies must
+be JSON, and with an API key (--api-key or OWNLLM_API_KEY) every /v1 call must carry it. Work that
+can take long (rendering, tokenising, retrieval, tools) runs off the event loop, so /health and
+other streams keep answering; a client that leaves frees its slot; past `max_waiting` queued
+requests the answer is 503 with Retry-After. Fields this server cannot honour (n > 1, logprobs,
+response_format) are a 400 naming them, never silently ignored.
+
 Extras beyond the OpenAI schema: with `--kb`, a chat turn is answered from the knowledge base
 (rag/answer.py) and the response carries `sources`; with `--tools`, the server runs the built-in
 tools itself (agent loop) and returns the final answer with the trace in `tool_trace`. Tools
@@ -19,6 +29,7 @@ import hmac
 import json
 import time
 import uuid
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,18 +37,26 @@ import torch
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from ownllm.inference.batcher import ContinuousBatcher, Request
+from ownllm.errors import OwnLLMError
+from ownllm.inference.batcher import ContinuousBatcher, QueueFull, Request
 from ownllm.inference.engine import SamplingParams
 from ownllm.inference.generate import StopStrings
 
 MAX_BODY = 1 << 20  # bytes
+MAX_DEPTH = 32      # nesting of a request body (the deepest real one, tools' schemas, is far less)
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+SEED_RANGE = (-(2 ** 63), 2 ** 64)  # what torch.Generator.manual_seed accepts
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -54,7 +73,47 @@ class ServerState:
     registry: Any = None
     max_body: int = MAX_BODY
     template_kwargs: dict = field(default_factory=dict)   # defaults for an imported chat template's variables
+    allow_hosts: frozenset = LOCAL_HOSTS                  # Host header values served (besides LOCAL_HOSTS)
+    allow_origins: frozenset = frozenset()                # cross origins allowed (CORS), besides same-origin
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+def check_body(body) -> None:
+    """Nesting depth and text a tokenizer can take (a lone surrogate from "\\ud800" is not UTF-8),
+    walked without recursion."""
+    stack = [(body, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(400, f"body nested deeper than {MAX_DEPTH} levels")
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text") from None
+        elif isinstance(x, dict):
+            stack.extend((v, depth + 1) for v in x.values())
+            stack.extend((k, depth + 1) for k in x)
+        elif isinstance(x, list):
+            stack.extend((v, depth + 1) for v in x)
+
+
+def refuse_unsupported(body: dict, completions: bool = False) -> None:
+    """Fields the server cannot honour: a 400 naming them, never a reply that pretends."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise APIError(400, "'n' other than 1 is not supported: send one request per choice", "n")
+    if body.get("best_of") not in (None, 1):
+        raise APIError(400, "'best_of' is not supported", "best_of")
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise APIError(400, "'logprobs' / 'top_logprobs' are not supported by this server", "logprobs")
+    if body.get("echo") not in (None, False):
+        raise APIError(400, "'echo' is not supported", "echo")
+    if body.get("suffix") not in (None, ""):
+        raise APIError(400, "'suffix' is not supported", "suffix")
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise APIError(400, "'response_format' (JSON mode, JSON schema) is not supported by this server", "response_format")
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -84,7 +143,8 @@ def sampling_from(body: dict, state: ServerState, prompt_len: int, stop_ids: tup
                        f"context is {ctx}", "max_tokens", "context_length_exceeded")
     temperature = _get(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2, what="a number in [0, 2]")
     top_p = _get(body, "top_p", (int, float), 1.0, check=lambda v: 0 < v <= 1, what="a number in (0, 1]")
-    seed = _get(body, "seed", int, None, what="an integer")
+    seed = _get(body, "seed", int, None, check=lambda v: SEED_RANGE[0] <= v < SEED_RANGE[1],
+                what="an integer in [-2^63, 2^64)")
     stop = body.get("stop")
     if stop is None:
         stops = []
@@ -133,10 +193,21 @@ def parse_tools(body: dict) -> list[dict] | None:
     tools = body.get("tools")
     if tools is None or body.get("tool_choice") == "none":
         return None
-    if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
-            and isinstance(t["function"].get("parameters", {}), dict) for t in tools):
+    if not isinstance(tools, list):
         raise APIError(400, "'tools' must be a list of {type: function, function: {name, description, parameters}}", "tools")
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise APIError(400, f"tools[{i}] must be {{type: function, function: {{name, description, parameters}}}}",
+                           "tools")
+        if not isinstance(f.get("description", ""), (str, type(None))):
+            raise APIError(400, f"tools[{i}].function.description must be a string", "tools")
+        params = f.get("parameters", {})
+        props = params.get("properties", {}) if isinstance(params, dict) else None
+        if not isinstance(params, dict) or not isinstance(props, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in props.items()):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object whose 'properties' "
+                           "map names to schema objects", "tools")
     return tools or None
 
 
@@ -152,7 +223,11 @@ class TextStream:
         self.prompt_tokens = len(ids)
         self.finish_reason = "stop"
         self.req = Request(ids, params, self._emit)
-        state.batcher.submit(self.req)
+        try:
+            state.batcher.submit(self.req)
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy ({e}); try again shortly", code="server_busy",
+                           type_="server_error", headers={"Retry-After": "1"}) from None
 
     def _emit(self, tok, reason):  # batcher thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (tok, reason))
@@ -190,8 +265,19 @@ class TextStream:
         finally:
             self.req.cancel()  # a client that went away frees its slot at the next step
 
-    async def text(self) -> str:
-        return "".join([p async for p in self.pieces()])
+    async def text(self, request: HTTPRequest | None = None) -> str:
+        """The whole reply. With `request`, a client that went away (checked every 0.2 s) cancels
+        the generation, so its slot is free within a step."""
+        async def collect():
+            return "".join([p async for p in self.pieces()])
+        task = asyncio.ensure_future(collect())
+        while request is not None and not task.done():
+            await asyncio.wait({task}, timeout=0.2)
+            if not task.done() and await request.is_disconnected():
+                self.req.cancel()
+                task.cancel()
+                raise APIError(499, "client closed the request", code="client_closed")
+        return await task
 
 
 def tool_calls_from(tok, ids: list[int]) -> tuple[str, list[dict]]:
@@ -216,26 +302,79 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+# -- who may call ----------------------------------------------------------------------------------
+def _hostname(host: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1'; '[::1]:8000' -> '::1'; lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1: host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Guard:
+    """ASGI middleware in front of every route: Host allow-list, Origin (same-origin or
+    --allow-origin, with CORS answers for the latter), JSON bodies only, the API key, the body size
+    as announced. Pure ASGI, so a streaming reply and `request.is_disconnected` pass through untouched."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        origin = headers.get("origin")
+        cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin in self.state.allow_origins else {}
+        try:
+            self.check(scope, headers, origin)
+        except APIError as e:
+            e.headers = {**e.headers, **cors}
+            return await e.response()(scope, receive, send)
+        if scope["method"] == "OPTIONS" and cors:
+            return await JSONResponse({}, headers={**cors, "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                                                   "Access-Control-Allow-Headers": "authorization, content-type",
+                                                   "Access-Control-Max-Age": "600"})(scope, receive, send)
+        if not cors:
+            return await self.app(scope, receive, send)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", []))
+                           + [(k.lower().encode(), v.encode()) for k, v in cors.items()]}
+            await send(message)
+        return await self.app(scope, receive, send_with_cors)
+
+    def check(self, scope, headers: dict, origin: str | None) -> None:
+        st = self.state
+        host = headers.get("host", "")
+        if _hostname(host) not in LOCAL_HOSTS | st.allow_hosts:
+            raise APIError(403, f"Host {host!r} is not served here (allow it with --allow-host)", code="host_not_allowed")
+        if origin is not None and origin not in st.allow_origins:
+            o = urlsplit(origin)
+            if o.scheme not in ("http", "https") or o.netloc.lower() != host.lower():
+                raise APIError(403, f"requests from origin {origin!r} are refused (allow it with --allow-origin)",
+                               code="origin_not_allowed")
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise APIError(415, "the body must be JSON (Content-Type: application/json)", code="unsupported_media_type")
+        if st.api_key and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+            auth = headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), st.api_key.encode()):
+                raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
+                               type_="authentication_error")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > st.max_body):
+            raise APIError(413, f"request body over {st.max_body} bytes", code="body_too_large")
+
+
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="ownllm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ownllm = state
 
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        try:
-            if state.api_key and request.url.path.startswith("/v1/"):
-                auth = request.headers.get("authorization", "")
-                given = auth[7:] if auth.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(given.encode(), state.api_key.encode()):
-                    raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
-                                   type_="authentication_error")
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > state.max_body):
-                raise APIError(413, f"request body over {state.max_body} bytes", code="body_too_large")
-            return await call_next(request)
-        except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+    app.add_middleware(Guard, state=state)
 
     async def read_json(request: HTTPRequest) -> dict:
         raw = b""
@@ -245,10 +384,13 @@ def create_app(state: ServerState) -> FastAPI:
                 raise APIError(413, f"request body over {state.max_body} bytes", code="body_too_large")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"body is not valid JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError) as e:  # ValueError: bad JSON, or an integer of > 4,300 digits
+            raise APIError(400, f"body is not valid JSON ({str(e)[:200]})") from None
+        except RecursionError:
+            raise APIError(400, f"body nested deeper than {MAX_DEPTH} levels") from None
         if not isinstance(body, dict):
             raise APIError(400, "body must be a JSON object")
+        check_body(body)
         model = body.get("model")
         if model is not None and model != state.model_id:
             raise APIError(404, f"model {model!r} does not exist (this server has {state.model_id!r})", "model",
@@ -260,13 +402,17 @@ def create_app(state: ServerState) -> FastAPI:
             try:
                 return await fn(request)
             except APIError as e:
-                return JSONResponse(e.body(), status_code=e.status)
+                return e.response()
+            except OwnLLMError as e:  # the conversation cannot be rendered (template refused it, ...)
+                return APIError(400, str(e)).response()
         wrapper.__name__ = fn.__name__
         return wrapper
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.model_id, "active_requests": state.batcher.active}
+        b = state.batcher
+        return {"status": "ok", "model": state.model_id, "active_requests": b.active, "slots": len(b.slots),
+                "busy_slots": b.active, "queued": b.queued}
 
     @app.get("/v1/models")
     async def models():
@@ -286,6 +432,7 @@ def create_app(state: ServerState) -> FastAPI:
     @handle
     async def chat_completions(request: HTTPRequest):
         body = await read_json(request)
+        refuse_unsupported(body)
         messages = parse_messages(body)
         tools = parse_tools(body)
         stream = _get(body, "stream", bool, False, what="a boolean")
@@ -294,26 +441,30 @@ def create_app(state: ServerState) -> FastAPI:
         if tools is not None and tok.call_markers is None:
             raise APIError(400, "this model's chat template has no tool-call format the server can read", "tools")
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
-        extra: dict = {}
         if state.registry is not None and tools is None:
             return await _agent_reply(body, messages, stream, opts, cid, created)
-        if state.kb is not None and tools is None and messages[-1]["role"] == "user" and body.get("rag", True):
-            from ownllm.rag.answer import prompt_ids, retrieve
-            from ownllm.rag.grounded import REFUSAL, language
+        kwargs = template_kwargs(body)
 
-            q = messages[-1]["content"]
-            hits = retrieve(state.kb, q)
-            if not hits:
-                extra["sources"] = []
-                return _fixed_reply(REFUSAL[language(q)], stream, opts, cid, created, extra, len(tok.encode(q)))
-            ids, shown = prompt_ids(tok, q, hits, state.model.config.max_seq_len - 64)
-            extra["sources"] = [{"index": i, "path": h.path, "line": h.line, "text": h.text} for i, h in enumerate(shown, 1)]
-        else:
-            ids = tok.render(messages, add_generation_prompt=True, tools=tools, template_kwargs=template_kwargs(body)).ids
+        def prepare():  # off the event loop: retrieval and rendering a 1 MB conversation take a while
+            if state.kb is not None and tools is None and messages[-1]["role"] == "user" and body.get("rag", True):
+                from ownllm.rag.answer import prompt_ids, retrieve
+                from ownllm.rag.grounded import REFUSAL, language
+
+                q = messages[-1]["content"]
+                hits = retrieve(state.kb, q)
+                if not hits:
+                    return None, {"sources": []}, (REFUSAL[language(q)], len(tok.encode_text(q)))
+                ids, shown = prompt_ids(tok, q, hits, state.model.config.max_seq_len - 64)
+                return ids, {"sources": [{"index": i, "path": state.kb.display_path(h.path), "line": h.line,
+                                          "text": h.text} for i, h in enumerate(shown, 1)]}, None
+            return tok.render(messages, add_generation_prompt=True, tools=tools, template_kwargs=kwargs).ids, {}, None
+        ids, extra, fixed = await asyncio.to_thread(prepare)
+        if fixed is not None:
+            return _fixed_reply(fixed[0], stream, opts, cid, created, extra, fixed[1])
         params, stops = sampling_from(body, state, len(ids), tok.stop_ids)
         ts = TextStream(state, ids, params, stops, keep_special=tools is not None)
         if tools is not None:  # whole reply first: it may be tool calls
-            await ts.text()
+            await ts.text(request)
             text, calls = tool_calls_from(tok, ts.tokens)
             finish = "tool_calls" if calls else ts.finish_reason
             msg = {"role": "assistant", "content": text or None}
@@ -347,7 +498,7 @@ def create_app(state: ServerState) -> FastAPI:
                     yield sse({**_chunk(cid, created, state, {}, None), "choices": [], "usage": usage(len(ids), len(ts.tokens))})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
-        text = await ts.text()
+        text = await ts.text(request)
         msg = {"role": "assistant", "content": text}
         if splitter:
             reasoning, msg["content"] = splitter.split(text)
@@ -384,12 +535,13 @@ def create_app(state: ServerState) -> FastAPI:
         from ownllm.agent.loop import Agent
 
         sampling_from(body, state, 1, ())  # validate the fields even though the agent samples greedily
-        agent = Agent(state.model, state.tok, state.registry, template_kwargs=template_kwargs(body))
-
-        def run():
-            with state.batcher.lock:
-                return agent.run(messages)
-        res = await asyncio.get_running_loop().run_in_executor(None, run)
+        agent = Agent(state.model, state.tok, state.registry, template_kwargs=template_kwargs(body),
+                      generate=state.batcher.generate)  # its turns share decode steps with every stream
+        try:
+            res = await asyncio.to_thread(agent.run, messages)
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy ({e}); try again shortly", code="server_busy",
+                           type_="server_error", headers={"Retry-After": "1"}) from None
         trace = [{"name": c.name, "arguments": c.arguments if c.valid else c.raw, "result": c.result} for c in res.calls]
         return _fixed_reply(res.answer, stream, opts, cid, created, {"tool_trace": trace}, 0)
 
@@ -397,6 +549,7 @@ def create_app(state: ServerState) -> FastAPI:
     @handle
     async def completions(request: HTTPRequest):
         body = await read_json(request)
+        refuse_unsupported(body, completions=True)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -405,7 +558,7 @@ def create_app(state: ServerState) -> FastAPI:
         stream = _get(body, "stream", bool, False, what="a boolean")
         opts = _get(body, "stream_options", dict, {}, what="an object")
         tok = state.tok
-        ids = tok.encode(prompt)
+        ids = await asyncio.to_thread(tok.encode, prompt)  # raw text: a completion prompt is the model's input as written
         params, stops = sampling_from(body, state, len(ids), (tok.eos_id,))
         ts = TextStream(state, ids, params, stops, keep_special=False)
         cid, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
@@ -422,7 +575,7 @@ def create_app(state: ServerState) -> FastAPI:
                     yield sse({**choice("", None), "choices": [], "usage": usage(len(ids), len(ts.tokens))})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
-        text = await ts.text()
+        text = await ts.text(request)
         return {**choice(text, ts.finish_reason), "usage": usage(len(ids), len(ts.tokens))}
 
     @app.post("/v1/embeddings")
@@ -439,7 +592,7 @@ def create_app(state: ServerState) -> FastAPI:
             if embedder is not None:
                 return embedder.encode(texts).tolist(), sum(len(embedder.tok.encode(t).ids) for t in texts)
             return model_embeddings(state, texts)
-        vecs, n_tokens = await asyncio.get_running_loop().run_in_executor(None, run)
+        vecs, n_tokens = await asyncio.to_thread(run)
         return {"object": "list", "model": state.model_id, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]}
 
