@@ -26,46 +26,64 @@ from safetensors.torch import load_file, save_file
 
 from ownllm.config import ModelConfig, from_json_file, to_json
 from ownllm.errors import OwnLLMError
+from ownllm.files import fsync_dir, fsync_write, write_error
 
 JOURNAL = "commit.json"
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def recover(run_dir: str | Path) -> None:
-    """Finish a commit that was interrupted after its journal was written."""
+    """Finish a commit that was interrupted after its journal was written. Safe to run from
+    several processes at once (a server opening a run that is still training): whoever comes
+    second finds the renames done and the journal gone."""
     d = Path(run_dir)
     journal = d / JOURNAL
-    if not journal.exists():
+    try:
+        renames = json.loads(journal.read_text())
+    except FileNotFoundError:
         return
-    for tmp, final in json.loads(journal.read_text()):
-        if (d / tmp).exists():
+    except ValueError:  # cannot happen (the journal is renamed in whole) unless the disk lost it
+        raise OwnLLMError(f"{journal}: unreadable commit journal; remove it to keep the previous checkpoint") from None
+    for tmp, final in renames:
+        try:
             os.replace(d / tmp, d / final)
-    journal.unlink()
+        except FileNotFoundError:
+            pass  # done already, by us before a crash or by another process
+    fsync_dir(d)
+    try:
+        journal.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def commit_files(run_dir: str | Path, files: dict[str, bytes | Any]) -> None:
-    """Atomically replace a set of files in run_dir. Values: bytes, or a callable(path) that writes."""
+    """Atomically replace a set of files in run_dir. Values: bytes, or a callable(path) that writes.
+    A write that fails (a full disk) removes its temporary files and leaves the last checkpoint
+    as it was, and says so in one line."""
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     recover(d)
-    renames = []
-    for name, content in files.items():
-        tmp = d / f".{name}.tmp"
-        if callable(content):
-            content(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        else:
-            _fsync_write(tmp, content)
-        renames.append([tmp.name, name])
-    _fsync_write(d / f".{JOURNAL}.tmp", json.dumps(renames).encode())
+    renames, tmps = [], []
+    try:
+        for name, content in files.items():
+            tmp = d / f".{name}.tmp"
+            tmps.append(tmp)
+            if callable(content):
+                content(tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            else:
+                fsync_write(tmp, content)
+            renames.append([tmp.name, name])
+        tmps.append(d / f".{JOURNAL}.tmp")
+        fsync_write(d / f".{JOURNAL}.tmp", json.dumps(renames).encode())
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        for t in tmps:
+            t.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(tmps[-1], e) from None
+        raise OwnLLMError(f"{tmps[-1]}: cannot write ({str(e).splitlines()[0][:160]}); the last checkpoint is unchanged") from None
     os.replace(d / f".{JOURNAL}.tmp", d / JOURNAL)
+    fsync_dir(d)
     recover(d)
 
 

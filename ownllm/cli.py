@@ -855,6 +855,13 @@ def main(argv: list[str] | None = None) -> int:
     except OwnLLMError as e:
         print(f"ownllm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a folder that cannot be written: the system's words, one line
+        if e.filename is None and e.errno is None:
+            raise
+        from ownllm.files import write_error
+
+        print(f"ownllm {args.command}: error: {write_error(Path(e.filename or '?'), e, kept=False)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\nownllm {args.command}: interrupted", file=sys.stderr)
         return 130

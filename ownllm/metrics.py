@@ -10,15 +10,17 @@ import json
 import math
 from pathlib import Path
 
+from ownllm.files import atomic_write
+
 
 class MetricsLog:
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is None:
-            self.path.write_text("")
-        else:  # keep what the resumed checkpoint had seen, drop the rest
+            atomic_write(self.path, "")
+        else:  # keep what the resumed checkpoint had seen, drop the rest (in one step: a kill keeps the old file)
             kept = [ln for ln in self.read(self.path) if ln.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = self.path.open("a", encoding="utf-8")
 
     def write(self, **row) -> None:
@@ -36,7 +38,9 @@ class MetricsLog:
         if not p.exists():
             return []
         rows = []
-        for line in p.read_text(encoding="utf-8").splitlines():
+        for line in p.read_text(encoding="utf-8").split("\n"):
+            if not line.strip():
+                continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:

@@ -8,11 +8,11 @@ source's UTF-8 bytes (cut at a character boundary); it is never trained on.
 """
 from __future__ import annotations
 
-import json
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
+from ownllm.data.formats import BadRecord, jsonl_records, parse_line
 from ownllm.errors import OwnLLMError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -59,20 +59,14 @@ def _read_text_file(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> str:
     texts = []
-    with path.open("r", encoding="utf-8", errors="strict") as f:
+    for lineno, line in jsonl_records(path):
         try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise OwnLLMError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise OwnLLMError(f"{path}:{lineno}: expected an object with a string field 'text'")
-                texts.append(rec["text"])
-        except UnicodeDecodeError:
-            raise OwnLLMError(f"{path}: not UTF-8 text") from None
+            rec = parse_line(line)
+        except BadRecord as e:
+            raise OwnLLMError(f"{path}:{lineno}: {e}") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise OwnLLMError(f"{path}:{lineno}: expected an object with a string field 'text'")
+        texts.append(rec["text"])
     return "\n\n".join(texts)
 
 

@@ -8,7 +8,8 @@ Formats, auto-detected per file from its first record or named with `--format`:
     alpaca       {"instruction": "…", "input": "…", "output": "…"}
     completion   {"prompt": "…", "completion": "…"}
 
-A bad record raises OwnLLMError naming file, line and field; with skip_bad it is counted instead.
+Files are JSONL (one record per line) or one JSON array of records (a `.json` file). A bad record
+raises OwnLLMError naming file, line and field; with skip_bad it is counted instead.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def _turns(rec: dict, list_key: str, role_key: str, text_key: str, roles: dict[s
         where = f"{list_key}[{i}]"
         if not isinstance(m, dict):
             raise BadRecord(f"field '{where}' must be an object")
-        if m.get(role_key) not in roles:
+        if not isinstance(m.get(role_key), str) or m[role_key] not in roles:
             raise BadRecord(f"field '{where}.{role_key}' must be one of {sorted(roles)}, got {m.get(role_key)!r}")
         calls = m.get("tool_calls")
         if calls is None:
@@ -112,15 +113,57 @@ class ChatData:
 
 
 def jsonl_records(p: Path):
-    """(line number, parsed value) for each non-blank line of a JSONL file. Not UTF-8 is an
-    OwnLLMError; invalid JSON on a line raises BadRecord (the caller adds file and line)."""
+    """(line number, text of one record) for each record of a JSONL file — one JSON value per line —
+    or of a JSON file holding one array of records (as ShareGPT and Alpaca sets are often shared).
+    A UTF-8 BOM is dropped; lines end at '\\n' only, since U+2028 and friends may sit inside a JSON
+    string. Not UTF-8, or a broken array, is an OwnLLMError; invalid JSON on a line raises
+    BadRecord from `parse_line` (the caller adds file and line)."""
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise OwnLLMError(f"{p}: not UTF-8 text") from None
-    for lineno, line in enumerate(lines, 1):
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise OwnLLMError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    if text.lstrip().startswith("["):
+        yield from _array_records(p, text)
+        return
+    for lineno, line in enumerate(text.split("\n"), 1):
         if line.strip():
             yield lineno, line
+
+
+def _array_records(p: Path, text: str):
+    """Each element of a top-level JSON array, with the line it starts on."""
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    n = len(text)
+
+    def skip(i):
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+    i = skip(i)
+    if i < n and text[i] == "]":
+        return
+    while True:
+        lineno = text.count("\n", 0, i) + 1
+        try:
+            _, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise OwnLLMError(f"{p}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise OwnLLMError(f"{p}:{lineno}: invalid JSON ({_short(e)})") from None
+        yield lineno, text[i:end]
+        i = skip(end)
+        if i < n and text[i] == ",":
+            i = skip(i + 1)
+            continue
+        if i < n and text[i] == "]" and not text[i + 1:].strip():
+            return
+        raise OwnLLMError(f"{p}:{text.count(chr(10), 0, i) + 1}: expected ',' or the array's closing ']' "
+                          "(a .json file holds one array of records)")
+
+
+def _short(e: BaseException) -> str:
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
 
 
 def parse_line(line: str):
@@ -128,6 +171,8 @@ def parse_line(line: str):
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise BadRecord(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past the recursion limit
+        raise BadRecord(f"invalid JSON ({_short(e)})") from None
 
 
 def read_chat_jsonl(path: str | Path, fmt: str | None = None, skip_bad: bool = False) -> ChatData:

@@ -96,8 +96,8 @@ def record_pairs(rec: dict) -> list[Pair]:
         if not isinstance(responses, list) or len(responses) < 2:
             raise BadRecord("field 'responses' must be a list of at least two answers")
         answers = [_answer(r, f"responses[{i}]") for i, r in enumerate(responses)]
-        if not isinstance(ranking, list) or sorted(ranking) != list(range(len(answers))) \
-                or not all(isinstance(i, int) for i in ranking):
+        if not isinstance(ranking, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking) \
+                or sorted(ranking) != list(range(len(answers))):
             raise BadRecord(f"field 'ranking' must list every response index 0..{len(answers) - 1} once, best first")
         return [Pair(prompt, answers[a], answers[b]) for i, a in enumerate(ranking) for b in ranking[i + 1:]]
     if "chosen" not in rec or "rejected" not in rec:

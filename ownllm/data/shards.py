@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ownllm.data.corpora import Source
+from ownllm.files import atomic_write, write_error
 from ownllm.tokenizer import Tokenizer, _chunks
 
 
@@ -54,9 +55,13 @@ def pack(tok: Tokenizer, sources: list[Source], out_dir: str | Path) -> dict:
         meta["sources"].append(entry)
     for split, arrs in splits.items():
         tmp = out / f"{split}.bin.tmp"
-        np.concatenate(arrs).tofile(tmp)
-        os.replace(tmp, out / f"{split}.bin")
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            np.concatenate(arrs).tofile(tmp)
+            os.replace(tmp, out / f"{split}.bin")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise write_error(out / f"{split}.bin", e) from None
+    atomic_write(out / "meta.json", json.dumps(meta, indent=2))
     return meta
 
 
