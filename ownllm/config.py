@@ -24,6 +24,12 @@ ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
+# The largest size each field of a model config may take: well past any open model of today
+# (vocabularies of 262k, 128k contexts, 100+ layers), far below what would exhaust a machine.
+SIZE_LIMITS = {"vocab_size": 1 << 22, "dim": 1 << 20, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+               "ffn_dim": 1 << 20, "max_seq_len": 1 << 24, "attn_head_dim": 4096, "lora_rank": 4096}
+
+
 @dataclass
 class ModelConfig:
     """A Llama-layout decoder. Names match `transformers.LlamaConfig` where one exists."""
@@ -54,6 +60,12 @@ class ModelConfig:
     smear: bool = False             # add gate ⊙ the previous token's embedding to each token's (see model.py)
 
     def __post_init__(self) -> None:
+        # sizes first: a forged config (an imported file) must not divide by zero or ask for terabytes
+        for name, most in SIZE_LIMITS.items():
+            v = getattr(self, name)
+            least = 0 if name in ("attn_head_dim", "lora_rank") else 1
+            if isinstance(v, bool) or not isinstance(v, int) or not least <= v <= most:
+                raise OwnLLMError(f"model config: {name}={v!r} must be a whole number from {least} to {most:,}")
         if self.dim % self.n_heads and not self.attn_head_dim:
             raise OwnLLMError(f"model config: dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:

@@ -202,6 +202,8 @@ def model_config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
         if rope_type != "default" else None
     try:
         dim, n_heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+        if dim <= 0 or n_heads <= 0:
+            raise OwnLLMError(f"hidden_size={dim} and num_attention_heads={n_heads} must be positive")
         head_dim = int(d.get("head_dim") or dim // n_heads)
         theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
         return ModelConfig(vocab_size=int(d["vocab_size"]), dim=dim, n_layers=int(d["num_hidden_layers"]),
@@ -227,8 +229,12 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     if index.is_file():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError):
-            raise OwnLLMError(f"{index}: not a safetensors index (expected a 'weight_map')") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise OwnLLMError(f"{index}: not a safetensors index (expected a 'weight_map' of file names)") from None
+        root = src.resolve()
+        for f in files:  # a shard named '../../x' or '/etc/x' must not be read
+            if not isinstance(f, str) or not (src / f).resolve().is_relative_to(root):
+                raise OwnLLMError(f"{index}: weight_map names {f!r}, which is not a file inside {src}")
     elif (src / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

@@ -15,12 +15,18 @@ import bisect
 import html.parser
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ownllm.errors import OwnLLMError
 
 SUFFIXES = {".txt", ".md", ".markdown", ".html", ".htm", ".pdf"}
+# What one document may cost: bytes on disk, characters of text, PDF pages, seconds of reading.
+MAX_FILE_BYTES = 100 * 10**6
+MAX_TEXT_CHARS = 5_000_000
+MAX_PDF_PAGES = 2_000
+MAX_SECONDS = 60
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])")
 
 
@@ -55,30 +61,59 @@ def iter_files(paths: list[str | Path]) -> list[Path]:
     return sorted(out)
 
 
+class UnclosedHTML(ValueError):
+    def __init__(self, line: int, what: str):
+        super().__init__(f"{what} opened here is never closed, so the text after it would be lost")
+        self.line = line
+
+
 class _HTMLText(html.parser.HTMLParser):
+    """Visible text of a page: no script/style/template, nothing inside an element marked
+    `hidden`, `aria-hidden="true"` or styled `display:none` / `visibility:hidden`."""
     BLOCK = {"p", "div", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "table",
              "section", "article", "pre", "blockquote", "title"}
     SKIP = {"script", "style", "noscript", "template"}
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+    HIDDEN_STYLE = re.compile(r"(display\s*:\s*none|visibility\s*:\s*hidden)", re.I)
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
-        self.skip = 0
+        self.open: list[tuple[str, bool, int]] = []   # (tag, hides its text, line) of open elements
+        self.hiding = 0
+
+    def _hides(self, tag, attrs) -> bool:
+        a = {k.lower(): (v or "") for k, v in attrs}
+        return (tag in self.SKIP or "hidden" in a or a.get("aria-hidden", "").lower() == "true"
+                or bool(self.HIDDEN_STYLE.search(a.get("style", ""))))
 
     def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self.skip += 1
-        elif tag in self.BLOCK:
+        if tag in self.BLOCK:
+            self.parts.append("\n\n")
+        if tag in self.VOID:
+            return
+        hides = self._hides(tag, attrs)
+        self.open.append((tag, hides, self.getpos()[0]))
+        self.hiding += hides
+
+    def handle_startendtag(self, tag, attrs):
+        if tag in self.BLOCK:
             self.parts.append("\n\n")
 
     def handle_endtag(self, tag):
-        if tag in self.SKIP:
-            self.skip = max(0, self.skip - 1)
-        elif tag in self.BLOCK:
+        if tag in self.BLOCK:
             self.parts.append("\n\n")
+        if any(t == tag for t, _, _ in self.open):   # close it and whatever was left open inside it
+            while self.open:
+                t, hides, _ = self.open.pop()
+                self.hiding -= hides
+                if t == tag:
+                    break
 
     def handle_data(self, data):
-        if not self.skip:
+        if data.startswith("<!--"):   # the parser hands an unclosed comment back as text
+            raise UnclosedHTML(self.getpos()[0], "<!-- (a comment)")
+        if not self.hiding:
             self.parts.append(re.sub(r"[ \t\r\n]+", " ", data))
 
 
@@ -86,23 +121,24 @@ def html_to_text(source: str) -> str:
     p = _HTMLText()
     p.feed(source)
     p.close()
+    if p.rawdata.strip():   # an unclosed <script>, <style>, ... holds the rest of the file
+        tag, line = next(((t, ln) for t, _, ln in reversed(p.open) if t in p.SKIP), ("a tag", 0))
+        raise UnclosedHTML(line or source[: len(source) - len(p.rawdata)].count("\n") + 1, f"<{tag}>")
     text = "".join(p.parts)
     return re.sub(r"\n[ \n]*\n", "\n\n", "\n".join(ln.strip() for ln in text.split("\n"))).strip()
 
 
 def read_document(path: str | Path) -> str:
+    """The text of one file, bounded: at most MAX_FILE_BYTES read, MAX_TEXT_CHARS of text (a
+    small compressed PDF can expand to megabytes), MAX_PDF_PAGES pages and MAX_SECONDS spent."""
     path = Path(path)
     suffix = path.suffix.lower()
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise OwnLLMError(f"{path}: {size / 1e6:.0f} MB is over the {MAX_FILE_BYTES // 10**6} MB a document may have; "
+                          "split it first")
     if suffix == ".pdf":
-        try:
-            from pypdf import PdfReader
-        except ImportError:  # pragma: no cover - pypdf is a declared dependency
-            raise OwnLLMError(f"{path}: reading PDF needs the pypdf package") from None
-        try:
-            pages = [page.extract_text() or "" for page in PdfReader(str(path)).pages]
-        except Exception as e:  # pypdf raises many types on damaged files
-            raise OwnLLMError(f"{path}: not a readable PDF ({type(e).__name__}: {e})") from None
-        return "\n\n".join(p.strip() for p in pages if p.strip())
+        return _read_pdf(path)
     raw = path.read_bytes()
     if b"\x00" in raw[:4096]:
         raise OwnLLMError(f"{path}: looks binary (NUL bytes), expected text")
@@ -112,7 +148,46 @@ def read_document(path: str | Path) -> str:
         line = raw[: e.start].count(b"\n") + 1
         raise OwnLLMError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
     text = text.replace("\r\n", "\n")
-    return html_to_text(text) if suffix in (".html", ".htm") else text
+    if suffix in (".html", ".htm"):
+        try:
+            return _bounded(path, html_to_text(text))
+        except UnclosedHTML as e:
+            raise OwnLLMError(f"{path}:{e.line}: {e}") from None
+    return _bounded(path, text)
+
+
+def _bounded(path: Path, text: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise OwnLLMError(f"{path}: over {MAX_TEXT_CHARS:,} characters of text; split it first")
+    return text
+
+
+def _read_pdf(path: Path) -> str:
+    try:
+        from pypdf import PdfReader
+    except ImportError:  # pragma: no cover - pypdf is a declared dependency
+        raise OwnLLMError(f"{path}: reading PDF needs the pypdf package") from None
+    deadline = time.monotonic() + MAX_SECONDS
+    pages, total = [], 0
+    try:
+        reader = PdfReader(str(path))
+        if len(reader.pages) > MAX_PDF_PAGES:
+            raise OwnLLMError(f"{path}: {len(reader.pages)} pages, over the {MAX_PDF_PAGES} a document may have")
+        for i, page in enumerate(reader.pages, 1):
+            text = (page.extract_text() or "").strip()
+            total += len(text)
+            if total > MAX_TEXT_CHARS:
+                raise OwnLLMError(f"{path}: page {i}: over {MAX_TEXT_CHARS:,} characters of text "
+                                  f"from a {path.stat().st_size:,}-byte file; refused")
+            if time.monotonic() > deadline:
+                raise OwnLLMError(f"{path}: page {i}: reading took over {MAX_SECONDS} s; refused")
+            if text:
+                pages.append(text)
+    except OwnLLMError:
+        raise
+    except Exception as e:  # pypdf raises many types on damaged files
+        raise OwnLLMError(f"{path}: not a readable PDF ({type(e).__name__}: {str(e)[:160]})") from None
+    return "\n\n".join(pages)
 
 
 def _sentences(text: str, start: int) -> list[tuple[int, int]]:
