@@ -222,3 +222,48 @@ def test_cli_agent_and_eval_agent_run_end_to_end(tmp_path, monkeypatch, capsys, 
     assert main(["agent", "x", "--run", str(run), "--tools", "sql"]) == 2
     assert "needs a database" in capsys.readouterr().err
     assert main(["agent", "x", "--run", str(run), "--tools", "shell"]) == 2
+
+
+def test_tool_abuse_corpus_neither_crashes_nor_writes_nor_runs_away(tmp_path):
+    """Every case of bench/hostile.py's tool corpus (≥ 200: fts3_tokenizer and other pointer or
+    extension functions, size bombs, writes, runaway recursion, deep nesting) through the registry:
+    a clean result or error, within the time limit, the database file unchanged."""
+    from bench.hostile import run_tool_corpus, shop_with_fts
+
+    res = run_tool_corpus(shop_with_fts(tmp_path / "shop.sqlite"), time_limit=0.5)
+    assert res["cases"] >= 200
+    assert res["crashes"] == [] and res["over_limit"] == [] and not res["db_changed"]
+    assert res["longest_reply"] < 9000   # a 40 MB cell is cut, not returned whole
+
+
+def test_sql_functions_are_allow_listed_and_values_bounded(tmp_path):
+    db = ReadOnlyDB(build_demo_shop(tmp_path / "odd #name?.sqlite"), time_limit=0.5)
+    assert db.query("SELECT COUNT(*) FROM orders") == "COUNT(*)\n400"   # '#' and '?' do not open another file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd #name?.sqlite"]
+    for q, match in [("SELECT hex(fts3_tokenizer('simple'))", "fts3_tokenizer"),
+                     ("SELECT load_extension('x')", "load_extension"),
+                     ("SELECT length(hex(randomblob(300000000)))", "randomblob")]:
+        with pytest.raises(SQLToolError, match=match):
+            db.query(q)
+    t0 = time.perf_counter()
+    with pytest.raises(SQLToolError, match="size limit"):
+        db.query("WITH RECURSIVE c(s) AS (SELECT 'x' UNION ALL SELECT s || s FROM c) SELECT length(s) FROM c")
+    assert time.perf_counter() - t0 < 1.0
+    assert db.query("SELECT upper(name) FROM products ORDER BY id LIMIT 1") == "upper(name)\nPEN"
+    big = db.query("SELECT substr(group_concat(a.name || b.name, ''), 1, 900000) FROM customers a, customers b")
+    assert len(big) < 9000 and big.splitlines()[1].endswith("chars)")
+
+
+@pytest.mark.parametrize("expr,match", [
+    ("+".join(["1"] * 1000), "nested too deeply"), ("*".join(["2"] * 999), "nested too deeply"),
+    ("-" * 1999 + "1", "nested too deeply"), ("1e999", "too large"),
+])
+def test_calculator_refuses_deep_and_infinite_input(expr, match):
+    with pytest.raises(CalculatorError, match=match):
+        calculate(expr)
+
+
+def test_calculator_answers_huge_exact_values_without_overflow():
+    assert calculate("1/2**6900").endswith("(≈ 7.816816528e-2078)")
+    assert calculate("10**3000/3").endswith("(≈ 3.333333333e+2999)")
+    assert calculate("2**-20") == "0.00000095367431640625"

@@ -293,3 +293,90 @@ def test_rag_sources_and_server_side_tools(run_dir, tmp_path):
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "12 × 34?"}]})
         assert r.status_code == 200 and "tool_trace" in r.json() and r.json()["choices"][0]["message"]["role"] == "assistant"
     state.batcher.close()
+
+
+def test_hostile_request_corpus_never_gets_a_5xx(client):
+    """bench/hostile.py's request corpus (≥ 500: deep nesting, 4,300-digit integers, lone surrogates,
+    seeds past 64 bits, tool schemas of every wrong shape, reserved template names, unsupported
+    fields, wrong content types, other origins and hosts) through the real app."""
+    from bench.hostile import request_corpus
+
+    corpus = request_corpus()
+    assert len(corpus) >= 500
+    bad = []
+    for path, headers, body in corpus:
+        r = client.post(path, content=body, headers=headers)
+        if r.status_code >= 500 or (r.status_code >= 400 and "error" not in r.json()):
+            bad.append((r.status_code, path, body[:80]))
+    assert bad == []
+    assert client.get("/health").json()["busy_slots"] == 0
+
+
+@pytest.mark.parametrize("field,value", [("n", 2), ("logprobs", True), ("top_logprobs", 3),
+                                         ("response_format", {"type": "json_object"})])
+def test_fields_it_cannot_honour_are_refused_by_name(client, field, value):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] in (field, "logprobs")
+
+
+def test_other_origins_hosts_and_non_json_bodies_are_refused(run_dir, monkeypatch):
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    monkeypatch.setenv("OWNLLM_API_KEY", "k3y")
+    state = _state(run_dir, allow_origin=["http://localhost:3000"])
+    key = {"authorization": "Bearer k3y"}
+    with fastapi_testclient.TestClient(create_app(state), base_url="http://127.0.0.1:8000") as c:
+        assert c.post("/v1/chat/completions", json=body).status_code == 401   # the key came from the environment
+        assert c.post("/v1/chat/completions", json=body, headers=key).status_code == 200
+        assert c.post("/v1/chat/completions", json=body, headers={**key, "origin": "http://127.0.0.1:8000"}).status_code == 200
+        r = c.post("/v1/chat/completions", json=body, headers={**key, "origin": "http://evil.example"})
+        assert r.status_code == 403 and "origin" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", content=json.dumps(body), headers={**key, "content-type": "text/plain"})
+        assert r.status_code == 415
+        assert c.post("/v1/chat/completions", json=body, headers={**key, "host": "evil.example"}).status_code == 403
+        assert c.get("/health", headers={"host": "attacker.example:8000"}).status_code == 403   # DNS rebinding
+        r = c.post("/v1/chat/completions", json=body, headers={**key, "origin": "http://localhost:3000"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        pre = c.options("/v1/chat/completions", headers={"origin": "http://localhost:3000",
+                                                         "access-control-request-method": "POST"})
+        assert pre.status_code == 200 and "authorization" in pre.headers["access-control-allow-headers"]
+        assert c.options("/v1/chat/completions", headers={"origin": "http://evil.example"}).status_code == 403
+    state.batcher.close()
+
+
+def test_busy_server_answers_503_and_a_failed_prefill_is_answered(client, monkeypatch):
+    b = client.state.batcher
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    monkeypatch.setattr(b, "max_waiting", 0)
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    monkeypatch.undo()
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(b.model, "last_logits", broken)
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 500 and "out of memory" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    h = client.get("/health").json()
+    assert h["busy_slots"] == 0 and h["queued"] == 0 and h["slots"] == 4
+
+
+def test_a_client_that_leaves_frees_its_slot_within_a_second(live_server):
+    from bench.hostile import disconnect_free_seconds
+
+    url, state = live_server
+    model = state.batcher.model
+    real = model.last_logits
+
+    def slow(*a, **k):   # ~0.05 s a step: decoding the rest of the context would take seconds
+        time.sleep(0.05)
+        return real(*a, **k)
+    model.last_logits = slow
+    try:
+        assert disconnect_free_seconds(url) < 1.0   # non-streaming: nobody reads the reply any more
+        assert disconnect_free_seconds(url, {"messages": [{"role": "user", "content": "Hi"}], "temperature": 1,
+                                             "stream": True}) < 1.0
+    finally:
+        del model.last_logits
+    assert state.batcher.cancelled >= 2

@@ -202,3 +202,62 @@ def test_task_answers_are_right():
             json.loads(e.answer)
         if e.family in ("passage_qa", "poem_next"):
             assert e.answer in e.prompt  # answerable from the prompt alone
+
+
+HOSTILE_RECORDS = [
+    ({"messages": [{"role": ["user"], "content": "a"}, {"role": "assistant", "content": "b"}]}, "role"),
+    ({"messages": [{"role": {"r": 1}, "content": "a"}]}, "role"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ["b"]}]}, "content"),
+    ('{"messages": [{"role": "user", "content": "a"}], "n": ' + "9" * 5000 + "}", "invalid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize("record,field", HOSTILE_RECORDS)
+def test_sft_reader_errors_are_one_line_with_file_and_line_and_skippable(tmp_path, tiny_run, capsys, record, field):
+    from ownllm.cli import main
+
+    good = json.dumps({"messages": CONVS[0]})
+    p = tmp_path / "chat.jsonl"
+    p.write_text("\n".join([good, record if isinstance(record, str) else json.dumps(record), good]) + "\n")
+    capsys.readouterr()
+    argv = ["sft", "--base", str(tiny_run), "--data", str(p), "--out", str(tmp_path / "o"), "--max-steps", "1", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "chat.jsonl:2: " in err and field in err and "Traceback" not in err, err
+    data = read_chat_jsonl(p, skip_bad=True)
+    assert len(data.conversations) == 2 and data.skipped == 1
+
+
+def test_jsonl_keeps_line_separators_inside_strings_and_reads_json_arrays_and_bom(tmp_path):
+    """ShareGPT text often holds U+2028, U+0085 or a form feed inside a string; sets are shared as
+    one JSON array as often as JSONL; Windows editors write a BOM."""
+    from ownllm.data.preferences import Pair, read_preferences, write_preferences
+
+    text = "line\u2028separator\x85next\x0cpage\u2029end"
+    recs = [{"conversations": [{"from": "human", "value": f"{text} {i}"}, {"from": "gpt", "value": "ok"}]} for i in range(3)]
+    p = tmp_path / "share.jsonl"
+    p.write_text("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    convs = read_chat_jsonl(p).conversations
+    assert [c[0]["content"] for c in convs] == [f"{text} {i}" for i in range(3)]
+    arr = tmp_path / "share.json"
+    arr.write_text(json.dumps(recs, ensure_ascii=False, indent=2), encoding="utf-8")
+    assert read_chat_jsonl(arr).conversations == convs
+    arr.write_text("[\n" + json.dumps(recs[0]) + ",\n" + json.dumps({"instruction": 5, "output": "x"}) + "\n]")
+    with pytest.raises(OwnLLMError, match=r"share.json:3: .*cannot tell the format|share.json:3: field"):
+        read_chat_jsonl(arr, fmt=None)
+    arr.write_text("[\n" + json.dumps(recs[0]) + "\n" + json.dumps(recs[0]) + "]")
+    with pytest.raises(OwnLLMError, match=r"share.json:3: expected ','"):
+        read_chat_jsonl(arr)
+    pairs = [Pair((("user", text),), f"a{text}", "b")]   # what the project writes, it reads back
+    write_preferences(pairs, tmp_path / "p.jsonl")
+    assert read_preferences(tmp_path / "p.jsonl")[0].chosen == f"a{text}"
+
+
+def test_mixed_ranking_is_a_file_line_error(tmp_path):
+    from ownllm.data.preferences import read_preferences
+
+    p = tmp_path / "r.jsonl"
+    p.write_text(json.dumps({"prompt": "q", "responses": ["a", "b"], "ranking": [0, "1"]}) + "\n")
+    with pytest.raises(OwnLLMError, match=r"r.jsonl:1: field 'ranking'"):
+        read_preferences(p)
