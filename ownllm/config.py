@@ -136,6 +136,8 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 16
     checkpoint_interval: float = 60.0   # seconds between checkpoints
+    checkpoint_steps: int = 0           # also checkpoint every N steps (0: only by time); a step count is
+                                        # the same on every host, so a resumed run can be compared exactly
     dtype: str = "auto"                 # auto | bfloat16 | float32 (autocast for matmuls)
     compile: bool = True                # torch.compile each block (warm-up runs before the clock starts)
     threads: int | None = None          # torch threads; None: one per core (per process under torchrun)

@@ -206,3 +206,92 @@ def test_dtype_probe_stops_early_only_when_the_answer_is_clear(monkeypatch):
     assert choice == "bfloat16" and len(calls) == 4 and w.grad is None
     (choice, _), calls = run(0.02, 0.02)       # a tie: every round, and fp32 kept
     assert choice == "float32" and len(calls) == 8
+
+
+# Runs `ownllm pretrain` in a child that SIGKILLs itself at the N-th os.replace onto a name: a kill
+# at an exact point of a checkpoint commit, the same on every machine.
+KILL_HOOK = """
+import os, signal, sys
+real, seen = os.replace, {}
+name, nth = sys.argv[1], int(sys.argv[2])
+def replace(src, dst):
+    if os.path.basename(str(dst)) == name:
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+os.replace = replace
+from ownllm.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_kill_9_inside_checkpoint_commits_then_resume_is_bit_identical(tmp_path, text_file):
+    """One kill just before a commit's journal lands (the previous checkpoint stands), one just
+    after (the next loader finishes the commit); the resumed run ends bit-identical."""
+    import subprocess
+    import sys
+
+    from bench.kill_resume import compare, pretrain_argv
+    from ownllm.checkpoint import saved_step
+
+    def run(out, *kill, resume=False):
+        argv = pretrain_argv(text_file, out, steps=12, seed=3)[3:] + (["--resume"] if resume else [])
+        return subprocess.run([sys.executable, "-c", KILL_HOOK, *(kill or ("-", "0")), *argv],
+                              capture_output=True, text=True, timeout=300).returncode
+
+    assert run(tmp_path / "whole") == 0
+    killed = tmp_path / "killed"
+    assert run(killed, "commit.json", "3") == -9   # the run's start, step 3, then step 6: its journal not yet in place
+    assert saved_step(killed) == 3 and not (killed / "commit.json").exists()
+    assert run(killed, "model.safetensors", "1", resume=True) == -9   # step 6 again: journal in, no rename yet
+    assert (killed / "commit.json").exists() and saved_step(killed) == 3
+    recover(killed)   # what every loader does first: the journaled commit is finished
+    assert saved_step(killed) == 6
+    assert run(killed, resume=True) == 0
+    assert compare(tmp_path / "whole", killed) == (True, 0.0)
+    assert not list(killed.glob(".*.tmp")) and not (killed / "commit.json").exists()
+
+
+def test_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, tiny_cfg, monkeypatch):
+    import errno
+
+    model = GPT(tiny_cfg)
+    save_checkpoint(tmp_path, model, {"x": 1}, step=1)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def full(path, data):
+        with open(path, "wb") as f:
+            f.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr("ownllm.checkpoint.fsync_write", full)
+    with pytest.raises(OwnLLMError, match="the disk is full.*unchanged"):
+        save_checkpoint(tmp_path, model, {"x": 2}, step=2)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "state.pt"]
+
+
+def test_recover_is_safe_when_two_processes_open_a_run_at_once(tmp_path, tiny_cfg):
+    import threading
+
+    model = GPT(tiny_cfg)
+    for attempt in range(20):
+        save_checkpoint(tmp_path, model, {"x": 1}, step=attempt)
+        for f in ("model.safetensors", "state.pt"):
+            (tmp_path / f".{f}.tmp").write_bytes((tmp_path / f).read_bytes())
+        (tmp_path / "commit.json").write_text(json.dumps([[".model.safetensors.tmp", "model.safetensors"],
+                                                          [".state.pt.tmp", "state.pt"]]))
+        errors = []
+
+        def open_run():
+            try:
+                recover(tmp_path)
+                load_model(tmp_path)
+            except Exception as e:  # the race this guards against: FileNotFoundError in the loser
+                errors.append(e)
+        threads = [threading.Thread(target=open_run) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and not (tmp_path / "commit.json").exists()

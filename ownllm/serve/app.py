@@ -441,6 +441,7 @@ def create_app(state: ServerState) -> FastAPI:
         if tools is not None and tok.call_markers is None:
             raise APIError(400, "this model's chat template has no tool-call format the server can read", "tools")
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+        sampling_from(body, state, 1, ())  # every field checked, even where a fixed reply needs none of them
         if state.registry is not None and tools is None:
             return await _agent_reply(body, messages, stream, opts, cid, created)
         kwargs = template_kwargs(body)
@@ -534,7 +535,6 @@ def create_app(state: ServerState) -> FastAPI:
     async def _agent_reply(body, messages, stream, opts, cid, created):
         from ownllm.agent.loop import Agent
 
-        sampling_from(body, state, 1, ())  # validate the fields even though the agent samples greedily
         agent = Agent(state.model, state.tok, state.registry, template_kwargs=template_kwargs(body),
                       generate=state.batcher.generate)  # its turns share decode steps with every stream
         try:

@@ -394,7 +394,9 @@ class Trainer:
                     self._flush(pending, bar)
                     self.checkpoint()
                     return {"step": self.step, "stopped": True}
-                if self.elapsed - last_ckpt > self.cfg.checkpoint_interval:
+                every = self.cfg.checkpoint_steps
+                if self.elapsed - last_ckpt > self.cfg.checkpoint_interval or (every and self.step % every == 0
+                                                                               and not self._done()):
                     self._flush(pending, bar)
                     pending = []
                     self.checkpoint()
