@@ -1,7 +1,7 @@
 """kill -9 a training run at random moments, resume it each time, and compare the end with an
 uninterrupted run of the same seed: every resume must load, the final weights be bit-identical.
 
-    python bench/kill_resume.py [--kills 12] [--steps 60] [--seed 0]
+    python bench/kill_resume.py [--kills 12] [--steps 600] [--max-delay 8] [--seed 0]
 
 Each attempt is `ownllm pretrain … --set checkpoint_steps=3` in its own process, SIGKILLed after
 a random delay (so kills land in steps, in evaluations, in checkpoint commits and in start-up);
@@ -95,7 +95,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=12)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--max-delay", type=float, default=8.0, help="seconds an attempt may live before its kill")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     from ownllm.data.corpora import bundled_text
@@ -110,7 +111,7 @@ def main() -> None:
         once = time.perf_counter() - t0
         print(f"uninterrupted: {args.steps} steps in {once:.1f}s")
         res = killed_until_done(data, tmp / "killed", args.steps, args.seed, args.kills, random.Random(args.seed),
-                                delays=(0.3, max(1.0, 0.6 * once)))
+                                delays=(0.3, args.max_delay))
         same, diff = compare(tmp / "whole", tmp / "killed")
     print(f"killed {res['kills']} times (checkpoint step at each kill: {res['checkpoints_seen']}), "
           f"{res['resumes']} resumes, {len(res['failed'])} failed; final weights identical: {same} (max |diff| {diff:g})")

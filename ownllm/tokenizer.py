@@ -175,12 +175,12 @@ class Tokenizer:
         return self.hf.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return _encode(self.hf, text).ids
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of message text: a control token's string in it (`<|end|>`, `<|im_start|>`) is
         encoded as the characters it is, so no message can forge a turn."""
-        return self.hf_text.encode(text, add_special_tokens=False).ids
+        return _encode(self.hf_text, text).ids
 
     def holds_control_text(self, messages: list[dict], tools: list[dict] | None = None) -> bool:
         """Whether any string in the messages or tools spells a control token."""
@@ -226,7 +226,7 @@ class Tokenizer:
         if self.holds_control_text(messages, tools):
             return self._render_template_marked(messages, add_generation_prompt, tools, kwargs)
         text = self.template.text(messages, add_generation_prompt, tools, kwargs)
-        enc = self.hf.encode(text, add_special_tokens=False)
+        enc = _encode(self.hf, text)
         return self._with_mask(messages, text, add_generation_prompt, tools, kwargs, enc.ids, [a for a, _ in enc.offsets])
 
     def _with_mask(self, messages, text, add_generation_prompt, tools, kwargs, ids, starts) -> Rendered:
@@ -250,7 +250,7 @@ class Tokenizer:
             if p in MARKS:
                 depth += 1 if p == MARKS[0] else -1
                 continue
-            enc = (self.hf_text if depth > 0 else self.hf).encode(p, add_special_tokens=False)
+            enc = _encode(self.hf_text if depth > 0 else self.hf, p)
             ids += enc.ids
             starts += [pos + a for a, _ in enc.offsets]
             pos += len(p)
@@ -285,6 +285,15 @@ class Tokenizer:
             return cls(hf, saved_template(Path(directory)))
         except OwnLLMError as e:  # lacks the chat tokens: name the file
             raise OwnLLMError(f"{directory}: {e}") from None
+
+
+def _encode(hf: HFTokenizer, text: str):
+    """One text's encoding. A long text goes through `encode_batch`, which lets go of Python's
+    interpreter lock while it works (`encode` holds it: a 1 MB message would stall a server's
+    event loop for a second)."""
+    if len(text) < 20_000:
+        return hf.encode(text, add_special_tokens=False)
+    return hf.encode_batch([text], add_special_tokens=False)[0]
 
 
 # Two Unicode noncharacters (reserved for a program's internal use) mark message text inside a

@@ -380,3 +380,49 @@ def test_a_client_that_leaves_frees_its_slot_within_a_second(live_server):
     finally:
         del model.last_logits
     assert state.batcher.cancelled >= 2
+
+
+def test_a_huge_request_does_not_stall_the_event_loop(run_dir):
+    """Rendering and tokenising a ~1 MB conversation runs off the event loop: /health keeps
+    answering. The server runs as `ownllm serve` in its own process (in this one, the test's
+    own polling thread would wait on the same interpreter lock)."""
+    import http.client
+    import subprocess
+    import sys
+
+    from bench.hostile import health
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "ownllm", "serve", "--run", str(run_dir), "--port", str(port),
+                               "--slots", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                health(url)
+                break
+            except OSError:
+                time.sleep(0.05)
+        body = json.dumps({"messages": [{"role": "user", "content": "word 字 " * 75_000}]}).encode()
+        status, took = [], []
+
+        def send():
+            t0 = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+            status.append(conn.getresponse().status)
+            took.append(time.perf_counter() - t0)
+        t = threading.Thread(target=send)
+        t.start()
+        slowest = 0.0
+        while t.is_alive():
+            t0 = time.perf_counter()
+            health(url)
+            slowest = max(slowest, time.perf_counter() - t0)
+            time.sleep(0.01)
+        t.join()
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert status == [400]   # too long for the context, and told so
+    assert took[0] > 0.3 and slowest < 0.2, (took, slowest)   # it took a while, and /health never waited on it
