@@ -83,6 +83,35 @@ def test_read_html_pdf_and_refuse_binary(tmp_path):
         read_document(latin)
 
 
+def test_html_never_loses_text_silently_nor_indexes_hidden_text(tmp_path):
+    page = tmp_path / "p.html"
+    page.write_text("<p>Seen.</p>\n<div hidden><p>Hidden one.</p></div><span style='display: none'>Hidden two.</span>"
+                    "<p aria-hidden=\"true\">Hidden three.</p><p>Also seen.<br>And this.</p>")
+    assert read_document(page) == "Seen.\n\nAlso seen.\n\nAnd this."
+    for body, line, what in [("<p>a</p>\n\n<script>var x;\n<p>lost</p>", 3, "<script>"),
+                             ("<p>a</p>\n<!-- note\n<p>lost</p>", 2, "<!--")]:
+        page.write_text(body)
+        with pytest.raises(OwnLLMError, match=rf"p.html:{line}: {what}.* never closed"):
+            read_document(page)
+
+
+def test_documents_are_bounded(tmp_path, monkeypatch):
+    import ownllm.rag.documents as docs
+
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 1000)
+    monkeypatch.setattr(docs, "MAX_TEXT_CHARS", 1000)
+    with pytest.raises(OwnLLMError, match="big.txt: over 1,000 characters"):
+        read_document(big)
+    pdf = tmp_path / "bomb.pdf"   # a small file that would expand past the bound
+    pdf.write_bytes(minimal_pdf("Varnok was founded in 1642. " * 40))
+    with pytest.raises(OwnLLMError, match=r"bomb.pdf: page 1: over 1,000 characters of text from a [\d,]+-byte file"):
+        read_document(pdf)
+    monkeypatch.setattr(docs, "MAX_FILE_BYTES", 100)
+    with pytest.raises(OwnLLMError, match="big.txt: .* MB a document may have"):
+        read_document(big)
+
+
 def test_symlink_out_of_root_is_refused(tmp_path):
     root, outside = tmp_path / "docs", tmp_path / "secret"
     root.mkdir(), outside.mkdir()

@@ -285,6 +285,7 @@ def test_rag_sources_and_server_side_tools(run_dir, tmp_path):
         j = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Who is the mayor of Varnok?"}],
                                                   "max_tokens": 4}).json()
         assert j["sources"][0]["path"].endswith("varnok.md") and "Irdel Fask" in j["sources"][0]["text"]
+        assert j["sources"][0]["path"] == "varnok.md"   # relative to the indexed folder: no paths of this disk
         j = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Who founded Zembla?"}]}).json()
         assert j["sources"] == [] and j["choices"][0]["message"]["content"] == "The sources do not say."
     state.batcher.close()
