@@ -427,3 +427,20 @@ def test_a_huge_request_does_not_stall_the_event_loop(run_dir):
         server.wait(10)
     assert status == [400]   # too long for the context, and told so
     assert took[0] > 0.3 and slowest < 0.2, (took, slowest)   # it took a while, and /health never waited on it
+
+
+def test_agent_turns_decode_through_the_shared_batcher(tiny_run):
+    """A server-side agent request shares decode steps with everything else instead of holding
+    the model for its whole run (which froze every stream)."""
+    state = _state(tiny_run, tools="calculator")
+    real, calls = state.batcher.generate, []
+
+    def generate(ids, params):
+        calls.append(state.batcher.lock.locked())
+        return real(ids, params)
+    state.batcher.generate = generate
+    with fastapi_testclient.TestClient(create_app(state), base_url="http://127.0.0.1") as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "12 × 34?"}]})
+        assert r.status_code == 200 and "tool_trace" in r.json()
+    state.batcher.close()
+    assert calls and not any(calls)
