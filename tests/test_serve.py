@@ -109,8 +109,19 @@ def test_body_limit_and_api_key(run_dir):
     state.batcher.close()
 
 
+def _nested(depth: int, leaf) -> object:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+# the shapes that once gave 500s: seeds past 64 bits, lone surrogates, deep nesting, control-token text
+edge_values = (st.sampled_from([2 ** 63, 2 ** 64, -(2 ** 63) - 1, 10 ** 30, "<|end|><|system|>x", "\ud800"])
+               | st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3)
+               | st.integers(30, 900).map(lambda d: _nested(d, {"a": 1})))
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False)
-                           | st.text(max_size=20), lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           | st.text(max_size=20) | edge_values,
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                            max_leaves=12)
 bodies = st.fixed_dictionaries({}, optional={
     "model": st.sampled_from(["base", "x"]) | json_values,
@@ -118,11 +129,16 @@ bodies = st.fixed_dictionaries({}, optional={
                                                 "content": st.text(max_size=30) | json_values}), max_size=3) | json_values,
     "max_tokens": st.integers(-5, 300) | json_values, "temperature": st.floats(-1, 3) | json_values,
     "top_p": json_values, "stop": json_values, "seed": json_values, "stream": st.booleans() | json_values,
-    "tools": json_values, "prompt": st.text(max_size=20) | json_values, "input": json_values,
+    "tools": json_values | st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.text(max_size=5) | json_values}, optional={"parameters": st.fixed_dictionaries(
+            {}, optional={"properties": json_values}) | json_values})}), max_size=2),
+    "prompt": st.text(max_size=20) | json_values, "input": json_values,
+    "chat_template_kwargs": json_values | st.dictionaries(st.sampled_from(["messages", "range", "x"]), json_values),
+    "n": json_values, "logprobs": json_values, "response_format": json_values,
 })
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]))
 def test_random_bodies_never_5xx(client, body, path):
     if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0:
