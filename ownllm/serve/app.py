@@ -29,9 +29,9 @@ import hmac
 import json
 import time
 import uuid
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Request as HTTPRequest
@@ -73,7 +73,7 @@ class ServerState:
     registry: Any = None
     max_body: int = MAX_BODY
     template_kwargs: dict = field(default_factory=dict)   # defaults for an imported chat template's variables
-    allow_hosts: frozenset = LOCAL_HOSTS                  # Host header values served (besides LOCAL_HOSTS)
+    allow_hosts: frozenset = frozenset()                  # Host header values served besides LOCAL_HOSTS
     allow_origins: frozenset = frozenset()                # cross origins allowed (CORS), besides same-origin
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -98,7 +98,7 @@ def check_body(body) -> None:
             stack.extend((v, depth + 1) for v in x)
 
 
-def refuse_unsupported(body: dict, completions: bool = False) -> None:
+def refuse_unsupported(body: dict) -> None:
     """Fields the server cannot honour: a 400 naming them, never a reply that pretends."""
     n = body.get("n")
     if n is not None and n != 1:
@@ -114,6 +114,11 @@ def refuse_unsupported(body: dict, completions: bool = False) -> None:
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
         raise APIError(400, "'response_format' (JSON mode, JSON schema) is not supported by this server", "response_format")
+
+
+def busy(e: QueueFull) -> APIError:
+    return APIError(503, f"the server is busy ({e}); try again shortly", code="server_busy", type_="server_error",
+                    headers={"Retry-After": "1"})
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -226,8 +231,7 @@ class TextStream:
         try:
             state.batcher.submit(self.req)
         except QueueFull as e:
-            raise APIError(503, f"the server is busy ({e}); try again shortly", code="server_busy",
-                           type_="server_error", headers={"Retry-After": "1"}) from None
+            raise busy(e) from None
 
     def _emit(self, tok, reason):  # batcher thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (tok, reason))
@@ -540,8 +544,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             res = await asyncio.to_thread(agent.run, messages)
         except QueueFull as e:
-            raise APIError(503, f"the server is busy ({e}); try again shortly", code="server_busy",
-                           type_="server_error", headers={"Retry-After": "1"}) from None
+            raise busy(e) from None
         trace = [{"name": c.name, "arguments": c.arguments if c.valid else c.raw, "result": c.result} for c in res.calls]
         return _fixed_reply(res.answer, stream, opts, cid, created, {"tool_trace": trace}, 0)
 
@@ -549,7 +552,7 @@ def create_app(state: ServerState) -> FastAPI:
     @handle
     async def completions(request: HTTPRequest):
         body = await read_json(request)
-        refuse_unsupported(body, completions=True)
+        refuse_unsupported(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
