@@ -58,6 +58,18 @@ class ModelConfig:
     qk_norm: bool = False           # q_norm / k_norm (RMSNorm over head_dim, shared by the heads)
     rope_scaling: dict | None = None  # {"rope_type": "linear", "factor": f} or Llama 3's "llama3" parameters
     smear: bool = False             # add gate ⊙ the previous token's embedding to each token's (see model.py)
+    # Mistral and Gemma 3 (`ownllm import`): attention over the last `sliding_window` positions only, on
+    # every layer or on those `layer_types` marks "sliding_attention" (Gemma 3 interleaves them with
+    # "full_attention" ones, which use rope_theta and rope_scaling while sliding ones use
+    # rope_local_theta); Gemma 3's ×√dim embeddings, norms after attention and MLP as well as before,
+    # GeGLU (gelu_tanh) and attention scaled by query_pre_attn_scalar^-½ (attn_scale).
+    sliding_window: int = 0         # 0: every position attends to every earlier one
+    layer_types: list | None = None  # per layer "sliding_attention" | "full_attention"; None: all sliding when a window is set
+    rope_local_theta: float = 0.0   # RoPE base of sliding layers (no scaling); 0: as the full layers
+    hidden_act: str = "silu"        # the MLP's gate activation: silu (SwiGLU) | gelu_tanh (GeGLU)
+    embed_scale: bool = False       # multiply embeddings by √dim
+    sandwich_norms: bool = False    # RMSNorm the attention and MLP outputs too (post_attention / post_feedforward)
+    attn_scale: float = 0.0         # attention logits scale; 0: 1/√head_dim
 
     def __post_init__(self) -> None:
         # sizes first: a forged config (an imported file) must not divide by zero or ask for terabytes
@@ -79,6 +91,21 @@ class ModelConfig:
         missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance((self.rope_scaling or {}).get(k), (int, float))]
         if missing:
             raise OwnLLMError(f"model config: rope_scaling {kind!r} needs numeric {', '.join(missing)}")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise OwnLLMError(f"model config: hidden_act {self.hidden_act!r} (expected silu or gelu_tanh)")
+        if isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+            raise OwnLLMError(f"model config: sliding_window={self.sliding_window!r} must be a whole number >= 0")
+        if self.layer_types is not None and (
+                not isinstance(self.layer_types, list) or len(self.layer_types) != self.n_layers
+                or not set(self.layer_types) <= {"sliding_attention", "full_attention"}):
+            raise OwnLLMError(f"model config: layer_types must list 'sliding_attention' or 'full_attention' "
+                              f"for each of the {self.n_layers} layers")
+
+    def window_of(self, layer: int) -> int:
+        """The attention window of a layer: sliding_window on a sliding layer, else 0 (none)."""
+        if not self.sliding_window or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return 0
+        return self.sliding_window
 
     @property
     def head_dim(self) -> int:
@@ -88,7 +115,7 @@ class ModelConfig:
         d, f, hd = self.dim, self.ffn_dim, self.head_dim
         q = self.n_heads * hd
         attn = 2 * d * q + 2 * d * self.n_kv_heads * hd + (q + 2 * self.n_kv_heads * hd) * self.attention_bias
-        per_layer = attn + 3 * d * f + 2 * d + 2 * hd * self.qk_norm
+        per_layer = attn + 3 * d * f + 2 * d * (1 + self.sandwich_norms) + 2 * hd * self.qk_norm
         n = self.n_layers * per_layer + d + d * self.smear
         if embeddings:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)

@@ -11,6 +11,12 @@ its leading `model.`), so export/import is a rename and the logits match HF's (t
      │    └─ post_attention_layernorm (RMSNorm) → mlp (SwiGLU)
      ├─ norm (RMSNorm)
      └─ lm_head (tied to embed_tokens unless config says otherwise)
+
+Imported architectures add what their configs ask for (config.py): Qwen's q/k/v biases and q/k
+norms, Mistral's and Gemma 3's sliding-window layers (a band on the attention mask, also in the KV
+cache: a row's cached entries are always one contiguous run, so a column distance is a position
+distance), and Gemma 3's scaled embeddings, norms on both sides of each branch and GeGLU. Gemma
+stores its norms as w for a scale of 1 + w; the import stores 1 + w, so one RMSNorm serves all.
 """
 from __future__ import annotations
 
@@ -41,11 +47,13 @@ class RMSNorm(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (length, head_dim) in HF's 'rotate_half' layout (frequencies repeated twice)."""
+def rope_tables(cfg: ModelConfig, length: int, device=None, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (length, head_dim) in HF's 'rotate_half' layout (frequencies repeated twice);
+    `local`: the sliding layers' tables (rope_local_theta, unscaled)."""
     hd = cfg.head_dim
-    inv_freq = scaled_inv_freq(1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)),
-                               cfg.rope_scaling)
+    theta, scaling = (cfg.rope_local_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
+    inv_freq = scaled_inv_freq(1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)),
+                               scaling)
     freqs = torch.outer(torch.arange(length, device=device).float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -112,14 +120,27 @@ def linear(cfg: ModelConfig, name: str, d_in: int, d_out: int) -> nn.Linear:
     return nn.Linear(d_in, d_out, bias=bias)
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def window_band(q_start: int, T: int, K: int, window: int, device=None) -> torch.Tensor:
+    """(T, K) bool: query column q_start + i may see key column j when j <= it and it - j < window."""
+    q = torch.arange(q_start, q_start + T, device=device)[:, None]
+    j = torch.arange(K, device=device)[None, :]
+    return (j <= q) & (q - j < window)
+
+
+def last_entries(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """`keep` (..., K) bool with only each row's last `n` True entries left True."""
+    return keep & (keep.flip(-1).long().cumsum(-1).flip(-1) <= n)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                       scale: float | None = None) -> torch.Tensor:
     """softmax(q kᵀ/√d, masked where `keep` is False) v, written out. On CPU it beats SDPA where it
     counts: full-sequence training once torch.compile fuses mask and softmax (SDPA's flash
     backward took 130 of 437 ms per tiny-preset step). Same math as SDPA; checked against HF logits."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:  # grouped-query attention: share each k/v head among `rep` query heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    att = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    att = (q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
     return att.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
 
 
@@ -160,9 +181,11 @@ def project(owner: nn.Module, key: str, x: torch.Tensor, *linears: nn.Module) ->
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.window_of(layer)
+        self.scale = cfg.attn_scale or self.head_dim ** -0.5
         self.q_proj = linear(cfg, "q_proj", cfg.dim, cfg.n_heads * cfg.head_dim)
         self.k_proj = linear(cfg, "k_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.v_proj = linear(cfg, "v_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim)
@@ -192,7 +215,9 @@ class Attention(nn.Module):
         pk, pv, nk, nv = past_k, past_v, k, v
         if rep > 1:
             pk, pv, nk, nv = (t.repeat_interleave(rep, dim=1) for t in (pk, pv, nk, nv))
-        scale = self.head_dim ** -0.5
+        scale = self.scale
+        if self.window:   # the new token plus the last window - 1 cached ones
+            keep = last_entries(keep, self.window - 1)
         s_past = ((q @ pk.to(q.dtype).transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
         s_new = (q * nk).sum(-1, keepdim=True) * scale
         m = torch.maximum(s_past.amax(-1, keepdim=True), s_new)
@@ -210,45 +235,64 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
             causal = causal and start == 0 and mask is None
+        if self.window:   # a band: causal, and no further back than the window
+            band = window_band(cache.length if cache is not None else 0, T, k.shape[2], self.window, x.device)
+            mask, causal = (band if mask is None else mask & band), False
         gqa = self.n_heads != self.n_kv_heads
         if x.device.type == "cpu" and cache is None and mask is None and causal and T > 1:
-            y = explicit_attention(q, k, v, torch.ones(T, T, dtype=torch.bool, device=x.device).tril())
+            y = explicit_attention(q, k, v, torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), self.scale)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           is_causal=causal and mask is None and T > 1, enable_gqa=gqa)
+                                           is_causal=causal and mask is None and T > 1, enable_gqa=gqa,
+                                           scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU (Gemma) with gelu_tanh in place of silu."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = linear(cfg, "gate_proj", cfg.dim, cfg.ffn_dim)
         self.up_proj = linear(cfg, "up_proj", cfg.dim, cfg.ffn_dim)
         self.down_proj = linear(cfg, "down_proj", cfg.ffn_dim, cfg.dim)
+        self.gelu = cfg.hidden_act == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(self, "_gate_up", x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj((F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Llama: x + attn(norm(x)), then x + mlp(norm(x)). With sandwich_norms (Gemma 3) each branch's
+    output is normalised too, and the MLP's input norm is `pre_feedforward_layernorm`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def _mlp(self, x):
+        if self.sandwich:
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _attn_out(self, a):
+        return self.post_attention_layernorm(a) if self.sandwich else a
 
     def forward(self, x, cos, sin, **attn_kwargs):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, **attn_kwargs)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._attn_out(self.self_attn(self.input_layernorm(x), cos, sin, **attn_kwargs))
+        return self._mlp(x)
 
     def decode_static(self, x, cos, sin, past_k, past_v, keep):
         a, k, v = self.self_attn.decode_static(self.input_layernorm(x), cos, sin, past_k, past_v, keep)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+        return self._mlp(x + self._attn_out(a)), k, v
 
 
 class GPT(nn.Module):
@@ -256,7 +300,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -271,6 +315,12 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # sliding layers with a RoPE base of their own (Gemma 3) read these tables
+        self.local_rope = [bool(cfg.rope_local_theta and cfg.window_of(i)) for i in range(cfg.n_layers)]
+        if any(self.local_rope):
+            cos, sin = rope_tables(cfg, cfg.max_seq_len, local=True)
+            self.register_buffer("rope_cos_local", cos, persistent=False)
+            self.register_buffer("rope_sin_local", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -290,26 +340,39 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def _rope(self, T: int, positions: torch.Tensor | None, offset: int):
+    def _rope(self, T: int, positions: torch.Tensor | None, offset: int) -> list:
+        """[(cos, sin) per layer] for these positions."""
         if positions is None:
             if offset + T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {offset + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-            return self.rope_cos[offset: offset + T], self.rope_sin[offset: offset + T]
+            return self._per_layer(lambda t: t[offset: offset + T])
         if int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}")
-        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        return self._per_layer(lambda t: t[positions].unsqueeze(1))
+
+    def _per_layer(self, pick) -> list:
+        tables = {False: (pick(self.rope_cos), pick(self.rope_sin))}
+        if any(self.local_rope):
+            tables[True] = (pick(self.rope_cos_local), pick(self.rope_sin_local))
+        return [tables[local] for local in self.local_rope]
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(idx)
+        if self.config.embed_scale:   # √dim, rounded to the activations' dtype first as Gemma does
+            x = x * torch.tensor(self.config.dim ** 0.5, dtype=x.dtype)
+        return x
 
     def hidden_states(self, idx: torch.Tensor, *, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim). With `cache`, `idx` continues from `cache.length`."""
         T = idx.shape[1]
         offset = cache.length if cache is not None else 0
-        cos, sin = self._rope(T, positions, offset)
-        x = self.embed_tokens(idx)
+        rope = self._rope(T, positions, offset)
+        x = self._embed(idx)
         if self.config.smear:
             x = self._smear(x, cache, positions)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, layer=i, cache=cache, mask=mask)
+            x = block(x, *rope[i], layer=i, cache=cache, mask=mask)
         if cache is not None:
             cache.length += T
         return self.norm(x)
@@ -342,13 +405,13 @@ class GPT(nn.Module):
         returns logits (B, vocab) and the new token's keys and values (n_layers, B, n_kv_heads,
         1, head_dim) for the caller to store (Engine.stream). With smear, `prev` (B, 1, dim) is the
         previous token's embedding (KVCache.prev; the caller sets it to this token's afterwards)."""
-        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        x = self.embed_tokens(idx)
+        rope = self._per_layer(lambda t: t[positions].unsqueeze(1))
+        x = self._embed(idx)
         if self.config.smear:
             x = self._add_prev(x, prev, positions)
         ks, vs = [], []
         for i, block in enumerate(self.layers):
-            x, k, v = block.decode_static(x, cos, sin, cache_k[i], cache_v[i], keep)
+            x, k, v = block.decode_static(x, *rope[i], cache_k[i], cache_v[i], keep)
             ks.append(k), vs.append(v)
         return self.lm_head(self.norm(x))[:, -1], torch.stack(ks), torch.stack(vs)
 

@@ -65,7 +65,11 @@ def gguf_tensor_names(n_layers: int) -> dict[str, str]:
 def gguf_architecture(cfg) -> str:
     from ownllm.interop.hf import hf_family
 
-    return hf_family(cfg).lower()
+    family = hf_family(cfg)
+    if family == "Gemma3":
+        raise OwnLLMError("a Gemma 3 run is not written to GGUF here (llama.cpp reads Gemma files with a SentencePiece "
+                          "vocabulary); use the Hugging Face export and llama.cpp's converter for it")
+    return "llama" if family == "Mistral" else family.lower()   # llama.cpp reads Mistral as llama
 
 
 def gguf_metadata(cfg, tok, name: str, file_type: int) -> dict:
@@ -114,6 +118,8 @@ def gguf_metadata(cfg, tok, name: str, file_type: int) -> dict:
     }
     if cfg.rope_scaling:
         meta.update({a + "rope.scaling.type": "linear", a + "rope.scaling.factor": float(cfg.rope_scaling["factor"])})
+    if cfg.sliding_window:
+        meta[a + "attention.sliding_window"] = cfg.sliding_window
     meta.update({
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
         "tokenizer.ggml.tokens": tokens,

@@ -6,8 +6,9 @@ is read with the `gguf` package (llama.cpp's own reader) and every tensor is deq
 numpy dequantisation (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and the K-quants); nothing here decodes
 a quantised block itself.
 
-  - Architectures: `llama` (SmolLM, Llama, Mistral files), `qwen2`, `qwen3`; anything else,
-    sliding windows, MoE and RoPE frequency tables are refused by name. llama.cpp's converter
+  - Architectures: `llama` (SmolLM, Llama, Mistral files, a sliding window included), `qwen2`,
+    `qwen3`; anything else (Gemma's files carry a SentencePiece vocabulary, below), MoE and RoPE
+    frequency tables are refused by name. llama.cpp's converter
     permutes the q/k rows of `llama` files into interleaved RoPE pairs; that is undone here (Qwen
     files keep rotate-half order, as we use).
   - The tokenizer is rebuilt from the metadata as an HF `tokenizers` byte-level BPE with the
@@ -213,8 +214,9 @@ def model_config_from_gguf(g: GGUFFile) -> ModelConfig:
     a = f"{arch}."
     if (g.get(a + "expert_count") or 0) > 0:
         raise OwnLLMError(f"{g.path}: a mixture-of-experts model ({a}expert_count); not supported")
-    if g.get(a + "attention.sliding_window"):
-        raise OwnLLMError(f"{g.path}: {a}attention.sliding_window is set; sliding-window attention is not supported")
+    window = int(g.get(a + "attention.sliding_window") or 0)
+    if window and arch != "llama":   # Qwen's windows cover only some layers, which the file does not say
+        raise OwnLLMError(f"{g.path}: {a}attention.sliding_window is set; sliding windows are read for `llama` files")
     if "rope_freqs.weight" in g.tensors:
         raise OwnLLMError(f"{g.path}: has a RoPE frequency table (rope_freqs.weight, Llama 3.1-style scaling); "
                           "import the model's Hugging Face directory instead (--hf)")
@@ -246,7 +248,8 @@ def model_config_from_gguf(g: GGUFFile) -> ModelConfig:
             tie_embeddings="output.weight" not in g.tensors, attention_bias=arch == "qwen2",
             attn_head_dim=head_dim if head_dim * n_heads != dim else 0, qk_norm=arch == "qwen3",
             rope_scaling={"rope_type": "linear", "factor": float(g.require(a + "rope.scaling.factor", float))}
-            if scaling == "linear" else None)
+            if scaling == "linear" else None,
+            sliding_window=window if window < int(g.get(a + "context_length") or 2048) else 0)
     except OwnLLMError as e:
         raise OwnLLMError(f"{g.path}: {e}") from None
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ownllm.config import ModelConfig, read_json
+from ownllm.config import ROPE_SCALING_KEYS, ModelConfig, read_json
 from ownllm.errors import OwnLLMError
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,19 +37,51 @@ SMEAR_HINT = "; cannot export (train with --set model.smear=false to export)"
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """The transformers architecture a config is: q/k norms are Qwen3, q/k/v biases (none on o_proj)
-    Qwen2, neither Llama."""
+    """The transformers architecture a config is: Gemma 3's sandwich norms, scaled embeddings, GeGLU
+    and q/k norms together are Gemma3; a sliding window on every layer Mistral; q/k norms Qwen3,
+    q/k/v biases (none on o_proj) Qwen2, neither Llama."""
     if cfg.smear:
         raise OwnLLMError(f"the model {SMEAR_UNEXPORTABLE}{SMEAR_HINT}")
+    if cfg.sandwich_norms or cfg.embed_scale or cfg.hidden_act != "silu" or cfg.layer_types or cfg.rope_local_theta:
+        if cfg.sandwich_norms and cfg.embed_scale and cfg.hidden_act == "gelu_tanh" and cfg.qk_norm \
+                and not cfg.attention_bias:
+            return "Gemma3"
+        raise OwnLLMError("this mix of Gemma 3 features (scaled embeddings, sandwich norms, GeGLU, layer types) "
+                          "matches no transformers architecture; cannot export")
     if cfg.qk_norm and cfg.attention_bias:
         raise OwnLLMError("q/k norms with q/k/v biases match no transformers architecture; cannot export")
+    if cfg.sliding_window:
+        if cfg.qk_norm or cfg.attention_bias:
+            raise OwnLLMError("a sliding window on every layer with Qwen's q/k norms or biases matches no "
+                              "transformers architecture ownllm writes; cannot export")
+        return "Mistral"
     return "Qwen3" if cfg.qk_norm else "Qwen2" if cfg.attention_bias else "Llama"
+
+
+def is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")
 
 
 def hf_config_dict(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
                    pad_id: int | None = None) -> dict[str, Any]:
     family = hf_family(cfg)
     rope = {"rope_type": "default", **(cfg.rope_scaling or {})}
+    if family == "Gemma3":
+        return {**_hf_base(cfg, family, rope, bos_id, eos_id, pad_id), "model_type": "gemma3_text",
+                "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": round(cfg.attn_scale ** -2) if cfg.attn_scale
+                else cfg.head_dim, "sliding_window": cfg.sliding_window or None,
+                "layer_types": cfg.layer_types or ["full_attention"] * cfg.n_layers,
+                "rope_parameters": {"full_attention": {**rope, "rope_theta": cfg.rope_theta},
+                                    "sliding_attention": {"rope_type": "default",
+                                                          "rope_theta": cfg.rope_local_theta or cfg.rope_theta}},
+                "final_logit_softcapping": None, "attn_logit_softcapping": None}
+    out = _hf_base(cfg, family, rope, bos_id, eos_id, pad_id)
+    if family == "Mistral":
+        out["sliding_window"] = cfg.sliding_window
+    return out
+
+
+def _hf_base(cfg: ModelConfig, family: str, rope: dict, bos_id, eos_id, pad_id) -> dict[str, Any]:
     return {
         "architectures": [f"{family}ForCausalLM"],
         "model_type": family.lower(),
@@ -79,7 +111,10 @@ def hf_config_dict(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | No
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {}
+    gemma = hf_family(cfg) == "Gemma3"
     for name, t in state.items():
+        if gemma and is_norm(name):   # Gemma's RMSNorm scales by 1 + w: we keep 1 + w, it stores w
+            t = (t.float() - 1).to(t.dtype)
         if name == "lm_head.weight":
             if not cfg.tie_embeddings:
                 out[name] = t
@@ -176,49 +211,84 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
             "bytes": (out / "model.safetensors").stat().st_size, "lora_merged": lora_merged}
 
 
-def model_config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
-    """Our ModelConfig for a transformers Llama, Qwen2 or Qwen3 `config.json`; anything the model
-    cannot run exactly (sliding windows, other RoPE scalings, another activation) is refused by name."""
-    from ownllm.config import ROPE_SCALING_KEYS
+IMPORTABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
+
+def model_config_from_hf(d: dict[str, Any], source: str) -> ModelConfig:
+    """Our ModelConfig for a transformers Llama, Mistral, Qwen2, Qwen3 or Gemma 3 (text) `config.json`;
+    anything the model cannot run exactly (Qwen's layer-limited sliding windows, other RoPE
+    scalings, another activation, logit soft-capping) is refused by name."""
     kind = d.get("model_type")
-    if kind not in ("llama", "qwen2", "qwen3"):
-        raise OwnLLMError(f"{source}: model_type {kind!r}; `ownllm import` reads the Llama, Qwen2 and Qwen3 "
-                          "architectures (model_type 'llama', 'qwen2' or 'qwen3')")
-    checks = [("mlp_bias", False), ("hidden_act", "silu")]
-    checks += [("use_sliding_window", False)] if kind != "llama" else []
+    if kind == "gemma3":
+        raise OwnLLMError(f"{source}: model_type 'gemma3' is Gemma 3 with its vision tower; `ownllm import` reads "
+                          "text-only Gemma 3 models (model_type 'gemma3_text', e.g. gemma-3-1b-it)")
+    if kind not in IMPORTABLE:
+        raise OwnLLMError(f"{source}: model_type {kind!r}; `ownllm import` reads the Llama, Mistral, Qwen2, Qwen3 and "
+                          f"Gemma 3 architectures (model_type {', '.join(map(repr, IMPORTABLE))})")
+    gemma = kind == "gemma3_text"
+    act_key = "hidden_activation" if gemma else "hidden_act"
+    checks = [("mlp_bias", False), (act_key, "gelu_pytorch_tanh" if gemma else "silu")]
+    checks += [("use_sliding_window", False)] if kind in ("qwen2", "qwen3") else []
     checks += [("attention_bias", False)] if kind != "qwen2" else []   # Qwen2's q/k/v biases are implied
+    checks += [("final_logit_softcapping", None), ("attn_logit_softcapping", None),
+               ("use_bidirectional_attention", False)] if gemma else []
     for key, ok in checks:
         if d.get(key, ok) != ok:
             raise OwnLLMError(f"{source}: {key}={d[key]!r} is not supported (expected {ok!r})")
-    params = {**(d.get("rope_parameters") or {}), **(d.get("rope_scaling") or {})}
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type not in ROPE_SCALING_KEYS:
-        raise OwnLLMError(f"{source}: RoPE scaling {rope_type!r} is not supported "
-                          f"(supported: {', '.join(ROPE_SCALING_KEYS)})")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise OwnLLMError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported")
-    scaling = {"rope_type": rope_type, **{k: params.get(k) for k in ROPE_SCALING_KEYS[rope_type]}} \
-        if rope_type != "default" else None
+    full, local = _rope_params(d, gemma, source)
     try:
         dim, n_heads = int(d["hidden_size"]), int(d["num_attention_heads"])
         if dim <= 0 or n_heads <= 0:
             raise OwnLLMError(f"hidden_size={dim} and num_attention_heads={n_heads} must be positive")
         head_dim = int(d.get("head_dim") or dim // n_heads)
-        theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
-        return ModelConfig(vocab_size=int(d["vocab_size"]), dim=dim, n_layers=int(d["num_hidden_layers"]),
+        n_layers, max_len = int(d["num_hidden_layers"]), int(d.get("max_position_embeddings", 2048))
+        window = int(d.get("sliding_window") or 0) if kind in ("mistral", "gemma3_text") else 0
+        layer_types = None
+        if gemma:
+            layer_types = d.get("layer_types") or [
+                "full_attention" if (i + 1) % int(d.get("sliding_window_pattern", 6)) == 0 else "sliding_attention"
+                for i in range(n_layers)]
+        elif window >= max_len:
+            window = 0   # a window as long as the context changes nothing (Mistral v0.1's 4096 of 32k does)
+        theta = full.get("rope_theta", d.get("rope_theta", 1_000_000.0 if gemma else 10000.0))
+        scaling = {"rope_type": full["rope_type"], **{k: full.get(k) for k in ROPE_SCALING_KEYS[full["rope_type"]]}} \
+            if full["rope_type"] != "default" else None
+        return ModelConfig(vocab_size=int(d["vocab_size"]), dim=dim, n_layers=n_layers,
                            n_heads=n_heads, n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
-                           ffn_dim=int(d["intermediate_size"]), max_seq_len=int(d.get("max_position_embeddings", 2048)),
+                           ffn_dim=int(d["intermediate_size"]), max_seq_len=max_len,
                            rope_theta=float(theta), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), attention_bias=kind == "qwen2",
-                           attn_head_dim=head_dim if head_dim * n_heads != dim else 0, qk_norm=kind == "qwen3",
-                           rope_scaling=scaling)
+                           tie_embeddings=bool(d.get("tie_word_embeddings", gemma)), attention_bias=kind == "qwen2",
+                           attn_head_dim=head_dim if head_dim * n_heads != dim else 0,
+                           qk_norm=kind in ("qwen3", "gemma3_text"), rope_scaling=scaling,
+                           sliding_window=window, layer_types=layer_types,
+                           rope_local_theta=float(local.get("rope_theta", d.get("rope_local_base_freq", 10000.0)))
+                           if gemma else 0.0,
+                           hidden_act="gelu_tanh" if gemma else "silu", embed_scale=gemma, sandwich_norms=gemma,
+                           attn_scale=float(d.get("query_pre_attn_scalar", head_dim)) ** -0.5 if gemma else 0.0)
     except KeyError as e:
         raise OwnLLMError(f"{source}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise OwnLLMError(f"{source}: a size field is not a number ({e})") from None
     except OwnLLMError as e:
         raise OwnLLMError(f"{source}: {e}") from None
+
+
+def _rope_params(d: dict, gemma: bool, source: str) -> tuple[dict, dict]:
+    """(full layers' RoPE parameters, sliding layers') from transformers 5's `rope_parameters` (one
+    dict, or one per layer type) or transformers 4's `rope_scaling`; unsupported kinds refused."""
+    given = d.get("rope_parameters") or {}
+    per_type = isinstance(given.get("full_attention"), dict)
+    full = {**(given.get("full_attention") if per_type else given), **(d.get("rope_scaling") or {})}
+    local = (given.get("sliding_attention") or {}) if per_type else {}
+    full["rope_type"] = full.get("rope_type") or full.get("type") or "default"
+    for which, params in (("", full), ("sliding layers' ", local)):
+        kind = params.get("rope_type") or params.get("type") or "default"
+        if kind not in ROPE_SCALING_KEYS or (which and kind != "default"):
+            raise OwnLLMError(f"{source}: {which}RoPE scaling {kind!r} is not supported "
+                              f"(supported: {', '.join(ROPE_SCALING_KEYS) if not which else 'default'})")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise OwnLLMError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported")
+    return full, local
 
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -334,8 +404,14 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
         dtype = next((k for k, v in STORE_DTYPES.items() if kinds == {v}), "float32")
 
     def state(expected, store):
-        return {(name[len("model."):] if name.startswith("model.") else name): t.to(store)
-                for name, t in weights.items() if not name.endswith("rotary_emb.inv_freq")}
+        out = {}
+        for name, t in weights.items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if cfg.sandwich_norms and is_norm(name):   # Gemma stores w for a scale of 1 + w
+                t = t.float() + 1
+            out[name[len("model."):] if name.startswith("model.") else name] = t.to(store)
+        return out
 
     return finish_import(str(src), cfg, tok, added, state, out, dtype, overwrite)
 
