@@ -34,6 +34,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 1e6
 
 
+def peak_rss_mb() -> float:
+    """This process image's high-water mark (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across fork and exec, so a child of a large parent would report the parent's size."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb * 1024 / 1e6
+
+
 def child(gguf: str, out: str, dtype: str) -> None:
     from ownllm.interop.hub import import_model  # noqa: F401  (modules loaded before the baseline)
     import ownllm.interop.gguf_import  # noqa: F401
@@ -43,7 +51,7 @@ def child(gguf: str, out: str, dtype: str) -> None:
     t0 = time.perf_counter()
     r = import_model(gguf, out, dtype=dtype)
     took = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 * 1.048576
+    peak = peak_rss_mb()
     print(json.dumps({"import_s": took, "peak_rss_mb": peak - before, "disk_mb": r["bytes"] / 1e6}))
 
 
@@ -66,8 +74,10 @@ def compare(run: Path, hf, new_tokens: int) -> dict:
         agree += (got.argmax(-1) == want.argmax(-1)).sum().item()
         total += len(ids)
         ours = engine.generate([ids], SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_ids=()))[0]
-        theirs = hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None)[0, len(ids):].tolist()
+        # an explicit mask: the file's pad id is its <|im_end|>, which generate would otherwise take
+        # for padding wherever the prompt holds it (after the system turn) and mask out
+        theirs = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
         same += sum(a == b for a, b in zip(ours, theirs))
         steps += new_tokens
         print(f"  {p[:40]!r}: {tok.decode(ours, skip_special=True)[:70]!r}")

@@ -177,6 +177,7 @@ class GGUFFile:
         except (ValueError, KeyError, IndexError, struct.error) as e:
             raise OwnLLMError(f"{self.path}: not a readable GGUF file ({e})") from None
         size = self.path.stat().st_size
+        self.arch = self.get("general.architecture")
         self.tensors = {}
         for t in self.reader.tensors:
             if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
@@ -201,13 +202,24 @@ class GGUFFile:
             raise OwnLLMError(f"{self.path}: metadata {key} = {str(v)[:60]!r}: expected one number")
         return kind(v)
 
+    def drop_metadata(self) -> None:
+        """Free the reader's parsed metadata once the config and tokenizer are read: its per-token
+        arrays (one small numpy object per token and merge) cost more than a small model's weights.
+        `get` answers None afterwards; the architecture stays in `arch`."""
+        import gc
+
+        self.reader.fields.clear()
+        for t in self.tensors.values():
+            t.field.parts.clear()
+        gc.collect()
+
     def token_types(self) -> list[int]:
         f = self.reader.fields.get("tokenizer.ggml.token_type")
         return [int(f.parts[i][0]) for i in f.data] if f is not None else []
 
 
 def model_config_from_gguf(g: GGUFFile) -> ModelConfig:
-    arch = g.get("general.architecture")
+    arch = g.arch
     if arch not in ARCHITECTURES:
         raise OwnLLMError(f"{g.path}: architecture {arch!r}; GGUF import reads {', '.join(ARCHITECTURES)} "
                           "(Gemma, Phi, MoE and other architectures are not supported)")
@@ -291,7 +303,7 @@ def gguf_state_dict(g: GGUFFile, cfg: ModelConfig, expected: dict[str, tuple],
         if want is None or shape != tuple(want):
             raise OwnLLMError(f"{g.path}: tensor {name} has shape {shape}, the metadata implies {want}")
     state = {}
-    arch = g.get("general.architecture")
+    arch = g.arch
     for name, t in g.tensors.items():
         ours = names[name]
         x = _dequantize(g, name, t, store)
@@ -395,5 +407,6 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str | None = None, over
     cfg = model_config_from_gguf(g)
     hf_tok, tok_cfg, stops = gguf_tokenizer(g)
     tok, added = with_chat_tokens(hf_tok, tok_cfg, stops, origin=f"{g.path} (tokenizer.chat_template)")
+    g.drop_metadata()
     return finish_import(str(g.path), cfg, tok, added, lambda expected, store: gguf_state_dict(g, cfg, expected, store),
                          out, dtype or source_dtype(g), overwrite)

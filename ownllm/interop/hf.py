@@ -452,7 +452,7 @@ def finish_import(source: str, cfg: ModelConfig, tok, added: list[str], read_sta
             raise OwnLLMError(f"{source}: {k} has shape {tuple(t.shape)}, the config implies {want}")
     for k in ("embed_tokens.weight", "lm_head.weight"):
         if grown and k in state:
-            state[k] = torch.cat([state[k], state[k].float().mean(0, keepdim=True).to(state[k].dtype).expand(grown, -1)])
+            state[k] = torch.cat([state[k], state[k].mean(0, keepdim=True, dtype=torch.float32).to(state[k].dtype).expand(grown, -1)])
     state = {k: v.to(STORE_DTYPES[dtype]).contiguous() for k, v in state.items()}
     cfg = model.config
     if out.exists() and overwrite:
