@@ -220,9 +220,13 @@ class GGUFFile:
 
 def model_config_from_gguf(g: GGUFFile) -> ModelConfig:
     arch = g.arch
+    if arch in ("gemma3", "gemma2", "gemma"):
+        raise OwnLLMError(f"{g.path}: architecture {arch!r}: Gemma's GGUF files carry a SentencePiece vocabulary, "
+                          "which is not read from GGUF; import the model's Hugging Face directory or hub id instead "
+                          "(Gemma 3 text models are read from there)")
     if arch not in ARCHITECTURES:
         raise OwnLLMError(f"{g.path}: architecture {arch!r}; GGUF import reads {', '.join(ARCHITECTURES)} "
-                          "(Gemma, Phi, MoE and other architectures are not supported)")
+                          "(Phi, MoE and other architectures are not supported)")
     a = f"{arch}."
     if (g.get(a + "expert_count") or 0) > 0:
         raise OwnLLMError(f"{g.path}: a mixture-of-experts model ({a}expert_count); not supported")
