@@ -285,7 +285,7 @@ def build_server_state(args):
     return ServerState(model=model, tok=tok, model_id=run.resolve().name,
                        api_key=args.api_key or os.environ.get("OWNLLM_API_KEY") or None,
                        batcher=ContinuousBatcher(model, tok.pad_id, slots=args.slots,
-                                                 max_waiting=getattr(args, "max_waiting", 64)),
+                                                 max_waiting=getattr(args, "max_waiting", 64), tokenizer=tok),
                        kb=kb, registry=reg, template_kwargs=template_args(getattr(args, "template_arg", [])),
                        allow_hosts=frozenset(h.lower() for h in [host, *(getattr(args, "allow_host", None) or [])]),
                        allow_origins=frozenset(getattr(args, "allow_origin", None) or []))
@@ -384,6 +384,28 @@ def _families(spec: str | None) -> list[str] | None:
     return names
 
 
+def read_schema(path: str | None) -> dict | bool | None:
+    """--json-schema FILE (a JSON Schema), or 'object' for any JSON object; checked before any model loads."""
+    from ownllm.inference.structured import compile_grammar
+
+    if path is None:
+        return None
+    if path == "object":
+        return True
+    p = Path(path)
+    if not p.is_file():
+        raise OwnLLMError(f"--json-schema {p}: no such file")
+    try:
+        schema = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OwnLLMError(f"--json-schema {p}: not JSON ({str(e)[:120]})") from None
+    try:
+        compile_grammar(schema)
+    except OwnLLMError as e:
+        raise OwnLLMError(f"--json-schema {p}: {e}") from None
+    return schema
+
+
 def cmd_generate(args) -> None:
     from ownllm.inference.generate import generate_text
 
@@ -392,7 +414,8 @@ def cmd_generate(args) -> None:
     sys.stdout.write(args.prompt)
     for piece in generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                               seed=args.seed, stop=args.stop, stream=True, quantize=args.quantize):
+                               seed=args.seed, stop=args.stop, stream=True, quantize=args.quantize,
+                               json_schema=read_schema(args.json_schema), regex=args.regex):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -558,8 +581,11 @@ def cmd_chat(args) -> None:
 
     reg, owned = _registry(args.tools, args.kb, args.db, args.embedder) if args.tools else (None, [])
     try:
+        if args.json_schema and reg is not None:
+            raise OwnLLMError("--json-schema with --tools: a reply is either a tool call or constrained JSON")
         repl(args.run, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-             quantize=args.quantize, registry=reg, template_kwargs=template_args(args.template_arg))
+             quantize=args.quantize, registry=reg, template_kwargs=template_args(args.template_arg),
+             json_schema=read_schema(args.json_schema))
     finally:
         for x in owned:
             x.close()
@@ -699,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this JSON Schema "
+                   "('object': any JSON object)")
+    p.add_argument("--regex", help="constrain the output to match this regular expression")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat data (full or --lora)")
@@ -815,6 +844,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
     p.add_argument("--template-arg", action="append", default=[], metavar="KEY=VALUE",
                    help=TEMPLATE_ARG_HELP)
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this JSON Schema "
+                   "('object': any JSON object)")
     p.set_defaults(func=cmd_chat)
 
     from ownllm.config import QUICKSTART_BUDGETS as budgets

@@ -155,3 +155,20 @@ def test_data_tasks_writes_messages_jsonl(tmp_path):
     from ownllm.data.formats import read_chat_jsonl
 
     assert len(read_chat_jsonl(out).conversations) == 24  # readable back as SFT data
+
+
+def test_generate_with_a_json_schema_or_regex(tmp_path, run_dir, capsys):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                                    "ok": {"type": "boolean"}},
+                                  "required": ["n", "ok"], "additionalProperties": False}))
+    capsys.readouterr()
+    assert main(["generate", "--run", str(run_dir), "--prompt", "X", "--json-schema", str(schema), "--seed", "3"]) == 0
+    obj = json.loads(capsys.readouterr().out.strip()[1:])
+    assert set(obj) == {"n", "ok"} and 0 <= obj["n"] <= 9 and isinstance(obj["ok"], bool)
+    assert main(["generate", "--run", str(run_dir), "--prompt", "X", "--regex", "[a-c]{4}!", "--seed", "3"]) == 0
+    assert __import__("re").fullmatch(r"X[a-c]{4}!", capsys.readouterr().out.strip())
+    schema.write_text(json.dumps({"type": "string", "format": "no-such-format"}))
+    assert main(["generate", "--run", str(run_dir), "--prompt", "X", "--json-schema", str(schema)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "s.json" in err and "no-such-format" in err

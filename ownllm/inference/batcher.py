@@ -34,6 +34,7 @@ class Request:
     last: int = 0                                     # last sampled token (next input)
     gen: torch.Generator | None = None
     history: torch.Tensor | None = None
+    constraint: object | None = None                  # structured.Constraint: only tokens that keep the output valid
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -44,7 +45,8 @@ class QueueFull(RuntimeError):
 
 
 class ContinuousBatcher:
-    def __init__(self, model: GPT, pad_id: int, slots: int = 8, max_waiting: int = 64):
+    def __init__(self, model: GPT, pad_id: int, slots: int = 8, max_waiting: int = 64, tokenizer=None):
+        """`tokenizer`: for requests whose SamplingParams constrain the output (json_schema / regex)."""
         self.model = model.eval()
         self.cfg = model.config
         self.pad_id = pad_id
@@ -53,6 +55,7 @@ class ContinuousBatcher:
         self.cache = KVCache.empty(self.cfg, slots, self.cfg.max_seq_len, dtype=dtype, device=model.device)
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.max_waiting = max_waiting
+        self.tokenizer = tokenizer
         self.lock = threading.Lock()   # serialises model use with other callers (e.g. embeddings)
         self.steps = 0
         self.max_active = 0
@@ -71,6 +74,12 @@ class ContinuousBatcher:
             raise QueueFull(f"{self.waiting.qsize()} requests are already waiting for a slot")
         if req.params.seed is not None:
             req.gen = torch.Generator(device=self.model.device).manual_seed(req.params.seed)
+        if req.constraint is None and (req.params.json_schema is not None or req.params.regex is not None):
+            from ownllm.inference.structured import constraint_for
+
+            if self.tokenizer is None:
+                raise ValueError("constrained output needs the batcher's tokenizer")
+            req.constraint = constraint_for(req.params, self.tokenizer, self.cfg.vocab_size)
         self.waiting.put(req)
         return req
 
@@ -208,7 +217,15 @@ class ContinuousBatcher:
     def _sampled(self, i: int, logits: torch.Tensor) -> None:
         """Sample row i's next token from (1, V) logits, emit it, and finish the row if it is done."""
         r = self.slots[i]
-        tok = int(sample_next(logits, r.params, r.gen, r.history)[0])
+        try:
+            if r.constraint is not None:
+                r.constraint.mask_(logits[0])
+            tok = int(sample_next(logits, r.params, r.gen, r.history)[0])
+            if tok not in r.params.stop_ids and r.constraint is not None:
+                r.constraint.advance(tok)
+        except Exception as e:   # this request's grammar failed: it ends, the others go on
+            self._finish(i, f"error: {type(e).__name__}: {e}")
+            return
         if tok in r.params.stop_ids:
             self._finish(i, "stop")
             return
@@ -220,6 +237,8 @@ class ContinuousBatcher:
         if r.cancelled:
             self._free(i)
             self.cancelled += 1
+        elif r.constraint is not None and r.constraint.finished:
+            self._finish(i, "stop")
         elif len(r.generated) >= r.params.max_new_tokens:
             self._finish(i, "length")
         elif r.pos + 1 >= self.cfg.max_seq_len:

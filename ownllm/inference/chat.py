@@ -17,15 +17,18 @@ from ownllm.inference.generate import load_run, stream_text
 
 class ChatSession:
     def __init__(self, run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None,
-                 quantize: str | None = None, registry=None, template_kwargs: dict | None = None):
+                 quantize: str | None = None, registry=None, template_kwargs: dict | None = None,
+                 json_schema: dict | bool | None = None):
+        """`json_schema`: every reply is JSON under it (True: any JSON object)."""
         self.model, self.tok = load_run(run, quantize)
+        self.json_schema = json_schema
         self.template_kwargs = template_kwargs or {}   # variables for an imported chat template
         self.registry = registry  # tools (agent/tools.py): each turn runs the agent loop
         if registry is not None:
             from ownllm.agent.loop import require_tool_calls
 
             require_tool_calls(self.tok)
-        self.engine = Engine(self.model, self.tok.pad_id)
+        self.engine = Engine(self.model, self.tok.pad_id, tokenizer=self.tok)
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.system: str | None = None
         self.history: list[dict] = []
@@ -47,7 +50,7 @@ class ChatSession:
             ids = self.tok.render(self.messages(), add_generation_prompt=True, template_kwargs=self.template_kwargs).ids
         ids = ids[-(ctx - 16):]
         params = SamplingParams(max_new_tokens=min(self.max_new_tokens, ctx - len(ids)), temperature=self.temperature,
-                                seed=self.seed, stop_ids=self.tok.stop_ids)
+                                seed=self.seed, stop_ids=self.tok.stop_ids, json_schema=self.json_schema)
         self.history.append({"role": "assistant", "content": ""})
         self._splitter = self.tok.reasoning_splitter(ids)
         for piece in stream_text(self.engine, self.tok, ids, params):
@@ -103,12 +106,12 @@ class ChatSession:
 
 def repl(run: str, temperature: float = 0.7, max_new_tokens: int = 256, seed: int | None = None,
          read: Callable[[str], str] = input, write: Callable[[str], None] = None, quantize: str | None = None,
-         registry=None, template_kwargs: dict | None = None) -> None:
+         registry=None, template_kwargs: dict | None = None, json_schema: dict | bool | None = None) -> None:
     styled = write is None and sys.stdout.isatty()  # dim reasoning with ANSI codes only on a terminal
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     open_mark, close_mark = ("\x1b[2m", "\x1b[0m\n") if styled else ("(thinking) ", "\n(answer) ")
     s = ChatSession(run, temperature, max_new_tokens, seed, quantize=quantize, registry=registry,
-                    template_kwargs=template_kwargs)
+                    template_kwargs=template_kwargs, json_schema=json_schema)
     write(f"chatting with {run} (/reset, /system TEXT, /temp X, /quit; Ctrl-C stops a reply)\n")
     while True:
         try:

@@ -101,8 +101,9 @@ def greedy_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_tokens
 def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = 0.95, repetition_penalty: float = 1.0,
                   seed: int | None = None, stop: list[str] | None = None, stream: bool = False,
-                  quantize: str | None = None):
-    """Continue `prompt`. With stream=True returns an iterator of text pieces, else the full string."""
+                  quantize: str | None = None, json_schema: dict | bool | None = None, regex: str | None = None):
+    """Continue `prompt`. With stream=True returns an iterator of text pieces, else the full string.
+    `json_schema` / `regex`: the continuation always parses under it (inference/structured.py)."""
     model, tok = load_run(run, quantize)
     ids = tok.encode(prompt) or [tok.bos_id]
     ctx = model.config.max_seq_len
@@ -110,10 +111,11 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
         raise OwnLLMError(f"prompt is {len(ids)} tokens; the model's context is {ctx}")
     try:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=seed, stop_ids=(tok.eos_id, *tok.stop_ids))
+                                repetition_penalty=repetition_penalty, seed=seed, stop_ids=(tok.eos_id, *tok.stop_ids),
+                                json_schema=json_schema, regex=regex)
     except ValueError as e:
         raise OwnLLMError(str(e)) from None
-    pieces = stream_text(Engine(model, tok.pad_id), tok, ids, params, stop or [])
+    pieces = stream_text(Engine(model, tok.pad_id, tokenizer=tok), tok, ids, params, stop or [])
     return pieces if stream else "".join(pieces)
 
 

@@ -13,8 +13,9 @@ origin or one given with --allow-origin (which also answers CORS preflights), PO
 be JSON, and with an API key (--api-key or OWNLLM_API_KEY) every /v1 call must carry it. Work that
 can take long (rendering, tokenising, retrieval, tools) runs off the event loop, so /health and
 other streams keep answering; a client that leaves frees its slot; past `max_waiting` queued
-requests the answer is 503 with Retry-After. Fields this server cannot honour (n > 1, logprobs,
-response_format) are a 400 naming them, never silently ignored.
+requests the answer is 503 with Retry-After. Fields this server cannot honour (n > 1, logprobs)
+are a 400 naming them, never silently ignored. `response_format` (JSON mode, a JSON schema)
+constrains the reply so it always parses (inference/structured.py).
 
 Extras beyond the OpenAI schema: with `--kb`, a chat turn is answered from the knowledge base
 (rag/answer.py) and the response carries `sources`; with `--tools`, the server runs the built-in
@@ -111,9 +112,6 @@ def refuse_unsupported(body: dict) -> None:
         raise APIError(400, "'echo' is not supported", "echo")
     if body.get("suffix") not in (None, ""):
         raise APIError(400, "'suffix' is not supported", "suffix")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise APIError(400, "'response_format' (JSON mode, JSON schema) is not supported by this server", "response_format")
 
 
 def busy(e: QueueFull) -> APIError:
@@ -160,8 +158,35 @@ def sampling_from(body: dict, state: ServerState, prompt_len: int, stop_ids: tup
     else:
         raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     params = SamplingParams(max_new_tokens=max_tokens or room, temperature=float(temperature), top_k=None,
-                            top_p=float(top_p), seed=seed, stop_ids=stop_ids)
+                            top_p=float(top_p), seed=seed, stop_ids=stop_ids, json_schema=response_schema(body))
     return params, [s for s in stops if s]
+
+
+def response_schema(body: dict) -> dict | bool | None:
+    """`response_format`: {"type": "text"} (None), {"type": "json_object"} (True: any JSON object) or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (the schema); a schema the
+    grammar library cannot honour is a 400 naming the feature."""
+    from ownllm.inference.structured import compile_grammar
+
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = True
+    elif kind == "json_schema" and isinstance(rf.get("json_schema"), dict) and isinstance(
+            rf["json_schema"].get("schema", {}), dict):
+        schema = rf["json_schema"].get("schema") or True
+    else:
+        raise APIError(400, "'response_format' must be {type: text}, {type: json_object} or "
+                       "{type: json_schema, json_schema: {name, schema}}", "response_format")
+    try:
+        compile_grammar(schema)
+    except OwnLLMError as e:
+        raise APIError(400, f"response_format: {e}", "response_format") from None
+    return schema
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -445,7 +470,10 @@ def create_app(state: ServerState) -> FastAPI:
         if tools is not None and tok.call_markers is None:
             raise APIError(400, "this model's chat template has no tool-call format the server can read", "tools")
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
-        sampling_from(body, state, 1, ())  # every field checked, even where a fixed reply needs none of them
+        checked, _ = sampling_from(body, state, 1, ())  # every field checked, even where a fixed reply needs none
+        if checked.json_schema is not None and (tools is not None or state.registry is not None):
+            raise APIError(400, "'response_format' with tools is not supported: a reply is either a tool call or "
+                           "constrained content", "response_format")
         if state.registry is not None and tools is None:
             return await _agent_reply(body, messages, stream, opts, cid, created)
         kwargs = template_kwargs(body)

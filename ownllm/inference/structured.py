@@ -1,0 +1,126 @@
+"""Constrained decoding: output that always parses, under a JSON Schema, any JSON object or a regex.
+
+Where it sits: `SamplingParams(json_schema=…)` / `regex=…` (engine.py) give each request a
+`Constraint`; the Engine and the server's batcher call `mask_` on a row's logits before sampling
+and `advance` with the token sampled, so only tokens that keep the output valid can be drawn, and
+a finished grammar ends the reply. The grammar work is llguidance's (Rust, the library behind
+Guidance and llama.cpp's `%llguidance` grammars): it compiles the schema, walks the tokenizer's
+byte-level vocabulary and answers a token bitmask per step; nothing here interprets a schema.
+JSON is generated compact (`{"a": 1, "b": [2, 3]}`): a model that may add whitespace anywhere can
+spend its whole budget on it.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+
+from ownllm.errors import OwnLLMError
+
+# compact separators and no free whitespace: the output has one spelling per value
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def compile_grammar(json_schema: dict | bool | None = None, regex: str | None = None) -> str:
+    """The llguidance grammar for a JSON Schema (True: any JSON object) or a regex; an invalid
+    schema, or a feature llguidance does not support, is an OwnLLMError naming it."""
+    try:
+        # not sort_keys: the grammar writes properties in the order the schema lists them
+        key = json.dumps(json_schema) if json_schema not in (None, True) else json_schema
+    except (TypeError, ValueError) as e:
+        raise OwnLLMError(f"the JSON schema is not JSON ({e})") from None
+    return _compile(key, regex)
+
+
+@lru_cache(maxsize=64)
+def _compile(key, regex: str | None) -> str:
+    import llguidance
+
+    json_schema = json.loads(key) if isinstance(key, str) else key
+
+    if (json_schema is None) == (regex is None):
+        raise OwnLLMError("give exactly one of a JSON schema or a regex to constrain the output")
+    try:
+        if regex is not None:
+            if not isinstance(regex, str) or not regex:
+                raise OwnLLMError("the regex must be a non-empty string")
+            grammar = llguidance.LLMatcher.grammar_from_regex(regex)
+        else:
+            schema = {"type": "object"} if json_schema is True else json_schema
+            if not isinstance(schema, dict):
+                raise OwnLLMError("the JSON schema must be an object")
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    except (ValueError, TypeError) as e:
+        raise OwnLLMError(f"the output constraint is not valid: {str(e)[:200]}") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise OwnLLMError(f"the output constraint is not supported: {error.strip()[:300]}")
+    return grammar
+
+
+def ll_tokenizer(tok, n_vocab: int):
+    """llguidance's view of our tokenizer (built once per tokenizer and vocabulary size: ~0.2 s
+    for 50k tokens)."""
+    import llguidance
+
+    cache = tok.__dict__.setdefault("_llguidance", {})
+    if n_vocab not in cache:
+        cache[n_vocab] = llguidance.LLTokenizer(tok.hf.to_str(), n_vocab=n_vocab, eos_token=list(tok.stop_ids))
+    return cache[n_vocab]
+
+
+class Constraint:
+    """One request's grammar state: which tokens may come next, and whether the output is complete."""
+
+    def __init__(self, tok, grammar: str, n_vocab: int):
+        import llguidance
+
+        self.matcher = llguidance.LLMatcher(ll_tokenizer(tok, n_vocab), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise OwnLLMError(f"the output constraint is not supported: {self.matcher.get_error()[:300]}")
+        self.n_vocab = n_vocab
+        self.bitmask = torch.full(((n_vocab + 31) // 32,), -1, dtype=torch.int32)
+        self.bits = torch.arange(32, dtype=torch.int32)
+
+    def allowed(self) -> torch.Tensor:
+        """(n_vocab,) bool: the tokens that keep the output valid now (stop tokens once it is complete)."""
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
+        if self.matcher.is_error():
+            raise OwnLLMError(f"constrained decoding failed: {self.matcher.get_error()[:300]}")
+        return ((self.bitmask.unsqueeze(-1) >> self.bits) & 1).reshape(-1)[: self.n_vocab].bool()
+
+    def mask_(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set the logits (1, V) or (V,) of every token the grammar forbids to -inf, in place."""
+        keep = self.allowed().to(logits.device)
+        logits.masked_fill_(~keep, float("-inf"))
+        return logits
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.consume_token(int(token)):
+            raise OwnLLMError(f"constrained decoding failed: {self.matcher.get_error()[:300]}")
+
+    @property
+    def finished(self) -> bool:
+        """Nothing may follow: the reply ends here (a stop token would be the only choice)."""
+        return self.matcher.is_stopped()
+
+    @property
+    def complete(self) -> bool:
+        """The output so far satisfies the grammar."""
+        return self.matcher.is_accepting()
+
+
+def constraint_for(params, tok, n_vocab: int) -> Constraint | None:
+    """A fresh Constraint for a request's SamplingParams, or None when it asks for none."""
+    if params.json_schema is None and params.regex is None:
+        return None
+    return Constraint(tok, compile_grammar(params.json_schema, params.regex), n_vocab)
+
+
+def parse_json_reply(text: str):
+    """A constrained JSON reply as Python data (None when it was cut before completing)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
