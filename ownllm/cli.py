@@ -198,6 +198,43 @@ def cmd_rag(args) -> None:
                       f"{snippet[:300]}{'…' if len(snippet) > 300 else ''}")
 
 
+def cmd_extract(args) -> None:
+    from tqdm import tqdm
+
+    from ownllm.inference.generate import load_run
+    from ownllm.rag.documents import iter_files
+    from ownllm.rag.extract import Extractor, read_schema_file
+
+    schema = read_schema_file(args.schema)
+    if not args.docs and not args.kb:
+        raise OwnLLMError("give documents to read (files or folders) or --kb KB --query TEXT")
+    if args.kb and not args.query:
+        raise OwnLLMError("--kb needs --query: the passages it retrieves are what records are extracted from")
+    files = iter_files(args.docs) if args.docs else []
+    model, tok = load_run(args.run)
+    ex = Extractor(model, tok, schema, max_new_tokens=args.max_new_tokens, template_kwargs=template_args(args.template_arg))
+    jobs = [(str(f), lambda f=f: ex.extract_file(f)) for f in files]
+    if args.kb:
+        from ownllm.rag.answer import retrieve
+
+        with _open_kb(args.kb, args.embedder) as kb:
+            hits = retrieve(kb, args.query, k=args.k, min_relevance=0.0)
+        jobs += [(h.source, lambda h=h: ex.extract_text(h.text, h.source)) for h in hits]
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    valid = 0
+    try:
+        for name, job in tqdm(jobs, desc="extract", unit="doc", disable=args.out is None, file=sys.stderr):
+            rec = job()
+            valid += rec.valid
+            out.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
+            out.flush()
+    finally:
+        if args.out:
+            out.close()
+    print(f"{len(jobs)} records, {valid} valid under {args.schema}" + (f"; written to {args.out}" if args.out else ""),
+          file=sys.stderr)
+
+
 def cmd_ask(args) -> None:
     from ownllm.inference.generate import load_run
     from ownllm.rag.answer import ask_stream
@@ -386,23 +423,17 @@ def _families(spec: str | None) -> list[str] | None:
 
 def read_schema(path: str | None) -> dict | bool | None:
     """--json-schema FILE (a JSON Schema), or 'object' for any JSON object; checked before any model loads."""
-    from ownllm.inference.structured import compile_grammar
+    from ownllm.inference.structured import compile_grammar, load_schema
 
     if path is None:
         return None
     if path == "object":
         return True
-    p = Path(path)
-    if not p.is_file():
-        raise OwnLLMError(f"--json-schema {p}: no such file")
-    try:
-        schema = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OwnLLMError(f"--json-schema {p}: not JSON ({str(e)[:120]})") from None
+    schema = load_schema(path, "--json-schema")
     try:
         compile_grammar(schema)
     except OwnLLMError as e:
-        raise OwnLLMError(f"--json-schema {p}: {e}") from None
+        raise OwnLLMError(f"--json-schema {path}: {e}") from None
     return schema
 
 
@@ -659,6 +690,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=120, help="(index) characters shared by consecutive chunks")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_rag)
+
+    p = sub.add_parser("extract", help="one JSON record per document under a JSON Schema, with source spans")
+    p.add_argument("docs", nargs="*", help="documents or folders (.txt .md .html .pdf)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--schema", required=True, help="JSON Schema of the record: an object with properties")
+    p.add_argument("--out", help="JSONL file to write (default: standard output)")
+    p.add_argument("--kb", help="extract from the passages this knowledge base retrieves for --query")
+    p.add_argument("--query", help="with --kb: what to retrieve")
+    p.add_argument("-k", type=int, default=5, help="with --kb: passages retrieved")
+    p.add_argument("--embedder", help="sentence-embedding model directory, or 'none'")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest JSON reply per chunk")
+    p.add_argument("--template-arg", action="append", default=[], metavar="KEY=VALUE", help=TEMPLATE_ARG_HELP)
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("ask", help="answer a question from a knowledge base, with cited sources")
     p.add_argument("question")

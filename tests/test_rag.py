@@ -1,7 +1,9 @@
 """RAG: documents → chunks → knowledge base (BM25, vectors, RRF) → grounded prompts and answers."""
 import importlib.util
+import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -424,3 +426,47 @@ def test_eval_rag_reports_the_citation_check_beside_the_models_own(tmp_path, tin
     assert r["rag_exact_match_verified"] <= r["rag_exact_match"]
     assert r["unanswerable_accuracy_verified"] >= r["unanswerable_accuracy"]
     assert r["recall_at_5_bm25"] >= 0.9
+
+
+def test_extract_merges_chunks_finds_spans_and_checks_the_schema(tmp_path, tiny_run, capsys):
+    """`ownllm extract`: a document longer than the context is read in chunks whose partial
+    records merge by the documented rule; every record parses; spans point at the text."""
+    from ownllm.cli import main
+    from ownllm.rag.extract import find_spans, merge, nullable_schema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+              "required": ["name"]}
+    chunk = nullable_schema(schema)
+    assert chunk["required"] == ["name", "age", "tags"] and chunk["properties"]["age"]["anyOf"][1] == {"type": "null"}
+    assert merge([{"name": None, "age": 3, "tags": ["a"]}, {"name": "Ida", "age": 4, "tags": ["a", "b"]}], schema) == \
+        {"name": "Ida", "age": 3, "tags": ["a", "b"]}
+    assert find_spans({"name": "Ida", "age": 40, "tags": None}, "x\nIDA is 40") == \
+        {"name": {"start": 2, "end": 5, "line": 2}, "age": {"start": 9, "end": 11, "line": 2}, "tags": None}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "short.md").write_text("Ida is 40 years old.\n")
+    (docs / "long.txt").write_text("The clerk Ida Veld counted grain. " * 60)   # several contexts long
+    out = tmp_path / "records.jsonl"
+    assert main(["extract", str(docs), "--run", str(tiny_run), "--schema", str(tmp_path / "schema.json"),
+                 "--out", str(out), "--max-new-tokens", "40"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [Path(r["source"]).name for r in rows] == ["long.txt", "short.md"]
+    assert rows[0]["chunks"] > 1 and rows[1]["chunks"] == 1
+    for r in rows:
+        assert set(r["record"]) == {"name", "age", "tags"} and set(r["spans"]) == {"name", "age", "tags"}
+        assert r["record"]["age"] is None or 0 <= r["record"]["age"] <= 99
+        assert r["valid"] == (r["record"]["name"] is not None)   # 'name' is required
+        for key, span in r["spans"].items():
+            if span:
+                text = (docs / Path(r["source"]).name).read_text()
+                assert text[span["start"]: span["end"]].lower() == str(r["record"][key] if not isinstance(
+                    r["record"][key], list) else r["record"][key][0]).lower()
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "string"}))
+    capsys.readouterr()
+    assert main(["extract", str(docs), "--run", str(tiny_run), "--schema", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json" in capsys.readouterr().err
+    assert main(["extract", "--run", str(tiny_run), "--schema", str(tmp_path / "schema.json"), "--kb", "demo"]) == 2
+    assert "--query" in capsys.readouterr().err

@@ -59,6 +59,19 @@ def _compile(key, regex: str | None) -> str:
     return grammar
 
 
+def load_schema(path, flag: str) -> dict:
+    """A JSON Schema file, for `flag` (named in the one-line error a missing or broken file gets)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise OwnLLMError(f"{flag} {p}: no such file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OwnLLMError(f"{flag} {p}: not JSON ({str(e)[:120]})") from None
+
+
 def ll_tokenizer(tok, n_vocab: int):
     """llguidance's view of our tokenizer (built once per tokenizer and vocabulary size: ~0.2 s
     for 50k tokens)."""
