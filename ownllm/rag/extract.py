@@ -8,7 +8,8 @@ record in which a field the text does not state is null, and the partial records
 - a scalar or object field takes its first non-null value, in document order;
 - an array field takes the distinct items of every chunk, in document order.
 A field's source span is where its value stands in the document (start/end characters and line;
-verbatim, else ignoring case); null where the model did not copy it from the text. The merged record is checked against the
+verbatim, else ignoring case; within the passage for a retrieved one); null where the model did
+not copy it from the text. The merged record is checked against the
 schema as the user wrote it (`valid`; a required field nobody found leaves it false).
 """
 from __future__ import annotations
