@@ -394,6 +394,13 @@ def cmd_eval(args) -> None:
         _write_samples(args.samples, res)
         print_rag_report(res)
         return
+    if args.suite == "extract":
+        from ownllm.evaluation.extraction import evaluate_extraction, print_extraction_report
+
+        res = evaluate_extraction(args.run, n=args.n or 50, seed=args.seed)
+        _write_samples(args.samples, res)
+        print_extraction_report(res)
+        return
     if args.suite == "tasks":
         from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
 
@@ -656,12 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="evaluate a run: lm (held-out bits per byte, default), tasks (exact match), rag, "
-                       "agent, prefs (win rate vs another run by the hidden rule), reward (pairwise accuracy)")
-    p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks", "rag", "agent", "prefs", "reward"])
+                       "agent, prefs (win rate vs another run by the hidden rule), reward (pairwise accuracy), "
+                       "extract (field exact match and schema validity, with and without the constraint)")
+    p.add_argument("suite", nargs="?", default="lm", choices=["lm", "tasks", "rag", "agent", "prefs", "reward", "extract"])
     p.add_argument("--run", required=True)
     p.add_argument("--shots", type=int, default=0, help="(tasks) K-shot prompts from the train split")
     p.add_argument("--n", type=int, help="(tasks) held-out prompts per family (50); (rag) questions (200); "
-                   "(prefs, reward) held-out prompts (200)")
+                   "(prefs, reward) held-out prompts (200); (extract) held-out notes per language (50)")
     p.add_argument("--seed", type=int, default=0, help="(tasks, rag, agent, prefs, reward) which held-out draw: "
                    "prompts, shots and (prefs) samples; 0 is the one every figure in the README uses unless it says")
     p.add_argument("--kb", help="(rag, agent) knowledge base file, or 'demo' (default)")

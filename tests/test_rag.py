@@ -470,3 +470,27 @@ def test_extract_merges_chunks_finds_spans_and_checks_the_schema(tmp_path, tiny_
     assert "bad.json" in capsys.readouterr().err
     assert main(["extract", "--run", str(tiny_run), "--schema", str(tmp_path / "schema.json"), "--kb", "demo"]) == 2
     assert "--query" in capsys.readouterr().err
+
+
+def test_extraction_set_is_held_out_bilingual_and_disjoint_from_the_demo_world():
+    from ownllm.data.extraction import SCHEMA, note_split, notes
+    from ownllm.rag.demo import make_world
+
+    test, train = notes(20, "test"), notes(20, "train")
+    assert len(test) == 40 and {n.lang for n in test} == {"en", "zh"} and notes(20, "test") == test
+    assert all(note_split(n.gold["name"]) == "test" for n in test) and all(note_split(n.gold["name"]) == "train" for n in train)
+    towns = {t.name for t in make_world("demo").towns}
+    for n in test + train:
+        assert set(n.gold) == set(SCHEMA["required"]) and n.gold["city"] not in towns
+        assert all(str(v) in n.text for v in n.gold.values())   # every gold value stands in its note
+
+
+def test_eval_extract_reports_both_with_and_without_the_constraint(tiny_run, capsys):
+    from ownllm.cli import main
+
+    assert main(["eval", "extract", "--run", str(tiny_run), "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    result = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split()[1:])
+    assert float(result["json_parsed"]) == 1.0   # the constraint: every reply parses
+    for key in ("field_exact_match", "schema_valid", "unconstrained_field_exact_match", "unconstrained_json_parsed"):
+        assert 0.0 <= float(result[key]) <= 1.0

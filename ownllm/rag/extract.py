@@ -21,8 +21,19 @@ from pathlib import Path
 
 from ownllm.errors import OwnLLMError
 
-INSTRUCTION = ("Extract the record this JSON schema describes from the text. Copy values exactly as the text "
-               "writes them; use null for a field the text does not state.\nSchema: {schema}\n\nText:\n{text}")
+# The prompt names the fields only: the constraint holds the rest of the schema, and a small model's
+# context is better spent on the text.
+INSTRUCTION = ("Extract these fields from the text as JSON: {fields}. Copy values exactly as the text writes "
+               "them; use null for a field the text does not state.\n\nText:\n{text}")
+
+
+def field_list(schema: dict) -> str:
+    """'name (string), year (integer), role (choice)': what the prompt says of the schema."""
+    def kind(spec) -> str:
+        if not isinstance(spec, dict):
+            return "value"
+        return "choice" if "enum" in spec else spec.get("type") if isinstance(spec.get("type"), str) else "value"
+    return ", ".join(f"{k} ({kind(v)})" for k, v in schema["properties"].items())
 
 
 @dataclass
@@ -107,7 +118,10 @@ def satisfies(record: dict, schema: dict, tok, grammar_cache: dict) -> bool:
 class Extractor:
     """Extract records with a run's model; `schema` is the user's JSON Schema (an object)."""
 
-    def __init__(self, model, tok, schema: dict, max_new_tokens: int = 256, template_kwargs: dict | None = None):
+    def __init__(self, model, tok, schema: dict, max_new_tokens: int = 256, template_kwargs: dict | None = None,
+                 constrained: bool = True):
+        """constrained=False: the model writes freely and its first JSON object is taken (the
+        baseline `eval extract` compares the constraint with)."""
         from ownllm.inference import Engine
         from ownllm.inference.structured import compile_grammar
 
@@ -118,10 +132,12 @@ class Extractor:
         self.max_new_tokens = max_new_tokens
         self.template_kwargs = template_kwargs or {}
         self._grammar: dict = {}
-        self.schema_text = json.dumps(schema, ensure_ascii=False)
+        self.constrained = constrained
+        self.replies = self.parsed = 0   # chunks read, and how many replies held a JSON object
+        self.fields = field_list(schema)
 
     def _prompt(self, text: str) -> list[int]:
-        msg = INSTRUCTION.format(schema=self.schema_text, text=text)
+        msg = INSTRUCTION.format(fields=self.fields, text=text)
         return self.tok.render([{"role": "user", "content": msg}], add_generation_prompt=True,
                                template_kwargs=self.template_kwargs).ids
 
@@ -142,13 +158,11 @@ class Extractor:
         if len(ids) > budget:   # the character estimate ran long: keep the instruction, cut the text
             ids = self._prompt(text[: max(1, len(text) * budget // len(ids) - 20)])[:budget]
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0, stop_ids=self.tok.stop_ids,
-                                json_schema=self.chunk_schema)
+                                json_schema=self.chunk_schema if self.constrained else None)
         out = self.engine.generate([ids], params)[0]
-        try:
-            rec = json.loads(self.tok.decode([t for t in out if t not in self.tok.stop_ids]))
-        except ValueError:   # cut by max_new_tokens: nothing usable from this chunk
-            return {}
-        return rec if isinstance(rec, dict) else {}
+        rec = first_json_object(self.tok.decode([t for t in out if t not in self.tok.stop_ids]))
+        self.replies, self.parsed = self.replies + 1, self.parsed + (rec is not None)
+        return {k: rec.get(k) for k in self.schema["properties"]} if rec is not None else {}
 
     def extract_text(self, text: str, source: str) -> Extracted:
         from ownllm.rag.documents import split_chunks
@@ -164,6 +178,22 @@ class Extractor:
         from ownllm.rag.documents import read_document
 
         return self.extract_text(read_document(path), str(path))
+
+
+def first_json_object(text: str) -> dict | None:
+    """The first JSON object in `text` (a constrained reply is one; a free one may wrap it in words),
+    or None (cut by max_new_tokens, or none written)."""
+    decoder = json.JSONDecoder()
+    at = text.find("{")
+    while at >= 0:
+        try:
+            obj, _ = decoder.raw_decode(text, at)
+            if isinstance(obj, dict):
+                return obj
+        except ValueError:
+            pass
+        at = text.find("{", at + 1)
+    return None
 
 
 def read_schema_file(path: str | Path) -> dict:
