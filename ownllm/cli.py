@@ -436,12 +436,7 @@ def read_schema(path: str | None) -> dict | bool | None:
         return None
     if path == "object":
         return True
-    schema = load_schema(path, "--json-schema")
-    try:
-        compile_grammar(schema)
-    except OwnLLMError as e:
-        raise OwnLLMError(f"--json-schema {path}: {e}") from None
-    return schema
+    return load_schema(path, "--json-schema", check=compile_grammar)
 
 
 def cmd_generate(args) -> None:

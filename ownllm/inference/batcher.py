@@ -74,7 +74,7 @@ class ContinuousBatcher:
             raise QueueFull(f"{self.waiting.qsize()} requests are already waiting for a slot")
         if req.params.seed is not None:
             req.gen = torch.Generator(device=self.model.device).manual_seed(req.params.seed)
-        if req.constraint is None and (req.params.json_schema is not None or req.params.regex is not None):
+        if req.constraint is None and req.params.constrained:
             from ownllm.inference.structured import constraint_for
 
             if self.tokenizer is None:

@@ -29,6 +29,10 @@ class SamplingParams:
     json_schema: dict | bool | None = None
     regex: str | None = None
 
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None
+
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -174,7 +178,7 @@ class Engine:
     def _constraints(self, params: SamplingParams, batch: int) -> list | None:
         from ownllm.inference.structured import constraint_for
 
-        if params.json_schema is None and params.regex is None:
+        if not params.constrained:
             return None
         if self.tokenizer is None:
             raise ValueError("constrained output needs the tokenizer: Engine(model, pad_id, tokenizer=tok)")

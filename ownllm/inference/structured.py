@@ -59,17 +59,24 @@ def _compile(key, regex: str | None) -> str:
     return grammar
 
 
-def load_schema(path, flag: str) -> dict:
-    """A JSON Schema file, for `flag` (named in the one-line error a missing or broken file gets)."""
+def load_schema(path, flag: str, check=None) -> dict:
+    """A JSON Schema file, for `flag` (named in the one-line error a missing, broken or, by
+    `check(schema)`, unusable file gets)."""
     from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
         raise OwnLLMError(f"{flag} {p}: no such file")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        schema = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise OwnLLMError(f"{flag} {p}: not JSON ({str(e)[:120]})") from None
+    if check is not None:
+        try:
+            check(schema)
+        except OwnLLMError as e:
+            raise OwnLLMError(f"{flag} {p}: {e}") from None
+    return schema
 
 
 def ll_tokenizer(tok, n_vocab: int):
@@ -124,16 +131,6 @@ class Constraint:
         return self.matcher.is_accepting()
 
 
-def constraint_for(params, tok, n_vocab: int) -> Constraint | None:
-    """A fresh Constraint for a request's SamplingParams, or None when it asks for none."""
-    if params.json_schema is None and params.regex is None:
-        return None
+def constraint_for(params, tok, n_vocab: int) -> Constraint:
+    """A fresh Constraint for SamplingParams that ask for one (`params.constrained`)."""
     return Constraint(tok, compile_grammar(params.json_schema, params.regex), n_vocab)
-
-
-def parse_json_reply(text: str):
-    """A constrained JSON reply as Python data (None when it was cut before completing)."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None

@@ -199,9 +199,4 @@ def first_json_object(text: str) -> dict | None:
 def read_schema_file(path: str | Path) -> dict:
     from ownllm.inference.structured import load_schema
 
-    schema = load_schema(path, "--schema")
-    try:
-        nullable_schema(schema)
-    except OwnLLMError as e:
-        raise OwnLLMError(f"--schema {path}: {e}") from None
-    return schema
+    return load_schema(path, "--schema", check=nullable_schema)
