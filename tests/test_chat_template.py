@@ -210,6 +210,39 @@ def test_agent_reads_and_writes_tool_calls_in_the_imported_format(tmp_path):
         Agent(None, Tokenizer.load(tmp_path / "run2"), reg)
 
 
+def test_strict_calls_in_the_imported_format(tmp_path):
+    """An imported template whose call markers are plain text (Qwen2.5's `<tool_call>`): the
+    constraint writes calls in that template's own spelling, arguments fitting the schema, which the
+    agent's reader parses back; "auto" leaves plain text free."""
+    from ownllm.agent.loop import split_calls
+    from ownllm.inference.generate import load_run
+    from ownllm.inference.structured import call_format, tool_call_grammar
+
+    src, _, _ = _qwen_dir(tmp_path)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    model, tok = load_run(tmp_path / "run")
+    assert call_format(tok) == ('\n{"name": "', '", "arguments": ', '}\n')
+    tools = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True, "parameters": {
+        **TOOLS[0]["function"]["parameters"], "additionalProperties": False,
+        "properties": {"expression": {"type": "string", "pattern": "^[0-9]{1,4} [*+] [0-9]{1,4}$"}}}}}]
+    prompt = tok.render([{"role": "user", "content": "What is 4821 * 7733?"}], True).ids   # tools unlisted: room
+    engine = Engine(model, tok.pad_id, tokenizer=tok)
+    for seed in range(4):
+        params = SamplingParams(max_new_tokens=60, temperature=1.0, seed=seed, stop_ids=tok.stop_ids,
+                                grammar=tool_call_grammar(tok, tools, "calculator"))
+        out = engine.generate([prompt], params)[0]   # ends where the grammar does
+        text, calls = split_calls(tok, [t for t in out if t not in tok.stop_ids])
+        assert text == "" and len(calls) == 1
+        call = json.loads(calls[0])
+        assert call["name"] == "calculator" and __import__("re").fullmatch(r"[0-9]{1,4} [*+] [0-9]{1,4}",
+                                                                          call["arguments"]["expression"])
+    free = SamplingParams(max_new_tokens=20, temperature=1.0, seed=0, stop_ids=tok.stop_ids,
+                          grammar=tool_call_grammar(tok, tools, "auto"))
+    assert len(engine.generate([prompt], free)[0]) > 1
+    with pytest.raises(OwnLLMError, match="not among the tools"):
+        tool_call_grammar(tok, tools, "nope")
+
+
 # Qwen3-style: only the last reply carries the (empty) think block, so earlier turns render differently
 # once a reply follows them; the second form marks replies with {% generation %} as transformers reads it.
 THINK = """{%- for message in messages %}

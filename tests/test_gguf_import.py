@@ -1,7 +1,6 @@
 """`ownllm import FILE.gguf`: a real GGUF file against transformers' own GGUF loading, every block
 type against the gguf package's dequantisation, round trips through our export, hostile files,
 and hub ids read from a cache laid out by hand (no network)."""
-import json
 import os
 import struct
 import subprocess

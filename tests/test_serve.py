@@ -551,3 +551,53 @@ def test_official_client_structured_outputs(live_server):
     r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Who?"}], temperature=0,
                                        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
     assert _is_person(json.loads(r.choices[0].message.content))
+
+
+STRICT_TOOLS = [
+    {"type": "function", "function": {"name": "book", "strict": True,
+                                      "parameters": {**PERSON, "properties": {k: PERSON["properties"][k] for k in ("city", "age")},
+                                                     "required": ["city", "age"]}}},
+    {"type": "function", "function": {"name": "note",
+                                      "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]
+
+
+def test_strict_tools_get_arguments_that_fit_their_schema(client):
+    """A random tiny model at temperature 1: with tool_choice naming a strict tool, every reply is one
+    call to it whose arguments fit its parameters schema; with "required", calls to offered tools
+    and no text; an unknown tool name and an unsupported strict schema are 400s naming the field."""
+    def ask(choice, seed, tools=STRICT_TOOLS, stream=False):
+        body = {"messages": [{"role": "user", "content": f"{seed}"}], "tools": tools, "tool_choice": choice,
+                "temperature": 1, "seed": seed, "stream": stream}
+        if not stream:
+            return client.post("/v1/chat/completions", json=body)
+        with client.stream("POST", "/v1/chat/completions", json=body) as s:
+            chunks = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+        return [c for ch in chunks for c in ch["choices"][0]["delta"].get("tool_calls", []) if ch["choices"]]
+
+    named = {"type": "function", "function": {"name": "book"}}
+    for seed in range(8):
+        j = ask(named, seed).json()
+        assert "choices" in j, j
+        calls = j["choices"][0]["message"]["tool_calls"]
+        assert j["choices"][0]["finish_reason"] == "tool_calls" and [c["function"]["name"] for c in calls] == ["book"]
+        args = json.loads(calls[0]["function"]["arguments"])
+        assert set(args) == {"city", "age"} and args["city"] in ("Paris", "Tokyo", "Lima") and 0 <= args["age"] <= 120
+    streamed = ask(named, 3, stream=True)
+    assert streamed and streamed[0]["function"]["name"] == "book"
+    both = [STRICT_TOOLS[0], {"type": "function", "function": {"name": "note", "strict": True, "parameters": {
+        "type": "object", "properties": {"text": {"type": "string", "maxLength": 4}}, "required": ["text"],
+        "additionalProperties": False}}}]
+    for seed in range(4):
+        choice = ask("required", seed, tools=both).json()["choices"][0]
+        calls = choice["message"]["tool_calls"]
+        assert choice["message"]["content"] is None and calls[0]["function"]["name"] in ("book", "note"), choice
+        if choice["finish_reason"] == "tool_calls":   # not cut by max_tokens: every call whole
+            assert all(c["function"]["name"] in ("book", "note") for c in calls)
+    r = ask({"type": "function", "function": {"name": "nope"}}, 0)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice" and "nope" in r.json()["error"]["message"]
+    bad = [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "format": "no-such"}}}}}]
+    r = ask("auto", 0, tools=bad)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools" and "no-such" in r.json()["error"]["message"]
+    r = ask("sometimes", 0)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"

@@ -24,14 +24,15 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_ids: tuple[int, ...] = field(default_factory=tuple)
-    # constrained output (structured.py): a JSON Schema (True: any JSON object) or a regex; the
-    # reply then always parses, and ends when the grammar is complete
+    # constrained output (structured.py): a JSON Schema (True: any JSON object), a regex or a Lark
+    # grammar (tool calls); the reply then always parses, and ends when the grammar is complete
     json_schema: dict | bool | None = None
     regex: str | None = None
+    grammar: str | None = None
 
     @property
     def constrained(self) -> bool:
-        return self.json_schema is not None or self.regex is not None
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -22,9 +22,13 @@ from ownllm.errors import OwnLLMError
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def compile_grammar(json_schema: dict | bool | None = None, regex: str | None = None) -> str:
-    """The llguidance grammar for a JSON Schema (True: any JSON object) or a regex; an invalid
-    schema, or a feature llguidance does not support, is an OwnLLMError naming it."""
+def compile_grammar(json_schema: dict | bool | None = None, regex: str | None = None,
+                    lark: str | None = None) -> str:
+    """The llguidance grammar for a JSON Schema (True: any JSON object), a regex or a Lark grammar
+    (tool_call_grammar's); an invalid one, or a feature llguidance does not support, is an
+    OwnLLMError naming it."""
+    if lark is not None:
+        return _compile_lark(lark)
     try:
         # not sort_keys: the grammar writes properties in the order the schema lists them
         key = json.dumps(json_schema) if json_schema not in (None, True) else json_schema
@@ -57,6 +61,95 @@ def _compile(key, regex: str | None) -> str:
     if error:
         raise OwnLLMError(f"the output constraint is not supported: {error.strip()[:300]}")
     return grammar
+
+
+@lru_cache(maxsize=64)
+def _compile_lark(lark: str) -> str:
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    except (ValueError, TypeError) as e:
+        raise OwnLLMError(f"the output constraint is not valid: {str(e)[:200]}") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise OwnLLMError(f"the output constraint is not supported: {error.strip()[:300]}")
+    return grammar
+
+
+def call_format(tok) -> tuple[str, str, str] | None:
+    """How the chat template spells a tool call between its markers: (before the name, between the
+    name and the arguments, after the arguments), read off a rendered sample call; None when the
+    template has no call format we read, or spells calls some other way."""
+    from ownllm.tokenizer import tool_call_text
+
+    if tok.call_markers is None:
+        return None
+    if not tok.template:
+        inside = tool_call_text({"name": "NAME", "arguments": "ARGS"})
+    else:
+        open_, close = tok.call_markers
+        tools = [{"type": "function", "function": {"name": "fn_q7", "description": "",
+                                                   "parameters": {"type": "object", "properties": {"a_q7": {"type": "integer"}}}}}]
+        messages = [{"role": "user", "content": "u_q7"},
+                    {"role": "assistant", "content": "", "tool_calls": [
+                        {"type": "function", "function": {"name": "fn_q7", "arguments": {"a_q7": 1}}}]}]
+        try:
+            text = tok.template.text(messages, False, tools)
+        except OwnLLMError:
+            return None
+        start = text.find(open_, text.find("u_q7"))
+        end = text.find(close, start + 1)
+        inside = text[start + len(open_): end] if 0 <= start < end else ""
+        inside = inside.replace("fn_q7", "NAME", 1).replace('{"a_q7": 1}', "ARGS", 1)
+    before, _, rest = inside.partition("NAME")
+    middle, _, after = rest.partition("ARGS")
+    if not rest or "NAME" in rest or "ARGS" not in rest or "ARGS" in after:
+        return None
+    return before, middle, after
+
+
+def tool_call_grammar(tok, tools: list[dict], choice: str = "auto") -> str:
+    """A Lark grammar for a reply that may call the offered tools: free text, and calls in the
+    template's own format whose name is an offered one and whose arguments conform to the tool's
+    parameters schema (any JSON object for a tool not marked `strict`). `choice`: "auto", "required"
+    (the reply is calls and nothing else) or a tool's name (the reply is one call to it)."""
+    fmt = call_format(tok)
+    if fmt is None:
+        raise OwnLLMError("this model's chat template has no tool-call format that can be constrained")
+    before, middle, after = fmt
+    open_, close = tok.call_markers
+
+    def marker(s: str) -> str:
+        # a marker that is one added token (ours, Qwen's <tool_call>) is that token, by id: the
+        # grammar library keeps added tokens apart from text; any other marker is text
+        tid = tok.hf.token_to_id(s)
+        return f"<[{tid}]>" if tid is not None and ll_tokenizer(tok, tok.vocab_size).is_special_token(tid) else json.dumps(s)
+
+    bodies = []
+    for i, t in enumerate(tools):
+        f = t.get("function", t)
+        schema = (f.get("parameters") or {"type": "object"}) if f.get("strict") else {"type": "object"}
+        schema = {**schema, "x-guidance": JSON_OPTIONS}
+        bodies.append((f["name"], f"body_{i}: {json.dumps(before + f['name'] + middle)} %json "
+                                  f"{json.dumps(schema)} {json.dumps(after)} {marker(close)}"))
+    first = [r for n, r in bodies if choice in ("auto", "required", n)]
+    if not first:
+        raise OwnLLMError(f"tool_choice names {choice!r}, which is not among the tools")
+    names = [r.split(":", 1)[0] for _, r in bodies]
+    first_names = [r.split(":", 1)[0] for r in first]
+    lines = ["%llguidance {}", "TAG_TEXT: /(.|\\n)*/", f"body: {' | '.join(names)}", *(r for _, r in bodies)]
+    if marker(open_).startswith("<["):
+        lines.append(f"call: TAG_TEXT {marker(open_)} body")
+    else:  # text markers: the call starts where the text first spells the marker
+        lines += [f"call_open[lazy]: TAG_TEXT {marker(open_)}", "call: call_open body"]
+    if choice == "auto":
+        lines.append("start: call* TAG_TEXT")
+    elif choice == "required":   # calls only, as many as the model makes, spaces between
+        lines += ["SEP: /[ \\n]*/", f"start: {marker(open_)} body (SEP {marker(open_)} body)*"]
+    else:                        # exactly one call, to that tool
+        lines.append(f"start: {marker(open_)} ({' | '.join(first_names)})")
+    return "\n".join(lines) + "\n"
 
 
 def load_schema(path, flag: str, check=None) -> dict:
@@ -133,4 +226,4 @@ class Constraint:
 
 def constraint_for(params, tok, n_vocab: int) -> Constraint:
     """A fresh Constraint for SamplingParams that ask for one (`params.constrained`)."""
-    return Constraint(tok, compile_grammar(params.json_schema, params.regex), n_vocab)
+    return Constraint(tok, compile_grammar(params.json_schema, params.regex, params.grammar), n_vocab)

@@ -21,7 +21,8 @@ Extras beyond the OpenAI schema: with `--kb`, a chat turn is answered from the k
 (rag/answer.py) and the response carries `sources`; with `--tools`, the server runs the built-in
 tools itself (agent loop) and returns the final answer with the trace in `tool_trace`. Tools
 sent *by the client* (`tools` in the request) are not run: the reply carries `tool_calls` and
-`finish_reason: "tool_calls"`, as OpenAI does.
+`finish_reason: "tool_calls"`, as OpenAI does; a tool marked `strict: true` gets calls whose
+arguments fit its parameters schema, and `tool_choice` "required" or a tool's name is honoured.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -238,7 +239,34 @@ def parse_tools(body: dict) -> list[dict] | None:
                 isinstance(k, str) and isinstance(v, dict) for k, v in props.items()):
             raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object whose 'properties' "
                            "map names to schema objects", "tools")
+        if not isinstance(f.get("strict", False), (bool, type(None))):
+            raise APIError(400, f"tools[{i}].function.strict must be a boolean", "tools")
     return tools or None
+
+
+def tool_grammar(body: dict, tools: list[dict] | None, tok) -> str | None:
+    """The constraint on a reply that may call tools: with `strict: true` on a tool, its calls'
+    arguments conform to its parameters schema; `tool_choice` "required" makes the reply calls only,
+    {type: function, function: {name}} one call to that tool. None: free text."""
+    from ownllm.inference.structured import compile_grammar, tool_call_grammar
+
+    choice = body.get("tool_choice", "auto")
+    if tools is None:
+        return None
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str):
+        choice = choice["function"]["name"]
+    elif choice not in ("auto", "required"):
+        raise APIError(400, "'tool_choice' must be none, auto, required or {type: function, function: {name}}",
+                       "tool_choice")
+    if choice == "auto" and not any(t["function"].get("strict") for t in tools):
+        return None
+    try:
+        grammar = tool_call_grammar(tok, tools, choice)
+        compile_grammar(lark=grammar)
+    except OwnLLMError as e:
+        raise APIError(400, str(e), "tool_choice" if "tool_choice" in str(e) else "tools") from None
+    return grammar
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -464,6 +492,7 @@ def create_app(state: ServerState) -> FastAPI:
         refuse_unsupported(body)
         messages = parse_messages(body)
         tools = parse_tools(body)
+        calls_grammar = tool_grammar(body, tools, state.tok) if tools is not None and state.tok.call_markers else None
         stream = _get(body, "stream", bool, False, what="a boolean")
         opts = _get(body, "stream_options", dict, {}, what="an object")
         tok = state.tok
@@ -495,11 +524,13 @@ def create_app(state: ServerState) -> FastAPI:
         if fixed is not None:
             return _fixed_reply(fixed[0], stream, opts, cid, created, extra, fixed[1])
         params, stops = sampling_from(body, state, len(ids), tok.stop_ids)
+        if calls_grammar is not None:
+            params = replace(params, grammar=calls_grammar)
         ts = TextStream(state, ids, params, stops, keep_special=tools is not None)
         if tools is not None:  # whole reply first: it may be tool calls
             await ts.text(request)
             text, calls = tool_calls_from(tok, ts.tokens)
-            finish = "tool_calls" if calls else ts.finish_reason
+            finish = "tool_calls" if calls and ts.finish_reason != "length" else ts.finish_reason
             msg = {"role": "assistant", "content": text or None}
             if calls:
                 msg["tool_calls"] = calls
