@@ -5,7 +5,7 @@
 Two shapes: the `tiny` preset with its own 4k tokenizer, and Qwen2.5-0.5B's shape (random weights)
 with a synthetic 151,936-token byte-level BPE vocabulary (what the per-step mask costs grows with
 the vocabulary). Batch 1 and 8, greedy, eager Engine; each measurement interleaves the two modes
-(A/B/A/B) and keeps the median. The constrained rows decode under a schema whose strings are
+(A/B/A/B) and keeps the median (three times as many runs on `tiny`, whose runs take milliseconds). The constrained rows decode under a schema whose strings are
 long enough that no row finishes early, so both modes decode the same number of tokens. Ends with
 `RESULT overhead_b1=… overhead_b8=… overhead_b1_150k=… overhead_b8_150k=…` (constrained time /
 free time − 1).
@@ -101,7 +101,7 @@ def main() -> None:
     print("tiny preset, 4,096-token tokenizer")
     tok = train_tokenizer([bundled_text("shakespeare")[:400_000]], 4096)
     model = GPT(model_config("tiny", {"vocab_size": tok.vocab_size})).eval()
-    res = measure(model, tok, args.tokens, args.reps)
+    res = measure(model, tok, args.tokens, 3 * args.reps)   # milliseconds a run: more of them, less noise
     results.update(overhead_b1=res[1][1] / res[1][0] - 1, overhead_b8=res[8][1] / res[8][0] - 1)
     print("Qwen2.5-0.5B shape, 151,936-token synthetic byte-level vocabulary (random weights)")
     tok = synthetic_tokenizer(151_936)

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ownllm.cli import build_server_state
@@ -526,6 +527,40 @@ def test_engine_and_batcher_constrain_every_row(run_dir):
             assert _is_person(json.loads(tok.decode(b.generate(prompts[seed % 2], params))))
     finally:
         b.close()
+
+
+def test_draw_first_then_check_samples_the_masked_distribution(run_dir):
+    """Greedy and plain-temperature rows draw unmasked and compute the mask only when the grammar
+    refuses the token: the tokens still follow softmax(logits) restricted to the allowed set
+    (2,000 rows, about half of whose first draws are refused, against the exact masked
+    distribution); top-k / top-p rows mask first."""
+    from ownllm.inference import SamplingParams
+    from ownllm.inference.engine import sample_next
+    from ownllm.inference.generate import load_run
+    from ownllm.inference.structured import constraint_for, draw_constrained, draws_first, mask_rows_
+
+    _, tok = load_run(run_dir)
+    params = SamplingParams(max_new_tokens=1, temperature=1.0, top_k=None, top_p=1.0, regex="[a-h]")
+    assert draws_first(params) and draws_first(SamplingParams(temperature=0)) and not draws_first(SamplingParams())
+    V, n = tok.vocab_size, 2000
+    allowed = [tok.encode(c)[0] for c in "abcdefgh"]
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
+    logits[allowed] += torch.linspace(0, 2, 8)
+    logits[allowed] += (logits.logsumexp(0) - logits[allowed].logsumexp(0))   # about half the mass allowed
+    want = mask_rows_(logits[None].clone(), [constraint_for(params, tok, V)]).softmax(-1)[0]
+    assert sorted(want.nonzero().flatten().tolist()) == sorted(allowed)
+    rows = [constraint_for(params, tok, V) for _ in range(n)]
+    gen = torch.Generator().manual_seed(1)
+    refused = []
+
+    def draw(lg, idx):
+        if idx is not None:
+            refused.append(len(idx))
+        return sample_next(lg, params, gen)
+    tok_ids = draw_constrained(logits.repeat(n, 1), rows, params, draw)
+    assert 0.3 * n < refused[0] < 0.7 * n and all(c.complete for c in rows)
+    got = torch.bincount(tok_ids, minlength=V).float() / n
+    assert ((got - want).abs() <= 4 * (want * (1 - want) / n).sqrt() + 0.005).all(), (got[allowed], want[allowed])
 
 
 def test_official_client_structured_outputs(live_server):

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ownllm.inference.engine import SamplingParams, sample_next
+from ownllm.inference.structured import draw_constrained
 from ownllm.model import GPT, KVCache
 
 
@@ -219,10 +220,10 @@ class ContinuousBatcher:
         r = self.slots[i]
         try:
             if r.constraint is not None:
-                r.constraint.mask_(logits[0])
-            tok = int(sample_next(logits, r.params, r.gen, r.history)[0])
-            if tok not in r.params.stop_ids and r.constraint is not None:
-                r.constraint.advance(tok)
+                tok = int(draw_constrained(logits, [r.constraint], r.params,
+                                           lambda lg, _: sample_next(lg, r.params, r.gen, r.history))[0])
+            else:
+                tok = int(sample_next(logits, r.params, r.gen, r.history)[0])
         except Exception as e:   # this request's grammar failed: it ends, the others go on
             self._finish(i, f"error: {type(e).__name__}: {e}")
             return

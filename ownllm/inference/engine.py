@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from ownllm.inference.structured import draw_constrained
 from ownllm.model import GPT, KVCache
 
 
@@ -137,20 +138,22 @@ class Engine:
             history = torch.full((B, L), self.pad_id, dtype=torch.long, device=self.model.device)
             for i, p in enumerate(prompts):
                 history[i, L - len(p):] = torch.tensor(p)
+        def draw(lg, rows):
+            return sample_next(lg, params, gen, history if history is None or rows is None else history[rows])
+
         for step in range(max_len - L):
             if constraints:
-                for row, c in enumerate(constraints):
-                    if not done[row]:
-                        c.mask_(logits[row])
-            tok = sample_next(logits, params, gen, history)
+                live = [None if d else c for c, d in zip(constraints, done.tolist())]
+                tok = draw_constrained(logits, live, params, draw)
+            else:
+                tok = sample_next(logits, params, gen, history)
             out = tok.tolist()
             yield [None if d else t for t, d in zip(out, done.tolist())]
             if stop.numel():
                 done |= torch.isin(tok, stop)
             if constraints:
-                for row, c in enumerate(constraints):
-                    if not done[row]:
-                        c.advance(out[row])
+                for row, c in enumerate(live):
+                    if c is not None and not done[row]:
                         done[row] = c.finished
             if bool(done.all()) or step == max_len - L - 1:
                 return
