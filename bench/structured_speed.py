@@ -5,8 +5,9 @@
 Two shapes: the `tiny` preset with its own 4k tokenizer, and Qwen2.5-0.5B's shape (random weights)
 with a synthetic 151,936-token byte-level BPE vocabulary (what the per-step mask costs grows with
 the vocabulary). Batch 1 and 8, greedy, eager Engine; each measurement interleaves the two modes
-(A/B/A/B) and keeps the median (three times as many runs on `tiny`, whose runs take milliseconds). The constrained rows decode under a schema whose strings are
-long enough that no row finishes early, so both modes decode the same number of tokens. Ends with
+(A/B/A/B) and keeps the median (three times as many runs on `tiny`, whose runs take
+milliseconds). The constrained rows decode under a schema whose strings are long enough that no
+row finishes early, so both modes decode the same number of tokens. Ends with
 `RESULT overhead_b1=… overhead_b8=… overhead_b1_150k=… overhead_b8_150k=…` (constrained time /
 free time − 1).
 """
