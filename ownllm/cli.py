@@ -627,8 +627,16 @@ def cmd_chat(args) -> None:
 def cmd_quickstart(args) -> None:
     from ownllm.quickstart import quickstart
 
+    import torch
+
+    from ownllm.config import QUICKSTART_STEPS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     budgets = {k: v for k in ("pretrain_budget", "sft_budget", "rlhf_budget") if (v := getattr(args, k)) is not None}
-    quickstart(args.out, n_eval=args.n_eval, data=args.data, llama=args.llama, **budgets)
+    steps = {k: v for k in QUICKSTART_STEPS if (v := getattr(args, k)) is not None}
+    quickstart(args.out, n_eval=args.n_eval, data=args.data, llama=args.llama, **({"steps": steps} if steps else {}),
+               **budgets)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -895,24 +903,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "('object': any JSON object)")
     p.set_defaults(func=cmd_chat)
 
-    from ownllm.config import QUICKSTART_BUDGETS as budgets
+    from ownllm.config import QUICKSTART_STEPS
 
     p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--pretrain-budget", type=float,
-                   help=f"seconds of pretraining (default {budgets['pretrain_budget']:.0f})")
-    p.add_argument("--sft-budget", type=float, help=f"seconds of supervised fine-tuning (default "
-                   f"{budgets['sft_budget']:.0f}; the task suite learns faster from SFT time than from pretraining "
-                   "time: README)")
+    for key, what in (("pretrain_steps", "pretraining"), ("sft_steps", "supervised fine-tuning"),
+                      ("reward_steps", "reward-model training"), ("dpo_steps", "DPO"), ("ppo_steps", "PPO"),
+                      ("grpo_steps", "GRPO")):
+        p.add_argument("--" + key.replace("_", "-"), type=int, metavar="N",
+                       help=f"steps of {what} (default {QUICKSTART_STEPS[key]})")
+    p.add_argument("--pretrain-budget", type=float, metavar="SECONDS", help="seconds of pretraining instead of steps")
+    p.add_argument("--sft-budget", type=float, metavar="SECONDS", help="seconds of supervised fine-tuning instead of steps")
+    p.add_argument("--rlhf-budget", type=float, metavar="SECONDS", help="seconds of training for the reward model, DPO, "
+                   "PPO and GRPO together (a quarter each) instead of steps")
     p.add_argument("--n-eval", type=int, default=50, help="held-out prompts per task family")
     p.add_argument("--data", default="shakespeare,chinese-poetry,tasks", help="pretraining sources ('tasks': the "
                    "task suite's train split as text)")
-    p.add_argument("--rlhf-budget", type=float, help="seconds of training for the reward model, DPO, PPO and GRPO "
-                   f"together (a quarter each; default {budgets['rlhf_budget']:.0f}). On a host slower than the "
-                   "README's, the quickstart prints the three budgets that give it the README's step counts")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores); the step counts, "
+                   "and so the report card, do not depend on it")
     p.add_argument("--llama", action="store_true", help="a plain Llama model (exportable to transformers and GGUF) "
                    "instead of the recipe with smear, q/k norms and the copy warm-up, which learns to look values "
-                   "up in its prompt (README: what moved lookup)")
+                   "up in its prompt")
     p.set_defaults(func=cmd_quickstart)
     return ap
 

@@ -17,9 +17,10 @@ from ownllm.errors import OwnLLMError
 
 
 # RoPE frequency schemes a model can use, with the parameters each needs (as transformers names them)
-# `ownllm quickstart`'s default seconds per stage; here (not in ownllm.quickstart) so the CLI can show them
-# without importing the pipeline.
-QUICKSTART_BUDGETS = {"pretrain_budget": 120.0, "sft_budget": 420.0, "rlhf_budget": 240.0}
+# `ownllm quickstart`'s steps per stage: the same report card on a fast host and a slow one (here, not
+# in ownllm.quickstart, so the CLI can show them without importing the pipeline)
+QUICKSTART_STEPS = {"pretrain_steps": 360, "sft_steps": 1200, "reward_steps": 100, "dpo_steps": 100,
+                    "ppo_steps": 20, "grpo_steps": 20}
 ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 

@@ -17,42 +17,30 @@ import json
 import time
 from pathlib import Path
 
-from ownllm.config import QUICKSTART_BUDGETS as BUDGETS, TrainConfig
+from ownllm.config import QUICKSTART_STEPS, TrainConfig
 from ownllm.interop.hf import SMEAR_UNEXPORTABLE
 from ownllm.metrics import MetricsLog, plot_curves
 
 
 NOT_EXPORTED = f"the model {SMEAR_UNEXPORTABLE}; `ownllm quickstart --llama` trains a plain Llama and exports it"
-# Pretraining steps per second of the runs the README's quickstart rows measure (stops 23 and 25: 365 and 366 steps in
-# 120 s on 2 cores). The budgets are seconds, so a slower host trains every stage for fewer steps: stop 26's host
-# ran 196 (0.54x) and its SFT reached 0.780 where stop 25's reached 0.918 (README, "quickstart, stop 26").
-REFERENCE_STEPS_PER_S = 3.0
 
 
-def host_speed_hint(steps: int, seconds: float, reference: float = REFERENCE_STEPS_PER_S,
-                    slow: float = 0.75) -> tuple[float, str | None]:
-    """(this host's pretraining steps per second / the reference's, a hint or None). The hint is
-    given where the host ran under `slow` of the reference's speed and the run got under `slow`
-    of the reference's steps at the default budgets (so not when the budgets were already raised
-    to make up for it); it names the budgets that give this host the README rows' step counts
-    (each default / speed, rounded up to 10 s)."""
-    speed = steps / max(seconds, 1e-9) / reference
-    if speed >= slow or steps >= slow * reference * BUDGETS["pretrain_budget"]:
-        return speed, None
-    scaled = " ".join(f"--{k.replace('_', '-')} {10 * -(-v / speed // 10):.0f}" for k, v in BUDGETS.items())
-    return speed, (f"this host trained {steps} steps in {seconds:.0f}s, {speed:.2f}x the {reference:.1f} steps/s the "
-                   f"README's quickstart rows were measured at, so expect weaker numbers than theirs. Their step "
-                   f"counts on this host: ownllm quickstart {scaled}")
+def limit(steps: int, seconds: float | None) -> dict:
+    """A stage's length: its step count, or seconds where given (the LR schedule ends with either)."""
+    return {"max_steps": None, "time_budget": seconds} if seconds else {"max_steps": steps, "time_budget": None}
 
 
-def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = BUDGETS["pretrain_budget"],
-               sft_budget: float = BUDGETS["sft_budget"], n_eval: int = 50, data: str = "shakespeare,chinese-poetry,tasks",
-               rlhf_budget: float = BUDGETS["rlhf_budget"],
-               llama: bool = False, log=print) -> dict:
-    """`data`: the pretraining mix. With `tasks` (the suite's train split as text, ~25% of tokens)
-    SFT reached 0.342 held-out mean exact match vs 0.147 without, in the same 120 s + 420 s."""
+def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n_eval: int = 50,
+               data: str = "shakespeare,chinese-poetry,tasks", pretrain_budget: float | None = None,
+               sft_budget: float | None = None, rlhf_budget: float | None = None, llama: bool = False,
+               log=print) -> dict:
+    """`steps`: steps per stage (QUICKSTART_STEPS, any subset overridden), so the report card is
+    the same on a fast host and a slow one; a `*_budget` in seconds replaces a stage's steps
+    (`rlhf_budget`: the reward model, DPO, PPO and GRPO together, a quarter each). `data`: the
+    pretraining mix (`tasks`: the suite's train split as text)."""
     from ownllm.agent.sql import ReadOnlyDB, demo_shop_path
     from ownllm.evaluation.agent import evaluate_agent, print_agent_report
+    from ownllm.evaluation.extraction import evaluate_extraction, print_extraction_report
     from ownllm.evaluation.rag import evaluate_rag, print_rag_report
     from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
     from ownllm.rag.demo import demo_kb_path
@@ -65,10 +53,12 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = BUD
     from ownllm.train.pretrain import pretrain
     from ownllm.train.sft import sft, sft_config
 
+    steps = {**QUICKSTART_STEPS, **(steps or {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    log(f"== 1/7 tokenizer + pretraining: tiny preset on {data}, {pretrain_budget:.0f}s of training ==")
+    length = f"{pretrain_budget:.0f}s" if pretrain_budget else f"{steps['pretrain_steps']} steps"
+    log(f"== 1/7 tokenizer + pretraining: tiny preset on {data}, {length} of training ==")
     base = out / "base"
     # Muon here: on this mix (4,096-token vocabulary), 120 s gave val bpb 2.49 / 2.69 / 1.00 (262 steps) vs
     # AdamW's 2.65 / 2.83 / 1.03 (339 steps), same machine and hour; on tinyshakespeare with the 1,024-token
@@ -79,14 +69,12 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = BUD
     # poem_next 0.00 → 0.56, suite 0.66 → 0.80 (README, "What moved lookup"); a plain Llama had not
     # formed it in this budget, with or without smear and q/k norms alone.
     recipe = {} if llama else {"smear": True, "qk_norm": True}
-    pre = pretrain(base, TrainConfig(data=data, vocab_size=4096, time_budget=pretrain_budget, seed=1337,
-                                     optimizer="muon", copy_steps=0 if llama else 150),
+    pre = pretrain(base, TrainConfig(data=data, vocab_size=4096, seed=1337, optimizer="muon",
+                                     copy_steps=0 if llama else 150, **limit(steps["pretrain_steps"], pretrain_budget)),
                    preset="tiny", model_overrides=recipe, overwrite=True, log=log)
     for r in pre["sources"]:
         log(f"  {r['source']:<16} val_loss {r['val_loss']:.4f}  val_bpb {r['val_bpb']:.4f}")
-    speed, hint = host_speed_hint(pre["step"], pre["elapsed_s"])
-    if hint:
-        log(f"note: {hint}")
+    speed = pre["step"] / max(pre["elapsed_s"], 1e-9)
     samples = {p: p + generate_text(base, p, max_new_tokens=80, temperature=0.8, seed=1) for p in ("ROMEO:\n", "春风")}
     for s in samples.values():
         log("--- sample ---\n" + s)
@@ -96,13 +84,16 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = BUD
     for res in base_tasks.values():
         print_task_report(res, out=log)
 
-    log(f"== 3/7 supervised fine-tuning on the task suite, {sft_budget:.0f}s ==")
+    length = f"{sft_budget:.0f}s" if sft_budget else f"{steps['sft_steps']} steps"
+    log(f"== 3/7 supervised fine-tuning on the task suite, {length} ==")
     sft_run = out / "sft"
-    ft = sft(base, sft_run, sft_config(time_budget=sft_budget, max_steps=None), overwrite=True, log=log)
+    ft = sft(base, sft_run, sft_config(**limit(steps["sft_steps"], sft_budget)), overwrite=True, log=log)
 
     log("== 4/7 held-out task accuracy after SFT ==")
     sft_tasks = evaluate_tasks(sft_run, shots=0, n_per_family=n_eval)
     print_task_report(sft_tasks, out=log)
+    extract = evaluate_extraction(sft_run, n=n_eval // 2)
+    print_extraction_report(extract, out=log)
     chat = ChatSession(str(sft_run), temperature=0)
     chat_demo = []
     for q in ("What is 48 + 27?", "把 305 写成中文数字。", "Sort from smallest to largest: 7 2 9 4"):
@@ -131,8 +122,10 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = BUD
     print_agent_report(agent, out=log)
     kb.close(), db.close()
 
-    log(f"== 7/7 alignment: preferences, reward model, DPO, PPO, GRPO ({rlhf_budget:.0f}s of training) ==")
-    rlhf = align(out, sft_run, rlhf_budget, n_eval, sft_tasks["mean_exact_match"], log=log)
+    length = f"{rlhf_budget:.0f}s" if rlhf_budget else ", ".join(
+        f"{steps[k + '_steps']} {k}" for k in ("reward", "dpo", "ppo", "grpo")) + " steps"
+    log(f"== 7/7 alignment: preferences, reward model, DPO, PPO, GRPO ({length}) ==")
+    rlhf = align(out, sft_run, steps, rlhf_budget, n_eval, sft_tasks["mean_exact_match"], log=log)
 
     plots = out / "plots"
     plot_curves(MetricsLog.read(base / "metrics.jsonl"), plots / "pretrain_loss.png", title="pretraining loss (nats/token)")
@@ -148,10 +141,11 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = BUD
                        **sft_tasks["per_family"]},
                "rag": {k: rag[k] for k in ("retrieval", "rag", "rag_verified", "closed_book")},
                "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
-               "rlhf": rlhf, "wall_s": wall, "host_speed": speed}
+               "extract": {k: v for k, v in extract.items() if k != "samples"},
+               "rlhf": rlhf, "wall_s": wall, "pretrain_steps_per_s": speed}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent,
-                                           exported, hint) + _rlhf_report(rlhf), encoding="utf-8")
+                                           exported, extract) + _rlhf_report(rlhf), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
     log(f"RESULT val_bpb={mean_bpb:.4f} base_zero_shot={base_tasks[0]['mean_exact_match']:.4f} "
@@ -163,30 +157,36 @@ def quickstart(out: str | Path = "runs/quickstart", pretrain_budget: float = BUD
         f"pair_accuracy={rlhf['reward']['pair_accuracy']:.4f} dpo_win_rate={rlhf['dpo']['win_rate']:.4f} "
         f"dpo_decided_win_rate={rlhf['dpo']['decisive_win_rate']:.4f} ppo_win_rate={rlhf['ppo']['win_rate']:.4f} "
         f"ppo_decided_win_rate={rlhf['ppo']['decisive_win_rate']:.4f} grpo_arithmetic={rlhf['grpo']['arithmetic']:.4f} "
-        f"sft_arithmetic={rlhf['grpo']['sft_arithmetic']:.4f} wall_s={wall:.0f}")
+        f"sft_arithmetic={rlhf['grpo']['sft_arithmetic']:.4f} extract_field_exact_match={extract['field_exact_match']:.4f} "
+        f"extract_schema_valid={extract['schema_valid']:.4f} "
+        f"extract_unconstrained_schema_valid={extract['unconstrained_schema_valid']:.4f} wall_s={wall:.0f}")
     return summary
 
 
-def align(out: Path, sft_run: Path, budget: float, n_eval: int, sft_accuracy: float, n_prompts: int = 1500,
-          n_judge: int = 200, log=print) -> dict:
+def align(out: Path, sft_run: Path, steps: dict, budget: float | None, n_eval: int, sft_accuracy: float,
+          n_prompts: int = 1500, n_judge: int = 200, log=print) -> dict:
     """Stage 7: pairs from the SFT model's samples ranked by the hidden rule → reward model → DPO,
-    PPO (against the reward model) and GRPO (against the arithmetic verifier), a quarter of the
-    budget each; then each policy against SFT on held-out prompts."""
+    PPO (against the reward model) and GRPO (against the arithmetic verifier), each for its steps
+    (or a quarter of `budget` seconds); then each policy against SFT on held-out prompts."""
     from ownllm.data.preferences import generate_preferences, write_preferences
     from ownllm.evaluation.prefs import evaluate_prefs, evaluate_reward, print_prefs_report, print_reward_report
     from ownllm.evaluation.tasks import evaluate_tasks
     from ownllm.train.preference import DPO_DEFAULTS, REWARD_DEFAULTS, stage_train_config, train_dpo, train_reward
     from ownllm.train.rl import GRPO_DEFAULTS, PPO_DEFAULTS, train_grpo, train_ppo
 
-    quarter = dict(time_budget=budget / 4, max_steps=None)
+    def quarter(stage):
+        return limit(steps[f"{stage}_steps"], budget / 4 if budget else None)
     prefs = out / "prefs.jsonl"
     write_preferences(generate_preferences(n_prompts, "train", run=sft_run, seed=0), prefs)
-    train_reward(sft_run, out / "rm", stage_train_config(REWARD_DEFAULTS, data=str(prefs), **quarter), overwrite=True, log=log)
+    train_reward(sft_run, out / "rm", stage_train_config(REWARD_DEFAULTS, data=str(prefs), **quarter("reward")),
+                 overwrite=True, log=log)
     reward = evaluate_reward(out / "rm", n=n_judge)
     print_reward_report(reward, out=log)
-    train_dpo(sft_run, out / "dpo", stage_train_config(DPO_DEFAULTS, data=str(prefs), **quarter), overwrite=True, log=log)
-    train_ppo(sft_run, out / "ppo", str(out / "rm"), stage_train_config(PPO_DEFAULTS, **quarter), overwrite=True, log=log)
-    train_grpo(sft_run, out / "grpo", "verifier:arithmetic", stage_train_config(GRPO_DEFAULTS, **quarter),
+    train_dpo(sft_run, out / "dpo", stage_train_config(DPO_DEFAULTS, data=str(prefs), **quarter("dpo")),
+              overwrite=True, log=log)
+    train_ppo(sft_run, out / "ppo", str(out / "rm"), stage_train_config(PPO_DEFAULTS, **quarter("ppo")),
+              overwrite=True, log=log)
+    train_grpo(sft_run, out / "grpo", "verifier:arithmetic", stage_train_config(GRPO_DEFAULTS, **quarter("grpo")),
                overwrite=True, log=log)
     res: dict = {"reward": {k: reward[k] for k in ("pair_accuracy", "n_pairs", "by_rule", "by_kind")}}
     for name in ("dpo", "ppo"):
@@ -238,12 +238,11 @@ def _plot_tasks(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent, exported, hint=None) -> str:
+def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent, exported, extract) -> str:
     fams = list(sft_tasks["per_family"])
     L = ["# ownllm quickstart report card", "",
          f"The whole pipeline in {wall / 60:.1f} minutes of wall time on this machine. Each stage's run directory "
          "holds its config, weights, metrics.jsonl and plots.", "",
-         *([f"Note: {hint}", ""] if hint else []),
          "## 1. Pretraining (`base/`)", "",
          f"{pre['step']} steps in {pre['elapsed_s']:.0f}s of training ({pre['dtype']}).", "",
          "| held-out source | tokens | val loss (nats/token) | bits per byte |", "|---|---:|---:|---:|"]
@@ -263,7 +262,12 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
     L += ["", "![task accuracy](plots/task_accuracy.png) ![SFT loss](plots/sft_loss.png)", "", "Chat (greedy):", "", "```"]
     for q, a in chat_demo:
         L += [f"you> {q}", f"bot> {a}"]
-    L += ["```", ""]
+    L += ["```", "", f"Extraction from {extract['n']} held-out staff notes (`ownllm eval extract --run sft`): "
+          "field exact match / schema-valid records / replies holding JSON", "",
+          "| decoding | field exact match | schema valid | JSON parsed |", "|---|---:|---:|---:|"]
+    L += [f"| {label} | {extract[k + 'field_exact_match']:.3f} | {extract[k + 'schema_valid']:.3f} | "
+          f"{extract[k + 'json_parsed']:.3f} |" for k, label in (("", "constrained to the schema"), ("unconstrained_", "free"))]
+    L.append("")
     if exported:
         L += [f"Exported for `transformers` (`ownllm export --run sft --out hf`): `hf/`, {exported['hf']['architecture']}, "
               f"{exported['hf']['bytes'] / 1e6:.1f} MB (tests check that `AutoModelForCausalLM.from_pretrained` and the "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 ROLES = {"en": ["engineer", "teacher", "baker", "pilot", "nurse", "librarian", "chemist", "carpenter"],
          "zh": ["工程师", "教师", "面包师", "飞行员", "护士", "图书管理员", "化学家", "木匠"]}
@@ -76,24 +77,32 @@ def note_split(name: str) -> str:
     return "test" if int(hashlib.sha256(name.encode()).hexdigest(), 16) % 5 == 0 else "train"
 
 
-def notes(n: int, split: str = "test", seed: int = 0, langs: tuple[str, ...] = ("en", "zh")) -> list[Note]:
-    """`n` notes per language of the split, deterministic for a seed."""
+@lru_cache(maxsize=1)
+def _demo_towns() -> frozenset[str]:
     from ownllm.rag.demo import make_world
 
-    taken = {t.name for t in make_world("demo").towns}
+    return frozenset(t.name for t in make_world("demo").towns)
+
+
+def one_note(r: random.Random, lang: str, name: str | None = None) -> Note:
+    """A note about `name` (default: a new person), in one of the wordings, with its gold record."""
+    gold = {"name": name or _person(r, lang), "role": r.choice(ROLES[lang]), "year": r.randint(1960, 2025),
+            "city": _city(r, lang, _demo_towns())}
+    template = r.choice(EN_TEMPLATES if lang == "en" else ZH_TEMPLATES)
+    filler = r.choice(EN_FILLERS if lang == "en" else ZH_FILLERS)
+    a_role = ("an " if gold["role"][0] in "aeiou" else "a ") + gold["role"]
+    return Note(template.format(filler=filler, a_role=a_role, **gold), gold, lang)
+
+
+def notes(n: int, split: str = "test", seed: int = 0, langs: tuple[str, ...] = ("en", "zh")) -> list[Note]:
+    """`n` notes per language of the split, deterministic for a seed."""
     r = random.Random(f"ownllm-extraction-{seed}")
     out: list[Note] = []
     for lang in langs:
         got = 0
         while got < n:
             name = _person(r, lang)
-            if note_split(name) != split:
-                continue
-            gold = {"name": name, "role": r.choice(ROLES[lang]), "year": r.randint(1960, 2025),
-                    "city": _city(r, lang, taken)}
-            template = r.choice(EN_TEMPLATES if lang == "en" else ZH_TEMPLATES)
-            filler = r.choice(EN_FILLERS if lang == "en" else ZH_FILLERS)
-            a_role = ("an " if gold["role"][0] in "aeiou" else "a ") + gold["role"]
-            out.append(Note(template.format(filler=filler, a_role=a_role, **gold), gold, lang))
-            got += 1
+            if note_split(name) == split:
+                out.append(one_note(r, lang, name))
+                got += 1
     return out

@@ -10,7 +10,8 @@ its text falls in the test bucket, so no generator seed can leak one into the ot
 Families: arithmetic (2-digit + and −), reverse (letters), count (a letter), sort (digits),
 json (key=value → JSON), zh_numeral (1–999 → 中文数字), poem_next (next line of a given poem
 from the bundled corpus), passage_qa (answer from a short passage), rag_qa (answer from
-numbered sources and cite one, or say the sources do not say: the grounding RAG relies on).
+numbered sources and cite one, or say the sources do not say: the grounding RAG relies on),
+extract (a staff note's fields as JSON: `ownllm extract`'s prompt).
 """
 from __future__ import annotations
 
@@ -191,6 +192,19 @@ def _tool_use(r: random.Random, lang: str) -> tuple[str, str, tuple]:
     return tool_trace(r, lang)
 
 
+def _extract(r: random.Random, lang: str) -> tuple[str, str]:
+    """Fields of a staff note as JSON, spelled as constrained decoding writes it; the person's
+    split (data/extraction.py) agrees with the prompt's, so `eval extract`'s notes stay unseen."""
+    from ownllm.data.extraction import SCHEMA, note_split, one_note
+    from ownllm.rag.extract import INSTRUCTION, field_list
+
+    while True:
+        note = one_note(r, lang)
+        prompt = INSTRUCTION.format(fields=field_list(SCHEMA), text=note.text)
+        if note_split(note.gold["name"]) == ("test" if prompt_bucket(prompt) == 0 else "train"):
+            return prompt, json.dumps(note.gold, ensure_ascii=False)
+
+
 def _closed_book(r: random.Random, lang: str) -> tuple[str, str]:
     """A question about a fictional town with no sources given: nothing the model read holds the
     answer, so the honest reply is "I don't know". Not in the SFT mix: it is the honesty that
@@ -206,6 +220,7 @@ def _closed_book(r: random.Random, lang: str) -> tuple[str, str]:
 FAMILIES = {
     "arithmetic": _arithmetic, "reverse": _reverse, "count": _count, "sort": _sort, "json": _json,
     "zh_numeral": _zh_numeral, "poem_next": _poem_next, "passage_qa": _passage_qa, "rag_qa": _rag_qa,
+    "extract": _extract,
 }
 # multi-turn traces, trained on by SFT and scored through the agent loop by `ownllm eval agent`
 TRACE_FAMILIES = {"tool_use": _tool_use}

@@ -45,7 +45,8 @@ from ownllm.train.trainer import Trainer
 # tokens each: the tool list is a long system turn). tool_use 1, arithmetic 8, count 4, rag_qa and
 # poem_next 2: suite 0.878 (arithmetic 0.86, poem_next 0.78) but sql 0.31; tool_use 2 with sql
 # traces twice as often as each other kind (agent/traces.py): suite 0.913, agent sql 0.92.
-TASK_WEIGHTS = "arithmetic=8,reverse=3,count=4,sort=3,json=3,zh_numeral=3,passage_qa=2,tool_use=2,rag_qa=2,poem_next=2"
+TASK_WEIGHTS = ("arithmetic=8,reverse=3,count=4,sort=3,json=3,zh_numeral=3,passage_qa=2,tool_use=2,rag_qa=2,poem_next=2,"
+                "extract=2")
 SFT_DEFAULTS = dict(lr=2e-3, warmup_steps=20, batch_size=8, seq_len=512, eval_interval=100, eval_batches=8,
                     time_budget=None, max_steps=1200, weight_decay=0.0, stage="sft", data="tasks",
                     pack=True, compile=True, task_weights=TASK_WEIGHTS, optimizer="muon")
