@@ -147,6 +147,25 @@ def test_muon_option_trains_and_resumes(tmp_path, text_file):
     assert [s for s, _ in _losses(run)] == list(range(1, 7))
 
 
+def test_muon_orthogonalises_in_float32_where_bfloat16_is_slow(monkeypatch):
+    """torch's Muon runs Newton–Schulz in bfloat16 only; ours takes float32 on a device whose bf16
+    matmuls are slower (emulated on AVX2-only CPUs) and gives the same update to bf16 precision."""
+    from ownllm.train import trainer
+
+    assert torch.optim._muon._zeropower_via_newtonschulz is trainer.newton_schulz
+    g = torch.randn(96, 40, generator=torch.Generator().manual_seed(0))
+    coeffs = (3.4445, -4.7750, 2.0315)
+    ref = trainer._torch_newton_schulz(g, coeffs, 5, 1e-7).float()
+    monkeypatch.setattr(trainer, "bf16_matmul_fast", lambda device_type: False)
+    ours = trainer.newton_schulz(g, coeffs, 5, 1e-7)
+    assert ours.dtype == torch.float32 and ours.shape == g.shape
+    assert (ours - ref).norm() / ref.norm() < 0.03
+    s = torch.linalg.svdvals(ours)   # Muon's quintic pushes singular values into roughly [0.7, 1.2]
+    assert s.min() > 0.5 and s.max() < 1.3
+    monkeypatch.setattr(trainer, "bf16_matmul_fast", lambda device_type: True)
+    assert trainer.newton_schulz(g, coeffs, 5, 1e-7).dtype == torch.bfloat16   # torch's own, where bf16 is fast
+
+
 def test_muon_takes_hidden_matrices_only():
     """Muon gets the blocks' weight matrices; embeddings, the head, a score head, norms and LoRA
     factors stay with AdamW, and a LoRA model (no trainable hidden matrix) is AdamW throughout."""
