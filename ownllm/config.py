@@ -135,9 +135,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    """How a stage trains. Defaults are the tuned pretraining recipe for 2 CPU cores (with the
-    `tiny` model): bench/pretrain_quality.py measures it, and README "Measured" says what it got
-    (tried and no better: lr 2e-3/3e-3/4e-3/6e-3, seq_len 128, vocab 2048, batch 8, WSD, Muon)."""
+    """How a stage trains. Defaults are the pretraining recipe tuned for 2 CPU cores and the `tiny`
+    model (bench/pretrain_quality.py measures it)."""
 
     data: str = "shakespeare"
     tokenizer: str | None = None     # run/tokenizer dir to reuse; None: train one on the train split

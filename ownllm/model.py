@@ -325,8 +325,7 @@ class GPT(nn.Module):
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights, except the residual branches' output projections, which
-        start at zero so every block begins as the identity (measured: 2.76 vs 2.84 val bpb after
-        100 steps of the tiny recipe; as in modded-nanogpt)."""
+        start at zero so every block begins as the identity (as in modded-nanogpt: it trains faster)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
             if name.endswith(("lora_A", "lora_B")):
@@ -380,8 +379,7 @@ class GPT(nn.Module):
     def _smear(self, x: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None) -> torch.Tensor:
         """x + gate ⊙ (the previous token's embedding): each position sees what preceded it without
         an attention head that learns to look one back, the half of an induction head ("find where
-        this token occurred before, emit what followed") that formed slowest here (README: what
-        moved lookup). The gate starts at zero; nothing crosses an example boundary or left padding
+        this token occurred before, emit what followed") that a small model forms slowest. The gate starts at zero; nothing crosses an example boundary or left padding
         (positions 0), and the KV cache keeps the last embedding for the next call."""
         prev = cache.prev if cache is not None and cache.length > 0 and cache.prev is not None else x.new_zeros(
             x.shape[0], 1, x.shape[2])
@@ -435,10 +433,8 @@ class GPT(nn.Module):
         the gate a learned σ(linear(h_t)) of the token's own hidden state. Why: whether an answer
         is right is what the model already knows when it predicts the answer's tokens — a wrong
         digit is one it finds unlikely — but a head on the last hidden state has to learn that
-        comparison anew, and on the bundled pairs it had not after an epoch (held-out 0.68–0.76);
-        the gate lets it ignore tokens whose likelihood says nothing of truth (filler, a refusal's
-        wording). Measured on the quickstart's pairs, 240 s each: head alone 0.72–0.76, with this
-        term 0.87 (README: reward model)."""
+        comparison anew; the gate lets it ignore tokens whose likelihood says nothing of truth
+        (filler, a refusal's wording)."""
         h = self.hidden_states(idx)
         r = self.score(h[torch.arange(len(idx), device=idx.device), last]).squeeze(-1).float()
         if not self.config.score_likelihood:

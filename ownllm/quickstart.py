@@ -1,6 +1,6 @@
 """`ownllm quickstart`: every stage that exists, on bundled data, on a laptop CPU, then a report card.
 
-Where it sits: the main job. Pipeline now: tokenizer + pretraining (tiny preset with the lookup
+Where it sits: the main job. Pipeline: tokenizer + pretraining (tiny preset with the lookup
 recipe — smear, q/k norms, a copy warm-up — unless `llama`; Shakespeare + Chinese poetry + the
 task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
@@ -60,14 +60,10 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     length = f"{pretrain_budget:.0f}s" if pretrain_budget else f"{steps['pretrain_steps']} steps"
     log(f"== 1/7 tokenizer + pretraining: tiny preset on {data}, {length} of training ==")
     base = out / "base"
-    # Muon here: on this mix (4,096-token vocabulary), 120 s gave val bpb 2.49 / 2.69 / 1.00 (262 steps) vs
-    # AdamW's 2.65 / 2.83 / 1.03 (339 steps), same machine and hour; on tinyshakespeare with the 1,024-token
-    # default AdamW stays ahead (bench/pretrain_quality.py: 2.150 vs 2.255), so it stays the default.
-    # The lookup recipe (unless `llama`): the previous token's embedding mixed into each token's
-    # (smear), q/k norms, and 150 steps of repeated random sequences first (copy_steps). It forms
-    # the induction head that finding a value in the prompt needs: passage_qa 0.34 → 1.00,
-    # poem_next 0.00 → 0.56, suite 0.66 → 0.80 (README, "What moved lookup"); a plain Llama had not
-    # formed it in this budget, with or without smear and q/k norms alone.
+    # Muon learns this mix faster per step than AdamW. The lookup recipe (unless `llama`): the
+    # previous token's embedding mixed into each token's (smear), q/k norms, and 150 steps of
+    # repeated random sequences first (copy_steps) form the induction head that finding a value in
+    # the prompt needs; a plain Llama does not form it in this many steps.
     recipe = {} if llama else {"smear": True, "qk_norm": True}
     pre = pretrain(base, TrainConfig(data=data, vocab_size=4096, seed=1337, optimizer="muon",
                                      copy_steps=0 if llama else 150, **limit(steps["pretrain_steps"], pretrain_budget)),

@@ -83,9 +83,8 @@ def task_text(n: int = 40_000, seed: int = 0, styles: bool = True) -> str:
     base model had read). With `styles` each run words its answers one way of ANSWER_STYLES
     ("6", "The answer is 6", "Answer: 6"), as text found in the wild does: a base model then learns
     each task but not which wording a prompt wants, and the examples of a K-shot prompt say it —
-    what few-shot prompting is for (a 600 s base: 0-shot 0.159, 4-shot 0.499; README, stop 25).
-    Without styles (the text of stops 20–24) every answer is worded as exact match scores it, so a
-    zero-shot prompt already said all the examples would (0.548 vs 0.552; stop 23)."""
+    what few-shot prompting is for. Without styles every answer is worded as exact match scores
+    it, so a zero-shot prompt already says all the examples would."""
     return "".join(f"Q: {e.prompt}\nA: {style.format(a=e.answer)}\n\n" for style, run in task_runs(n, seed, styles)
                    for e in run)
 

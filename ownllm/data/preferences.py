@@ -202,8 +202,8 @@ def honest_refusals(run, examples: list[Example]) -> list[str]:
     "I don't know." and "The sources do not say.", the one the chat model in `run` finds more
     likely. The SFT model learnt only the second (for sources that do not answer) and prefers it
     nearly everywhere, to a sum or a poem line too; the rule takes either as a refusal. Choosing by
-    the prompt instead ("I don't know." without sources) measured worse on the same SFT run: DPO
-    had to learn a phrase it gave e^-40, KL 10.7 vs 6.8, decided win rate 0.70 vs 0.75."""
+    the prompt instead ("I don't know." without sources) makes DPO learn a phrase the model finds
+    all but impossible, at a higher KL."""
     from ownllm.evaluation.prefs import answer_logps
     from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL, REFUSAL
 

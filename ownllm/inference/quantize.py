@@ -8,9 +8,8 @@ in full precision.
 
 Speed: decoding reads every weight once per token, so at a few rows (≤ PACK_ROWS) the layer uses
 PyTorch's int8 weight-only kernel `aten._weight_int8pack_mm` with bfloat16 activations, which
-reads the int8 weights directly: measured here (2 cores with AVX-512 BF16/AMX) 0.16 ms vs 0.37 ms
-fp32 for an 896→4864 layer at one row, 0.64 vs 1.06 at eight. With fp32 activations the same
-kernel is ~8x slower than fp32, and for many rows (prefill) it loses to dequantising, so other
+reads the int8 weights directly: on a CPU with AVX-512 BF16 / AMX about twice as fast as fp32
+for a 0.5B model's layer at one row. With fp32 activations the same kernel is ~8x slower than fp32, and for many rows (prefill) it loses to dequantising, so other
 calls dequantise on the fly in the input's dtype. The kernel is used only on a CPU with native
 bfloat16 (AVX-512 BF16 or AMX) and for layer shapes checked at quantisation time: in-features a
 multiple of 16 (other sizes crash it or give wrong sums) and results within 2% of the

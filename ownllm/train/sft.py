@@ -24,27 +24,9 @@ from ownllm.tokenizer import Tokenizer
 from ownllm.train.distributed import context
 from ownllm.train.trainer import Trainer
 
-# Measured on the quickstart base (README "Measured"): packed rows + torch.compile (fixed shapes)
-# and small batches (more steps per second) learned the suite fastest; lr 4e-3 was worse than 2e-3;
-# 320-token rows ran 3x the steps of 512 in the quickstart but did no better (0.116 vs 0.147 mean exact
-# match, within run-to-run noise), and 512 keeps every tool trace whole.
-# The suite's mix: its short families (answers of a few tokens after a short prompt) take three
-# turns per round, passage_qa two, the long ones (poems, sources, tool traces) one. At 650 steps
-# on the same base this took held-out mean exact match from 0.247 to 0.442 (json 0.02 → 0.96,
-# zh_numeral 0.66 → 0.98: the model learned to copy names once it saw enough short examples).
-# Muon on the blocks' matrices (AdamW on embeddings, norms, LoRA factors): 600 steps from one 120 s
-# quickstart base, 40 held-out prompts per family, took mean exact match from 0.419 (AdamW) to 0.622
-# (count 0.42 → 1.00, json 0.55 → 1.00, reverse 0.38 → 0.95); a Muon step costs ~20% more here
-# (Newton–Schulz on every matrix), still far ahead per second. Twice Muon's lr: 0.600.
-# Tool traces take three turns too (stop 16): the agent copies a 7–8-digit calculator result into its
-# answer only with practice. Quickstart: agent arithmetic with tools 0.75 → 0.96 (100 held-out
-# questions), suite mean 0.618 → 0.573 (count 1.00 → 0.56, a threshold skill), RAG hallucination
-# 0.45 → 0.26.
-# Stop 20 (sources with every sentence numbered, rag/grounded.py; one 120 s base, 420 s, 50 held-out
-# per family): with the lookup head formed, traces at weight 3 had become half of all tokens (243
-# tokens each: the tool list is a long system turn). tool_use 1, arithmetic 8, count 4, rag_qa and
-# poem_next 2: suite 0.878 (arithmetic 0.86, poem_next 0.78) but sql 0.31; tool_use 2 with sql
-# traces twice as often as each other kind (agent/traces.py): suite 0.913, agent sql 0.92.
+# The suite's mix, in turns per round: short-answer families learn from many examples, long ones
+# (poems, sources, tool traces) from fewer; arithmetic needs the most practice. Packed rows, compiled
+# blocks, small batches and Muon on the blocks' matrices learned the suite fastest per second.
 TASK_WEIGHTS = ("arithmetic=8,reverse=3,count=4,sort=3,json=3,zh_numeral=3,passage_qa=2,tool_use=2,rag_qa=2,poem_next=2,"
                 "extract=2")
 SFT_DEFAULTS = dict(lr=2e-3, warmup_steps=20, batch_size=8, seq_len=512, eval_interval=100, eval_batches=8,

@@ -60,8 +60,8 @@ def measure_dtype(model, loss_fn, batch, reps: int = 3, device: torch.device | s
     device = torch.device(device)
     if device.type == "cuda":
         return ("bfloat16" if torch.cuda.is_bf16_supported() else "float32"), {}
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return "float32", {}
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available() or not bf16_matmul_fast("cpu"):
+        return "float32", {}   # (a CPU that emulates bf16 would spend minutes on one bf16 step)
     timings = {"float32": math.inf, "bfloat16": math.inf}
     for i in range(reps + 1):
         for dtype in timings:
