@@ -77,7 +77,7 @@ class Engine:
     fixed-shape graph (C++ wrapper, no Python per op), at any batch size and with left-padded
     rows: compiled once per (batch, context length) on first use (seconds). The graph only reads
     the KV cache and returns the new keys/values, which are stored here (writing the cache inside
-    the graph made inductor copy all of it every step: 965 tok/s at batch 8, slower than eager).
+    the graph makes inductor copy all of it every step, slower than eager).
     bench/generate_speed.py measures it against eager and HF `generate`."""
 
     def __init__(self, model: GPT, pad_id: int = 0, compile: bool = False, tokenizer=None):
