@@ -9,7 +9,7 @@ skills, so the best it can do is (a) answer as SFT does at its best (its greedy 
 samples: greedy everywhere, then abstaining on one more family at a time (cheapest in task accuracy
 first), with the task accuracy each costs (mean over the suite's families, exact match of the
 greedy answers on these prompts). Ends with `RESULT ceiling_within_2_points=…` — the best win rate
-of a simulated policy that keeps task accuracy within 0.02 of SFT (issue 4's condition), ties
+of a simulated policy that keeps task accuracy within 0.02 of SFT, ties
 counting half and (`decided_within_2_points`) over the comparisons that are not ties.
 
     python bench/prefs_ceiling.py --run runs/sft --reward runs/rm [--best-of 8]

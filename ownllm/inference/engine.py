@@ -1,6 +1,6 @@
 """Engine: prefill + incremental decode with a static KV cache, batched sampling, streaming.
 
-Where it sits: `ownllm generate`, the sample printed after pretraining, evaluation and (later)
+Where it sits: `ownllm generate`, the sample printed after pretraining, evaluation and
 chat, RLHF rollouts and the server all generate through this. A batch of prompts of different
 lengths is left-padded; each row gets its own RoPE positions and a key mask, so a padded row
 produces exactly the tokens it would produce alone (tests/test_model.py).

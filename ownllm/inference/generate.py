@@ -1,6 +1,6 @@
 """Text in, text out: load a run for inference and generate with stop strings and streaming.
 
-Where it sits: `ownllm generate`, the sample after pretraining, and (later) chat/serve call
+Where it sits: `ownllm generate`, the sample after pretraining, and chat/serve call
 `generate_text`; batch callers use `Engine` directly with token ids.
 """
 from __future__ import annotations
