@@ -68,8 +68,16 @@ def host() -> dict:
             "bf16_gflops": round(matmul_peak(torch.bfloat16, n=512, reps=2) / 1e9, 1)}
 
 
+def revision() -> str:
+    """The short git revision, with + when tracked files differ from it."""
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    return rev + ("+" if dirty else "")
+
+
 def run_and_store(argv: list[str]) -> int:
-    machine = host()
+    machine, rev = host(), revision()   # the code as the command starts
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT)
     last = None
     for line in proc.stdout:
@@ -80,11 +88,8 @@ def run_and_store(argv: list[str]) -> int:
         print(f"record: not stored ({'exit ' + str(proc.returncode) if proc.returncode else 'no RESULT line'})",
               file=sys.stderr)
         return proc.returncode or 1
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
-    rec = {"command": shlex.join(argv), "date": datetime.date.today().isoformat(),
-           "rev": rev + ("+" if dirty else ""), "host": machine, "result": parse_result(last)}
+    rec = {"command": shlex.join(argv), "date": datetime.date.today().isoformat(), "rev": rev, "host": machine,
+           "result": parse_result(last)}
     STORE.mkdir(parents=True, exist_ok=True)
     with open(STORE / f"{store_name(argv)}.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
