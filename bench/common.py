@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -11,9 +10,9 @@ import torch
 
 
 def setup_threads() -> int:
-    n = os.cpu_count() or 1
-    torch.set_num_threads(n)
-    return n
+    from ownllm.train.distributed import set_threads
+
+    return set_threads()
 
 
 def matmul_peak(dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:

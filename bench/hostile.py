@@ -293,7 +293,7 @@ def disconnect_free_seconds(url: str, body: dict | None = None) -> float:
 
 def serve_corpus(state, corpus) -> dict:
     """Every request against a real uvicorn server over `state`; the statuses and /health's record."""
-    from tests.test_serve import start_server
+    from tests.conftest import start_server
 
     with start_server(state) as url:
         watch = HealthWatch(url)
@@ -310,7 +310,7 @@ def serve_corpus(state, corpus) -> dict:
 def main() -> None:
     import tempfile
 
-    from tests.test_serve import _state
+    from tests.conftest import server_state as _state
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", help="a run to serve (default: a tiny model, 20 pretraining steps on 60 kB of Shakespeare)")
@@ -352,7 +352,7 @@ def tiny_run(tmp: Path) -> Path:
     """A small model to serve: what it says does not matter here, only what the server does."""
     from ownllm.cli import main
     from ownllm.data.corpora import bundled_text
-    from tests.test_cli import TINY
+    from tests.conftest import TINY
 
     text = tmp / "plays.txt"
     text.write_text(bundled_text("shakespeare")[:60_000], encoding="utf-8")
@@ -362,9 +362,9 @@ def tiny_run(tmp: Path) -> Path:
 
 
 def torch_threads() -> None:
-    from ownllm.cli import torch_threads as set_threads
+    from ownllm.train.distributed import set_threads
 
-    set_threads(None)
+    set_threads()
 
 
 if __name__ == "__main__":

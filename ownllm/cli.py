@@ -122,8 +122,7 @@ def cmd_pretrain(args) -> None:
     from ownllm.train.pretrain import pretrain
 
     tcfg, model_over = _train_config(args)
-    resume_cfg = tcfg if args.resume else None
-    result = pretrain(args.out, resume_cfg if args.resume else tcfg, preset=args.preset, model_overrides=model_over,
+    result = pretrain(args.out, tcfg, preset=args.preset, model_overrides=model_over,
                       resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if "sources" not in result:  # a rank other than 0 under torchrun: rank 0 evaluates and reports
         return
@@ -306,10 +305,11 @@ def build_server_state(args):
     from ownllm.inference.batcher import ContinuousBatcher
     from ownllm.inference.generate import load_run
     from ownllm.serve.app import ServerState
+    from ownllm.train.distributed import set_threads
 
     run = Path(args.run)
     model, tok = load_run(run, getattr(args, "quantize", None))
-    torch_threads(getattr(args, "threads", None))
+    set_threads(getattr(args, "threads", None))
     reg = kb = None
     if getattr(args, "tools", None):
         from ownllm.agent.loop import require_tool_calls
@@ -326,14 +326,6 @@ def build_server_state(args):
                        kb=kb, registry=reg, template_kwargs=template_args(getattr(args, "template_arg", [])),
                        allow_hosts=frozenset(h.lower() for h in [host, *(getattr(args, "allow_host", None) or [])]),
                        allow_origins=frozenset(getattr(args, "allow_origin", None) or []))
-
-
-def torch_threads(n: int | None) -> None:
-    import os
-
-    import torch
-
-    torch.set_num_threads(n or min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 def cmd_serve(args) -> None:
@@ -627,12 +619,11 @@ def cmd_chat(args) -> None:
 def cmd_quickstart(args) -> None:
     from ownllm.quickstart import quickstart
 
-    import torch
-
     from ownllm.config import QUICKSTART_STEPS
+    from ownllm.train.distributed import set_threads
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     budgets = {k: v for k in ("pretrain_budget", "sft_budget", "rlhf_budget") if (v := getattr(args, k)) is not None}
     steps = {k: v for k in QUICKSTART_STEPS if (v := getattr(args, k)) is not None}
     quickstart(args.out, n_eval=args.n_eval, data=args.data, llama=args.llama, **({"steps": steps} if steps else {}),

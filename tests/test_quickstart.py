@@ -15,7 +15,7 @@ def test_quickstart_cli_passes_only_what_was_set(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(ownllm.quickstart, "quickstart", lambda out, **kw: seen.update(kw, out=out))
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.update(threads=n))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.update(threads=n))   # not this process's
     args = build_parser().parse_args(["quickstart", "--sft-budget", "780", "--out", "q"])
     args.func(args)
     assert seen["out"] == "q" and seen["sft_budget"] == 780.0

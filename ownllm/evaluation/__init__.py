@@ -1,1 +1,1 @@
-"""Evaluation: held-out loss and bits per byte (more suites join with later stages)."""
+"""Evaluation: held-out bits per byte, the task suite, RAG, the agent, extraction and preferences."""

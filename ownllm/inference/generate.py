@@ -20,7 +20,7 @@ from ownllm.tokenizer import Tokenizer
 def _load(run: str, mtime: float, quantize: str | None):
     model = load_model(run)
     if model.config.lora_rank:  # adapters folded in: plain layers decode faster (fused projections) and quantize
-        from ownllm.lora import fold_adapters
+        from ownllm.model import fold_adapters
 
         model = fold_adapters(model)
     if quantize == "int8":

@@ -36,6 +36,13 @@ class Context:
         return self.world_size > 1
 
 
+def set_threads(n: int | None = None) -> int:
+    """PyTorch's CPU threads: `n`, or every core this process may run on (taskset included)."""
+    n = n or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+    torch.set_num_threads(n)
+    return n
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto': this process's GPU when CUDA is there, else the CPU; or a torch device string."""
     if name == "auto":

@@ -31,17 +31,12 @@ from tqdm import tqdm
 from ownllm.checkpoint import load_state, load_weights, save_checkpoint, saved_step
 from ownllm.config import TrainConfig
 from ownllm.errors import OwnLLMError
+from ownllm.lora import is_lora_param
 from ownllm.metrics import MetricsLog, plot_curves
 from ownllm.train import distributed as D
 from ownllm.train.schedule import lr_at
 
 Batch = Any
-
-
-def set_threads(n: int | None) -> int:
-    n = n or os.cpu_count() or 1
-    torch.set_num_threads(n)
-    return n
 
 
 def autocast(dtype: str, device: torch.device | str = "cpu"):
@@ -125,7 +120,7 @@ def split_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
     matrices: the blocks' weights; vectors: norms and biases)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     is_edge = lambda name: (name.split(".")[0] in ("embed_tokens", "lm_head", "score", "score_gate")  # noqa: E731
-                            or name.endswith(("lora_A", "lora_B")))
+                            or is_lora_param(name))
     return ([p for n, p in named if p.dim() >= 2 and is_edge(n)], [p for n, p in named if p.dim() >= 2 and not is_edge(n)],
             [p for n, p in named if p.dim() < 2])
 
@@ -217,7 +212,7 @@ class Trainer:
         self.device = self.ctx.device
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.device.type == "cpu":
-            set_threads(cfg.threads or max(1, (os.cpu_count() or 1) // self.ctx.world_size))
+            D.set_threads(cfg.threads or max(1, (os.cpu_count() or 1) // self.ctx.world_size))
         model.to(self.device)
         if cfg.parallel not in ("ddp", "fsdp"):
             raise OwnLLMError(f"--set parallel={cfg.parallel!r}: expected ddp or fsdp")
