@@ -14,6 +14,7 @@ checkpoint or the new one: `recover()` (called by every loader) finishes a journ
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from ownllm.config import ModelConfig, from_json_file, to_json
 from ownllm.errors import OwnLLMError
 from ownllm.files import fsync_dir, fsync_write, write_error
+from ownllm.lora import merged_state_dict
 
 JOURNAL = "commit.json"
 
@@ -152,8 +154,6 @@ def load_start_weights(model: torch.nn.Module, run_dir: str | Path) -> None:
     if load_model_config(run_dir).lora_rank == 0:
         load_weights(model, run_dir, base_only=True)
         return
-    from ownllm.lora import load_plain
-
     _load_state_dict(model, load_plain(run_dir)[1], Path(run_dir) / "model.safetensors", base_only=True)
 
 
@@ -247,3 +247,12 @@ def start_run(run_dir: str | Path, tokenizer, model_cfg, train_cfg, overwrite: b
     tokenizer.save(d, model_max_length=model_cfg.max_seq_len)
     commit_files(d, {"config.json": to_json(model_cfg).encode(), "train_config.json": to_json(train_cfg).encode()})
     return d
+
+
+def load_plain(run) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
+    """(config with lora_rank 0, plain state dict, whether adapters were folded in) for a run
+    directory: what `merge-lora` and the exports write."""
+    model = load_model(run)
+    lora = model.config.lora_rank > 0
+    state = merged_state_dict(model) if lora else model.state_dict()
+    return dataclasses.replace(model.config, lora_rank=0), state, lora

@@ -4,20 +4,16 @@ Where it sits: `ownllm sft --lora` builds the model with `ModelConfig.lora_rank 
 everything but the adapters, and trains. A LoRA run directory stores base weights and adapters
 in one `model.safetensors` (adapter tensors named `….lora_A` / `….lora_B` beside the base
 `….weight`), so every loader works unchanged; `ownllm merge-lora` folds W + (α/r)·B·A into plain
-weights and writes a run with `lora_rank = 0` that exports like any other.
+weights (`merged_state_dict`; model.fold_adapters, checkpoint.load_plain) and writes a run with
+`lora_rank = 0` that exports like any other.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from ownllm.config import ModelConfig
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -61,23 +57,3 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(mod, LoRALinear):
             sd[f"{name}.weight"] = mod.merged_weight().detach().clone()
     return sd
-
-
-def fold_adapters(model: nn.Module) -> nn.Module:
-    """A plain copy of a LoRA model (eval mode), its adapters folded into the weights."""
-    from ownllm.model import GPT
-
-    plain = GPT(dataclasses.replace(model.config, lora_rank=0))
-    plain.load_state_dict(merged_state_dict(model))
-    return plain.eval()
-
-
-def load_plain(run) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
-    """(config with lora_rank 0, plain state dict, whether adapters were folded in) for a run
-    directory: what `merge-lora` and the exports write."""
-    from ownllm.checkpoint import load_model
-
-    model = load_model(run)
-    lora = model.config.lora_rank > 0
-    state = merged_state_dict(model) if lora else model.state_dict()
-    return dataclasses.replace(model.config, lora_rank=0), state, lora

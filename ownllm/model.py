@@ -20,6 +20,7 @@ stores its norms as w for a scale of 1 + w; the import stores 1 + w, so one RMSN
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ownllm.config import ModelConfig
+from ownllm.lora import LoRALinear, is_lora_param, merged_state_dict
 
 LOGP_FLOOR = 10.0  # GPT.rewards: a token's log-likelihood counts down to −10 nats, no lower
 
@@ -114,8 +116,6 @@ def linear(cfg: ModelConfig, name: str, d_in: int, d_out: int) -> nn.Linear:
     config asks for adapters on `name`."""
     bias = cfg.attention_bias and name in ("q_proj", "k_proj", "v_proj")
     if cfg.lora_rank > 0 and name in cfg.lora_targets.split(","):
-        from ownllm.lora import LoRALinear
-
         return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, bias=bias)
     return nn.Linear(d_in, d_out, bias=bias)
 
@@ -328,7 +328,7 @@ class GPT(nn.Module):
         start at zero so every block begins as the identity (as in modded-nanogpt: it trains faster)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if name.endswith(("lora_A", "lora_B")):
+            if is_lora_param(name):
                 continue  # LoRALinear initialises its own adapters (B = 0)
             if name.endswith(".bias") or name == "smear_gate":
                 nn.init.zeros_(p)
@@ -456,3 +456,10 @@ class GPT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+
+def fold_adapters(model: nn.Module) -> nn.Module:
+    """A plain copy of a LoRA model (eval mode), its adapters folded into the weights."""
+    plain = GPT(dataclasses.replace(model.config, lora_rank=0))
+    plain.load_state_dict(merged_state_dict(model))
+    return plain.eval()

@@ -175,7 +175,7 @@ def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, tuple[n
 def export_gguf(run: str | Path, out: str | Path, dtype: str = "float16", overwrite: bool = False) -> dict:
     """Write run `run` as one GGUF file at `out` (written beside it, then renamed into place)."""
     from ownllm.interop.hf import SMEAR_HINT, SMEAR_UNEXPORTABLE
-    from ownllm.lora import load_plain
+    from ownllm.checkpoint import load_plain
     from ownllm.tokenizer import Tokenizer
 
     run, out = Path(run), Path(out)

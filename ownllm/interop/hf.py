@@ -149,7 +149,7 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", overwrit
     leaves nothing half-written (and an existing `out` untouched unless `overwrite`)."""
     from safetensors.torch import save_file
 
-    from ownllm.lora import load_plain
+    from ownllm.checkpoint import load_plain
     from ownllm.tokenizer import BOS, EOS, Tokenizer
 
     run, out = Path(run), Path(out)

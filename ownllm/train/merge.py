@@ -4,9 +4,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ownllm.checkpoint import save_checkpoint
+from ownllm.checkpoint import load_plain, save_checkpoint
 from ownllm.errors import OwnLLMError
-from ownllm.lora import load_plain
 from ownllm.model import GPT
 
 
