@@ -221,6 +221,11 @@ class Tokenizer:
             mask.append(0)
         return Rendered(ids, mask)
 
+    def user_turn(self, text: str, template_kwargs: dict | None = None) -> list[int]:
+        """Ids of a conversation of one user message, ending where the assistant's reply begins."""
+        return self.render([{"role": "user", "content": text}], add_generation_prompt=True,
+                           template_kwargs=template_kwargs).ids
+
     def _render_template(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
                          kwargs: dict) -> Rendered:
         if self.holds_control_text(messages, tools):

@@ -1,4 +1,9 @@
+import argparse
+import contextlib
 import os
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -75,7 +80,6 @@ def text_file(tmp_path_factory):
 def run_dir(tmp_path_factory, text_file):
     """A tiny pretrained run (2 steps, 128-token context) for serving and browser tests."""
     from ownllm.cli import main
-    from tests.test_cli import TINY
 
     out = tmp_path_factory.mktemp("serve") / "base"
     assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--max-steps", "2",
@@ -87,7 +91,6 @@ def run_dir(tmp_path_factory, text_file):
 def tiny_run(tmp_path_factory, text_file):
     """A tiny pretrained run (6 steps) for CLI tests; one per test module that asks for it."""
     from ownllm.cli import main
-    from tests.test_cli import TINY
 
     out = tmp_path_factory.mktemp("cli") / "base"
     assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--max-steps", "6", *TINY]) == 0
@@ -104,3 +107,64 @@ def tiny_sft(tmp_path_factory, tiny_run):
             "batch_size=4", "--set", "task_examples=64", "--set", "dtype=float32"]
     assert main(argv) == 0
     return out
+
+
+# `ownllm pretrain` flags for a model small enough to train in a second
+TINY = ["--set", "model.dim=32", "--set", "model.n_layers=2", "--set", "model.n_heads=2", "--set",
+        "model.n_kv_heads=1", "--set", "model.ffn_dim=64", "--set", "seq_len=32", "--set", "batch_size=4",
+        "--set", "dtype=float32", "--vocab-size", "300", "--no-progress", "--no-compile"]
+
+
+def server_state(run_dir, **kw):
+    """The server's state for a run, as `ownllm serve` builds it (kw: its flags)."""
+    from ownllm.cli import build_server_state
+
+    ns = argparse.Namespace(run=str(run_dir), api_key=None, kb=None, tools=None, db=None, embedder="none",
+                            quantize=None, slots=4, threads=None)
+    for k, v in kw.items():
+        setattr(ns, k, v)
+    return build_server_state(ns)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ScriptedBatcher:
+    """Stands in for the model: every request gets the same scripted tokens (a tool call, a reply)."""
+
+    def __init__(self, tokens, delay: float = 0.0):
+        self.tokens, self.delay, self.active, self.lock = tokens, delay, 0, threading.Lock()
+
+    def submit(self, req):
+        def go():
+            for t in self.tokens:
+                time.sleep(self.delay)
+                req.emit(t, None)
+            req.emit(None, "stop")
+        threading.Thread(target=go).start()
+        return req
+
+
+@contextlib.contextmanager
+def start_server(state):
+    """uvicorn serving the app on a free loopback port, in a thread; yields the base URL."""
+    import uvicorn
+
+    from ownllm.serve.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(5)

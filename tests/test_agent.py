@@ -200,7 +200,7 @@ def test_traces_are_consistent_with_the_real_tools(tmp_path, monkeypatch):
 def test_cli_agent_and_eval_agent_run_end_to_end(tmp_path, monkeypatch, capsys, text_file):
     """A tiny untrained run: the commands work and report; the answers are not expected to be right."""
     from ownllm.cli import main
-    from tests.test_cli import TINY
+    from tests.conftest import TINY
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path / "home"))
     run = tmp_path / "run"

@@ -6,10 +6,8 @@ import sys
 import pytest
 
 from ownllm.cli import main
+from tests.conftest import TINY
 
-TINY = ["--set", "model.dim=32", "--set", "model.n_layers=2", "--set", "model.n_heads=2", "--set",
-        "model.n_kv_heads=1", "--set", "model.ffn_dim=64", "--set", "seq_len=32", "--set", "batch_size=4",
-        "--set", "dtype=float32", "--vocab-size", "300", "--no-progress", "--no-compile"]
 
 
 def _err(capsys, argv):

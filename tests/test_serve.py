@@ -1,6 +1,4 @@
 """The OpenAI-compatible server: the official client works unchanged; bad input never gets a 5xx."""
-import argparse
-import contextlib
 import json
 import socket
 import threading
@@ -10,18 +8,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ownllm.cli import build_server_state
 from ownllm.serve.app import create_app
+from tests.conftest import ScriptedBatcher, free_port as _free_port, server_state as _state, start_server
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
-
-
-def _state(run_dir, **kw):
-    ns = argparse.Namespace(run=str(run_dir), api_key=None, kb=None, tools=None, db=None, embedder="none",
-                            quantize=None, slots=4, threads=None)
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return build_server_state(ns)
 
 
 @pytest.fixture(scope="module")
@@ -149,48 +139,6 @@ def test_random_bodies_never_5xx(client, body, path):
     assert r.status_code < 500, (body, r.text)
     if r.status_code >= 400:
         assert "message" in r.json()["error"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ScriptedBatcher:
-    """Stands in for the model: every request gets the same scripted tokens (a tool call, a reply)."""
-
-    def __init__(self, tokens, delay: float = 0.0):
-        self.tokens, self.delay, self.active, self.lock = tokens, delay, 0, threading.Lock()
-
-    def submit(self, req):
-        def go():
-            for t in self.tokens:
-                time.sleep(self.delay)
-                req.emit(t, None)
-            req.emit(None, "stop")
-        threading.Thread(target=go).start()
-        return req
-
-
-@contextlib.contextmanager
-def start_server(state):
-    """uvicorn serving the app on a free loopback port, in a thread; yields the base URL."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        t.join(5)
 
 
 @pytest.fixture(scope="module")

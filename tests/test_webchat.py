@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import ScriptedBatcher, _state, start_server
+from tests.conftest import ScriptedBatcher, server_state as _state, start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -182,7 +182,7 @@ def sample_answers(run, examples: list[Example], samples: int, seed: int, max_ne
     model, tok = load_run(run)
     engine = Engine(model, tok.pad_id)
     ctx = model.config.max_seq_len - max_new_tokens
-    prompts = [tok.render([{"role": "user", "content": ex.prompt}], add_generation_prompt=True).ids[-ctx:]
+    prompts = [tok.user_turn(ex.prompt)[-ctx:]
                for ex in examples for _ in range(samples)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: dict[int, str] = {}

@@ -73,7 +73,7 @@ def evaluate_agent(run, kb=None, db=None, n_arith: int = 40, n_sql: int = 40, n_
             log(f"{'ok ' if ok else 'bad'} {fam:<10} {q[:50]:<50} -> {res.answer[:40]}")
     # the same arithmetic as one plain chat turn, no tools
     arith = [(q, a) for f, q, a in questions if f == "arithmetic"]
-    outs = greedy_texts(model, tok, [tok.render([{"role": "user", "content": q}], add_generation_prompt=True).ids
+    outs = greedy_texts(model, tok, [tok.user_turn(q)
                                      for q, _ in arith], max_new_tokens=24)
     no_tools = sum(o.strip() == a for (_, a), o in zip(arith, outs))
     acc = {f: c / n for f, (c, n) in per.items()}

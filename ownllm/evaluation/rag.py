@@ -85,9 +85,8 @@ def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, m
         slots.append(i)
     for i, text in zip(slots, greedy_texts(model, tok, prompts, max_new_tokens)):
         rag_text[i] = text.strip()
-    closed = [t.strip() for t in greedy_texts(model, tok, [tok.render([{"role": "user", "content": q.question}],
-                                                                      add_generation_prompt=True).ids
-                                                           for q in questions], max_new_tokens)]
+    closed = [t.strip() for t in greedy_texts(model, tok, [tok.user_turn(q.question) for q in questions],
+                                              max_new_tokens)]
 
     def score(texts: list[str], hits_list=None) -> dict:
         em = hall = unans_ok = cited = cite_ok = 0

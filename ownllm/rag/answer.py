@@ -57,7 +57,7 @@ def prompt_ids(tok, question: str, hits: list[Hit], budget: int) -> tuple[list[i
     while True:
         shown = kept[::-1]
         content = sources_prompt(question, [h.text for h in shown])
-        ids = tok.render([{"role": "user", "content": content}], add_generation_prompt=True).ids
+        ids = tok.user_turn(content)
         if len(ids) <= budget or len(kept) <= 1:
             return ids[-budget:], shown
         kept.pop()

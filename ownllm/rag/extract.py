@@ -138,8 +138,7 @@ class Extractor:
 
     def _prompt(self, text: str) -> list[int]:
         msg = INSTRUCTION.format(fields=self.fields, text=text)
-        return self.tok.render([{"role": "user", "content": msg}], add_generation_prompt=True,
-                               template_kwargs=self.template_kwargs).ids
+        return self.tok.user_turn(msg, self.template_kwargs)
 
     def chunk_chars(self) -> int:
         """How much text fits one prompt beside the instruction, the schema and the reply."""

@@ -186,7 +186,7 @@ def exact(examples: list[Example], ro: Rollout) -> list[bool]:
 
 
 def prompt_ids(tok, examples: list[Example], max_len: int) -> list[list[int]]:
-    return [tok.render([{"role": "user", "content": ex.prompt}], add_generation_prompt=True).ids[-max_len:]
+    return [tok.user_turn(ex.prompt)[-max_len:]
             for ex in examples]
 
 
