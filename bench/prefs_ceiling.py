@@ -40,10 +40,11 @@ def main() -> None:
     ap.add_argument("--best-of", type=int, default=8, help="answers sampled per prompt for the best-of rows")
     args = ap.parse_args()
 
-    from ownllm.data.preferences import preference_prompts, sample_answers
+    from ownllm.data.preferences import preference_prompts
+    from ownllm.train.pairs import sample_answers
     from ownllm.data.tasks import FAMILIES
-    from ownllm.evaluation.judge import prefer
-    from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL
+    from ownllm.data.judge import prefer
+    from ownllm.data.grounded import CLOSED_BOOK_REFUSAL
 
     examples = preference_prompts(args.n, "test", 0)
     theirs = [s[0] for s in sample_answers(args.run, examples, 1, 1, progress=False)]
@@ -88,8 +89,8 @@ def main() -> None:
 def best_of(args, examples, theirs: list[str]) -> dict:
     """Rows for the best of k ≤ K of the policy's own samples, picked by the hidden rule and by the
     reward model, against SFT's sample; returns the RESULT keys for k = K."""
-    from ownllm.data.preferences import sample_answers
-    from ownllm.evaluation.judge import grade, prefer
+    from ownllm.train.pairs import sample_answers
+    from ownllm.data.judge import grade, prefer
     from ownllm.evaluation.prefs import reward_scores
 
     K = args.best_of

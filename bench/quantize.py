@@ -50,7 +50,7 @@ def main() -> None:
 def report(run: Path, args) -> None:
     from ownllm.checkpoint import load_model
     from ownllm.data.shards import Shards
-    from ownllm.evaluation.lm import evaluate_sources
+    from ownllm.train.heldout import evaluate_sources
     from ownllm.inference.quantize import linear_weight_bytes, model_bytes, quantize_int8
     from ownllm.tokenizer import Tokenizer
 

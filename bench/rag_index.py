@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
     setup_threads()
-    from ownllm.rag.demo import ATTRIBUTES, QUESTIONS, _draw_town
+    from ownllm.data.world import ATTRIBUTES, QUESTIONS, _draw_town
     from ownllm.rag.embed import find_embedder
     from ownllm.rag.store import KnowledgeBase
 

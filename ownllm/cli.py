@@ -74,13 +74,14 @@ def cmd_data(args) -> None:
     from ownllm.data.corpora import describe_bundled
 
     if args.action == "prefs":
-        from ownllm.data.preferences import generate_preferences, write_preferences
+        from ownllm.data.preferences import write_preferences
+        from ownllm.train.pairs import preference_pairs
 
         if not args.out:
             raise OwnLLMError("data prefs: --out FILE is required")
         if args.samples < 1:
             raise OwnLLMError(f"data prefs: --samples must be at least 1, got {args.samples}")
-        pairs = generate_preferences(args.n, args.split, run=args.run, samples=args.samples, seed=args.seed)
+        pairs = preference_pairs(args.n, args.split, run=args.run, samples=args.samples, seed=args.seed)
         write_preferences(pairs, args.out)
         print(f"wrote {len(pairs)} {args.split} preference pairs from {args.n} prompts to {args.out}"
               f"{f' (answers sampled from {args.run} + perturbations)' if args.run else ' (perturbations only)'}")
@@ -602,7 +603,7 @@ def template_args(items: list[str]) -> dict:
 
 
 def cmd_chat(args) -> None:
-    from ownllm.inference.chat import repl
+    from ownllm.chat import repl
 
     reg, owned = _registry(args.tools, args.kb, args.db, args.embedder) if args.tools else (None, [])
     try:

@@ -53,3 +53,9 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         tmp.unlink(missing_ok=True)
         raise write_error(path, e) from None
     fsync_dir(path.parent)
+
+
+def home() -> Path:
+    """Where ownllm keeps what it builds on first use (the demo knowledge base and shop): $OWNLLM_HOME,
+    default ~/.cache/ownllm."""
+    return Path(os.environ.get("OWNLLM_HOME") or Path.home() / ".cache" / "ownllm")

@@ -46,7 +46,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     from ownllm.rag.demo import demo_kb_path
     from ownllm.rag.embed import find_embedder
     from ownllm.rag.store import KnowledgeBase
-    from ownllm.inference.chat import ChatSession
+    from ownllm.chat import ChatSession
     from ownllm.inference.generate import generate_text
     from ownllm.interop.gguf import export_gguf
     from ownllm.interop.hf import export_hf
@@ -164,16 +164,17 @@ def align(out: Path, sft_run: Path, steps: dict, budget: float | None, n_eval: i
     """Stage 7: pairs from the SFT model's samples ranked by the hidden rule → reward model → DPO,
     PPO (against the reward model) and GRPO (against the arithmetic verifier), each for its steps
     (or a quarter of `budget` seconds); then each policy against SFT on held-out prompts."""
-    from ownllm.data.preferences import generate_preferences, write_preferences
+    from ownllm.data.preferences import write_preferences
     from ownllm.evaluation.prefs import evaluate_prefs, evaluate_reward, print_prefs_report, print_reward_report
     from ownllm.evaluation.tasks import evaluate_tasks
+    from ownllm.train.pairs import preference_pairs
     from ownllm.train.preference import DPO_DEFAULTS, REWARD_DEFAULTS, stage_train_config, train_dpo, train_reward
     from ownllm.train.rl import GRPO_DEFAULTS, PPO_DEFAULTS, train_grpo, train_ppo
 
     def quarter(stage):
         return limit(steps[f"{stage}_steps"], budget / 4 if budget else None)
     prefs = out / "prefs.jsonl"
-    write_preferences(generate_preferences(n_prompts, "train", run=sft_run, seed=0), prefs)
+    write_preferences(preference_pairs(n_prompts, "train", run=sft_run, seed=0), prefs)
     train_reward(sft_run, out / "rm", stage_train_config(REWARD_DEFAULTS, data=str(prefs), **quarter("reward")),
                  overwrite=True, log=log)
     reward = evaluate_reward(out / "rm", n=n_judge)

@@ -167,7 +167,7 @@ def test_agent_loop_runs_calls_feeds_back_errors_and_answers(small_tokenizer, sh
 
 def test_traces_are_consistent_with_the_real_tools(tmp_path, monkeypatch):
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
-    from ownllm.agent import traces
+    from ownllm.data import traces
     from ownllm.agent.sql import demo_shop_path
     from ownllm.data.tasks import generate
     from ownllm.evaluation.agent import held_out
@@ -213,7 +213,7 @@ def test_cli_agent_and_eval_agent_run_end_to_end(tmp_path, monkeypatch, capsys, 
     assert main(["eval", "agent", "--run", str(run), "--n", "2", "--embedder", "none"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT arithmetic_with_tools=") and "sql_accuracy=" in last and "call_validity=" in last
-    from ownllm.inference.chat import ChatSession
+    from ownllm.chat import ChatSession
 
     chat = ChatSession(str(run), temperature=0, registry=builtin_tools(["calculator"]))  # `ownllm chat --tools`
     reply = "".join(chat.reply("What is 12 × 34?"))

@@ -412,7 +412,7 @@ def test_reasoning_split_only_for_thinking_templates(tmp_path, small_tokenizer):
 def test_chat_repl_shows_a_thinking_models_reasoning_apart(tmp_path, monkeypatch):
     """`ownllm chat` on a thinking template: the reasoning between markers, then the answer; the
     history keeps the whole reply for the template to render (the model's text is fixed here)."""
-    import ownllm.inference.chat as chat_mod
+    import ownllm.chat as chat_mod
 
     reply = ["<th", "ink>\nTwo and ", "two.\n</thi", "nk>\n\n", "4"]
     monkeypatch.setattr(chat_mod, "stream_text", lambda *a, **k: iter(reply))

@@ -132,7 +132,7 @@ def test_lora_sft_and_merge(capsys, tiny_run, tmp_path):
 
 
 def test_chat_repl_commands_and_turns(tiny_sft):
-    from ownllm.inference.chat import repl
+    from ownllm.chat import repl
 
     lines = iter(["/system Be brief.", "hello", "/temp 0", "again", "/temp x", "/reset", "/quit"])
     out = []

@@ -12,6 +12,7 @@ LAYERS = [
     ["ownllm.lora"],
     ["ownllm.model", "ownllm.tokenizer", "ownllm.chat_template"],
     ["ownllm.checkpoint"],
+    ["ownllm.agent.calculator", "ownllm.agent.sql", "ownllm.agent.tools"],   # tools: plain functions, no model
     ["ownllm.data"],                              # corpora, shards, chat formats and the bundled curriculum
     ["ownllm.inference"],
     ["ownllm.rag", "ownllm.agent", "ownllm.interop", "ownllm.train"],

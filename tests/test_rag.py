@@ -10,9 +10,9 @@ import pytest
 
 from ownllm.cli import main
 from ownllm.errors import OwnLLMError
-from ownllm.rag.demo import make_world, slug
+from ownllm.data.world import make_world, slug
 from ownllm.rag.documents import html_to_text, iter_files, read_document, split_chunks
-from ownllm.rag.grounded import REFUSAL, cited_answer, is_refusal, parse_answer, sources_prompt
+from ownllm.data.grounded import REFUSAL, cited_answer, is_refusal, parse_answer, sources_prompt
 from ownllm.rag.store import KnowledgeBase, rrf
 from ownllm.rag.text import fts_query, terms
 
@@ -383,7 +383,7 @@ def test_citation_check_of_ask_verify(tmp_path, tiny_sft, capsys, monkeypatch):
     """`supported` and `checked` by hand; then `ask --verify` with the model's reply fixed: an
     answer its cited source holds is shown, one no source holds is withheld and the refusal
     given, one cited to the wrong source is shown re-cited."""
-    from ownllm.rag.grounded import supported
+    from ownllm.data.grounded import supported
 
     passages = ["Varnok was founded in 1642.", "The mayor of Quellis is Irdel  Fask."]
     assert supported("1642 [1]", passages) and supported("irdel fask [2]", passages)
@@ -392,7 +392,7 @@ def test_citation_check_of_ask_verify(tmp_path, tiny_sft, capsys, monkeypatch):
     assert not supported("1642", passages)            # cites nothing
     assert not supported("1642 [3]", passages)        # cites a source that was not shown
     assert not supported(" [1]", passages)            # no answer at all
-    from ownllm.rag.grounded import checked
+    from ownllm.data.grounded import checked
 
     assert checked("irdel fask [2]", passages) == "irdel fask [2]" and checked(REFUSAL["zh"], []) == REFUSAL["zh"]
     assert checked("1642 [2]", passages) == checked("1642", passages) == "1642 [1]"  # re-cited to its source
@@ -474,7 +474,7 @@ def test_extract_merges_chunks_finds_spans_and_checks_the_schema(tmp_path, tiny_
 
 def test_extraction_set_is_held_out_bilingual_and_disjoint_from_the_demo_world():
     from ownllm.data.extraction import SCHEMA, note_split, notes
-    from ownllm.rag.demo import make_world
+    from ownllm.data.world import make_world
 
     test, train = notes(20, "test"), notes(20, "train")
     assert len(test) == 40 and {n.lang for n in test} == {"en", "zh"} and notes(20, "test") == test

@@ -193,7 +193,7 @@ def test_scoring_keeps_every_answer_of_an_over_long_prompt(small_tokenizer):
 
 def test_hidden_rule_ranks_like_a_person():
     from ownllm.data.tasks import Example
-    from ownllm.evaluation.judge import deciding_rule, grade, prefer
+    from ownllm.data.judge import deciding_rule, grade, prefer
 
     q = Example("arithmetic", "en", "What is 12 + 30?", "42")
     assert prefer(q, "42", "43") == 1 and deciding_rule(q, "42", "43") == "truth"
@@ -238,12 +238,12 @@ def test_bundled_preferences_follow_the_rule_and_are_deterministic():
     from ownllm.data.preferences import generate_preferences
     from ownllm.data.tasks import prompt_bucket
 
-    a = generate_preferences(30, "train", seed=3, progress=False)
-    assert a == generate_preferences(30, "train", seed=3, progress=False)
+    a = generate_preferences(30, "train", seed=3)
+    assert a == generate_preferences(30, "train", seed=3)
     assert not any(p.on_policy for p in a)  # no model: every answer is a perturbation
     assert {p.rule for p in a} >= {"truth", "directness"} and all(p.chosen != p.rejected for p in a)
     assert {p.family for p in a} >= {"closed_book", "arithmetic"}
-    test = generate_preferences(20, "test", seed=3, progress=False)
+    test = generate_preferences(20, "test", seed=3)
     assert all(prompt_bucket(p.prompt[-1][1]) == 0 for p in test)
     assert not {p.prompt for p in test} & {p.prompt for p in a}
 
@@ -251,8 +251,9 @@ def test_bundled_preferences_follow_the_rule_and_are_deterministic():
 def test_policy_pairs_raise_the_models_best_answer_or_the_honest_refusal_over_each_worse_one(monkeypatch):
     """Where the model has a right answer, it beats the model's wrong ones and refusing; where it
     has none, the honest refusal beats its inventions; no policy pair involves a perturbation."""
-    import ownllm.data.preferences as prefs
-    from ownllm.rag.grounded import is_refusal
+    import ownllm.train.pairs as prefs
+    from ownllm.data.grounded import is_refusal
+    from ownllm.data.preferences import preference_prompts
 
     def fake_samples(run, examples, samples, seed, temperature=1.0, progress=True):
         if temperature == 0.0:   # greedy: right on even prompts, an invention on odd ones
@@ -261,8 +262,8 @@ def test_policy_pairs_raise_the_models_best_answer_or_the_honest_refusal_over_ea
     monkeypatch.setattr(prefs, "sample_answers", fake_samples)
     monkeypatch.setattr(prefs, "honest_refusals", lambda run, examples: [
         "I don't know." if ex.lang == "en" else "我不知道。" for ex in examples])
-    examples = prefs.preference_prompts(40, "train", 1)
-    pairs = prefs.generate_preferences(40, "train", run="fake", seed=1, progress=False)
+    examples = preference_prompts(40, "train", 1)
+    pairs = prefs.preference_pairs(40, "train", run="fake", seed=1, progress=False)
     checked = 0
     for i, ex in enumerate(examples):
         mine = [p for p in pairs if p.on_policy and p.prompt[-1][1] == ex.prompt]
@@ -285,7 +286,7 @@ def test_bundled_preferences_do_not_tie_style_to_truth():
     the reference rambled, a reward model learnt to prefer rambling), and every rule occurs."""
     from ownllm.data.preferences import RAMBLE, generate_preferences
 
-    pairs = generate_preferences(300, "train", seed=5, progress=False, pairs_per_prompt=12)
+    pairs = generate_preferences(300, "train", seed=5, pairs_per_prompt=12)
     rambles = lambda t: any(t.startswith(r.split("{a}")[0]) for r in RAMBLE.values())  # noqa: E731
     truth = [p for p in pairs if p.rule == "truth"]
     chosen, rejected = sum(rambles(p.chosen) for p in truth), sum(rambles(p.rejected) for p in truth)
@@ -337,12 +338,12 @@ def test_held_out_pairs_of_a_file_never_share_a_prompt_with_training_pairs():
     from ownllm.data.tasks import prompt_bucket
     from ownllm.train.preference import _split_pairs
 
-    pairs = generate_preferences(200, "train", seed=3, progress=False)
+    pairs = generate_preferences(200, "train", seed=3)
     assert not any(prompt_bucket(p.prompt[-1][1]) == 0 for p in pairs)
     train, val = _split_pairs(pairs, log=lambda m: None)
     assert len(train) + len(val) == len(pairs) and 0.04 < len(val) / len(pairs) < 0.2
     assert not {p.prompt for p in train} & {p.prompt for p in val}
-    mixed = pairs + generate_preferences(30, "test", seed=3, progress=False)
+    mixed = pairs + generate_preferences(30, "test", seed=3)
     train, val = _split_pairs(mixed, log=lambda m: None)     # test-split prompts present: they are the held-out ones
     assert all(prompt_bucket(p.prompt[-1][1]) == 0 for p in val) and len(train) == len(pairs)
     said = []
@@ -372,7 +373,7 @@ def test_held_out_pairs_scored_at_each_evaluation_are_capped():
 
 
 def test_data_prefs_samples_sets_the_answers_drawn_per_prompt(capsys, monkeypatch, tiny_sft, tmp_path):
-    import ownllm.data.preferences as prefs
+    import ownllm.train.pairs as prefs
 
     drawn = []
     real = prefs.sample_answers
@@ -482,7 +483,7 @@ def test_ppo_ptx_makes_the_preferred_answers_more_likely(tiny_sft, reward_run, p
     to PPO's loss: after a few steps they are more likely than under the starting policy."""
     from ownllm.data.preferences import read_preferences
     from ownllm.data.tasks import Example
-    from ownllm.evaluation.prefs import answer_logps
+    from ownllm.train.pairs import answer_logps
 
     out = tmp_path / "ppo-ptx"
     assert main(["ppo", "--policy", str(tiny_sft), "--reward", str(reward_run), "--out", str(out), "--max-steps", "4",
@@ -560,7 +561,8 @@ def test_generation_sees_weights_updated_by_the_trainers_fused_optimizer(tiny_cf
 def test_quickstart_alignment_stage_runs_every_step_and_reports(tiny_sft, tmp_path):
     from ownllm.quickstart import _rlhf_report, align
 
-    res = align(tmp_path, tiny_sft, budget=4.0, n_eval=1, sft_accuracy=0.0, n_prompts=12, n_judge=8, log=lambda *a: None)
+    steps = {"reward_steps": 3, "dpo_steps": 3, "ppo_steps": 2, "grpo_steps": 2}
+    res = align(tmp_path, tiny_sft, steps, None, n_eval=1, sft_accuracy=0.0, n_prompts=12, n_judge=8, log=lambda *a: None)
     for run in ("rm", "dpo", "ppo", "grpo"):
         assert (tmp_path / run / "model.safetensors").exists() and (tmp_path / run / "metrics.jsonl").exists()
     assert 0 <= res["reward"]["pair_accuracy"] <= 1 and res["dpo"]["wins"] + res["dpo"]["ties"] + res["dpo"]["losses"] == 8

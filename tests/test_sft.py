@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ownllm.config import ModelConfig, TrainConfig
-from ownllm.data.chat import collate_packed, collate_padded, encode_conversations, masked_lm_step
+from ownllm.data.chat import collate_packed, collate_padded, encode_conversations
+from ownllm.train.objectives import masked_lm_step
 from ownllm.data.formats import read_chat_jsonl
 from ownllm.data.tasks import FAMILIES, generate, prompt_bucket, zh_numeral
 from ownllm.errors import OwnLLMError

@@ -183,7 +183,7 @@ def build_demo_shop(path: str | Path, seed: int = 7) -> Path:
 
 
 def demo_shop_path() -> Path:
-    from ownllm.rag.demo import home
+    from ownllm.files import home
 
     p = home() / "demo-shop.sqlite"
     return p if p.is_file() else build_demo_shop(p)

@@ -171,16 +171,13 @@ def builtin_tools(names: list[str], kb=None, db=None) -> ToolRegistry:
         elif n == "search":
             if kb is None:
                 raise OwnLLMError("--tools search needs a knowledge base (--kb FILE or --kb demo)")
-            from ownllm.rag.grounded import numbered_sources
-
             def search(query: str) -> str:
                 """Search the knowledge base.
 
                 Args:
                     query: what to look for
                 """
-                hits = kb.search(query, k=2)
-                return numbered_sources([h.text for h in hits]) or "(no results)"
+                return kb.search_text(query, k=2)
             reg.tool(search)
         elif n == "sql":
             if db is None:

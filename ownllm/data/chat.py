@@ -110,29 +110,3 @@ def collate_packed(examples: ChatExamples, index: list[int], seq_len: int, pad_i
     if prompt_weight > 0:
         out["w"] = torch.from_numpy(w)
     return out
-
-
-def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, targets, keep): the LM head applied only where a row has a target (keep = y ≠ −100).
-    Answers are a few % of a chat row, and the vocabulary projection + log-softmax over every
-    position was a quarter of an SFT step."""
-    from ownllm.train.distributed import on_model_device
-
-    batch = on_model_device(batch, model)
-    kwargs = {k: batch[k] for k in ("positions", "mask") if k in batch}
-    keep = batch["y"] != -100
-    return model.lm_head(model.hidden_states(batch["x"], **kwargs)[keep]), batch["y"][keep], keep
-
-
-def masked_lm_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed NLL over target tokens, target count) for a chat batch (padded or packed); with
-    per-token weights `w` (prompt loss), the weighted sum and the sum of weights."""
-    import torch.nn.functional as F
-
-    from ownllm.train.objectives import summed_nll
-
-    logits, y, keep = target_logits(model, batch)  # (moves the batch to the model's device)
-    if "w" not in batch:
-        return summed_nll(logits, y)
-    w = batch["w"].to(keep.device)[keep]  # 0 wherever there is no target, so nothing is lost by the selection
-    return (F.cross_entropy(logits.float(), y, reduction="none") * w).sum(), w.sum()

@@ -3,7 +3,7 @@
 Where it sits: `ownllm eval extract` (evaluation/extraction.py) reads a held-out draw of these
 notes with `ownllm extract`'s machinery and scores each field against the gold record. Everything
 is generated from fixed seeds: people, roles and cities invented from syllables, never the demo
-knowledge base's towns (rag/demo.py), so a model that memorised that world gains nothing. A note
+knowledge base's towns (data/world.py), so a model that memorised that world gains nothing. A note
 says its four facts in one of several wordings, with a sentence that is not a fact of the record
 beside them, so copying the first name-like string is not enough. Notes fall into a train or a
 test split by a hash of the note's person, as the task suite's prompts do.
@@ -50,6 +50,21 @@ EN_FILLERS = ["The office opens at eight.", "Visitors sign in at the front desk.
 ZH_FILLERS = ["办公室八点开门。", "访客请在前台登记。", "午饭在中午供应。", "这栋楼有三层。"]
 
 
+# The prompt names the fields only: the constraint holds the rest of the schema, and a small model's
+# context is better spent on the text.
+INSTRUCTION = ("Extract these fields from the text as JSON: {fields}. Copy values exactly as the text writes "
+               "them; use null for a field the text does not state.\n\nText:\n{text}")
+
+
+def field_list(schema: dict) -> str:
+    """'name (string), year (integer), role (choice)': what the prompt says of the schema."""
+    def kind(spec) -> str:
+        if not isinstance(spec, dict):
+            return "value"
+        return "choice" if "enum" in spec else spec.get("type") if isinstance(spec.get("type"), str) else "value"
+    return ", ".join(f"{k} ({kind(v)})" for k, v in schema["properties"].items())
+
+
 @dataclass(frozen=True)
 class Note:
     text: str
@@ -79,7 +94,7 @@ def note_split(name: str) -> str:
 
 @lru_cache(maxsize=1)
 def _demo_towns() -> frozenset[str]:
-    from ownllm.rag.demo import make_world
+    from ownllm.data.world import make_world
 
     return frozenset(t.name for t in make_world("demo").towns)
 

@@ -14,7 +14,7 @@ its assistant turn(s), of which the last is taken. A bad record is an error nami
 field.
 
 The bundled generator: prompts from the task suite's families plus closed-book questions about
-fictional towns (whose honest answer is "I don't know"); the hidden rule (evaluation/judge.py)
+fictional towns (whose honest answer is "I don't know"); the hidden rule (data/judge.py)
 ranks the candidates, and two kinds of pairs come out:
 - policy pairs (`on_policy`): among the SFT model's own answers and an honest refusal, the best
   one over each worse one — its right answer over its wrong ones and over refusing, and where it
@@ -146,7 +146,7 @@ def _corrupt(r: random.Random, answer: str, others: list[str]) -> str:
 
 def _inventions(lang: str) -> list[str]:
     """Confident answers to questions nothing answers: facts of other fictional towns."""
-    from ownllm.rag.demo import make_world
+    from ownllm.data.world import make_world
 
     return [v for t in [t for t in make_world("train").towns if t.lang == lang][:40] for v in t.facts.values()]
 
@@ -158,7 +158,7 @@ def perturbations(r: random.Random, ex: Example, others: list[str]) -> list[str]
     in the other one. Rambling wraps wrong answers too, and refusals come in both languages: when
     only the reference rambled, rambling went with being right in most pairs, and a reward model
     learnt to prefer it (held-out directness pairs 0.16 right; with both 0.95)."""
-    from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL, is_refusal
+    from ownllm.data.grounded import CLOSED_BOOK_REFUSAL, is_refusal
 
     wrong = r.choice(_inventions(ex.lang)) if is_refusal(ex.answer) else _corrupt(r, ex.answer, others)
     other = "zh" if ex.lang == "en" else "en"
@@ -170,63 +170,21 @@ def preference_prompts(n: int, split: str = "train", seed: int = 0) -> list[Exam
     return generate(n, split, seed=seed, families=PREFERENCE_FAMILIES)
 
 
-def sample_answers(run, examples: list[Example], samples: int, seed: int, max_new_tokens: int = 48,
-                   temperature: float = 1.0, batch_size: int = 32, progress: bool = True) -> list[list[str]]:
-    """`samples` answers per example from the chat model in `run` (sampled, temperature 1)."""
-    import torch
-    from tqdm import tqdm
-
-    from ownllm.inference.engine import Engine, SamplingParams
-    from ownllm.inference.generate import load_run
-
-    model, tok = load_run(run)
-    engine = Engine(model, tok.pad_id)
-    ctx = model.config.max_seq_len - max_new_tokens
-    prompts = [tok.user_turn(ex.prompt)[-ctx:]
-               for ex in examples for _ in range(samples)]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outs: dict[int, str] = {}
-    stops = tok.stop_ids
-    with torch.inference_mode():
-        for b in tqdm(range(0, len(order), batch_size), desc="sampling answers", disable=not progress, unit="batch"):
-            idx = order[b: b + batch_size]
-            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=None, top_p=None,
-                                    seed=seed + b, stop_ids=stops)
-            for i, o in zip(idx, engine.generate([prompts[i] for i in idx], params)):
-                outs[i] = tok.decode([t for t in o if t not in stops]).strip()
-    return [[outs[i * samples + j] for j in range(samples)] for i in range(len(examples))]
-
-
-def honest_refusals(run, examples: list[Example]) -> list[str]:
-    """For each prompt, the honest refusal in the model's own words, in the question's language: of
-    "I don't know." and "The sources do not say.", the one the chat model in `run` finds more
-    likely. The SFT model learnt only the second (for sources that do not answer) and prefers it
-    nearly everywhere, to a sum or a poem line too; the rule takes either as a refusal. Choosing by
-    the prompt instead ("I don't know." without sources) makes DPO learn a phrase the model finds
-    all but impossible, at a higher KL."""
-    from ownllm.evaluation.prefs import answer_logps
-    from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL, REFUSAL
-
-    options = [CLOSED_BOOK_REFUSAL, REFUSAL]
-    logps = [answer_logps(run, examples, [o[ex.lang] for ex in examples]) for o in options]
-    return [options[int(logps[1][i] > logps[0][i])][ex.lang] for i, ex in enumerate(examples)]
-
-
-def generate_preferences(n_prompts: int, split: str = "train", run=None, samples: int = 3, pairs_per_prompt: int = 4,
-                         seed: int = 0, progress: bool = True) -> list[Pair]:
-    """Ranked pairs for `n_prompts` prompts of `split` (module docstring): with `run`, the policy
-    pairs among its greedy answer, `samples` sampled ones and the honest refusal; then
-    `pairs_per_prompt` perturbation pairs at random."""
+def generate_preferences(n_prompts: int, split: str = "train", policy=None, pairs_per_prompt: int = 4,
+                         seed: int = 0) -> list[Pair]:
+    """Ranked pairs for `n_prompts` prompts of `split` (module docstring): with `policy` (examples ->
+    (the model's own answers per prompt, its honest refusal per prompt); train/pairs.py samples
+    them from a run), the policy pairs among them; then `pairs_per_prompt` perturbation pairs at
+    random."""
     from functools import cmp_to_key
 
-    from ownllm.evaluation.judge import deciding_rule, prefer
+    from ownllm.data.judge import deciding_rule, prefer
 
     examples = preference_prompts(n_prompts, split, seed)
     sampled, honest = [[] for _ in examples], [[] for _ in examples]
-    if run:  # the model's greedy answer and `samples` sampled ones (temperature 1)
-        greedy = sample_answers(run, examples, 1, seed, temperature=0.0, progress=progress)
-        sampled = [g + s for g, s in zip(greedy, sample_answers(run, examples, samples, seed, progress=progress))]
-        honest = [[h] for h in honest_refusals(run, examples)]
+    if policy is not None:
+        sampled, refusals = policy(examples)
+        honest = [[h] for h in refusals]
     by_family: dict[str, list[str]] = {}
     for ex in examples:
         by_family.setdefault(ex.family, []).append(ex.answer)
@@ -243,16 +201,4 @@ def generate_preferences(n_prompts: int, split: str = "train", run=None, samples
                    if prefer(ex, a, b) > 0 and not (a in policy and b in policy)]
         r.shuffle(ordered)
         pairs += [pair(a, b, False) for a, b in ordered[:pairs_per_prompt]]
-    return pairs
-
-
-def load_pairs(data: str, run=None, n_prompts: int = 1500, seed: int = 0, log=print) -> list[Pair]:
-    """`--data` of reward/dpo: 'prefs' = the bundled generator sampling from `run`; else JSONL paths."""
-    if data == "prefs":
-        pairs = generate_preferences(n_prompts, "train", run=run, seed=seed)
-        log(f"bundled preferences: {len(pairs):,} pairs from {n_prompts:,} prompts"
-            f"{f' (answers sampled from {run} + perturbations)' if run else ' (perturbations only)'}")
-        return pairs
-    pairs = [p for path in data.split(",") if path.strip() for p in read_preferences(path.strip())]
-    log(f"{data}: {len(pairs):,} preference pairs")
     return pairs

@@ -143,7 +143,7 @@ def _poem_next(r: random.Random, lang: str) -> tuple[str, str]:
 
 
 # The answer is the passage's sentence that holds it ("Ben lives in Lima."): written name first,
-# the value follows by matching the passage (see SENTENCES in rag/demo.py for why).
+# the value follows by matching the passage (see SENTENCES in data/world.py for why).
 PASSAGE_QA = {
     "en": dict(names=NAMES, cities=CITIES, things=THINGS, sep=" ", lives="{p} lives in {c}.", has="{p} has {n} {t}.",
                where="{facts}\nQuestion: Where does {p} live?", count="{facts}\nQuestion: How many {t} does {p} have?"),
@@ -168,10 +168,10 @@ def _passage_qa(r: random.Random, lang: str) -> tuple[str, str]:
 
 
 def _rag_qa(r: random.Random, lang: str) -> tuple[str, str]:
-    """Numbered sources (articles of the *train* world of rag/demo.py) + a question → the answer
+    """Numbered sources (articles of the *train* world of data/world.py) + a question → the answer
     cited as [n], or the refusal when no source says (missing fact, or a town not in the sources)."""
-    from ownllm.rag.demo import ATTRIBUTES, QUESTIONS, make_world
-    from ownllm.rag.grounded import cited_answer, sources_prompt
+    from ownllm.data.world import ATTRIBUTES, QUESTIONS, make_world
+    from ownllm.data.grounded import cited_answer, sources_prompt
 
     towns = [t for t in make_world("train").towns if t.lang == lang]
     picked = r.sample(towns, 4)
@@ -187,7 +187,7 @@ def _rag_qa(r: random.Random, lang: str) -> tuple[str, str]:
 
 
 def _tool_use(r: random.Random, lang: str) -> tuple[str, str, tuple]:
-    from ownllm.agent.traces import tool_trace
+    from ownllm.data.traces import tool_trace
 
     return tool_trace(r, lang)
 
@@ -195,8 +195,7 @@ def _tool_use(r: random.Random, lang: str) -> tuple[str, str, tuple]:
 def _extract(r: random.Random, lang: str) -> tuple[str, str]:
     """Fields of a staff note as JSON, spelled as constrained decoding writes it; the person's
     split (data/extraction.py) agrees with the prompt's, so `eval extract`'s notes stay unseen."""
-    from ownllm.data.extraction import SCHEMA, note_split, one_note
-    from ownllm.rag.extract import INSTRUCTION, field_list
+    from ownllm.data.extraction import INSTRUCTION, SCHEMA, field_list, note_split, one_note
 
     while True:
         note = one_note(r, lang)
@@ -209,8 +208,8 @@ def _closed_book(r: random.Random, lang: str) -> tuple[str, str]:
     """A question about a fictional town with no sources given: nothing the model read holds the
     answer, so the honest reply is "I don't know". Not in the SFT mix: it is the honesty that
     preference learning adds (data/preferences.py), measured by `ownllm eval prefs`."""
-    from ownllm.rag.demo import ATTRIBUTES, QUESTIONS, make_world
-    from ownllm.rag.grounded import CLOSED_BOOK_REFUSAL
+    from ownllm.data.world import ATTRIBUTES, QUESTIONS, make_world
+    from ownllm.data.grounded import CLOSED_BOOK_REFUSAL
 
     town = r.choice([t for t in make_world("train").towns if t.lang == lang])
     return QUESTIONS[lang][r.choice(ATTRIBUTES)].format(n=town.name), CLOSED_BOOK_REFUSAL[lang]

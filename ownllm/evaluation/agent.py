@@ -1,6 +1,6 @@
 """`ownllm eval agent`: held-out questions through the real agent loop, with and without tools.
 
-Where it sits: scores a fine-tuned run on questions of the kinds in agent/traces.py whose
+Where it sits: scores a fine-tuned run on questions of the kinds in data/traces.py whose
 prompts fall in the test bucket (never trained on): 4-digit × 4-digit products and two-step
 arithmetic (calculator), questions over the demo shop (sql), and facts of the demo knowledge
 base (search; its towns are not the train world's). "Without tools" asks the same arithmetic
@@ -13,9 +13,9 @@ import random
 from collections import defaultdict
 
 from ownllm.agent.loop import Agent
-from ownllm.agent.traces import arithmetic_question, sql_question
+from ownllm.data.traces import arithmetic_question, sql_question
 from ownllm.data.tasks import prompt_bucket
-from ownllm.rag.grounded import parse_answer
+from ownllm.data.grounded import parse_answer
 
 
 def held_out(kind: str, n: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -50,7 +50,7 @@ def evaluate_agent(run, kb=None, db=None, n_arith: int = 40, n_sql: int = 40, n_
     if db is not None:
         questions += [("sql", q, (a,)) for q, a, _ in held_out("sql", n_sql, seed)]
     if kb is not None and n_search:
-        from ownllm.rag.demo import make_world
+        from ownllm.data.world import make_world
 
         r = random.Random(seed)
         qs = [q for q in make_world("demo").questions() if q.kind == "answerable"]

@@ -16,22 +16,11 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from ownllm.data.chat import encode_conversations
-from ownllm.data.preferences import Pair, generate_preferences, preference_prompts, read_preferences, sample_answers
-from ownllm.evaluation.judge import deciding_rule, prefer
+from ownllm.data.judge import deciding_rule, prefer
+from ownllm.data.preferences import Pair, preference_prompts, read_preferences
 from ownllm.tokenizer import Tokenizer
-
-
-def answer_logps(run, examples, answers: list[str]) -> torch.Tensor:
-    """Summed log-prob of each answer (its assistant tokens and end of turn) under `run`."""
-    from ownllm.inference.generate import load_run
-    from ownllm.train.preference import all_completion_logps
-
-    model, tok = load_run(run)
-    return all_completion_logps(model, encode_conversations(tok, _conversations(examples, answers),
-                                                            model.config.max_seq_len, keep_end=True), tok.pad_id)
+from ownllm.train.pairs import answer_logps, preference_pairs, sample_answers
 
 
 def reward_scores(rm_run, examples, answers: list[str]) -> list[float]:
@@ -114,8 +103,8 @@ def evaluate_reward(run, data: str | None = None, n: int = 200, seed: int = 0, p
     else:
         stage = Path(run) / STAGE_FILE
         start = json.loads(stage.read_text()).get("start") if stage.exists() else None
-        pairs = generate_preferences(n, "test", run=start if start and Path(start).exists() else None, seed=seed,
-                                     progress=progress)
+        pairs = preference_pairs(n, "test", run=start if start and Path(start).exists() else None, seed=seed,
+                                 progress=progress)
     rm, tok = load_reward_model(run), Tokenizer.load(run)
     ex, kept = encode_pairs(tok, pairs, rm.config.max_seq_len)
     res = reward_accuracy(rm, ex, tok.pad_id)

@@ -1,7 +1,7 @@
 """`ownllm eval rag`: retrieval quality, grounded vs closed-book answers, hallucination, citations.
 
 Where it sits: scores a run and a knowledge base on the held-out questions of the demo world
-(rag/demo.py), whose gold answers and gold source documents are known.
+(data/world.py), whose gold answers and gold source documents are known.
 
 Definitions (all over the sampled questions):
 - recall@5 / MRR: the gold document has a chunk among the top 5 / 1 ÷ rank of its first chunk,
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from ownllm.inference.generate import greedy_texts, load_run
 from ownllm.rag.answer import MIN_RELEVANCE, prompt_ids, retrieve
-from ownllm.rag.demo import Question, make_world, slug
-from ownllm.rag.grounded import REFUSAL, checked, is_refusal, parse_answer
+from ownllm.data.world import Question, make_world, slug
+from ownllm.data.grounded import REFUSAL, checked, is_refusal, parse_answer
 from ownllm.rag.store import KnowledgeBase
 
 

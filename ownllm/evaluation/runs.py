@@ -12,7 +12,7 @@ from ownllm.checkpoint import load_model, trained_context
 from ownllm.data.corpora import load_sources
 from ownllm.data.shards import Shards, pack
 from ownllm.errors import OwnLLMError
-from ownllm.evaluation.lm import evaluate_sources
+from ownllm.train.heldout import evaluate_sources
 from ownllm.tokenizer import Tokenizer
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ownllm.rag.grounded import REFUSAL, checked, language, parse_answer, sources_prompt
+from ownllm.data.grounded import REFUSAL, checked, language, parse_answer, sources_prompt
 from ownllm.rag.store import Hit, KnowledgeBase
 
 MIN_RELEVANCE = 0.5

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ownllm.data.grounded import sentence_spans
 from ownllm.errors import OwnLLMError
 
 SUFFIXES = {".txt", ".md", ".markdown", ".html", ".htm", ".pdf"}
@@ -27,7 +28,6 @@ MAX_FILE_BYTES = 100 * 10**6
 MAX_TEXT_CHARS = 5_000_000
 MAX_PDF_PAGES = 2_000
 MAX_SECONDS = 60
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])")
 
 
 @dataclass(frozen=True)
@@ -190,23 +190,6 @@ def _read_pdf(path: Path) -> str:
     return "\n\n".join(pages)
 
 
-def _sentences(text: str, start: int) -> list[tuple[int, int]]:
-    """(start, end) offsets of the sentences of text[start:], ends included."""
-    spans, at = [], 0
-    for m in SENTENCE_END.finditer(text):
-        if m.start() > at:
-            spans.append((start + at, start + m.start()))
-        at = m.end()
-    if at < len(text):
-        spans.append((start + at, start + len(text)))
-    return spans
-
-
-def sentences(text: str) -> list[str]:
-    """The sentences of `text` (ends included), as chunking splits them."""
-    return [text[a:b] for a, b in _sentences(text, 0)]
-
-
 def _hard_split(a: int, b: int, max_chars: int) -> list[tuple[int, int]]:
     return [(s, min(s + max_chars, b)) for s in range(a, b, max_chars)]
 
@@ -218,7 +201,7 @@ def split_chunks(text: str, max_chars: int = 600, overlap: int = 120) -> list[Ch
     paragraphs: list[list[tuple[int, int]]] = []
     for m in re.finditer(r"\S(?:.*?\S)?(?=\n\s*\n|\s*$)", text, flags=re.S):
         sents = []
-        for a, b in _sentences(m.group(0), m.start()):
+        for a, b in sentence_spans(m.group(0), m.start()):
             sents += _hard_split(a, b, max_chars) if b - a > max_chars else [(a, b)]
         paragraphs.append(sents)
     chunks: list[tuple[int, int]] = []

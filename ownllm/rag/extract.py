@@ -19,22 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ownllm.data.extraction import INSTRUCTION, field_list
 from ownllm.errors import OwnLLMError
-
-# The prompt names the fields only: the constraint holds the rest of the schema, and a small model's
-# context is better spent on the text.
-INSTRUCTION = ("Extract these fields from the text as JSON: {fields}. Copy values exactly as the text writes "
-               "them; use null for a field the text does not state.\n\nText:\n{text}")
-
-
-def field_list(schema: dict) -> str:
-    """'name (string), year (integer), role (choice)': what the prompt says of the schema."""
-    def kind(spec) -> str:
-        if not isinstance(spec, dict):
-            return "value"
-        return "choice" if "enum" in spec else spec.get("type") if isinstance(spec.get("type"), str) else "value"
-    return ", ".join(f"{k} ({kind(v)})" for k, v in schema["properties"].items())
-
 
 @dataclass
 class Extracted:

@@ -258,6 +258,12 @@ class KnowledgeBase:
         with self.lock:
             return self._search(query, k, mode)
 
+    def search_text(self, query: str, k: int = 2) -> str:
+        """The top-k chunks as numbered sources, as the model reads them (the agent's search tool)."""
+        from ownllm.data.grounded import numbered_sources
+
+        return numbered_sources([h.text for h in self.search(query, k=k)]) or "(no results)"
+
     def _search(self, query: str, k: int, mode: str | None) -> list[Hit]:
         """Top-k chunks for `query`. mode: bm25 (default) | dense | hybrid. Hybrid is BM25 alone for a
         query in a script the embedder does not cover (`Embedder.covers`). BM25 is the default: it

@@ -510,7 +510,7 @@ def create_app(state: ServerState) -> FastAPI:
         def prepare():  # off the event loop: retrieval and rendering a 1 MB conversation take a while
             if state.kb is not None and tools is None and messages[-1]["role"] == "user" and body.get("rag", True):
                 from ownllm.rag.answer import prompt_ids, retrieve
-                from ownllm.rag.grounded import REFUSAL, language
+                from ownllm.data.grounded import REFUSAL, language
 
                 q = messages[-1]["content"]
                 hits = retrieve(state.kb, q)

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ownllm.train.distributed import on_model_device
+
 
 def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token NLL in nats, number of targets), in fp32; targets of -100 are ignored."""
@@ -147,3 +149,23 @@ class AdaptiveKL:
             error = max(-0.2, min(0.2, kl / self.target - 1))
             self.coef *= 1 + error * n_steps / self.horizon
         return self.coef
+
+
+def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, keep): the LM head applied only where a row has a target (keep = y ≠ −100).
+    Answers are a few % of a chat row, and the vocabulary projection + log-softmax over every
+    position was a quarter of an SFT step."""
+    batch = on_model_device(batch, model)
+    kwargs = {k: batch[k] for k in ("positions", "mask") if k in batch}
+    keep = batch["y"] != -100
+    return model.lm_head(model.hidden_states(batch["x"], **kwargs)[keep]), batch["y"][keep], keep
+
+
+def masked_lm_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL over target tokens, target count) for a chat batch (padded or packed); with
+    per-token weights `w` (prompt loss), the weighted sum and the sum of weights."""
+    logits, y, keep = target_logits(model, batch)  # (moves the batch to the model's device)
+    if "w" not in batch:
+        return summed_nll(logits, y)
+    w = batch["w"].to(keep.device)[keep]  # 0 wherever there is no target, so nothing is lost by the selection
+    return (F.cross_entropy(logits.float(), y, reduction="none") * w).sum(), w.sum()

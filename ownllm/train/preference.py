@@ -23,14 +23,14 @@ import torch.nn.functional as F
 
 from ownllm.checkpoint import load_model_config, load_start_weights, refuse_overwrite, resumed_train_config, start_run
 from ownllm.config import TrainConfig, from_json_dict, read_json
-from ownllm.data.chat import ChatExamples, collate_padded, target_logits
-from ownllm.data.preferences import Pair, generate_preferences, load_pairs
+from ownllm.data.chat import ChatExamples, collate_padded
+from ownllm.data.preferences import Pair
 from ownllm.data.tasks import prompt_bucket
 from ownllm.errors import OwnLLMError
 from ownllm.lora import freeze_base
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
-from ownllm.train.objectives import bradley_terry_loss, dpo_loss
+from ownllm.train.objectives import bradley_terry_loss, dpo_loss, target_logits
 from ownllm.train.trainer import Trainer
 
 STAGE_FILE = "stage_config.json"
@@ -210,9 +210,11 @@ def _split_pairs(pairs: list[Pair], log=print) -> tuple[list[Pair], list[Pair]]:
 
 
 def training_pairs(tcfg, n_prompts: int, val_prompts: int, start, log) -> tuple[list[Pair], list[Pair]]:
+    from ownllm.train.pairs import load_pairs, preference_pairs
+
     pairs = load_pairs(tcfg.data, run=start, n_prompts=n_prompts, seed=tcfg.seed, log=log)
     if tcfg.data == "prefs":
-        return pairs, generate_preferences(val_prompts, "test", run=start, seed=0, progress=False)
+        return pairs, preference_pairs(val_prompts, "test", run=start, seed=0, progress=False)
     return _split_pairs(pairs, log)
 
 

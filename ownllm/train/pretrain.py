@@ -17,7 +17,7 @@ from ownllm.checkpoint import load_model_config, refuse_overwrite, resumed_train
 from ownllm.config import ModelConfig, TrainConfig, model_config
 from ownllm.data.corpora import load_sources
 from ownllm.data.shards import Shards, copy_batch, pack, random_batch
-from ownllm.evaluation.lm import evaluate_sources, quick_eval_fn
+from ownllm.train.heldout import evaluate_sources, quick_eval_fn
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer, train_tokenizer
 from ownllm.train.distributed import main_first

@@ -35,7 +35,7 @@ from ownllm.data.tasks import FAMILIES, Example, generate
 from ownllm.errors import OwnLLMError
 from ownllm.inference.engine import Engine, SamplingParams
 from ownllm.model import GPT
-from ownllm.rag.grounded import is_refusal
+from ownllm.data.grounded import is_refusal
 from ownllm.train.objectives import (AdaptiveKL, gae, group_advantages, kl_penalty, masked_mean, ppo_policy_loss,
                                      ppo_value_loss, whiten)
 from ownllm.train.preference import (answer_lengths, begin, completion_logps, load_reward_model, open_run, stage_config,
@@ -320,7 +320,7 @@ def _ptx_batches(tok, max_len: int, tcfg, pcfg: PPOConfig, start, log):
     """A sampler of `ptx_batch` preferred answers (prompt + chosen, loss on the answer) from --data:
     the policy pairs' chosen side where the data has policy pairs, else every pair's."""
     from ownllm.data.chat import collate_padded, encode_conversations
-    from ownllm.data.preferences import load_pairs
+    from ownllm.train.pairs import load_pairs
 
     pairs = load_pairs(tcfg.data, run=start, n_prompts=pcfg.ptx_prompts, seed=tcfg.seed, log=log)
     pairs = [p for p in pairs if p.on_policy] or pairs

@@ -15,13 +15,14 @@ import torch
 
 from ownllm.checkpoint import load_model_config, load_start_weights, refuse_overwrite, resumed_train_config, start_run
 from ownllm.config import TrainConfig
-from ownllm.data.chat import ChatExamples, collate_packed, collate_padded, encode_conversations, masked_lm_step
+from ownllm.data.chat import ChatExamples, collate_packed, collate_padded, encode_conversations
 from ownllm.data.formats import read_chat_jsonl
 from ownllm.errors import OwnLLMError
 from ownllm.lora import freeze_base
 from ownllm.model import GPT
 from ownllm.tokenizer import Tokenizer
 from ownllm.train.distributed import context
+from ownllm.train.objectives import masked_lm_step
 from ownllm.train.trainer import Trainer
 
 # The suite's mix, in turns per round: short-answer families learn from many examples, long ones

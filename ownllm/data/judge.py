@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from ownllm.data.tasks import Example
-from ownllm.rag.grounded import REFUSALS, is_refusal
+from ownllm.data.grounded import REFUSALS, is_refusal
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _LATIN_WORD = re.compile(r"[A-Za-z]{2,}")

@@ -1,6 +1,6 @@
 """Grounded prompts: numbered sources + question → an answer that cites them, or a refusal.
 
-Where it sits: one format shared by training and use, so the model sees at `ownllm ask` exactly
+Where it sits: the bundled curriculum's prompt format, one shared by training and use, so the model sees at `ownllm ask` exactly
 what it learned from: the SFT task family `rag_qa` (data/tasks.py) renders its examples with
 `sources_prompt`, and `ask`, the agent's search tool and the server render retrieved chunks
 the same way: one line per source, every sentence followed by its number (numbered_sources).
@@ -16,6 +16,7 @@ CLOSED_BOOK_REFUSAL = {"en": "I don't know.", "zh": "我不知道。"}
 REFUSALS = (*REFUSAL.values(), *CLOSED_BOOK_REFUSAL.values())
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _CITE = re.compile(r"\s*\[(\d+)\]")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])")
 
 
 def language(text: str) -> str:
@@ -26,10 +27,7 @@ def numbered_sources(passages: list[str]) -> str:
     """One line per passage, every sentence followed by its passage's number: "The mayor of Fenbel
     is Irdel Fask. [2] The town of Fenbel was founded in 1320. [2]". A grounded answer copies the
     sentence that holds it and the citation comes with the copy; with the number only at the start
-    of the line, citing was a second lookup that the `tiny` model did not learn (citation accuracy
-    0.11 while it copied the right sentence)."""
-    from ownllm.rag.documents import sentences
-
+    of the line, citing would be a second lookup, which a small model learns poorly."""
     return "\n".join(" ".join(cited_answer(sent, i, "en") for sent in sentences(" ".join(p.split())))
                      for i, p in enumerate(passages, 1))
 
@@ -81,3 +79,20 @@ def checked(text: str, passages: list[str]) -> str | None:
         return text
     ans, _ = parse_answer(text)
     return next((cited_answer(ans, i, language(ans)) for i, p in enumerate(passages, 1) if _holds(p, ans)), None)
+
+
+def sentence_spans(text: str, start: int = 0) -> list[tuple[int, int]]:
+    """(start, end) offsets of the sentences of text[start:], ends included."""
+    spans, at = [], 0
+    for m in SENTENCE_END.finditer(text):
+        if m.start() > at:
+            spans.append((start + at, start + m.start()))
+        at = m.end()
+    if at < len(text):
+        spans.append((start + at, start + len(text)))
+    return spans
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of `text` (ends included), as chunking splits them."""
+    return [text[a:b] for a, b in sentence_spans(text)]

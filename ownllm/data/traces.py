@@ -5,7 +5,7 @@ agent` (evaluation/agent.py) asks held-out questions of the same kinds through t
 loop. Every trace is a whole conversation: the tool list (system turn, exactly as the agent
 renders it), the question, the assistant's call, the tool's result — computed by the real tool:
 the calculator, the demo shop database, or the search output format over articles of the
-*train* world (rag/demo.py) — and the final answer.
+*train* world (data/world.py) — and the final answer.
 
 Kinds: `mul` (4-digit × 4-digit), `multi` (two operations with parentheses), `sql` (questions
 over the demo shop), `search` (facts of towns), `direct` (2-digit sums: answered without a tool).
@@ -86,8 +86,8 @@ def _call(name: str, args: dict) -> dict:
 
 def _search_result(r: random.Random, lang: str) -> tuple[str, str, str]:
     """(question, search output as the search tool prints it, cited answer) from the train world."""
-    from ownllm.rag.demo import ATTRIBUTES, QUESTIONS, make_world
-    from ownllm.rag.grounded import cited_answer, numbered_sources
+    from ownllm.data.world import ATTRIBUTES, QUESTIONS, make_world
+    from ownllm.data.grounded import cited_answer, numbered_sources
 
     towns = [t for t in make_world("train").towns if t.lang == lang]
     target, other = r.sample(towns, 2)
