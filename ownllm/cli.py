@@ -24,6 +24,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="reuse the tokenizer in this run/tokenizer directory")
     p.add_argument("--vocab-size", type=int, help="vocabulary of a tokenizer trained here (default: the preset's)")
     p.add_argument("--preset", help="model preset: tiny (default), small, gpt2-124m")
+    p.add_argument("--recipe", help="a named recipe (preset, data, tokenizer size, optimizer and model settings tuned "
+                   "together): lookup or llama; flags, --config and --set override its parts")
     p.add_argument("--time-budget", type=float, help=f"seconds of training (default {d.time_budget:g} unless "
                    "--max-steps is given); the LR schedule ends with it")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train")
@@ -51,7 +53,17 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
 def _train_config(args) -> tuple:
     from ownllm.config import TrainConfig, apply_overrides, load_toml
 
+    from ownllm.config import RECIPES
+
     train_over, model_over = {}, {}
+    recipe = getattr(args, "recipe", None)
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise OwnLLMError(f"unknown recipe {recipe!r} (expected one of: {', '.join(RECIPES)})")
+        train_over.update(RECIPES[recipe]["train"])
+        model_over.update(RECIPES[recipe]["model"])
+        if args.preset is None:
+            args.preset = RECIPES[recipe]["preset"]
     if args.config:
         raw = load_toml(args.config)
         train_over.update(raw.get("train", {}))
@@ -627,8 +639,8 @@ def cmd_quickstart(args) -> None:
         set_threads(args.threads)
     budgets = {k: v for k in ("pretrain_budget", "sft_budget", "rlhf_budget") if (v := getattr(args, k)) is not None}
     steps = {k: v for k in QUICKSTART_STEPS if (v := getattr(args, k)) is not None}
-    quickstart(args.out, n_eval=args.n_eval, data=args.data, llama=args.llama, **({"steps": steps} if steps else {}),
-               **budgets)
+    quickstart(args.out, n_eval=args.n_eval, data=args.data, recipe="llama" if args.llama else args.recipe,
+               **({"steps": steps} if steps else {}), **budgets)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -895,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "('object': any JSON object)")
     p.set_defaults(func=cmd_chat)
 
-    from ownllm.config import QUICKSTART_STEPS
+    from ownllm.config import QUICKSTART_STEPS, RECIPES
 
     p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")
     p.add_argument("--out", default="runs/quickstart")
@@ -909,13 +921,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rlhf-budget", type=float, metavar="SECONDS", help="seconds of training for the reward model, DPO, "
                    "PPO and GRPO together (a quarter each) instead of steps")
     p.add_argument("--n-eval", type=int, default=50, help="held-out prompts per task family")
-    p.add_argument("--data", default="shakespeare,chinese-poetry,tasks", help="pretraining sources ('tasks': the "
-                   "task suite's train split as text)")
+    p.add_argument("--data", help="pretraining sources (default: the recipe's, shakespeare,chinese-poetry,tasks; "
+                   "'tasks': the task suite's train split as text)")
+    p.add_argument("--recipe", default="lookup", choices=list(RECIPES), help="pretraining recipe: lookup (default; "
+                   "learns to look values up in its prompt, not exportable) or llama (a plain Llama, exported to "
+                   "transformers and GGUF at the end)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores); the step counts, "
                    "and so the report card, do not depend on it")
-    p.add_argument("--llama", action="store_true", help="a plain Llama model (exportable to transformers and GGUF) "
-                   "instead of the recipe with smear, q/k norms and the copy warm-up, which learns to look values "
-                   "up in its prompt")
+    p.add_argument("--llama", action="store_true", help="same as --recipe llama")
     p.set_defaults(func=cmd_quickstart)
     return ap
 

@@ -1,11 +1,11 @@
 """`ownllm quickstart`: every stage that exists, on bundled data, on a laptop CPU, then a report card.
 
-Where it sits: the main job. Pipeline: tokenizer + pretraining (tiny preset with the lookup
-recipe — smear, q/k norms, a copy warm-up — unless `llama`; Shakespeare + Chinese poetry + the
+Where it sits: the main job. Pipeline: tokenizer + pretraining (the `lookup` recipe — tiny
+preset, smear, q/k norms, a copy warm-up — or `llama`, config.RECIPES; Shakespeare + Chinese poetry + the
 task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
 tool-use traces) → held-out exact match, a chat sample, Hugging Face and GGUF exports (`llama`
-only) → RAG over the demo knowledge base
+recipe only) → RAG over the demo knowledge base
 (retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools →
 alignment: preference pairs ranked by the hidden rule, a reward model, DPO, PPO against the reward
 model and GRPO against the arithmetic verifier, each judged on held-out prompts.
@@ -17,12 +17,14 @@ import json
 import time
 from pathlib import Path
 
-from ownllm.config import QUICKSTART_STEPS, TrainConfig
+from ownllm.config import QUICKSTART_STEPS, RECIPES, TrainConfig
+from ownllm.errors import OwnLLMError
 from ownllm.interop.hf import SMEAR_UNEXPORTABLE
 from ownllm.metrics import MetricsLog, plot_curves
 
 
-NOT_EXPORTED = f"the model {SMEAR_UNEXPORTABLE}; `ownllm quickstart --llama` trains a plain Llama and exports it"
+NOT_EXPORTED = (f"the model {SMEAR_UNEXPORTABLE}; `ownllm quickstart --recipe llama` trains a plain Llama and "
+                "exports it")
 
 
 def limit(steps: int, seconds: float | None) -> dict:
@@ -31,13 +33,14 @@ def limit(steps: int, seconds: float | None) -> dict:
 
 
 def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n_eval: int = 50,
-               data: str = "shakespeare,chinese-poetry,tasks", pretrain_budget: float | None = None,
-               sft_budget: float | None = None, rlhf_budget: float | None = None, llama: bool = False,
+               data: str | None = None, pretrain_budget: float | None = None,
+               sft_budget: float | None = None, rlhf_budget: float | None = None, recipe: str = "lookup",
                log=print) -> dict:
     """`steps`: steps per stage (QUICKSTART_STEPS, any subset overridden), so the report card is
     the same on a fast host and a slow one; a `*_budget` in seconds replaces a stage's steps
-    (`rlhf_budget`: the reward model, DPO, PPO and GRPO together, a quarter each). `data`: the
-    pretraining mix (`tasks`: the suite's train split as text)."""
+    (`rlhf_budget`: the reward model, DPO, PPO and GRPO together, a quarter each). `recipe`: the
+    pretraining recipe (config.RECIPES; `llama` exports). `data`: the pretraining mix, or None for
+    the recipe's (`tasks`: the suite's train split as text)."""
     from ownllm.agent.sql import ReadOnlyDB, demo_shop_path
     from ownllm.evaluation.agent import evaluate_agent, print_agent_report
     from ownllm.evaluation.extraction import evaluate_extraction, print_extraction_report
@@ -58,16 +61,15 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     length = f"{pretrain_budget:.0f}s" if pretrain_budget else f"{steps['pretrain_steps']} steps"
-    log(f"== 1/7 tokenizer + pretraining: tiny preset on {data}, {length} of training ==")
+    log(f"== 1/7 tokenizer + pretraining: the {recipe} recipe on {data or RECIPES.get(recipe, {}).get('train', {}).get('data')}, "
+        f"{length} of training ==")
     base = out / "base"
-    # Muon learns this mix faster per step than AdamW. The lookup recipe (unless `llama`): the
-    # previous token's embedding mixed into each token's (smear), q/k norms, and 150 steps of
-    # repeated random sequences first (copy_steps) form the induction head that finding a value in
-    # the prompt needs; a plain Llama does not form it in this many steps.
-    recipe = {} if llama else {"smear": True, "qk_norm": True}
-    pre = pretrain(base, TrainConfig(data=data, vocab_size=4096, seed=1337, optimizer="muon",
-                                     copy_steps=0 if llama else 150, **limit(steps["pretrain_steps"], pretrain_budget)),
-                   preset="tiny", model_overrides=recipe, overwrite=True, log=log)
+    if recipe not in RECIPES:
+        raise OwnLLMError(f"unknown recipe {recipe!r} (expected one of: {', '.join(RECIPES)})")
+    r = RECIPES[recipe]
+    pre = pretrain(base, TrainConfig(**{**r["train"], **({"data": data} if data else {})},
+                                     **limit(steps["pretrain_steps"], pretrain_budget)),
+                   preset=r["preset"], model_overrides=r["model"], overwrite=True, log=log)
     for r in pre["sources"]:
         log(f"  {r['source']:<16} val_loss {r['val_loss']:.4f}  val_bpb {r['val_bpb']:.4f}")
     speed = pre["step"] / max(pre["elapsed_s"], 1e-9)
@@ -97,7 +99,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
         chat.command("/reset")
         log(f"you> {q}\nbot> {chat_demo[-1][1]}")
     exported = None
-    if llama:
+    if recipe == "llama":
         exported = {"hf": export_hf(sft_run, out / "hf", overwrite=True),
                     "gguf": export_gguf(sft_run, out / "sft.gguf", overwrite=True)}
         log(f"exported for transformers: {exported['hf']['out']} ({exported['hf']['architecture']}, "

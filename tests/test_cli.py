@@ -170,3 +170,19 @@ def test_generate_with_a_json_schema_or_regex(tmp_path, run_dir, capsys):
     assert main(["generate", "--run", str(run_dir), "--prompt", "X", "--json-schema", str(schema)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "s.json" in err and "no-such-format" in err
+
+
+def test_a_named_recipe_sets_its_parts_and_flags_override_them():
+    from ownllm.cli import _train_config, build_parser
+    from ownllm.config import RECIPES
+
+    args = build_parser().parse_args(["pretrain", "--recipe", "lookup", "--out", "r", "--max-steps", "9"])
+    tcfg, model = _train_config(args)
+    assert (tcfg.optimizer, tcfg.copy_steps, tcfg.vocab_size, tcfg.max_steps) == ("muon", 150, 4096, 9)
+    assert tcfg.data == RECIPES["lookup"]["train"]["data"] and model == {"smear": True, "qk_norm": True}
+    assert args.preset == "tiny"
+    args = build_parser().parse_args(["pretrain", "--recipe", "llama", "--out", "r", "--data", "shakespeare",
+                                      "--set", "copy_steps=5"])
+    tcfg, model = _train_config(args)
+    assert (tcfg.data, tcfg.copy_steps, model) == ("shakespeare", 5, {})
+    assert main(["pretrain", "--recipe", "nope", "--out", "r"]) == 2
