@@ -475,9 +475,7 @@ def cmd_sft(args) -> None:
         over["pack"] = False
     if args.no_compile:
         over["compile"] = False
-    if args.lora and "lr" not in over and not args.resume:
-        over["lr"] = 3e-3  # adapters start at zero and need a larger step than full fine-tuning
-    tcfg = apply_overrides(sft_config(), over, source="--set")
+    tcfg = apply_overrides(sft_config(lora=args.lora and not args.resume), over, source="--set")
     if not args.resume and not args.base:
         raise OwnLLMError("sft: --base RUN is required (the pretrained run to fine-tune)")
     res = sft(args.base, args.out, tcfg, lora_rank=args.lora_rank if args.lora else 0, lora_alpha=args.lora_alpha,

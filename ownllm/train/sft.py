@@ -35,8 +35,12 @@ SFT_DEFAULTS = dict(lr=2e-3, warmup_steps=20, batch_size=8, seq_len=512, eval_in
                     pack=True, compile=True, task_weights=TASK_WEIGHTS, optimizer="muon")
 
 
-def sft_config(**overrides) -> TrainConfig:
-    return dataclasses.replace(TrainConfig(), **{**SFT_DEFAULTS, **overrides})
+LORA_LR = 3e-3   # adapters start at zero and need a larger step than full fine-tuning
+
+
+def sft_config(lora: bool = False, **overrides) -> TrainConfig:
+    """SFT's settings: SFT_DEFAULTS, LoRA's learning rate with `lora`, then `overrides`."""
+    return dataclasses.replace(TrainConfig(), **{**SFT_DEFAULTS, **({"lr": LORA_LR} if lora else {}), **overrides})
 
 
 def load_conversations(tcfg: TrainConfig, log=print) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -99,6 +103,7 @@ def val_loss_fn(ex: ChatExamples, pad_id: int, batch: int = 32):
 def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora_rank: int = 0,
         lora_alpha: float = 16.0, resume: bool = False, overwrite: bool = False, progress: bool = True,
         stop_at_step: int | None = None, log=print) -> dict:
+    """Fine-tune `base` into `out`; `tcfg` defaults to sft_config(lora=lora_rank > 0)."""
     out = Path(out)
     if resume:
         tcfg = resumed_train_config(out, tcfg, defaults=sft_config())
@@ -106,7 +111,7 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
         tok = Tokenizer.load(out)
     else:
         base = Path(base)
-        tcfg = tcfg or sft_config()
+        tcfg = tcfg or sft_config(lora=lora_rank > 0)
         writer = context(tcfg.device).is_main  # under torchrun rank 0 writes the run directory
         if writer:
             refuse_overwrite(out, overwrite)
