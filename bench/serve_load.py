@@ -106,12 +106,12 @@ def main() -> None:
 def serve_and_load(run: str, args) -> None:
     import uvicorn
 
-    from ownllm.cli import build_server_state
+    from ownllm.serve.app import build_state
     from ownllm.serve.app import create_app
 
     ns = argparse.Namespace(run=run, api_key=None, kb=None, tools=None, db=None, embedder="none", quantize=None,
                             slots=8, threads=None)
-    state = build_server_state(ns)
+    state = build_state(ns)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

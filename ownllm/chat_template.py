@@ -301,3 +301,17 @@ class ReasoningSplitter:
         parts = self.push(text) + self.flush()
         return ("".join(t for k, t in parts if k == "reasoning"),
                 "".join(t for k, t in parts if k == "content"))
+
+
+def parse_template_args(items: list[str]) -> dict:
+    """--template-arg KEY=VALUE items → {KEY: VALUE}, VALUE as JSON when it parses (false, 3, "x")."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise OwnLLMError(f"--template-arg {item!r}: expected KEY=VALUE with KEY a name")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out

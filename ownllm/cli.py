@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -162,27 +161,18 @@ def _print_sample(run: str, prompt: str, n: int = 120) -> None:
     print("\n---")
 
 
-def _open_kb(kb: str, embedder: str | None = None, create: bool = False):
-    """A KnowledgeBase for `--kb` ('demo' = the bundled demo, built on first use)."""
-    from ownllm.rag.demo import resolve_kb
-    from ownllm.rag.embed import find_embedder
-    from ownllm.rag.store import KnowledgeBase
-
-    emb = find_embedder(embedder)
-    return KnowledgeBase(resolve_kb(kb, emb), embedder=emb, create=create)
-
-
 def cmd_rag(args) -> None:
+    from ownllm.rag.demo import open_kb
     if args.action == "index":
         if not args.paths:
             raise OwnLLMError("rag index: give one or more files or directories to index")
-        with _open_kb(args.kb, args.embedder, create=True) as kb:
+        with open_kb(args.kb, args.embedder, create=True) as kb:
             rep = kb.index(args.paths, max_chars=args.chunk_chars, overlap=args.overlap, progress=not args.no_progress)
             st = kb.stats()
         print(f"{args.kb}: {rep}; now {st['documents']} documents, {st['chunks']} chunks, "
               f"vectors: {st['embedder'] or 'none (BM25 only)'}")
         return
-    with _open_kb(args.kb, args.embedder) as kb:
+    with open_kb(args.kb, args.embedder) as kb:
         if args.action == "ls":
             docs = kb.documents()
             for d in docs:
@@ -211,6 +201,8 @@ def cmd_rag(args) -> None:
 
 
 def cmd_extract(args) -> None:
+    from ownllm.rag.demo import open_kb
+    from ownllm.chat_template import parse_template_args
     from tqdm import tqdm
 
     from ownllm.inference.generate import load_run
@@ -224,12 +216,12 @@ def cmd_extract(args) -> None:
         raise OwnLLMError("--kb needs --query: the passages it retrieves are what records are extracted from")
     files = iter_files(args.docs) if args.docs else []
     model, tok = load_run(args.run)
-    ex = Extractor(model, tok, schema, max_new_tokens=args.max_new_tokens, template_kwargs=template_args(args.template_arg))
+    ex = Extractor(model, tok, schema, max_new_tokens=args.max_new_tokens, template_kwargs=parse_template_args(args.template_arg))
     jobs = [(str(f), lambda f=f: ex.extract_file(f)) for f in files]
     if args.kb:
         from ownllm.rag.answer import retrieve
 
-        with _open_kb(args.kb, args.embedder) as kb:
+        with open_kb(args.kb, args.embedder) as kb:
             hits = retrieve(kb, args.query, k=args.k, min_relevance=0.0)
         jobs += [(h.source, lambda h=h: ex.extract_text(h.text, h.source)) for h in hits]
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
@@ -248,13 +240,14 @@ def cmd_extract(args) -> None:
 
 
 def cmd_ask(args) -> None:
+    from ownllm.rag.demo import open_kb
     from ownllm.inference.generate import load_run
     from ownllm.rag.answer import ask_stream
 
     if not 0 <= args.relative_relevance <= 1:
         raise OwnLLMError(f"--relative-relevance must be between 0 and 1 (got {args.relative_relevance})")
     model, tok = load_run(args.run)
-    with _open_kb(args.kb, args.embedder) as kb:
+    with open_kb(args.kb, args.embedder) as kb:
         result = None
         for piece in ask_stream(model, tok, kb, args.question, k=args.k, min_relevance=args.min_relevance,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, mode=args.mode,
@@ -278,17 +271,6 @@ def cmd_ask(args) -> None:
         print(f"  [{i}] {h.source}{'  (cited)' if id(h) in cited else ''}")
 
 
-def _registry(tools: str, kb: str | None, db: str | None, embedder: str | None = None):
-    """(ToolRegistry, [things to close]) for `--tools a,b` with the --kb / --db they need."""
-    from ownllm.agent.sql import ReadOnlyDB, resolve_db
-    from ownllm.agent.tools import builtin_tools
-
-    names = [t.strip() for t in tools.split(",") if t.strip()]
-    kb_obj = _open_kb(kb, embedder) if kb and "search" in names else None
-    db_obj = ReadOnlyDB(resolve_db(db)) if db and "sql" in names else None
-    return builtin_tools(names, kb=kb_obj, db=db_obj), [x for x in (kb_obj, db_obj) if x is not None]
-
-
 def _print_event(kind: str, data) -> None:
     if kind == "call":
         print(f"→ call   {data.raw}" + ("" if data.valid else "   (invalid)"))
@@ -297,11 +279,12 @@ def _print_event(kind: str, data) -> None:
 
 
 def cmd_agent(args) -> None:
+    from ownllm.agent.loop import open_tools
     from ownllm.agent.loop import Agent
     from ownllm.inference.generate import load_run
 
     model, tok = load_run(args.run)
-    reg, owned = _registry(args.tools, args.kb, args.db, args.embedder)
+    reg, owned = open_tools(args.tools, args.kb, args.db, args.embedder)
     try:
         agent = Agent(model, tok, reg, max_steps=args.max_steps, temperature=args.temperature, seed=args.seed)
         res = agent.run(args.question, on_event=_print_event)
@@ -313,40 +296,12 @@ def cmd_agent(args) -> None:
             x.close()
 
 
-def build_server_state(args):
-    """ServerState for `ownllm serve` (also used by tests and bench/serve_load.py)."""
-    from ownllm.inference.batcher import ContinuousBatcher
-    from ownllm.inference.generate import load_run
-    from ownllm.serve.app import ServerState
-    from ownllm.train.distributed import set_threads
-
-    run = Path(args.run)
-    model, tok = load_run(run, getattr(args, "quantize", None))
-    set_threads(getattr(args, "threads", None))
-    reg = kb = None
-    if getattr(args, "tools", None):
-        from ownllm.agent.loop import require_tool_calls
-
-        require_tool_calls(tok)
-        reg, _ = _registry(args.tools, args.kb, args.db, args.embedder)
-    elif getattr(args, "kb", None):
-        kb = _open_kb(args.kb, args.embedder)
-    host = getattr(args, "host", "127.0.0.1")
-    return ServerState(model=model, tok=tok, model_id=run.resolve().name,
-                       api_key=args.api_key or os.environ.get("OWNLLM_API_KEY") or None,
-                       batcher=ContinuousBatcher(model, tok.pad_id, slots=args.slots,
-                                                 max_waiting=getattr(args, "max_waiting", 64), tokenizer=tok),
-                       kb=kb, registry=reg, template_kwargs=template_args(getattr(args, "template_arg", [])),
-                       allow_hosts=frozenset(h.lower() for h in [host, *(getattr(args, "allow_host", None) or [])]),
-                       allow_origins=frozenset(getattr(args, "allow_origin", None) or []))
-
-
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from ownllm.serve.app import create_app
+    from ownllm.serve.app import build_state, create_app
 
-    state = build_server_state(args)
+    state = build_state(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not state.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"ownllm serve: {state.model_id} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)"
@@ -362,6 +317,7 @@ def _write_samples(path: str | None, res: dict) -> None:
 
 
 def cmd_eval(args) -> None:
+    from ownllm.rag.demo import open_kb
     if args.suite == "prefs":
         from ownllm.evaluation.prefs import evaluate_prefs, print_prefs_report
 
@@ -381,7 +337,7 @@ def cmd_eval(args) -> None:
         from ownllm.agent.sql import ReadOnlyDB, resolve_db
         from ownllm.evaluation.agent import evaluate_agent, print_agent_report
 
-        kb = _open_kb(args.kb or "demo", args.embedder)
+        kb = open_kb(args.kb or "demo", args.embedder)
         db = ReadOnlyDB(resolve_db(args.db or "demo"))
         try:
             res = evaluate_agent(args.run, kb=kb, db=db, n_arith=args.n or 40, n_sql=args.n or 40, n_search=args.n or 20,
@@ -394,7 +350,7 @@ def cmd_eval(args) -> None:
     if args.suite == "rag":
         from ownllm.evaluation.rag import evaluate_rag, print_rag_report
 
-        with _open_kb(args.kb or "demo", args.embedder) as kb:
+        with open_kb(args.kb or "demo", args.embedder) as kb:
             res = evaluate_rag(args.run, kb, n=args.n or 200, seed=args.seed)
         _write_samples(args.samples, res)
         print_rag_report(res)
@@ -598,29 +554,17 @@ TEMPLATE_ARG_HELP = ("a variable for an imported model's own chat template, repe
                      "for Qwen3); VALUE is read as JSON when it parses, else as text")
 
 
-def template_args(items: list[str]) -> dict:
-    """--template-arg KEY=VALUE items → {KEY: VALUE}, VALUE as JSON when it parses (false, 3, "x")."""
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip().isidentifier():
-            raise OwnLLMError(f"--template-arg {item!r}: expected KEY=VALUE with KEY a name")
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
-
-
 def cmd_chat(args) -> None:
+    from ownllm.agent.loop import open_tools
+    from ownllm.chat_template import parse_template_args
     from ownllm.chat import repl
 
-    reg, owned = _registry(args.tools, args.kb, args.db, args.embedder) if args.tools else (None, [])
+    reg, owned = open_tools(args.tools, args.kb, args.db, args.embedder) if args.tools else (None, [])
     try:
         if args.json_schema and reg is not None:
             raise OwnLLMError("--json-schema with --tools: a reply is either a tool call or constrained JSON")
         repl(args.run, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-             quantize=args.quantize, registry=reg, template_kwargs=template_args(args.template_arg),
+             quantize=args.quantize, registry=reg, template_kwargs=parse_template_args(args.template_arg),
              json_schema=read_schema(args.json_schema))
     finally:
         for x in owned:

@@ -117,13 +117,13 @@ TINY = ["--set", "model.dim=32", "--set", "model.n_layers=2", "--set", "model.n_
 
 def server_state(run_dir, **kw):
     """The server's state for a run, as `ownllm serve` builds it (kw: its flags)."""
-    from ownllm.cli import build_server_state
+    from ownllm.serve.app import build_state
 
     ns = argparse.Namespace(run=str(run_dir), api_key=None, kb=None, tools=None, db=None, embedder="none",
                             quantize=None, slots=4, threads=None)
     for k, v in kw.items():
         setattr(ns, k, v)
-    return build_server_state(ns)
+    return build_state(ns)
 
 
 def free_port() -> int:

@@ -277,7 +277,7 @@ def test_sft_mask_when_earlier_turns_render_differently(tmp_path, tagged):
 
 def test_template_variables_reach_the_template(tmp_path):
     """Qwen3-style enable_thinking=False: the same ids as transformers given the same variable."""
-    from ownllm.cli import template_args
+    from ownllm.chat_template import parse_template_args as template_args
     from ownllm.tokenizer import Tokenizer
 
     template = THINK + ("{%- if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
@@ -306,7 +306,7 @@ def test_server_renders_the_imported_template_with_request_variables(tmp_path):
     import argparse
 
     fastapi_testclient = pytest.importorskip("fastapi.testclient")
-    from ownllm.cli import build_server_state
+    from ownllm.serve.app import build_state as build_server_state
     from ownllm.serve.app import create_app
     from ownllm.tokenizer import Tokenizer
 
@@ -362,7 +362,7 @@ def test_server_returns_a_thinking_models_reasoning_apart(tmp_path, monkeypatch)
 
     fastapi_testclient = pytest.importorskip("fastapi.testclient")
     import ownllm.serve.app as app_mod
-    from ownllm.cli import build_server_state
+    from ownllm.serve.app import build_state as build_server_state
 
     reply = ["<th", "ink>\nTwo and ", "two.\n</thi", "nk>\n\n", "4"]
 

@@ -144,3 +144,15 @@ class Agent:
             res.finished = False
             res.answer = "(no final answer within the step limit)"
         return res
+
+
+def open_tools(tools: str, kb: str | None, db: str | None, embedder: str | None = None):
+    """(ToolRegistry, [things to close]) for `--tools a,b` with the --kb / --db they need."""
+    from ownllm.agent.sql import ReadOnlyDB, resolve_db
+    from ownllm.agent.tools import builtin_tools
+    from ownllm.rag.demo import open_kb
+
+    names = [t.strip() for t in tools.split(",") if t.strip()]
+    kb_obj = open_kb(kb, embedder) if kb and "search" in names else None
+    db_obj = ReadOnlyDB(resolve_db(db)) if db and "sql" in names else None
+    return builtin_tools(names, kb=kb_obj, db=db_obj), [x for x in (kb_obj, db_obj) if x is not None]

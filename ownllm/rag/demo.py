@@ -43,3 +43,12 @@ def demo_kb_path(embedder=None, log=print) -> Path:
 def resolve_kb(kb: str, embedder=None, log=print) -> Path:
     """`--kb` value → file path ('demo' builds the bundled demo knowledge base)."""
     return demo_kb_path(embedder, log) if kb == "demo" else Path(kb)
+
+
+def open_kb(kb: str, embedder: str | None = None, create: bool = False):
+    """A KnowledgeBase for `--kb` ('demo' = the bundled demo, built on first use)."""
+    from ownllm.rag.embed import find_embedder
+    from ownllm.rag.store import KnowledgeBase
+
+    emb = find_embedder(embedder)
+    return KnowledgeBase(resolve_kb(kb, emb), embedder=emb, create=create)

@@ -29,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -674,3 +676,33 @@ def model_embeddings(state: ServerState, texts: list[str]) -> tuple[list[list[fl
             h = model.hidden_states(torch.tensor([ids], device=model.device))[0].float().mean(0)
             out.append(torch.nn.functional.normalize(h, dim=0).tolist())
     return out, n
+
+
+def build_state(args) -> "ServerState":
+    """ServerState for `ownllm serve`'s options (an argparse namespace; tests and benches build one)."""
+    from ownllm.agent.loop import open_tools
+    from ownllm.chat_template import parse_template_args
+    from ownllm.inference.batcher import ContinuousBatcher
+    from ownllm.inference.generate import load_run
+    from ownllm.rag.demo import open_kb
+    from ownllm.train.distributed import set_threads
+
+    run = Path(args.run)
+    model, tok = load_run(run, getattr(args, "quantize", None))
+    set_threads(getattr(args, "threads", None))
+    reg = kb = None
+    if getattr(args, "tools", None):
+        from ownllm.agent.loop import require_tool_calls
+
+        require_tool_calls(tok)
+        reg, _ = open_tools(args.tools, args.kb, args.db, args.embedder)
+    elif getattr(args, "kb", None):
+        kb = open_kb(args.kb, args.embedder)
+    host = getattr(args, "host", "127.0.0.1")
+    return ServerState(model=model, tok=tok, model_id=run.resolve().name,
+                       api_key=args.api_key or os.environ.get("OWNLLM_API_KEY") or None,
+                       batcher=ContinuousBatcher(model, tok.pad_id, slots=args.slots,
+                                                 max_waiting=getattr(args, "max_waiting", 64), tokenizer=tok),
+                       kb=kb, registry=reg, template_kwargs=parse_template_args(getattr(args, "template_arg", [])),
+                       allow_hosts=frozenset(h.lower() for h in [host, *(getattr(args, "allow_host", None) or [])]),
+                       allow_origins=frozenset(getattr(args, "allow_origin", None) or []))
