@@ -27,26 +27,25 @@ def compile_grammar(json_schema: dict | bool | None = None, regex: str | None = 
     """The llguidance grammar for a JSON Schema (True: any JSON object), a regex or a Lark grammar
     (tool_call_grammar's); an invalid one, or a feature llguidance does not support, is an
     OwnLLMError naming it."""
-    if lark is not None:
-        return _compile_lark(lark)
     try:
         # not sort_keys: the grammar writes properties in the order the schema lists them
         key = json.dumps(json_schema) if json_schema not in (None, True) else json_schema
     except (TypeError, ValueError) as e:
         raise OwnLLMError(f"the JSON schema is not JSON ({e})") from None
-    return _compile(key, regex)
+    return _compile(key, regex, lark)
 
 
 @lru_cache(maxsize=64)
-def _compile(key, regex: str | None) -> str:
+def _compile(key, regex: str | None, lark: str | None) -> str:
     import llguidance
 
     json_schema = json.loads(key) if isinstance(key, str) else key
-
-    if (json_schema is None) == (regex is None):
+    if sum(x is not None for x in (json_schema, regex, lark)) != 1:
         raise OwnLLMError("give exactly one of a JSON schema or a regex to constrain the output")
     try:
-        if regex is not None:
+        if lark is not None:
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        elif regex is not None:
             if not isinstance(regex, str) or not regex:
                 raise OwnLLMError("the regex must be a non-empty string")
             grammar = llguidance.LLMatcher.grammar_from_regex(regex)
@@ -55,20 +54,6 @@ def _compile(key, regex: str | None) -> str:
             if not isinstance(schema, dict):
                 raise OwnLLMError("the JSON schema must be an object")
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
-    except (ValueError, TypeError) as e:
-        raise OwnLLMError(f"the output constraint is not valid: {str(e)[:200]}") from None
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise OwnLLMError(f"the output constraint is not supported: {error.strip()[:300]}")
-    return grammar
-
-
-@lru_cache(maxsize=64)
-def _compile_lark(lark: str) -> str:
-    import llguidance
-
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     except (ValueError, TypeError) as e:
         raise OwnLLMError(f"the output constraint is not valid: {str(e)[:200]}") from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
