@@ -419,7 +419,7 @@ def cmd_sft(args) -> None:
     from ownllm.config import apply_overrides
     from ownllm.train.sft import sft, sft_config
 
-    over = _parse_sets(args.set)
+    over = {**_config_file(args.config, ("train",)), **_parse_sets(args.set)}
     for name in ("data", "format", "max_steps", "seed", "prompt_loss_weight", "task_weights"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)
@@ -441,6 +441,20 @@ def cmd_sft(args) -> None:
           f"({100 * res['trainable_params'] / res['total_params']:.2f}%); val_loss {res.get('val_loss', float('nan')):.4f}")
 
 
+def _config_file(path: str | None, tables: tuple[str, ...] = ("train", "stage")) -> dict:
+    """--config FILE.toml for a fine-tuning or alignment stage: its [train] and [stage] tables as one
+    KEY -> value dict (routed as --set routes them); another table is an error naming it."""
+    from ownllm.config import load_toml
+
+    if not path:
+        return {}
+    raw = load_toml(path)
+    unknown = [k for k in raw if k not in tables]
+    if unknown:
+        raise OwnLLMError(f"{path}: unknown table(s) {unknown} (expected {', '.join(f'[{t}]' for t in tables)})")
+    return {k: v for t in tables for k, v in raw.get(t, {}).items()}
+
+
 def _stage_configs(args, defaults: dict, stage_cls):
     """TrainConfig and the stage's own dataclass from flags and --set KEY=VALUE (a key of the stage
     dataclass goes there, any other to TrainConfig)."""
@@ -450,7 +464,7 @@ def _stage_configs(args, defaults: dict, stage_cls):
 
     fields = {f.name for f in dataclasses.fields(stage_cls)}
     train_over, stage_over = {}, {}
-    for k, v in _parse_sets(args.set).items():
+    for k, v in {**_config_file(args.config), **_parse_sets(args.set)}.items():
         (stage_over if k in fields else train_over)[k] = v
     for name in ("data", "max_steps", "seed", "batch_size", "lr"):
         if getattr(args, name, None) is not None:
@@ -753,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="TOML file with a [train] table of overrides (--set and flags win)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sft)
@@ -770,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true")
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--seed", type=int)
+        p.add_argument("--config", help="TOML file with [train] and [stage] tables of overrides (--set and flags win)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a TrainConfig field or a field of the stage's own config")
         p.add_argument("--no-progress", action="store_true")

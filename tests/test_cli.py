@@ -186,3 +186,19 @@ def test_a_named_recipe_sets_its_parts_and_flags_override_them():
     tcfg, model = _train_config(args)
     assert (tcfg.data, tcfg.copy_steps, model) == ("shakespeare", 5, {})
     assert main(["pretrain", "--recipe", "nope", "--out", "r"]) == 2
+
+
+def test_every_stage_takes_a_config_file(tmp_path):
+    """--config FILE.toml: [train] for sft, [train] and [stage] for the alignment stages; --set and
+    flags win over it; an unknown table is an error naming it."""
+    from ownllm.cli import _stage_configs, build_parser
+    from ownllm.train.preference import DPO_DEFAULTS, DPOConfig
+
+    cfg = tmp_path / "dpo.toml"
+    cfg.write_text("[train]\nlr = 1e-5\nbatch_size = 4\n\n[stage]\nbeta = 0.3\n")
+    args = build_parser().parse_args(["dpo", "--policy", "p", "--out", "o", "--config", str(cfg), "--batch-size", "2"])
+    tcfg, dcfg = _stage_configs(args, DPO_DEFAULTS, DPOConfig)
+    assert (tcfg.lr, tcfg.batch_size, dcfg.beta) == (1e-5, 2, 0.3)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\ndim = 3\n")
+    assert main(["sft", "--base", "b", "--out", str(tmp_path / "o"), "--config", str(bad)]) == 2
