@@ -366,7 +366,7 @@ def cmd_eval(args) -> None:
         from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
 
         res = evaluate_tasks(args.run, shots=args.shots, n_per_family=args.n or 50, families=_families(args.families),
-                             seed=args.seed)
+                             seed=args.seed, lang=args.lang)
         _write_samples(args.samples, res)
         print_task_report(res)
         return
@@ -641,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", help="(tasks) comma-separated families to score (default: all), e.g. arithmetic; "
                    "held-out prompts drawn for these families alone, not the same ones as the full suite's")
     p.add_argument("--samples", help="(tasks) write every prompt/output/verdict to this JSONL file")
+    p.add_argument("--lang", choices=["en", "zh"], help="(tasks) prompts in this language only (default: both)")
     p.add_argument("--data", help="(lm) evaluate on these sources' held-out 10%% instead of the run's own; "
                    "(reward) preference JSONL to score instead of the bundled held-out pairs")
     p.add_argument("--max-tokens", type=int, help="cap tokens per source (faster, approximate)")

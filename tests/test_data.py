@@ -130,3 +130,12 @@ def test_copy_batch_targets_only_the_predictable_second_copies():
             first = row_x[seg: seg + 8]
             assert t % 16 >= 8 and len(set(first)) == 8 and target == first[first.index(row_x[t]) + 1]
         assert sum(v != -100 for v in row_y) == 3 * 7  # 7 in each of the three whole 16-token segments
+
+
+def test_the_suite_draws_one_language_when_asked():
+    from ownllm.data.tasks import generate
+
+    both = generate(60, "test", seed=2)
+    en = generate(30, "test", seed=2, lang="en")
+    assert {e.lang for e in both} == {"en", "zh"} and {e.lang for e in en} == {"en"} and len(en) == 30
+    assert len({e.prompt for e in en}) == 30 and all(e.split == "test" for e in en)

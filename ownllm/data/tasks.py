@@ -230,9 +230,9 @@ _GENERATORS = {**ALL_FAMILIES, **PREFERENCE_ONLY_FAMILIES}
 
 
 def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | None = None,
-             weights: dict[str, int] | None = None) -> list[Example]:
+             weights: dict[str, int] | None = None, lang: str | None = None) -> list[Example]:
     """`n` examples of `split` ('train' or 'test'), families in turn (a family of weight k takes k
-    turns per round), language drawn at random. Test prompts are distinct; train prompts may
+    turns per round), language drawn at random (`lang`: only that one). Test prompts are distinct; train prompts may
     repeat (small families like zh_numeral have only ~1,800 train prompts)."""
     fams = families or list(FAMILIES)
     unknown = (set(fams) | set(weights or {})) - set(_GENERATORS)
@@ -244,12 +244,14 @@ def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | 
     out, seen, tries = [], set(), 0
     while len(out) < n:
         fam = fams[len(out) % len(fams)]
-        lang = "en" if r.random() < 0.5 else "zh"
-        prompt, answer, *trace = _GENERATORS[fam](r, lang)
+        drawn = "en" if r.random() < 0.5 else "zh"
+        if lang is not None and drawn != lang:   # one language: the other's draws are skipped, not replaced
+            continue
+        prompt, answer, *trace = _GENERATORS[fam](r, drawn)
         tries += 1
         if tries > 200 * n + 10_000:
             raise RuntimeError(f"could not draw {n} distinct {split} examples")
-        ex = Example(fam, lang, prompt, answer, tuple(trace[0]) if trace else ())
+        ex = Example(fam, drawn, prompt, answer, tuple(trace[0]) if trace else ())
         if ex.split != split or (split == "test" and prompt in seen):
             continue
         seen.add(prompt)

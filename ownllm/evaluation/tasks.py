@@ -36,13 +36,16 @@ def build_prompt(tok, ex: Example, shots: list[Example], chat: bool) -> list[int
 
 
 def evaluate_tasks(run: str | Path, shots: int = 0, n_per_family: int = 50, batch_size: int = 32,
-                   max_new_tokens: int = 40, families: list[str] | None = None, seed: int = 0) -> dict:
+                   max_new_tokens: int = 40, families: list[str] | None = None, seed: int = 0,
+                   lang: str | None = None) -> dict:
+    """Held-out exact match per family; `lang` ('en' or 'zh'): prompts in that language only (a
+    model that knows one language is measured on it alone)."""
     model, tok = load_run(run)
     chat = run_stage(run) != "pretrain"
     fams = families or list(FAMILIES)
-    tests = generate(n_per_family * len(fams), "test", seed=seed, families=fams)
+    tests = generate(n_per_family * len(fams), "test", seed=seed, families=fams, lang=lang)
     pool = defaultdict(list)
-    for e in generate(200 * len(fams), "train", seed=seed + 1, families=fams):
+    for e in generate(200 * len(fams), "train", seed=seed + 1, families=fams, lang=lang):
         pool[(e.family, e.lang)].append(e)
     r = random.Random(seed)
     # prompt + answer within the windows the run was trained on (a base run: 256 of its 512 positions)
@@ -67,11 +70,11 @@ def evaluate_tasks(run: str | Path, shots: int = 0, n_per_family: int = 50, batc
                         "output": text.strip(), "correct": ok})
     acc = {f: c / n for f, (c, n) in per.items()}
     return {"per_family": acc, "mean_exact_match": sum(acc.values()) / len(acc), "shots": shots, "chat": chat,
-            "n": len(tests), "samples": answers}
+            "n": len(tests), "lang": lang, "samples": answers}
 
 
 def print_task_report(res: dict, out=print) -> None:
-    out(f"held-out task suite: {res['n']} prompts, {res['shots']}-shot, "
+    out(f"held-out task suite: {res['n']} prompts{' in ' + res['lang'] if res.get('lang') else ''}, {res['shots']}-shot, "
         f"{'chat template' if res['chat'] else 'plain Q/A prompt'}, greedy")
     out(f"{'family':<14}{'exact match':>12}")
     for f, a in res["per_family"].items():
