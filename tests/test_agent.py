@@ -267,3 +267,31 @@ def test_calculator_answers_huge_exact_values_without_overflow():
     assert calculate("1/2**6900").endswith("(≈ 7.816816528e-2078)")
     assert calculate("10**3000/3").endswith("(≈ 3.333333333e+2999)")
     assert calculate("2**-20") == "0.00000095367431640625"
+
+
+@pytest.mark.parametrize("reply, text, calls", [
+    ('[TOOL_CALLS][{"name": "calculator", "arguments": {"expression": "2+3"}}]', "",
+     [{"name": "calculator", "arguments": {"expression": "2+3"}}]),                                   # Mistral
+    ('Sure.[TOOL_CALLS] [{"name": "calculator", "arguments": "{\\"expression\\": \\"7*6\\"}"}, '
+     '{"name": "sql", "arguments": {"query": "SELECT 1"}}]', "Sure.",
+     [{"name": "calculator", "arguments": {"expression": "7*6"}}, {"name": "sql", "arguments": {"query": "SELECT 1"}}]),
+    ('<|python_tag|>{"name": "calculator", "parameters": {"expression": "9-1"}}', "",
+     [{"name": "calculator", "arguments": {"expression": "9-1"}}]),                                    # Llama 3.1
+    ('{"name": "calculator", "parameters": {"expression": "1+1"}}', "",
+     [{"name": "calculator", "arguments": {"expression": "1+1"}}]),                                    # Llama 3 bare JSON
+    ('Let me compute.\n```json\n{"name": "calculator", "arguments": {"expression": "4821 * 3907"}}\n```', "Let me compute.",
+     [{"name": "calculator", "arguments": {"expression": "4821 * 3907"}}]),                            # fenced
+    ('```json\n{"name": "weather", "arguments": {"city": "Lima"}}\n```', None, []),                    # not offered: text
+    ('{"name": "calculator", "arguments": {}, "note": "x"}', None, []),                                # other keys: text
+    ('The answer is {"name": "calculator"}', None, []),                                                 # prose: text
+])
+def test_calls_in_other_families_formats_are_read_only_for_offered_tools(small_tokenizer, reply, text, calls):
+    """Mistral's [TOOL_CALLS], Llama 3's <|python_tag|> and bare {"name", "parameters"}, a fenced
+    JSON object: each read as calls when it names an offered tool; anything else stays text."""
+    from ownllm.tokenizer import Tokenizer
+
+    tok = Tokenizer(small_tokenizer.hf)   # ours: its own markers are absent from these replies
+    got_text, raws = split_calls(tok, tok.encode(reply), ["calculator", "sql", "search"])
+    assert [json.loads(r) for r in raws] == calls
+    assert got_text == (reply.strip() if text is None else text)
+    assert split_calls(tok, tok.encode(reply)) == (reply.strip(), [])   # no tools offered: never a call

@@ -10,6 +10,7 @@ answers without calling a tool, or after `max_steps` model turns.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -40,21 +41,74 @@ class AgentResult:
     finished: bool = True        # False: max_steps reached before a final answer
 
 
-def split_calls(tok, ids: list[int]) -> tuple[str, list[str]]:
+def split_calls(tok, ids: list[int], names=None) -> tuple[str, list[str]]:
     """(plain text, [raw call texts]) of one generated assistant turn, split on the tokenizer's call
-    markers (ours, or an imported template's `<tool_call>`…`</tool_call>`)."""
+    markers (ours, or an imported template's `<tool_call>`…`</tool_call>`). With `names` (the tools
+    offered), the other formats models write their calls in are read too (find_calls)."""
     text = tok.decode(ids)
-    if tok.call_markers is None:
-        return text.strip(), []
-    open_, close = tok.call_markers
+    markers = tok.call_markers
     plain, calls, pos = [], [], 0
-    while (start := text.find(open_, pos)) >= 0:
-        plain.append(text[pos:start])
-        end = text.find(close, start + len(open_))
-        calls.append(text[start + len(open_): len(text) if end < 0 else end].strip())  # unterminated: still a call
-        pos = len(text) if end < 0 else end + len(close)
+    if markers is not None:
+        open_, close = markers
+        while (start := text.find(open_, pos)) >= 0:
+            plain.append(text[pos:start])
+            end = text.find(close, start + len(open_))
+            calls.append(text[start + len(open_): len(text) if end < 0 else end].strip())  # unterminated: still a call
+            pos = len(text) if end < 0 else end + len(close)
     plain.append(text[pos:])
-    return "".join(plain).strip(), calls
+    rest = "".join(plain).strip()
+    if calls or not names:
+        return rest, calls
+    return find_calls(rest, names)
+
+
+_FENCED = re.compile(r"```(?:json|tool_call|tool)?\s*\n?(.*?)```", re.S)
+
+
+def _as_call(obj, names) -> str | None:
+    """A call object ({"name", "arguments"}, or Llama 3's {"name", "parameters"}) naming an offered
+    tool, as our raw call text; None for anything else."""
+    if not isinstance(obj, dict) or obj.get("name") not in names or not set(obj) <= {"name", "arguments", "parameters",
+                                                                                   "type", "id"}:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return json.dumps({"name": obj["name"], "arguments": args}, ensure_ascii=False)
+
+
+def find_calls(text: str, names) -> tuple[str, list[str]]:
+    """Calls written in the formats of other model families, read only when they name an offered
+    tool: Mistral's `[TOOL_CALLS][{…}, …]`, Llama 3's `<|python_tag|>{…}` or a bare
+    `{"name": …, "parameters": …}` reply, and a JSON object in a fenced block. (plain text, calls);
+    text that only looks like a call (an unknown name, other keys) stays text."""
+    names = set(names)
+    for tag in ("[TOOL_CALLS]", "<|python_tag|>"):
+        if tag in text:
+            head, _, body = text.partition(tag)
+            try:
+                obj = json.JSONDecoder().raw_decode(body.strip())[0]
+            except ValueError:
+                continue
+            calls = [_as_call(o, names) for o in (obj if isinstance(obj, list) else [obj])]
+            if calls and all(calls):
+                return head.strip(), calls
+    fenced = [(m, _as_call(_json_or_none(m.group(1)), names)) for m in _FENCED.finditer(text)]
+    if fenced and all(c for _, c in fenced):
+        plain = _FENCED.sub("", text).strip()
+        return plain, [c for _, c in fenced]
+    whole = _as_call(_json_or_none(text), names)
+    return ("", [whole]) if whole else (text, [])
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text.strip())
+    except ValueError:
+        return None
 
 
 def parse_call(raw: str, registry: ToolRegistry) -> Call:
@@ -115,7 +169,7 @@ class Agent:
             if out is None:
                 res.answer, res.finished = "(the conversation no longer fits the model's context)", False
                 break
-            text, raws = split_calls(self.tok, out)
+            text, raws = split_calls(self.tok, out, list(self.registry.tools))
             if not raws:
                 res.answer = text
                 messages.append({"role": "assistant", "content": text})

@@ -339,10 +339,10 @@ class TextStream:
         return await task
 
 
-def tool_calls_from(tok, ids: list[int]) -> tuple[str, list[dict]]:
+def tool_calls_from(tok, ids: list[int], names=None) -> tuple[str, list[dict]]:
     from ownllm.agent.loop import split_calls
 
-    text, raws = split_calls(tok, [t for t in ids if t not in tok.stop_ids])
+    text, raws = split_calls(tok, [t for t in ids if t not in tok.stop_ids], names)
     calls = []
     for raw in raws:
         try:
@@ -531,7 +531,7 @@ def create_app(state: ServerState) -> FastAPI:
         ts = TextStream(state, ids, params, stops, keep_special=tools is not None)
         if tools is not None:  # whole reply first: it may be tool calls
             await ts.text(request)
-            text, calls = tool_calls_from(tok, ts.tokens)
+            text, calls = tool_calls_from(tok, ts.tokens, [t["function"]["name"] for t in tools])
             finish = "tool_calls" if calls and ts.finish_reason != "length" else ts.finish_reason
             msg = {"role": "assistant", "content": text or None}
             if calls:
