@@ -147,6 +147,11 @@ class ChatTemplate:
                      if (t := token_text(cfg.get(k))) is not None}
         return cls(source, stop_tokens, variables, origin)
 
+    @property
+    def writes_tools(self) -> bool:
+        """Whether the template renders a tool list itself (it reads the `tools` variable)."""
+        return re.search(r"\btools\b", self.source) is not None
+
     def text(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,
              extra: dict | None = None) -> str:
         """The conversation as the template renders it; `extra`: more template variables."""
@@ -239,6 +244,40 @@ def plain_message(m: dict) -> dict:
                 pass
         calls.append({**c, "function": f} if "function" in c else f)
     return {**m, "tool_calls": calls}
+
+
+# Tools for a template that has none: the Hermes format (Qwen2.5 and Hermes models write it natively),
+# as text in the turns the template does render.
+HERMES_CALL = ("<tool_call>", "</tool_call>")
+HERMES_INSTRUCTIONS = ("You can call tools. To call one, write <tool_call>\n{{\"name\": NAME, \"arguments\": {{…}}}}\n"
+                       "</tool_call> and wait for its result, which comes back as <tool_response>…</tool_response>. "
+                       "The tools:\n<tools>\n{tools}\n</tools>")
+
+
+def hermes_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """The conversation with its tools written into it, for a template that renders none: the tool
+    list in the system turn, each call a <tool_call> block after the assistant's text, each result a
+    <tool_response> block in a user turn."""
+    out, rest = [], list(messages)
+    if tools:
+        listed = HERMES_INSTRUCTIONS.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if rest and rest[0].get("role") == "system":
+            out.append({"role": "system", "content": f"{rest.pop(0).get('content') or ''}\n\n{listed}".lstrip()})
+        else:
+            out.append({"role": "system", "content": listed})
+    for m in rest:
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = ""
+            for c in plain_message(m)["tool_calls"]:
+                f = c.get("function", c)
+                body = json.dumps({"name": f["name"], "arguments": f.get("arguments", {})}, ensure_ascii=False)
+                calls += f"\n{HERMES_CALL[0]}\n{body}\n{HERMES_CALL[1]}"
+            out.append({"role": "assistant", "content": ((m.get("content") or "") + calls).lstrip("\n")})
+        elif m.get("role") == "tool":
+            out.append({"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"})
+        else:
+            out.append(m)
+    return out
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

@@ -151,10 +151,13 @@ class Tokenizer:
     @property
     def call_markers(self) -> tuple[str, str] | None:
         """The strings around a tool call in a reply: ours, or `<tool_call>`…`</tool_call>` when an
-        imported template writes calls that way (Qwen2.5, Hermes); None when it has no calls we read."""
+        imported template writes calls that way (Qwen2.5, Hermes) or writes no tools at all (then
+        `render` writes them in, chat_template.hermes_messages); None when it writes tools its own way."""
         if not self.template:
             return (TOOL_CALL, TOOL_CALL_END)
-        return ("<tool_call>", "</tool_call>") if "<tool_call>" in self.template.source else None
+        if "<tool_call>" in self.template.source or not self.template.writes_tools:   # (ours written in: render)
+            return ("<tool_call>", "</tool_call>")
+        return None
 
     def reasoning_splitter(self, prompt_ids: list[int]):
         """A ReasoningSplitter when an imported template writes `<think>` blocks (Qwen3, DeepSeek-R1),
@@ -200,6 +203,11 @@ class Tokenizer:
         text up to its stop token; `template_kwargs` are extra variables for it (e.g. Qwen3's
         enable_thinking=False). Ours takes none and ignores them."""
         if self.template:
+            if not self.template.writes_tools and (tools or any(m.get("tool_calls") or m.get("role") == "tool"
+                                                                for m in messages)):
+                from ownllm.chat_template import hermes_messages
+
+                messages, tools = hermes_messages(messages, tools), None
             return self._render_template(messages, add_generation_prompt, tools, template_kwargs or {})
         ids, mask = [self.bos_id], [0]
         if tools:

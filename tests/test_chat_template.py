@@ -203,11 +203,53 @@ def test_agent_reads_and_writes_tool_calls_in_the_imported_format(tmp_path):
     seen = tok.decode(agent.prompts[1])
     assert call + "<|im_end|>" in seen and "<tool_response>\n18835647\n</tool_response>" in seen
 
-    plain = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    # a template that writes tools its own way, not one we read: refused by name
+    own = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    src, _, _ = _qwen_dir(tmp_path / "c", template=own)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run3")]) == 0
+    with pytest.raises(OwnLLMError, match="no tool-call format"):
+        Agent(None, Tokenizer.load(tmp_path / "run3"), reg)
+
+
+def test_a_template_without_tools_gets_the_hermes_format_written_in(tmp_path):
+    """SmolLM2's template renders no tools: the tool list goes into the system turn, a call into
+    the assistant's text as a <tool_call> block and a result into a user turn as <tool_response>, so
+    the agent, SFT traces and the server speak one format to it; calls are read back from replies."""
+    from ownllm.agent.loop import Agent, split_calls
+    from ownllm.agent.tools import builtin_tools
+    from ownllm.tokenizer import Tokenizer
+
+    plain = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" \
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     src, _, _ = _qwen_dir(tmp_path / "b", template=plain)
     assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run2")]) == 0
-    with pytest.raises(OwnLLMError, match="no tool-call format"):
-        Agent(None, Tokenizer.load(tmp_path / "run2"), reg)
+    tok = Tokenizer.load(tmp_path / "run2")
+    reg = builtin_tools(["calculator"])
+    assert tok.call_markers == ("<tool_call>", "</tool_call>")
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 4821 * 3907?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                "name": "calculator", "arguments": '{"expression": "4821 * 3907"}'}}]},
+            {"role": "tool", "content": "18835647"}, {"role": "assistant", "content": "18835647"}]
+    r = tok.render(conv, tools=reg.schemas())
+    text = tok.decode(r.ids)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\nYou can call tools.") and '"name": "calculator"' in text
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "4821 * 3907"}}\n</tool_call>'
+    assert f"<|im_start|>assistant\n{call}<|im_end|>" in text
+    assert "<|im_start|>user\n<tool_response>\n18835647\n</tool_response><|im_end|>" in text
+    trained = tok.decode([t for t, m in zip(r.ids, r.mask) if m])
+    assert call in trained and "18835647" in trained and "tool_response" not in trained   # loss on its turns only
+    assert split_calls(tok, tok.encode("Let me compute.\n" + call), ["calculator"]) == \
+        ("Let me compute.", ['{"name": "calculator", "arguments": {"expression": "4821 * 3907"}}'])
+
+    class Scripted(Agent):
+        def __init__(self, script):
+            self.tok, self.registry, self.max_steps, self.script = tok, reg, 4, list(script)
+
+        def _generate(self, messages):
+            return self.tok.encode(self.script.pop(0))
+
+    res = Scripted([call, "18835647"]).run("What is 4821 × 3907?")
+    assert res.answer == "18835647" and res.calls[0].valid and res.calls[0].result == "18835647"
 
 
 def test_strict_calls_in_the_imported_format(tmp_path):

@@ -79,6 +79,10 @@ def call_format(tok) -> tuple[str, str, str] | None:
         messages = [{"role": "user", "content": "u_q7"},
                     {"role": "assistant", "content": "", "tool_calls": [
                         {"type": "function", "function": {"name": "fn_q7", "arguments": {"a_q7": 1}}}]}]
+        if not tok.template.writes_tools:
+            from ownllm.chat_template import hermes_messages
+
+            messages, tools = hermes_messages(messages, tools), None
         try:
             text = tok.template.text(messages, False, tools)
         except OwnLLMError:
