@@ -599,10 +599,8 @@ def cmd_quickstart(args) -> None:
                **({"steps": steps} if steps else {}), **budgets)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ownllm", description="Own your LLM: build, train and run it on your hardware.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
+def _add_data_and_pretraining(sub) -> None:
+    """The parsers of data sets, the tokenizer, pretraining and evaluation."""
     p = sub.add_parser("data", help="bundled data sets: list them, or write the task suite / preference pairs as JSONL")
     p.add_argument("action", choices=["list", "tasks", "prefs"])
     p.add_argument("--out", help="(tasks, prefs) output JSONL file")
@@ -650,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="(prefs) sampling temperature of the compared answers")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_documents_and_tools(sub) -> None:
+    """The parsers of the knowledge base, extraction, grounded answers and the agent."""
     p = sub.add_parser("rag", help="knowledge base: index documents, list, remove, search")
     p.add_argument("action", choices=["index", "ls", "rm", "search"])
     p.add_argument("paths", nargs="*", help="(index/rm) files or directories; (search) the query")
@@ -707,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_agent)
 
+
+def _add_generation(sub) -> None:
+    """The parsers of serving and generation."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     p.add_argument("--run", required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -746,6 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regex", help="constrain the output to match this regular expression")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_fine_tuning_and_alignment(sub) -> None:
+    """The parsers of fine-tuning and the alignment stages."""
     p = sub.add_parser("sft", help="supervised fine-tuning on chat data (full or --lora)")
     p.add_argument("--base", help="pretrained run directory")
     p.add_argument("--data", help="'tasks' (bundled suite, default) or JSONL files, comma-separated")
@@ -824,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="optimisation passes per batch of answers (default 1)")
     p.set_defaults(func=cmd_grpo)
 
+
+def _add_interop_and_chat(sub) -> None:
+    """The parsers of LoRA merging, export, import and chat."""
     p = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into plain weights")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
@@ -866,6 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "('object': any JSON object)")
     p.set_defaults(func=cmd_chat)
 
+
+def _add_quickstart(sub) -> None:
+    """The parsers of the whole pipeline."""
     from ownllm.config import QUICKSTART_STEPS, RECIPES
 
     p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")
@@ -889,6 +902,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "and so the report card, do not depend on it")
     p.add_argument("--llama", action="store_true", help="same as --recipe llama")
     p.set_defaults(func=cmd_quickstart)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ownllm", description="Own your LLM: build, train and run it on your hardware.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_data_and_pretraining(sub)
+    _add_documents_and_tools(sub)
+    _add_generation(sub)
+    _add_fine_tuning_and_alignment(sub)
+    _add_interop_and_chat(sub)
+    _add_quickstart(sub)
     return ap
 
 
