@@ -533,19 +533,8 @@ def create_app(state: ServerState) -> FastAPI:
             await ts.text(request)
             text, calls = tool_calls_from(tok, ts.tokens, [t["function"]["name"] for t in tools])
             finish = "tool_calls" if calls and ts.finish_reason != "length" else ts.finish_reason
-            msg = {"role": "assistant", "content": text or None}
-            if calls:
-                msg["tool_calls"] = calls
-            if stream:
-                delta = {"role": "assistant", **({"content": text} if text else {}),
-                         **({"tool_calls": [{**c, "index": i} for i, c in enumerate(calls)]} if calls else {})}
-                chunks = [_chunk(cid, created, state, delta, None), _chunk(cid, created, state, {}, finish)]
-                if opts.get("include_usage"):
-                    chunks.append({**_chunk(cid, created, state, {}, None), "choices": [], "usage": usage(len(ids), len(ts.tokens))})
-                return StreamingResponse(_replay(chunks), media_type="text/event-stream")
-            return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
-                    "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
-                    "usage": usage(len(ids), len(ts.tokens))}
+            msg = {"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}
+            return whole_reply(msg, finish, usage(len(ids), len(ts.tokens)), stream, opts, cid, created)
         splitter = tok.reasoning_splitter(ids)   # a thinking model: <think>…</think> → reasoning_content
         if stream:
             def deltas(parts):
@@ -569,9 +558,7 @@ def create_app(state: ServerState) -> FastAPI:
         if splitter:
             reasoning, msg["content"] = splitter.split(text)
             msg["reasoning_content"] = reasoning or None
-        return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
-                "choices": [{"index": 0, "message": msg, "finish_reason": ts.finish_reason}],
-                "usage": usage(len(ids), len(ts.tokens)), **extra}
+        return whole_reply(msg, ts.finish_reason, usage(len(ids), len(ts.tokens)), False, opts, cid, created, extra)
 
     def template_kwargs(body: dict) -> dict:
         """An imported template's variables: the server's --template-arg defaults, then the request's."""
@@ -586,16 +573,24 @@ def create_app(state: ServerState) -> FastAPI:
             yield sse(c)
         yield "data: [DONE]\n\n"
 
+    def whole_reply(msg: dict, finish: str, use: dict, stream: bool, opts: dict, cid, created, extra=None):
+        """A reply known whole (tool calls, a refusal, the agent's answer, a finished text) as a
+        chat.completion, or replayed as the chunks of a stream."""
+        extra = extra or {}
+        if not stream:
+            return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
+                    "choices": [{"index": 0, "message": msg, "finish_reason": finish}], "usage": use, **extra}
+        delta = {"role": "assistant", **({"content": msg["content"]} if msg.get("content") is not None else {}),
+                 **({"tool_calls": [{**c, "index": i} for i, c in enumerate(msg["tool_calls"])]}
+                    if msg.get("tool_calls") else {})}
+        chunks = [{**_chunk(cid, created, state, delta, None), **extra}, _chunk(cid, created, state, {}, finish)]
+        if opts.get("include_usage"):
+            chunks.append({**_chunk(cid, created, state, {}, None), "choices": [], "usage": use})
+        return StreamingResponse(_replay(chunks), media_type="text/event-stream")
+
     def _fixed_reply(text, stream, opts, cid, created, extra, prompt_tokens):
-        if stream:
-            chunks = [{**_chunk(cid, created, state, {"role": "assistant", "content": text}, None), **extra},
-                      _chunk(cid, created, state, {}, "stop")]
-            if opts.get("include_usage"):
-                chunks.append({**_chunk(cid, created, state, {}, None), "choices": [], "usage": usage(prompt_tokens, 0)})
-            return StreamingResponse(_replay(chunks), media_type="text/event-stream")
-        return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": usage(prompt_tokens, 0), **extra}
+        return whole_reply({"role": "assistant", "content": text}, "stop", usage(prompt_tokens, 0), stream, opts, cid,
+                           created, extra)
 
     async def _agent_reply(body, messages, stream, opts, cid, created):
         from ownllm.agent.loop import Agent
