@@ -210,6 +210,7 @@ def test_dtype_probe_stops_early_only_when_the_answer_is_clear(monkeypatch):
     model.w = w
     clock = [0.0]   # a fake clock each micro-batch advances: the test does not depend on machine noise
     monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(trainer_mod, "bf16_matmul_fast", lambda device_type: True)   # the probe runs (a CPU with bf16)
 
     def run(fp32_s, bf16_s):
         calls = []
@@ -225,6 +226,9 @@ def test_dtype_probe_stops_early_only_when_the_answer_is_clear(monkeypatch):
     assert choice == "bfloat16" and len(calls) == 4 and w.grad is None
     (choice, _), calls = run(0.02, 0.02)       # a tie: every round, and fp32 kept
     assert choice == "float32" and len(calls) == 8
+    monkeypatch.setattr(trainer_mod, "bf16_matmul_fast", lambda device_type: False)   # bf16 emulated: no probe
+    (choice, timings), calls = run(0.06, 0.01)
+    assert choice == "float32" and calls == [] and timings == {}
 
 
 # Runs `ownllm pretrain` in a child that SIGKILLs itself at the N-th os.replace onto a name: a kill
