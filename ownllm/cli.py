@@ -489,7 +489,8 @@ def _print_stage(res: dict, what: str) -> None:
 
 
 def cmd_reward(args) -> None:
-    from ownllm.train.preference import REWARD_DEFAULTS, RewardConfig, train_reward
+    from ownllm.config import REWARD_DEFAULTS, RewardConfig
+    from ownllm.train.preference import train_reward
 
     _need(args, "base", "--base")
     tcfg, rcfg = _stage_configs(args, REWARD_DEFAULTS, RewardConfig)
@@ -498,7 +499,8 @@ def cmd_reward(args) -> None:
 
 
 def cmd_dpo(args) -> None:
-    from ownllm.train.preference import DPO_DEFAULTS, DPOConfig, train_dpo
+    from ownllm.config import DPO_DEFAULTS, DPOConfig
+    from ownllm.train.preference import train_dpo
 
     _need(args, "policy", "--policy")
     tcfg, dcfg = _stage_configs(args, DPO_DEFAULTS, DPOConfig)
@@ -508,7 +510,8 @@ def cmd_dpo(args) -> None:
 
 
 def cmd_ppo(args) -> None:
-    from ownllm.train.rl import PPO_DEFAULTS, PPOConfig, train_ppo
+    from ownllm.config import PPO_DEFAULTS, PPOConfig
+    from ownllm.train.rl import train_ppo
 
     _need(args, "policy", "--policy")
     tcfg, pcfg = _stage_configs(args, PPO_DEFAULTS, PPOConfig)
@@ -517,7 +520,8 @@ def cmd_ppo(args) -> None:
 
 
 def cmd_grpo(args) -> None:
-    from ownllm.train.rl import GRPO_DEFAULTS, GRPOConfig, train_grpo
+    from ownllm.config import GRPO_DEFAULTS, GRPOConfig
+    from ownllm.train.rl import train_grpo
 
     _need(args, "policy", "--policy")
     tcfg, gcfg = _stage_configs(args, GRPO_DEFAULTS, GRPOConfig)
@@ -752,7 +756,10 @@ def _add_generation(sub) -> None:
 
 
 def _add_fine_tuning_and_alignment(sub) -> None:
-    """The parsers of fine-tuning and the alignment stages."""
+    """The parsers of fine-tuning and the alignment stages (help shows the configs' own defaults)."""
+    from ownllm.config import (DPO_DEFAULTS, GRPO_DEFAULTS, PPO_DEFAULTS, REWARD_DEFAULTS, SFT_DEFAULTS, DPOConfig,
+                               GRPOConfig, PPOConfig, RewardConfig)
+
     p = sub.add_parser("sft", help="supervised fine-tuning on chat data (full or --lora)")
     p.add_argument("--base", help="pretrained run directory")
     p.add_argument("--data", help="'tasks' (bundled suite, default) or JSONL files, comma-separated")
@@ -767,8 +774,8 @@ def _add_fine_tuning_and_alignment(sub) -> None:
                    "replacing the tuned default mix (train/sft.py TASK_WEIGHTS); a family not named takes 1, "
                    "e.g. arithmetic=3,sort=2")
     p.add_argument("--out", required=True)
-    p.add_argument("--time-budget", type=float)
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--time-budget", type=float, help="seconds of training instead of steps")
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {SFT_DEFAULTS['max_steps']})")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -780,14 +787,14 @@ def _add_fine_tuning_and_alignment(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sft)
 
-    def stage(name, help, start, start_help):
+    def stage(name, help, start, start_help, defaults):
         p = sub.add_parser(name, help=help)
         p.add_argument(start, help=start_help)
         p.add_argument("--data", help="'prefs' (bundled preference generator, answers sampled from the starting run; "
                        "default) or JSONL files with prompt/chosen/rejected or prompt/responses/ranking")
         p.add_argument("--out", required=True)
         p.add_argument("--time-budget", type=float)
-        p.add_argument("--max-steps", type=int)
+        p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {defaults['max_steps']})")
         p.add_argument("--batch-size", type=int)
         p.add_argument("--lr", type=float)
         p.add_argument("--resume", action="store_true")
@@ -799,22 +806,26 @@ def _add_fine_tuning_and_alignment(sub) -> None:
         p.add_argument("--no-progress", action="store_true")
         return p
 
-    p = stage("reward", "train a reward model (Bradley–Terry) on preference pairs", "--base", "the SFT run to start from")
-    p.add_argument("--margin", type=float, help="required score gap in the loss (default 0)")
-    p.add_argument("--center-coef", type=float, help="weight of (r_c + r_r)² keeping rewards centred (default 0.01)")
+    p = stage("reward", "train a reward model (Bradley–Terry) on preference pairs", "--base", "the SFT run to start from",
+              REWARD_DEFAULTS)
+    p.add_argument("--margin", type=float, help=f"required score gap in the loss (default {RewardConfig.margin:g})")
+    p.add_argument("--center-coef", type=float, help="weight of (r_c + r_r)² keeping rewards centred "
+                   f"(default {RewardConfig.center_coef:g})")
     p.set_defaults(func=cmd_reward)
 
-    p = stage("dpo", "direct preference optimisation of a policy on preference pairs", "--policy", "the SFT run")
-    p.add_argument("--beta", type=float, help="strength of the pull toward the reference (default 0.1)")
-    p.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], help="sigmoid (DPO, default), ipo or hinge")
+    p = stage("dpo", "direct preference optimisation of a policy on preference pairs", "--policy", "the SFT run",
+              DPO_DEFAULTS)
+    p.add_argument("--beta", type=float, help=f"strength of the pull toward the reference (default {DPOConfig.beta:g})")
+    p.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], help=f"sigmoid (DPO), ipo or hinge (default {DPOConfig.loss})")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.set_defaults(func=cmd_dpo)
 
-    p = stage("ppo", "PPO of a policy against a reward model, KL-penalised to the SFT reference", "--policy", "the SFT run")
+    p = stage("ppo", "PPO of a policy against a reward model, KL-penalised to the SFT reference", "--policy", "the SFT run",
+              PPO_DEFAULTS)
     p.add_argument("--reward", help="reward-model run directory (from `ownllm reward`)")
-    p.add_argument("--kl-coef", type=float, help="KL penalty coefficient (default 0.05)")
+    p.add_argument("--kl-coef", type=float, help=f"KL penalty coefficient (default {PPOConfig.kl_coef:g})")
     p.add_argument("--target-kl", type=float, help="adapt the coefficient toward this KL per answer (nats)")
     p.add_argument("--kl-estimator", choices=["k1", "k3"])
     p.add_argument("--ppo-epochs", type=int)
@@ -823,12 +834,12 @@ def _add_fine_tuning_and_alignment(sub) -> None:
     p.set_defaults(func=cmd_ppo)
 
     p = stage("grpo", "GRPO: group-normalised policy optimisation against a verifier or reward model", "--policy",
-              "the SFT run")
+              "the SFT run", GRPO_DEFAULTS)
     p.add_argument("--reward", help="verifier:arithmetic (default), verifier:FAMILY+FAMILY, verifier:tasks, or a "
                    "reward-model run")
-    p.add_argument("--num-generations", type=int, help="answers per prompt (default 8)")
-    p.add_argument("--beta", type=float, help="KL penalty to the reference (default 0)")
-    p.add_argument("--epochs", type=int, help="optimisation passes per batch of answers (default 1)")
+    p.add_argument("--num-generations", type=int, help=f"answers per prompt (default {GRPOConfig.num_generations})")
+    p.add_argument("--beta", type=float, help=f"KL penalty to the reference (default {GRPOConfig.beta:g})")
+    p.add_argument("--epochs", type=int, help=f"optimisation passes per batch of answers (default {GRPOConfig.epochs})")
     p.set_defaults(func=cmd_grpo)
 
 

@@ -272,3 +272,93 @@ def from_json_dict(cls: type, raw: dict, source: str = "config") -> Any:
     if unknown:
         raise OwnLLMError(f"{source}: unknown field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
     return cls(**raw)
+
+
+# -- the later stages' settings (here, with every other default: the CLI shows them without
+#    importing the training code) ------------------------------------------------------------------
+# The suite's mix, in turns per round: short-answer families learn from many examples, long ones
+# (poems, sources, tool traces) from fewer; arithmetic needs the most practice. Packed rows, compiled
+# blocks, small batches and Muon on the blocks' matrices learned the suite fastest per second.
+TASK_WEIGHTS = ("arithmetic=8,reverse=3,count=4,sort=3,json=3,zh_numeral=3,passage_qa=2,tool_use=2,rag_qa=2,poem_next=2,"
+                "extract=2")
+SFT_DEFAULTS = dict(lr=2e-3, warmup_steps=20, batch_size=8, seq_len=512, eval_interval=100, eval_batches=8,
+                    time_budget=None, max_steps=1200, weight_decay=0.0, stage="sft", data="tasks",
+                    pack=True, compile=True, task_weights=TASK_WEIGHTS, optimizer="muon")
+
+
+LORA_LR = 3e-3   # adapters start at zero and need a larger step than full fine-tuning
+
+
+@dataclass
+class RewardConfig:
+    margin: float = 0.0           # required score gap: −log σ(r_c − r_r − margin)
+    center_coef: float = 0.01     # + coef·(r_c + r_r)²: rewards centred on zero
+    likelihood: bool = True       # + the gated log-likelihood of the answer (GPT.rewards); false: the head alone
+    n_prompts: int = 1500         # --data prefs: prompts to draw pairs for
+    val_prompts: int = 200        # held-out prompts (test split) for pair accuracy
+    max_val_pairs: int = 400      # held-out pairs scored at each evaluation (a seeded sample when there are more)
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss: str = "sigmoid"         # sigmoid (DPO) | ipo | hinge
+    nll_coef: float = 1.0         # + coef × mean NLL of the chosen answer's tokens (RPO): keeps chosen likely
+    dpop: float = 50.0            # DPO-Positive λ: − λ·max(0, ref_c − π_c) in the margin (objectives.dpo_loss);
+                                  # 0: DPO (+ the NLL above); keeps task accuracy where DPO alone lowers it
+    pairs: str = "auto"           # auto (on_policy when the data has such pairs, else all) | all | on_policy
+    n_prompts: int = 1500
+    val_prompts: int = 200
+    max_val_pairs: int = 400      # as RewardConfig: a seeded sample keeps periodic evaluation cheap
+
+
+# the trunk moves too (a frozen-ish trunk with fast heads learned less)
+REWARD_DEFAULTS = dict(lr=2e-4, warmup_steps=10, batch_size=16, eval_interval=50, time_budget=None, max_steps=300,
+                       weight_decay=0.0, stage="reward", data="prefs", compile=False, checkpoint_interval=120.0)
+# a small lr with DPO-Positive: wins by the rule without costing task accuracy
+DPO_DEFAULTS = dict(REWARD_DEFAULTS, lr=5e-5, stage="dpo")
+
+
+@dataclass
+class PPOConfig:
+    reward: str = ""                   # reward-model run directory
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    ppo_epochs: int = 2                # passes over each rollout batch
+    minibatches: int = 2               # optimizer steps per pass (Trainer batch = rollout / minibatches)
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"           # k1 | k3
+    target_kl: float | None = None     # set: adapt kl_coef toward this sequence KL (nats)
+    kl_horizon: int = 10000
+    missing_end_penalty: float = 1.0   # subtracted from the score of an answer that never ends its turn
+    whiten_rewards: bool = True
+    n_prompts: int = 4000              # pool of train-split prompts rollouts draw from
+    ptx_coef: float = 0.0              # + coef × NLL of the preference data's best answers (below)
+    ptx_batch: int = 8                 # such answers per minibatch
+    ptx_prompts: int = 1500            # --data prefs: prompts the bundled generator ranks answers for
+
+
+@dataclass
+class GRPOConfig:
+    reward: str = "verifier:arithmetic"  # verifier:FAMILY[+FAMILY…] | verifier:tasks | a reward-model run
+    partial_credit: float = 0.5        # verifier: a wrong number earns this × its share of right digits
+    num_generations: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    epochs: int = 1
+    clip: float = 0.2
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    n_prompts: int = 4000
+
+
+RL_DEFAULTS = dict(lr=5e-5, warmup_steps=5, batch_size=32, eval_interval=0, time_budget=None, max_steps=100,
+                   weight_decay=0.0, data="prefs", compile=False, dtype="float32", checkpoint_interval=120.0,
+                   log_interval=1, grad_clip=1.0)
+PPO_DEFAULTS = dict(RL_DEFAULTS, stage="ppo")
+GRPO_DEFAULTS = dict(RL_DEFAULTS, stage="grpo", batch_size=8, lr=5e-5)

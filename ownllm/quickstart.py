@@ -170,8 +170,9 @@ def align(out: Path, sft_run: Path, steps: dict, budget: float | None, n_eval: i
     from ownllm.evaluation.prefs import evaluate_prefs, evaluate_reward, print_prefs_report, print_reward_report
     from ownllm.evaluation.tasks import evaluate_tasks
     from ownllm.train.pairs import preference_pairs
-    from ownllm.train.preference import DPO_DEFAULTS, REWARD_DEFAULTS, stage_train_config, train_dpo, train_reward
-    from ownllm.train.rl import GRPO_DEFAULTS, PPO_DEFAULTS, train_grpo, train_ppo
+    from ownllm.config import DPO_DEFAULTS, GRPO_DEFAULTS, PPO_DEFAULTS, REWARD_DEFAULTS
+    from ownllm.train.preference import stage_train_config, train_dpo, train_reward
+    from ownllm.train.rl import train_grpo, train_ppo
 
     def quarter(stage):
         return limit(steps[f"{stage}_steps"], budget / 4 if budget else None)

@@ -192,7 +192,7 @@ def test_every_stage_takes_a_config_file(tmp_path):
     """--config FILE.toml: [train] for sft, [train] and [stage] for the alignment stages; --set and
     flags win over it; an unknown table is an error naming it."""
     from ownllm.cli import _stage_configs, build_parser
-    from ownllm.train.preference import DPO_DEFAULTS, DPOConfig
+    from ownllm.config import DPO_DEFAULTS, DPOConfig
 
     cfg = tmp_path / "dpo.toml"
     cfg.write_text("[train]\nlr = 1e-5\nbatch_size = 4\n\n[stage]\nbeta = 0.3\n")

@@ -355,7 +355,8 @@ def test_held_out_pairs_scored_at_each_evaluation_are_capped():
     import dataclasses
 
     from ownllm.data.preferences import Pair
-    from ownllm.train.preference import PAIR_STAGE_BEFORE, DPOConfig, RewardConfig, at_most, stage_config
+    from ownllm.config import DPOConfig, RewardConfig
+    from ownllm.train.preference import PAIR_STAGE_BEFORE, at_most, stage_config
 
     pairs = [Pair((("user", f"q{i}"),), "a", "b") for i in range(10)]
     said = []

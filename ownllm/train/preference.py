@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.checkpoint import load_model_config, load_start_weights, refuse_overwrite, resumed_train_config, start_run
-from ownllm.config import TrainConfig, from_json_dict, read_json
+from ownllm.config import DPO_DEFAULTS, REWARD_DEFAULTS, DPOConfig, RewardConfig, TrainConfig, from_json_dict, read_json
 from ownllm.data.chat import ChatExamples, collate_padded
 from ownllm.data.preferences import Pair
 from ownllm.data.tasks import prompt_bucket
@@ -34,36 +33,6 @@ from ownllm.train.objectives import bradley_terry_loss, dpo_loss, target_logits
 from ownllm.train.trainer import Trainer
 
 STAGE_FILE = "stage_config.json"
-
-
-@dataclass
-class RewardConfig:
-    margin: float = 0.0           # required score gap: −log σ(r_c − r_r − margin)
-    center_coef: float = 0.01     # + coef·(r_c + r_r)²: rewards centred on zero
-    likelihood: bool = True       # + the gated log-likelihood of the answer (GPT.rewards); false: the head alone
-    n_prompts: int = 1500         # --data prefs: prompts to draw pairs for
-    val_prompts: int = 200        # held-out prompts (test split) for pair accuracy
-    max_val_pairs: int = 400      # held-out pairs scored at each evaluation (a seeded sample when there are more)
-
-
-@dataclass
-class DPOConfig:
-    beta: float = 0.1
-    loss: str = "sigmoid"         # sigmoid (DPO) | ipo | hinge
-    nll_coef: float = 1.0         # + coef × mean NLL of the chosen answer's tokens (RPO): keeps chosen likely
-    dpop: float = 50.0            # DPO-Positive λ: − λ·max(0, ref_c − π_c) in the margin (objectives.dpo_loss);
-                                  # 0: DPO (+ the NLL above); keeps task accuracy where DPO alone lowers it
-    pairs: str = "auto"           # auto (on_policy when the data has such pairs, else all) | all | on_policy
-    n_prompts: int = 1500
-    val_prompts: int = 200
-    max_val_pairs: int = 400      # as RewardConfig: a seeded sample keeps periodic evaluation cheap
-
-
-# the trunk moves too (a frozen-ish trunk with fast heads learned less)
-REWARD_DEFAULTS = dict(lr=2e-4, warmup_steps=10, batch_size=16, eval_interval=50, time_budget=None, max_steps=300,
-                       weight_decay=0.0, stage="reward", data="prefs", compile=False, checkpoint_interval=120.0)
-# a small lr with DPO-Positive: wins by the rule without costing task accuracy
-DPO_DEFAULTS = dict(REWARD_DEFAULTS, lr=5e-5, stage="dpo")
 
 
 def stage_train_config(defaults: dict, **overrides) -> TrainConfig:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.checkpoint import load_model
-from ownllm.config import TrainConfig
+from ownllm.config import GRPO_DEFAULTS, PPO_DEFAULTS, GRPOConfig, PPOConfig, TrainConfig
 from ownllm.data.tasks import FAMILIES, Example, generate
 from ownllm.errors import OwnLLMError
 from ownllm.inference.engine import Engine, SamplingParams
@@ -43,51 +43,6 @@ from ownllm.train.preference import (answer_lengths, begin, completion_logps, lo
 from ownllm.train.trainer import Trainer
 
 _INT = re.compile(r"-?\d+")
-
-
-@dataclass
-class PPOConfig:
-    reward: str = ""                   # reward-model run directory
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    ppo_epochs: int = 2                # passes over each rollout batch
-    minibatches: int = 2               # optimizer steps per pass (Trainer batch = rollout / minibatches)
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"           # k1 | k3
-    target_kl: float | None = None     # set: adapt kl_coef toward this sequence KL (nats)
-    kl_horizon: int = 10000
-    missing_end_penalty: float = 1.0   # subtracted from the score of an answer that never ends its turn
-    whiten_rewards: bool = True
-    n_prompts: int = 4000              # pool of train-split prompts rollouts draw from
-    ptx_coef: float = 0.0              # + coef × NLL of the preference data's best answers (below)
-    ptx_batch: int = 8                 # such answers per minibatch
-    ptx_prompts: int = 1500            # --data prefs: prompts the bundled generator ranks answers for
-
-
-@dataclass
-class GRPOConfig:
-    reward: str = "verifier:arithmetic"  # verifier:FAMILY[+FAMILY…] | verifier:tasks | a reward-model run
-    partial_credit: float = 0.5        # verifier: a wrong number earns this × its share of right digits
-    num_generations: int = 8
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    epochs: int = 1
-    clip: float = 0.2
-    beta: float = 0.0
-    kl_estimator: str = "k3"
-    n_prompts: int = 4000
-
-
-RL_DEFAULTS = dict(lr=5e-5, warmup_steps=5, batch_size=32, eval_interval=0, time_budget=None, max_steps=100,
-                   weight_decay=0.0, data="prefs", compile=False, dtype="float32", checkpoint_interval=120.0,
-                   log_interval=1, grad_clip=1.0)
-PPO_DEFAULTS = dict(RL_DEFAULTS, stage="ppo")
-GRPO_DEFAULTS = dict(RL_DEFAULTS, stage="grpo", batch_size=8, lr=5e-5)
 
 
 # -- rollouts ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ownllm.checkpoint import load_model_config, load_start_weights, refuse_overwrite, resumed_train_config, start_run
-from ownllm.config import TrainConfig
+from ownllm.config import LORA_LR, SFT_DEFAULTS, TrainConfig
 from ownllm.data.chat import ChatExamples, collate_packed, collate_padded, encode_conversations
 from ownllm.data.formats import read_chat_jsonl
 from ownllm.errors import OwnLLMError
@@ -24,19 +24,6 @@ from ownllm.tokenizer import Tokenizer
 from ownllm.train.distributed import context
 from ownllm.train.objectives import masked_lm_step
 from ownllm.train.trainer import Trainer
-
-# The suite's mix, in turns per round: short-answer families learn from many examples, long ones
-# (poems, sources, tool traces) from fewer; arithmetic needs the most practice. Packed rows, compiled
-# blocks, small batches and Muon on the blocks' matrices learned the suite fastest per second.
-TASK_WEIGHTS = ("arithmetic=8,reverse=3,count=4,sort=3,json=3,zh_numeral=3,passage_qa=2,tool_use=2,rag_qa=2,poem_next=2,"
-                "extract=2")
-SFT_DEFAULTS = dict(lr=2e-3, warmup_steps=20, batch_size=8, seq_len=512, eval_interval=100, eval_batches=8,
-                    time_budget=None, max_steps=1200, weight_decay=0.0, stage="sft", data="tasks",
-                    pack=True, compile=True, task_weights=TASK_WEIGHTS, optimizer="muon")
-
-
-LORA_LR = 3e-3   # adapters start at zero and need a larger step than full fine-tuning
-
 
 def sft_config(lora: bool = False, **overrides) -> TrainConfig:
     """SFT's settings: SFT_DEFAULTS, LoRA's learning rate with `lora`, then `overrides`."""
