@@ -771,7 +771,7 @@ def _add_fine_tuning_and_alignment(sub) -> None:
     p.add_argument("--prompt-loss-weight", type=float, help="weight of prompt tokens in the loss (default 0: "
                    "answers only; answer tokens weigh 1)")
     p.add_argument("--task-weights", metavar="FAMILY=K,...", help="(--data tasks) turns per round of each family, "
-                   "replacing the tuned default mix (train/sft.py TASK_WEIGHTS); a family not named takes 1, "
+                   "replacing the tuned default mix (TASK_WEIGHTS in config.py); a family not named takes 1, "
                    "e.g. arithmetic=3,sort=2")
     p.add_argument("--out", required=True)
     p.add_argument("--time-budget", type=float, help="seconds of training instead of steps")

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 KINDS = ("mul", "multi", "sql", "search", "direct")
 # sql twice as often as each other kind: writing the query (a customer's or product's name copied
-# into the right clause) takes the most practice (see TASK_WEIGHTS in train/sft.py)
+# into the right clause) takes the most practice (see TASK_WEIGHTS in config.py)
 KIND_WEIGHTS = (1, 1, 2, 1, 1)
 
 
