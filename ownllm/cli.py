@@ -52,17 +52,15 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
 def _train_config(args) -> tuple:
     from ownllm.config import TrainConfig, apply_overrides, load_toml
 
-    from ownllm.config import RECIPES
+    from ownllm.config import recipe
 
     train_over, model_over = {}, {}
-    recipe = getattr(args, "recipe", None)
-    if recipe is not None:
-        if recipe not in RECIPES:
-            raise OwnLLMError(f"unknown recipe {recipe!r} (expected one of: {', '.join(RECIPES)})")
-        train_over.update(RECIPES[recipe]["train"])
-        model_over.update(RECIPES[recipe]["model"])
+    if getattr(args, "recipe", None) is not None:
+        rec = recipe(args.recipe)
+        train_over.update(rec["train"])
+        model_over.update(rec["model"])
         if args.preset is None:
-            args.preset = RECIPES[recipe]["preset"]
+            args.preset = rec["preset"]
     if args.config:
         raw = load_toml(args.config)
         train_over.update(raw.get("train", {}))

@@ -32,6 +32,15 @@ RECIPES: dict[str, dict[str, Any]] = {
                         "seed": 1337}},
 }
 
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """A named recipe (RECIPES), or an OwnLLMError listing the names."""
+    if name not in RECIPES:
+        raise OwnLLMError(f"unknown recipe {name!r} (expected one of: {', '.join(RECIPES)})")
+    return RECIPES[name]
+
+
 # `ownllm quickstart`'s steps per stage: the same report card on a fast host and a slow one (here, not
 # in ownllm.quickstart, so the CLI can show them without importing the pipeline)
 QUICKSTART_STEPS = {"pretrain_steps": 360, "sft_steps": 1200, "reward_steps": 100, "dpo_steps": 100,

@@ -17,8 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from ownllm.config import QUICKSTART_STEPS, RECIPES, TrainConfig
-from ownllm.errors import OwnLLMError
+from ownllm.config import QUICKSTART_STEPS, TrainConfig, recipe as named_recipe
 from ownllm.interop.hf import SMEAR_UNEXPORTABLE
 from ownllm.metrics import MetricsLog, plot_curves
 
@@ -57,19 +56,16 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     from ownllm.train.sft import sft, sft_config
 
     steps = {**QUICKSTART_STEPS, **(steps or {})}
+    rec = named_recipe(recipe)   # an unknown name stops here, before anything is written
+    data = data or rec["train"]["data"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     length = f"{pretrain_budget:.0f}s" if pretrain_budget else f"{steps['pretrain_steps']} steps"
-    log(f"== 1/7 tokenizer + pretraining: the {recipe} recipe on {data or RECIPES.get(recipe, {}).get('train', {}).get('data')}, "
-        f"{length} of training ==")
+    log(f"== 1/7 tokenizer + pretraining: the {recipe} recipe on {data}, {length} of training ==")
     base = out / "base"
-    if recipe not in RECIPES:
-        raise OwnLLMError(f"unknown recipe {recipe!r} (expected one of: {', '.join(RECIPES)})")
-    r = RECIPES[recipe]
-    pre = pretrain(base, TrainConfig(**{**r["train"], **({"data": data} if data else {})},
-                                     **limit(steps["pretrain_steps"], pretrain_budget)),
-                   preset=r["preset"], model_overrides=r["model"], overwrite=True, log=log)
+    pre = pretrain(base, TrainConfig(**{**rec["train"], "data": data}, **limit(steps["pretrain_steps"], pretrain_budget)),
+                   preset=rec["preset"], model_overrides=rec["model"], overwrite=True, log=log)
     for r in pre["sources"]:
         log(f"  {r['source']:<16} val_loss {r['val_loss']:.4f}  val_bpb {r['val_bpb']:.4f}")
     speed = pre["step"] / max(pre["elapsed_s"], 1e-9)

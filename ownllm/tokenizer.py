@@ -155,8 +155,10 @@ class Tokenizer:
         `render` writes them in, chat_template.hermes_messages); None when it writes tools its own way."""
         if not self.template:
             return (TOOL_CALL, TOOL_CALL_END)
-        if "<tool_call>" in self.template.source or not self.template.writes_tools:   # (ours written in: render)
-            return ("<tool_call>", "</tool_call>")
+        from ownllm.chat_template import HERMES_CALL
+
+        if HERMES_CALL[0] in self.template.source or not self.template.writes_tools:   # (ours written in: render)
+            return HERMES_CALL
         return None
 
     def reasoning_splitter(self, prompt_ids: list[int]):

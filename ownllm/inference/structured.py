@@ -41,7 +41,7 @@ def _compile(key, regex: str | None, lark: str | None) -> str:
 
     json_schema = json.loads(key) if isinstance(key, str) else key
     if sum(x is not None for x in (json_schema, regex, lark)) != 1:
-        raise OwnLLMError("give exactly one of a JSON schema or a regex to constrain the output")
+        raise OwnLLMError("give exactly one of a JSON schema, a regex or a grammar to constrain the output")
     try:
         if lark is not None:
             grammar = llguidance.LLMatcher.grammar_from_lark(lark)
@@ -115,19 +115,19 @@ def tool_call_grammar(tok, tools: list[dict], choice: str = "auto") -> str:
         tid = tok.hf.token_to_id(s)
         return f"<[{tid}]>" if tid is not None and ll_tokenizer(tok, tok.vocab_size).is_special_token(tid) else json.dumps(s)
 
-    bodies = []
+    rules, first = [], []   # one rule per tool: its call, arguments under its schema
     for i, t in enumerate(tools):
         f = t.get("function", t)
         schema = (f.get("parameters") or {"type": "object"}) if f.get("strict") else {"type": "object"}
         schema = {**schema, "x-guidance": JSON_OPTIONS}
-        bodies.append((f["name"], f"body_{i}: {json.dumps(before + f['name'] + middle)} %json "
-                                  f"{json.dumps(schema)} {json.dumps(after)} {marker(close)}"))
-    first = [r for n, r in bodies if choice in ("auto", "required", n)]
+        rules.append(f"body_{i}: {json.dumps(before + f['name'] + middle)} %json {json.dumps(schema)} "
+                     f"{json.dumps(after)} {marker(close)}")
+        if choice in ("auto", "required", f["name"]):
+            first.append(f"body_{i}")
     if not first:
         raise OwnLLMError(f"tool_choice names {choice!r}, which is not among the tools")
-    names = [r.split(":", 1)[0] for _, r in bodies]
-    first_names = [r.split(":", 1)[0] for r in first]
-    lines = ["%llguidance {}", "TAG_TEXT: /(.|\\n)*/", f"body: {' | '.join(names)}", *(r for _, r in bodies)]
+    lines = ["%llguidance {}", "TAG_TEXT: /(.|\\n)*/", f"body: {' | '.join(f'body_{i}' for i in range(len(rules)))}",
+             *rules]
     if marker(open_).startswith("<["):
         lines.append(f"call: TAG_TEXT {marker(open_)} body")
     else:  # text markers: the call starts where the text first spells the marker
@@ -137,7 +137,7 @@ def tool_call_grammar(tok, tools: list[dict], choice: str = "auto") -> str:
     elif choice == "required":   # calls only, as many as the model makes, spaces between
         lines += ["SEP: /[ \\n]*/", f"start: {marker(open_)} body (SEP {marker(open_)} body)*"]
     else:                        # exactly one call, to that tool
-        lines.append(f"start: {marker(open_)} ({' | '.join(first_names)})")
+        lines.append(f"start: {marker(open_)} ({' | '.join(first)})")
     return "\n".join(lines) + "\n"
 
 
