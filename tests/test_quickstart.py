@@ -26,3 +26,14 @@ def test_quickstart_cli_passes_only_what_was_set(monkeypatch):
     assert seen["steps"] == {"pretrain_steps": 50, "ppo_steps": 3} and seen["threads"] == 1
     help_text = build_parser()._subparsers._group_actions[0].choices["quickstart"].format_help()
     assert f"(default {QUICKSTART_STEPS['sft_steps']})" in help_text
+
+
+def test_an_unknown_recipe_is_refused_before_anything_is_written(tmp_path):
+    import pytest
+
+    from ownllm.errors import OwnLLMError
+    from ownllm.quickstart import quickstart
+
+    with pytest.raises(OwnLLMError, match="unknown recipe 'nope'"):
+        quickstart(tmp_path / "q", recipe="nope", log=lambda *a: None)
+    assert not (tmp_path / "q").exists()
