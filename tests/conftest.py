@@ -151,20 +151,7 @@ class ScriptedBatcher:
 @contextlib.contextmanager
 def start_server(state):
     """uvicorn serving the app on a free loopback port, in a thread; yields the base URL."""
-    import uvicorn
+    from ownllm.serve.app import serving
 
-    from ownllm.serve.app import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        t.join(5)
+    with serving(state) as url:
+        yield url

@@ -17,7 +17,7 @@ LAYERS = [
     ["ownllm.inference"],
     ["ownllm.rag", "ownllm.agent", "ownllm.interop", "ownllm.train"],
     ["ownllm.evaluation"],
-    ["ownllm.quickstart", "ownllm.serve", "ownllm.chat", "ownllm.cli", "ownllm.__main__"],
+    ["ownllm.quickstart", "ownllm.quickstart_model", "ownllm.serve", "ownllm.chat", "ownllm.cli", "ownllm.__main__"],
 ]
 
 

@@ -36,8 +36,10 @@ def _conversations(examples, answers: list[str]) -> list[list[dict]]:
 
 
 def evaluate_prefs(run, against, n: int = 200, temperature: float = 1.0, reward=None, n_task: int = 25,
-                   seed: int = 0, progress: bool = True, against_task_accuracy: float | None = None) -> dict:
-    """`against_task_accuracy`: the compared run's task accuracy when already measured (same n_task)."""
+                   seed: int = 0, progress: bool = True, against_task_accuracy: float | None = None,
+                   lang: str | None = None, families: list[str] | None = None) -> dict:
+    """`against_task_accuracy`: the compared run's task accuracy when already measured (same n_task,
+    `lang` and `families`, which choose the task prompts)."""
     from ownllm.evaluation.tasks import evaluate_tasks
 
     examples = preference_prompts(n, "test", seed)
@@ -63,9 +65,10 @@ def evaluate_prefs(run, against, n: int = 200, temperature: float = 1.0, reward=
     if reward:
         res["reward"] = sum(reward_scores(reward, examples, mine)) / n
         res["against_reward"] = sum(reward_scores(reward, examples, theirs)) / n
-    res["task_accuracy"] = evaluate_tasks(run, n_per_family=n_task)["mean_exact_match"]
-    res["against_task_accuracy"] = against_task_accuracy if against_task_accuracy is not None else \
-        evaluate_tasks(against, n_per_family=n_task)["mean_exact_match"]
+    def accuracy(r):
+        return evaluate_tasks(r, n_per_family=n_task, lang=lang, families=families)["mean_exact_match"]
+    res["task_accuracy"] = accuracy(run)
+    res["against_task_accuracy"] = against_task_accuracy if against_task_accuracy is not None else accuracy(against)
     res["samples"] = [{"family": e.family, "prompt": e.prompt, "reference": e.answer, "answer": a, "against": b,
                        "verdict": v} for e, a, b, v in zip(examples, mine, theirs, verdicts)]
     return res

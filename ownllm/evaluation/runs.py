@@ -16,10 +16,13 @@ from ownllm.train.heldout import evaluate_sources
 from ownllm.tokenizer import Tokenizer
 
 
-def eval_run(run: str | Path, data: str | None = None, max_tokens: int | None = None) -> list[dict]:
+def eval_run(run: str | Path, data: str | None = None, max_tokens: int | None = None,
+             seq_len: int | None = None) -> list[dict]:
+    """Held-out loss and bits per byte per source; `seq_len`: the window (default: the run's
+    training windows), fixed where runs of one model before and after training are compared."""
     run = Path(run)
     model = load_model(run)
-    seq_len = trained_context(run, model.config.max_seq_len)
+    seq_len = seq_len or trained_context(run, model.config.max_seq_len)
     if data is None:
         if not (run / "data" / "meta.json").exists():
             raise OwnLLMError(f"{run}: has no packed data/; pass --data to choose held-out text")

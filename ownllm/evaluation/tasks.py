@@ -41,7 +41,8 @@ def evaluate_tasks(run: str | Path, shots: int = 0, n_per_family: int = 50, batc
     """Held-out exact match per family; `lang` ('en' or 'zh'): prompts in that language only (a
     model that knows one language is measured on it alone)."""
     model, tok = load_run(run)
-    chat = run_stage(run) != "pretrain"
+    # an imported instruct model speaks in its own template; a pretrained base of ours does not
+    chat = run_stage(run) != "pretrain" or tok.template is not None
     fams = families or list(FAMILIES)
     tests = generate(n_per_family * len(fams), "test", seed=seed, families=fams, lang=lang)
     pool = defaultdict(list)

@@ -32,6 +32,7 @@ import json
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -701,3 +702,31 @@ def build_state(args) -> "ServerState":
                        kb=kb, registry=reg, template_kwargs=parse_template_args(getattr(args, "template_arg", [])),
                        allow_hosts=frozenset(h.lower() for h in [host, *(getattr(args, "allow_host", None) or [])]),
                        allow_origins=frozenset(getattr(args, "allow_origin", None) or []))
+
+
+@contextmanager
+def serving(state: "ServerState", host: str = "127.0.0.1"):
+    """The app on a free port of `host`, in a thread, until the block ends; yields its base URL
+    (a smoke test, a bench, the tests)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    for _ in range(400):
+        if server.started or not t.is_alive():
+            break
+        time.sleep(0.05)
+    if not server.started:
+        raise OwnLLMError(f"the server did not start on {host}:{port}")
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)

@@ -39,9 +39,11 @@ def load_conversations(tcfg: TrainConfig, log=print) -> tuple[list[list[dict]], 
             weights = parse_weights(tcfg.task_weights)
         except ValueError as e:
             raise OwnLLMError(str(e)) from None
+        if tcfg.task_lang not in (None, "en", "zh"):
+            raise OwnLLMError(f"task_lang {tcfg.task_lang!r}: expected en or zh (or none for both)")
         train = [e.messages() for e in generate(tcfg.task_examples, "train", seed=tcfg.seed, families=list(ALL_FAMILIES),
-                                                weights=weights)]
-        val = [e.messages() for e in generate(200, "test", seed=0, families=list(ALL_FAMILIES))]
+                                                weights=weights, lang=tcfg.task_lang)]
+        val = [e.messages() for e in generate(200, "test", seed=0, families=list(ALL_FAMILIES), lang=tcfg.task_lang)]
         return train, val
     convs = []
     for path in [p.strip() for p in tcfg.data.split(",") if p.strip()]:
