@@ -430,43 +430,230 @@ class Guard:
 
 
 # -- the app ---------------------------------------------------------------------------------------
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def read_json(state: ServerState, request: HTTPRequest) -> dict:
+    """The request body: bounded, parsed, shape-checked, and naming this server's model if any."""
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > state.max_body:
+            raise APIError(413, f"request body over {state.max_body} bytes", code="body_too_large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: bad JSON, or an integer of > 4,300 digits
+        raise APIError(400, f"body is not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise APIError(400, f"body nested deeper than {MAX_DEPTH} levels") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "body must be a JSON object")
+    check_body(body)
+    model = body.get("model")
+    if model is not None and model != state.model_id:
+        raise APIError(404, f"model {model!r} does not exist (this server has {state.model_id!r})", "model",
+                       "model_not_found")
+    return body
+
+
+def template_kwargs(state: ServerState, body: dict) -> dict:
+    """An imported template's variables: the server's --template-arg defaults, then the request's."""
+    return {**state.template_kwargs, **_get(body, "chat_template_kwargs", dict, {}, what="an object")}
+
+
+async def _replay(chunks):
+    for c in chunks:
+        yield sse(c)
+    yield "data: [DONE]\n\n"
+
+
+@dataclass
+class Reply:
+    """One chat reply's id and shape: every chat.completion, whole or streamed, is built here."""
+
+    state: ServerState
+    stream: bool
+    opts: dict
+    cid: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:16]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def chunk(self, delta: dict, finish: str | None) -> dict:
+        return {"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.state.model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    def usage_chunk(self, use: dict) -> dict:
+        return {**self.chunk({}, None), "choices": [], "usage": use}
+
+    def whole(self, msg: dict, finish: str, use: dict, extra: dict | None = None):
+        """A reply known whole (tool calls, a refusal, the agent's answer, a finished text) as a
+        chat.completion, or replayed as the chunks of a stream."""
+        extra = extra or {}
+        if not self.stream:
+            return {"id": self.cid, "object": "chat.completion", "created": self.created, "model": self.state.model_id,
+                    "choices": [{"index": 0, "message": msg, "finish_reason": finish}], "usage": use, **extra}
+        delta = {"role": "assistant", **({"content": msg["content"]} if msg.get("content") is not None else {}),
+                 **({"tool_calls": [{**c, "index": i} for i, c in enumerate(msg["tool_calls"])]}
+                    if msg.get("tool_calls") else {})}
+        chunks = [{**self.chunk(delta, None), **extra}, self.chunk({}, finish)]
+        if self.opts.get("include_usage"):
+            chunks.append(self.usage_chunk(use))
+        return StreamingResponse(_replay(chunks), media_type="text/event-stream")
+
+    def fixed(self, text: str, extra: dict, prompt_tokens: int):
+        return self.whole({"role": "assistant", "content": text}, "stop", usage(prompt_tokens, 0), extra)
+
+    def streamed(self, ts: TextStream, splitter, extra: dict, prompt_len: int) -> StreamingResponse:
+        """Text as it decodes: content (and a thinking model's reasoning_content) deltas."""
+        def deltas(parts):
+            return [sse(self.chunk({"reasoning_content" if k == "reasoning" else "content": t}, None)) for k, t in parts]
+
+        async def events():
+            yield sse({**self.chunk({"role": "assistant", "content": ""}, None), **extra})
+            async for piece in ts.pieces():
+                for event in deltas(splitter.push(piece) if splitter else [("content", piece)]):
+                    yield event
+            for event in deltas(splitter.flush() if splitter else []):
+                yield event
+            yield sse(self.chunk({}, ts.finish_reason))
+            if self.opts.get("include_usage"):
+                yield sse(self.usage_chunk(usage(prompt_len, len(ts.tokens))))
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def chat_completion(state: ServerState, request: HTTPRequest):
+    body = await read_json(state, request)
+    refuse_unsupported(body)
+    messages = parse_messages(body)
+    tools = parse_tools(body)
+    tok = state.tok
+    calls_grammar = tool_grammar(body, tools, tok) if tools is not None and tok.call_markers else None
+    reply = Reply(state, _get(body, "stream", bool, False, what="a boolean"),
+                  _get(body, "stream_options", dict, {}, what="an object"))
+    if tools is not None and tok.call_markers is None:
+        raise APIError(400, "this model's chat template has no tool-call format the server can read", "tools")
+    checked, _ = sampling_from(body, state, 1, ())  # every field checked, even where a fixed reply needs none
+    if checked.json_schema is not None and (tools is not None or state.registry is not None):
+        raise APIError(400, "'response_format' with tools is not supported: a reply is either a tool call or "
+                       "constrained content", "response_format")
+    if state.registry is not None and tools is None:
+        return await agent_reply(state, body, messages, reply)
+    kwargs = template_kwargs(state, body)
+
+    def prepare():  # off the event loop: retrieval and rendering a 1 MB conversation take a while
+        if state.kb is not None and tools is None and messages[-1]["role"] == "user" and body.get("rag", True):
+            from ownllm.rag.answer import prompt_ids, retrieve
+            from ownllm.data.grounded import REFUSAL, language
+
+            q = messages[-1]["content"]
+            hits = retrieve(state.kb, q)
+            if not hits:
+                return None, {"sources": []}, (REFUSAL[language(q)], len(tok.encode_text(q)))
+            ids, shown = prompt_ids(tok, q, hits, state.model.config.max_seq_len - 64)
+            return ids, {"sources": [{"index": i, "path": state.kb.display_path(h.path), "line": h.line,
+                                      "text": h.text} for i, h in enumerate(shown, 1)]}, None
+        return tok.render(messages, add_generation_prompt=True, tools=tools, template_kwargs=kwargs).ids, {}, None
+    ids, extra, fixed = await asyncio.to_thread(prepare)
+    if fixed is not None:
+        return reply.fixed(fixed[0], extra, fixed[1])
+    params, stops = sampling_from(body, state, len(ids), tok.stop_ids)
+    if calls_grammar is not None:
+        params = replace(params, grammar=calls_grammar)
+    ts = TextStream(state, ids, params, stops, keep_special=tools is not None)
+    if tools is not None:  # whole reply first: it may be tool calls
+        await ts.text(request)
+        text, calls = tool_calls_from(tok, ts.tokens, [t["function"]["name"] for t in tools])
+        finish = "tool_calls" if calls and ts.finish_reason != "length" else ts.finish_reason
+        msg = {"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}
+        return reply.whole(msg, finish, usage(len(ids), len(ts.tokens)))
+    splitter = tok.reasoning_splitter(ids)   # a thinking model: <think>…</think> → reasoning_content
+    if reply.stream:
+        return reply.streamed(ts, splitter, extra, len(ids))
+    text = await ts.text(request)
+    msg = {"role": "assistant", "content": text}
+    if splitter:
+        reasoning, msg["content"] = splitter.split(text)
+        msg["reasoning_content"] = reasoning or None
+    return reply.whole(msg, ts.finish_reason, usage(len(ids), len(ts.tokens)), extra)
+
+
+async def agent_reply(state: ServerState, body: dict, messages: list[dict], reply: Reply):
+    from ownllm.agent.loop import Agent
+
+    agent = Agent(state.model, state.tok, state.registry, template_kwargs=template_kwargs(state, body),
+                  generate=state.batcher.generate)  # its turns share decode steps with every stream
+    try:
+        res = await asyncio.to_thread(agent.run, messages)
+    except QueueFull as e:
+        raise busy(e) from None
+    trace = [{"name": c.name, "arguments": c.arguments if c.valid else c.raw, "result": c.result} for c in res.calls]
+    return reply.fixed(res.answer, {"tool_trace": trace}, 0)
+
+
+async def text_completion(state: ServerState, request: HTTPRequest):
+    body = await read_json(state, request)
+    refuse_unsupported(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise APIError(400, "'prompt' must be a non-empty string", "prompt")
+    stream = _get(body, "stream", bool, False, what="a boolean")
+    opts = _get(body, "stream_options", dict, {}, what="an object")
+    tok = state.tok
+    ids = await asyncio.to_thread(tok.encode, prompt)  # raw text: a completion prompt is the model's input as written
+    params, stops = sampling_from(body, state, len(ids), (tok.eos_id,))
+    ts = TextStream(state, ids, params, stops, keep_special=False)
+    cid, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+
+    def choice(text, finish):
+        return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    if stream:
+        async def events():
+            async for piece in ts.pieces():
+                yield sse(choice(piece, None))
+            yield sse(choice("", ts.finish_reason))
+            if opts.get("include_usage"):
+                yield sse({**choice("", None), "choices": [], "usage": usage(len(ids), len(ts.tokens))})
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+    text = await ts.text(request)
+    return {**choice(text, ts.finish_reason), "usage": usage(len(ids), len(ts.tokens))}
+
+
+async def embeddings_reply(state: ServerState, request: HTTPRequest):
+    body = await read_json(state, request)
+    inp = body.get("input")
+    texts = [inp] if isinstance(inp, str) else inp
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts) or len(texts) > 256:
+        raise APIError(400, "'input' must be a non-empty string or a list of 1-256 non-empty strings", "input")
+    embedder = getattr(state.kb, "embedder", None) if state.kb is not None else None
+
+    def run():
+        if embedder is not None:
+            return embedder.encode(texts).tolist(), sum(len(embedder.tok.encode(t).ids) for t in texts)
+        return model_embeddings(state, texts)
+    vecs, n_tokens = await asyncio.to_thread(run)
+    return {"object": "list", "model": state.model_id, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]}
+
+
+async def answer(handler, state: ServerState, request: HTTPRequest):
+    """A POST route's reply, or its error as the OpenAI-shaped JSON a client expects."""
+    try:
+        return await handler(state, request)
+    except APIError as e:
+        return e.response()
+    except OwnLLMError as e:  # the conversation cannot be rendered (template refused it, ...)
+        return APIError(400, str(e)).response()
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="ownllm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ownllm = state
-
     app.add_middleware(Guard, state=state)
-
-    async def read_json(request: HTTPRequest) -> dict:
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > state.max_body:
-                raise APIError(413, f"request body over {state.max_body} bytes", code="body_too_large")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:  # ValueError: bad JSON, or an integer of > 4,300 digits
-            raise APIError(400, f"body is not valid JSON ({str(e)[:200]})") from None
-        except RecursionError:
-            raise APIError(400, f"body nested deeper than {MAX_DEPTH} levels") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "body must be a JSON object")
-        check_body(body)
-        model = body.get("model")
-        if model is not None and model != state.model_id:
-            raise APIError(404, f"model {model!r} does not exist (this server has {state.model_id!r})", "model",
-                           "model_not_found")
-        return body
-
-    def handle(fn):
-        async def wrapper(request: HTTPRequest):
-            try:
-                return await fn(request)
-            except APIError as e:
-                return e.response()
-            except OwnLLMError as e:  # the conversation cannot be rendered (template refused it, ...)
-                return APIError(400, str(e)).response()
-        wrapper.__name__ = fn.__name__
-        return wrapper
 
     @app.get("/health")
     async def health():
@@ -485,177 +672,14 @@ def create_app(state: ServerState) -> FastAPI:
 
         return HTMLResponse(files("ownllm.serve").joinpath("static/chat.html").read_text(encoding="utf-8"))
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    @app.post("/v1/chat/completions")
-    @handle
-    async def chat_completions(request: HTTPRequest):
-        body = await read_json(request)
-        refuse_unsupported(body)
-        messages = parse_messages(body)
-        tools = parse_tools(body)
-        calls_grammar = tool_grammar(body, tools, state.tok) if tools is not None and state.tok.call_markers else None
-        stream = _get(body, "stream", bool, False, what="a boolean")
-        opts = _get(body, "stream_options", dict, {}, what="an object")
-        tok = state.tok
-        if tools is not None and tok.call_markers is None:
-            raise APIError(400, "this model's chat template has no tool-call format the server can read", "tools")
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
-        checked, _ = sampling_from(body, state, 1, ())  # every field checked, even where a fixed reply needs none
-        if checked.json_schema is not None and (tools is not None or state.registry is not None):
-            raise APIError(400, "'response_format' with tools is not supported: a reply is either a tool call or "
-                           "constrained content", "response_format")
-        if state.registry is not None and tools is None:
-            return await _agent_reply(body, messages, stream, opts, cid, created)
-        kwargs = template_kwargs(body)
-
-        def prepare():  # off the event loop: retrieval and rendering a 1 MB conversation take a while
-            if state.kb is not None and tools is None and messages[-1]["role"] == "user" and body.get("rag", True):
-                from ownllm.rag.answer import prompt_ids, retrieve
-                from ownllm.data.grounded import REFUSAL, language
-
-                q = messages[-1]["content"]
-                hits = retrieve(state.kb, q)
-                if not hits:
-                    return None, {"sources": []}, (REFUSAL[language(q)], len(tok.encode_text(q)))
-                ids, shown = prompt_ids(tok, q, hits, state.model.config.max_seq_len - 64)
-                return ids, {"sources": [{"index": i, "path": state.kb.display_path(h.path), "line": h.line,
-                                          "text": h.text} for i, h in enumerate(shown, 1)]}, None
-            return tok.render(messages, add_generation_prompt=True, tools=tools, template_kwargs=kwargs).ids, {}, None
-        ids, extra, fixed = await asyncio.to_thread(prepare)
-        if fixed is not None:
-            return _fixed_reply(fixed[0], stream, opts, cid, created, extra, fixed[1])
-        params, stops = sampling_from(body, state, len(ids), tok.stop_ids)
-        if calls_grammar is not None:
-            params = replace(params, grammar=calls_grammar)
-        ts = TextStream(state, ids, params, stops, keep_special=tools is not None)
-        if tools is not None:  # whole reply first: it may be tool calls
-            await ts.text(request)
-            text, calls = tool_calls_from(tok, ts.tokens, [t["function"]["name"] for t in tools])
-            finish = "tool_calls" if calls and ts.finish_reason != "length" else ts.finish_reason
-            msg = {"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}
-            return whole_reply(msg, finish, usage(len(ids), len(ts.tokens)), stream, opts, cid, created)
-        splitter = tok.reasoning_splitter(ids)   # a thinking model: <think>…</think> → reasoning_content
-        if stream:
-            def deltas(parts):
-                return [sse(_chunk(cid, created, state, {"reasoning_content" if k == "reasoning" else "content": t}, None))
-                        for k, t in parts]
-
-            async def events():
-                yield sse({**_chunk(cid, created, state, {"role": "assistant", "content": ""}, None), **extra})
-                async for piece in ts.pieces():
-                    for event in deltas(splitter.push(piece) if splitter else [("content", piece)]):
-                        yield event
-                for event in deltas(splitter.flush() if splitter else []):
-                    yield event
-                yield sse(_chunk(cid, created, state, {}, ts.finish_reason))
-                if opts.get("include_usage"):
-                    yield sse({**_chunk(cid, created, state, {}, None), "choices": [], "usage": usage(len(ids), len(ts.tokens))})
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text = await ts.text(request)
-        msg = {"role": "assistant", "content": text}
-        if splitter:
-            reasoning, msg["content"] = splitter.split(text)
-            msg["reasoning_content"] = reasoning or None
-        return whole_reply(msg, ts.finish_reason, usage(len(ids), len(ts.tokens)), False, opts, cid, created, extra)
-
-    def template_kwargs(body: dict) -> dict:
-        """An imported template's variables: the server's --template-arg defaults, then the request's."""
-        return {**state.template_kwargs, **_get(body, "chat_template_kwargs", dict, {}, what="an object")}
-
-    def _chunk(cid, created, st, delta, finish):
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": st.model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-    async def _replay(chunks):
-        for c in chunks:
-            yield sse(c)
-        yield "data: [DONE]\n\n"
-
-    def whole_reply(msg: dict, finish: str, use: dict, stream: bool, opts: dict, cid, created, extra=None):
-        """A reply known whole (tool calls, a refusal, the agent's answer, a finished text) as a
-        chat.completion, or replayed as the chunks of a stream."""
-        extra = extra or {}
-        if not stream:
-            return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
-                    "choices": [{"index": 0, "message": msg, "finish_reason": finish}], "usage": use, **extra}
-        delta = {"role": "assistant", **({"content": msg["content"]} if msg.get("content") is not None else {}),
-                 **({"tool_calls": [{**c, "index": i} for i, c in enumerate(msg["tool_calls"])]}
-                    if msg.get("tool_calls") else {})}
-        chunks = [{**_chunk(cid, created, state, delta, None), **extra}, _chunk(cid, created, state, {}, finish)]
-        if opts.get("include_usage"):
-            chunks.append({**_chunk(cid, created, state, {}, None), "choices": [], "usage": use})
-        return StreamingResponse(_replay(chunks), media_type="text/event-stream")
-
-    def _fixed_reply(text, stream, opts, cid, created, extra, prompt_tokens):
-        return whole_reply({"role": "assistant", "content": text}, "stop", usage(prompt_tokens, 0), stream, opts, cid,
-                           created, extra)
-
-    async def _agent_reply(body, messages, stream, opts, cid, created):
-        from ownllm.agent.loop import Agent
-
-        agent = Agent(state.model, state.tok, state.registry, template_kwargs=template_kwargs(body),
-                      generate=state.batcher.generate)  # its turns share decode steps with every stream
-        try:
-            res = await asyncio.to_thread(agent.run, messages)
-        except QueueFull as e:
-            raise busy(e) from None
-        trace = [{"name": c.name, "arguments": c.arguments if c.valid else c.raw, "result": c.result} for c in res.calls]
-        return _fixed_reply(res.answer, stream, opts, cid, created, {"tool_trace": trace}, 0)
-
-    @app.post("/v1/completions")
-    @handle
-    async def completions(request: HTTPRequest):
-        body = await read_json(request)
-        refuse_unsupported(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "'prompt' must be a non-empty string", "prompt")
-        stream = _get(body, "stream", bool, False, what="a boolean")
-        opts = _get(body, "stream_options", dict, {}, what="an object")
-        tok = state.tok
-        ids = await asyncio.to_thread(tok.encode, prompt)  # raw text: a completion prompt is the model's input as written
-        params, stops = sampling_from(body, state, len(ids), (tok.eos_id,))
-        ts = TextStream(state, ids, params, stops, keep_special=False)
-        cid, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
-
-        def choice(text, finish):
-            return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
-        if stream:
-            async def events():
-                async for piece in ts.pieces():
-                    yield sse(choice(piece, None))
-                yield sse(choice("", ts.finish_reason))
-                if opts.get("include_usage"):
-                    yield sse({**choice("", None), "choices": [], "usage": usage(len(ids), len(ts.tokens))})
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text = await ts.text(request)
-        return {**choice(text, ts.finish_reason), "usage": usage(len(ids), len(ts.tokens))}
-
-    @app.post("/v1/embeddings")
-    @handle
-    async def embeddings(request: HTTPRequest):
-        body = await read_json(request)
-        inp = body.get("input")
-        texts = [inp] if isinstance(inp, str) else inp
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts) or len(texts) > 256:
-            raise APIError(400, "'input' must be a non-empty string or a list of 1-256 non-empty strings", "input")
-        embedder = getattr(state.kb, "embedder", None) if state.kb is not None else None
-
-        def run():
-            if embedder is not None:
-                return embedder.encode(texts).tolist(), sum(len(embedder.tok.encode(t).ids) for t in texts)
-            return model_embeddings(state, texts)
-        vecs, n_tokens = await asyncio.to_thread(run)
-        return {"object": "list", "model": state.model_id, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]}
-
+    def post(handler):
+        async def route(request: HTTPRequest):
+            return await answer(handler, state, request)
+        route.__name__ = handler.__name__
+        return route
+    for path, handler in (("/v1/chat/completions", chat_completion), ("/v1/completions", text_completion),
+                          ("/v1/embeddings", embeddings_reply)):
+        app.post(path)(post(handler))
     return app
 
 
