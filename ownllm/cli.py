@@ -788,8 +788,7 @@ def _add_fine_tuning_and_alignment(sub) -> None:
     p.add_argument("--time-budget", type=float, help="seconds of training instead of steps")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {SFT_DEFAULTS['max_steps']})")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    _lora_flags(p)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int)
@@ -829,8 +828,7 @@ def _add_fine_tuning_and_alignment(sub) -> None:
     p.add_argument("--beta", type=float, help=f"strength of the pull toward the reference (default {DPOConfig.beta:g})")
     p.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], help=f"sigmoid (DPO), ipo or hinge (default {DPOConfig.loss})")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    _lora_flags(p)
     p.set_defaults(func=cmd_dpo)
 
     p = stage("ppo", "PPO of a policy against a reward model, KL-penalised to the SFT reference", "--policy", "the SFT run",
@@ -897,6 +895,14 @@ def _add_interop_and_chat(sub) -> None:
     p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this JSON Schema "
                    "('object': any JSON object)")
     p.set_defaults(func=cmd_chat)
+
+
+def _lora_flags(p) -> None:
+    from ownllm.config import LORA_ALPHA, LORA_RANK
+
+    p.add_argument("--lora-rank", type=int, default=LORA_RANK, help=f"adapter rank with --lora (default {LORA_RANK})")
+    p.add_argument("--lora-alpha", type=float, default=LORA_ALPHA,
+                   help=f"adapter scale alpha / rank with --lora (default alpha {LORA_ALPHA:g})")
 
 
 def _add_quickstart(sub) -> None:

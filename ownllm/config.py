@@ -61,6 +61,7 @@ MODEL_QUICKSTART: dict[str, Any] = {
     "pair_config": {"val_prompts": 40, "max_val_pairs": 64},
     "ppo": {"batch_size": 16}, "ppo_config": {"max_new_tokens": 32},
 }
+LORA_RANK, LORA_ALPHA = 8, 16.0   # `--lora` without --lora-rank / --lora-alpha (scale alpha / rank = 2)
 ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
@@ -87,7 +88,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     lora_rank: int = 0              # > 0: LoRA adapters on lora_targets (see lora.py)
-    lora_alpha: float = 16.0
+    lora_alpha: float = LORA_ALPHA
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     score_head: bool = False        # a scalar head `score` on the final hidden state (reward / value models)
     score_likelihood: bool = False  # reward models: + the model's own log-likelihood of the answer's tokens,

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.checkpoint import load_model_config, load_start_weights, refuse_overwrite, resumed_train_config, start_run
-from ownllm.config import DPO_DEFAULTS, REWARD_DEFAULTS, DPOConfig, RewardConfig, TrainConfig, from_json_dict, read_json
+from ownllm.config import (DPO_DEFAULTS, LORA_ALPHA, REWARD_DEFAULTS, DPOConfig, RewardConfig, TrainConfig, from_json_dict,
+                           read_json)
 from ownllm.data.chat import ChatExamples, collate_padded
 from ownllm.data.preferences import Pair
 from ownllm.data.tasks import prompt_bucket
@@ -103,7 +104,7 @@ def answer_lengths(batch: dict) -> torch.Tensor:
 
 # -- run set-up shared by the preference and RL stages ---------------------------------------------
 def open_run(start: str | Path | None, out: str | Path, tcfg: TrainConfig, defaults: TrainConfig, resume: bool,
-             overwrite: bool, score_head: bool = False, lora_rank: int = 0, lora_alpha: float = 16.0,
+             overwrite: bool, score_head: bool = False, lora_rank: int = 0, lora_alpha: float = LORA_ALPHA,
              score_likelihood: bool = False):
     """(model with the start run's weights or the resumed ones, tokenizer, train config, start run).
     A fresh run keeps the starting run's model config, adding a scalar head or LoRA adapters.
@@ -298,7 +299,7 @@ def dpo_accuracy(model, ex, ref, pad_id, beta, batch_size: int = 32) -> dict:
 
 
 def train_dpo(policy, out, tcfg: TrainConfig | None = None, dcfg: DPOConfig | None = None, lora_rank: int = 0,
-              lora_alpha: float = 16.0, resume=False, overwrite=False, progress=True, stop_at_step=None,
+              lora_alpha: float = LORA_ALPHA, resume=False, overwrite=False, progress=True, stop_at_step=None,
               log=print) -> dict:
     defaults = stage_train_config(DPO_DEFAULTS)
     model, tok, tcfg, start, saved = open_run(policy, out, tcfg or defaults, defaults, resume, overwrite,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ownllm.checkpoint import load_model_config, load_start_weights, refuse_overwrite, resumed_train_config, start_run
-from ownllm.config import LORA_LR, SFT_DEFAULTS, TrainConfig
+from ownllm.config import LORA_ALPHA, LORA_LR, SFT_DEFAULTS, TrainConfig
 from ownllm.data.chat import ChatExamples, collate_packed, collate_padded, encode_conversations
 from ownllm.data.formats import read_chat_jsonl
 from ownllm.errors import OwnLLMError
@@ -90,7 +90,7 @@ def val_loss_fn(ex: ChatExamples, pad_id: int, batch: int = 32):
 
 
 def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora_rank: int = 0,
-        lora_alpha: float = 16.0, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        lora_alpha: float = LORA_ALPHA, resume: bool = False, overwrite: bool = False, progress: bool = True,
         stop_at_step: int | None = None, log=print) -> dict:
     """Fine-tune `base` into `out`; `tcfg` defaults to sft_config(lora=lora_rank > 0)."""
     out = Path(out)
