@@ -3,6 +3,8 @@
     python bench/record.py -- python bench/structured_speed.py       # run, then append to the store
     python bench/record.py -- ownllm eval extract --run runs/sft --n 100
     python bench/record.py --render                                  # docs/results.md from the store
+    python bench/record.py --from-log q.log --rev abc1234 -- ownllm quickstart --model smollm2
+                                              # a long run made beforehand: its log's RESULT line
 
 A benchmark or evaluation prints one `RESULT key=value …` line at its end. This runs the command
 (its output passes through), takes the last such line and appends it to
@@ -76,18 +78,38 @@ def revision() -> str:
     return rev + ("+" if dirty else "")
 
 
-def run_and_store(argv: list[str]) -> int:
-    machine, rev = host(), revision()   # the code as the command starts
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT)
-    last = None
-    for line in proc.stdout:
+def echo(lines):
+    for line in lines:
         sys.stdout.write(line)
+        yield line
+
+
+def last_result(lines) -> str | None:
+    last = None
+    for line in lines:
         if line.startswith("RESULT "):
             last = line.strip()
-    if proc.wait() != 0 or last is None:
-        print(f"record: not stored ({'exit ' + str(proc.returncode) if proc.returncode else 'no RESULT line'})",
-              file=sys.stderr)
-        return proc.returncode or 1
+    return last
+
+
+def run_and_store(argv: list[str], log: str | None = None, rev: str | None = None) -> int:
+    """Run `argv` and store its RESULT line; with `log`, `argv` already ran (at revision `rev`)
+    and wrote that file: the host is measured now, after it, and the record says so."""
+    machine = host()
+    if log:
+        last = last_result(Path(log).read_text(encoding="utf-8", errors="replace").splitlines())
+        if last is None:
+            print(f"record: not stored (no RESULT line in {log})", file=sys.stderr)
+            return 1
+        machine["measured"] = "after the run"
+    else:
+        rev = revision()   # the code as the command starts
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT)
+        last = last_result(echo(proc.stdout))
+        if proc.wait() != 0 or last is None:
+            print(f"record: not stored ({'exit ' + str(proc.returncode) if proc.returncode else 'no RESULT line'})",
+                  file=sys.stderr)
+            return proc.returncode or 1
     rec = {"command": shlex.join(argv), "date": datetime.date.today().isoformat(), "rev": rev, "host": machine,
            "result": parse_result(last)}
     STORE.mkdir(parents=True, exist_ok=True)
@@ -122,7 +144,8 @@ def render() -> str:
             h = rec["host"]
             lines += [f"`{rec['command']}`", "",
                       f"{rec['date']}, revision {rec['rev']}; {h['cpu']}, {h['threads']} threads, matmul "
-                      f"{h['fp32_gflops']:g} GFLOP/s fp32, {h['bf16_gflops']:g} bf16", "",
+                      f"{h['fp32_gflops']:g} GFLOP/s fp32, {h['bf16_gflops']:g} bf16"
+                      + (f" (measured {h['measured']})" if h.get("measured") else ""), "",
                       "| key | value |", "|---|---:|"]
             lines += [f"| {k} | {_value(v)} |" for k, v in rec["result"].items()]
             lines.append("")
@@ -132,11 +155,15 @@ def render() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render", action="store_true", help="write docs/results.md from the store")
+    ap.add_argument("--from-log", metavar="FILE", help="COMMAND already ran and wrote FILE: store its RESULT line")
+    ap.add_argument("--rev", help="with --from-log: the git revision COMMAND ran at")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND …: run it and store its RESULT line")
     args = ap.parse_args()
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.from_log and not (argv and args.rev):
+        ap.error("--from-log needs --rev and -- COMMAND (what wrote the log, at which revision)")
     if argv:
-        code = run_and_store(argv)
+        code = run_and_store(argv, args.from_log, args.rev)
         if code:
             return code
     if args.render or argv:
