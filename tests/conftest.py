@@ -1,5 +1,6 @@
 import argparse
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -155,3 +156,61 @@ def start_server(state):
 
     with serving(state) as url:
         yield url
+
+
+# A Qwen2.5-style ChatML template (default system prompt, tools in <tools>, Hermes-style calls),
+# written for this test; whitespace control as real templates use it.
+TEMPLATE = """{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+{{- '\\n\\n# Tools\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools><|im_end|>\\n' }}
+{%- elif messages[0]['role'] == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}
+{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+  {%- if message.role == 'system' and loop.first %}{%- continue %}{%- endif %}
+  {%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}
+    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+  {%- elif message.role == 'assistant' %}
+    {{- '<|im_start|>assistant' }}{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+    {%- for call in message.tool_calls %}
+      {%- set call = call.function if call.function is defined else call %}
+      {{- '\\n<tool_call>\\n{"name": "' + call.name + '", "arguments": ' + call.arguments | tojson + '}\\n</tool_call>' }}
+    {%- endfor %}
+    {{- '<|im_end|>\\n' }}
+  {%- elif message.role == 'tool' %}
+    {{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
+  {%- else %}{{- raise_exception('unknown role ' + message.role) }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+
+
+def qwen_dir(tmp_path, template=TEMPLATE, max_positions: int = 256):
+    """A Qwen2 model that never met ownllm: its own ChatML byte-level BPE, template and eos tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([   # Qwen2's (transformers rebuilds a qwen2 tokenizer with it)
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    text = "Sort the numbers 2 4 7 9. You are a helpful assistant. 把 305 写成中文数字：三百零五。 calculator expression"
+    tok.train_from_iterator([text] * 50, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS[:3],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_tokens([AddedToken(t, normalized=False) for t in SPECIALS[3:]])   # as Qwen2.5: plain added tokens
+    src = tmp_path / "qwen"
+    stops = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    hf = save_foreign_model(src, "Qwen2", tok.get_vocab_size() + 3, tied=True, max_positions=max_positions, eos_ids=stops)
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "chat_template": template, "model_max_length": max_positions}))
+    return src, hf, stops
