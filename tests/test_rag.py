@@ -95,6 +95,9 @@ def test_html_never_loses_text_silently_nor_indexes_hidden_text(tmp_path):
         page.write_text(body)
         with pytest.raises(OwnLLMError, match=rf"p.html:{line}: {what}.* never closed"):
             read_document(page)
+    # a comment shown as text (as a manual writes one, escaped) is text
+    page.write_text("<pre>&lt;!-- comment --&gt;</pre><p>After it.</p>")
+    assert read_document(page) == "<!-- comment -->\n\nAfter it."
 
 
 def test_documents_are_bounded(tmp_path, monkeypatch):

@@ -111,7 +111,8 @@ class _HTMLText(html.parser.HTMLParser):
                     break
 
     def handle_data(self, data):
-        if data.startswith("<!--"):   # the parser hands an unclosed comment back as text
+        # the parser hands an unclosed comment back as text; an escaped one (&lt;!-- x --&gt;) is text
+        if data.startswith("<!--") and "-->" not in data:
             raise UnclosedHTML(self.getpos()[0], "<!-- (a comment)")
         if not self.hiding:
             self.parts.append(re.sub(r"[ \t\r\n]+", " ", data))
