@@ -278,6 +278,32 @@ def test_grounded_format_round_trip():
     assert is_refusal(REFUSAL["en"]) and is_refusal(REFUSAL["zh"]) and not is_refusal("1642")
 
 
+def test_refusals_and_prompts_follow_the_questions_script(tmp_path, tiny_sft):
+    """繁體 questions get 繁體 system text and refusals, 简体 ones 简体, before the model or after it."""
+    from ownllm.data.grounded import language
+    from ownllm.data.judge import grade
+    from ownllm.data.tasks import Example
+    from ownllm.inference.generate import load_run
+    from ownllm.rag.answer import ask
+
+    for text, lang in (("Which file?", "en"), ("启动时设置的系统主机名保存在哪个文件里？", "zh"),
+                       ("啟動時設定的系統主機名儲存在哪個檔案裡？", "zh-hant"), ("三百零五", "zh"), ("1642", "en")):
+        assert language(text) == lang, text
+    assert is_refusal(REFUSAL["zh-hant"]) and REFUSAL["zh-hant"] == "資料中沒有提到。"
+    assert sources_prompt("市長是誰？", ["甲。"]) == "資料：\n甲。 [1]\n問題：市長是誰？"
+    # the judge's language preference tells the scripts apart: a 简体 answer to a 简体 prompt beats a 繁體 one
+    ex = Example("passage_qa", "zh", "这个网络叫什么？", "网络")
+    assert grade(ex, "网络")[1] == 1 and grade(ex, "網路")[1] == 0
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("Varnok was founded in 1642 by river traders.")
+    model, tok = load_run(tiny_sft)
+    with KnowledgeBase(tmp_path / "kb.sqlite", create=True) as kb:
+        kb.index([tmp_path / "docs"], log=lambda *a: None)
+        for q, lang in (("誰畫了蒙娜麗莎？", "zh-hant"), ("谁画了蒙娜丽莎？", "zh"), ("Who painted the Mona Lisa?", "en")):
+            res = ask(model, tok, kb, q)
+            assert not res.retrieved and res.text == REFUSAL[lang]
+
+
 def test_demo_world_is_disjoint_and_rag_tasks_cite_the_right_source():
     from ownllm.data.tasks import generate
 

@@ -11,16 +11,33 @@ from __future__ import annotations
 
 import re
 
-REFUSAL = {"en": "The sources do not say.", "zh": "资料中没有提到。"}
-CLOSED_BOOK_REFUSAL = {"en": "I don't know.", "zh": "我不知道。"}
+# "zh": Chinese in simplified characters; "zh-hant": in traditional ones (Taiwan, Hong Kong)
+REFUSAL = {"en": "The sources do not say.", "zh": "资料中没有提到。", "zh-hant": "資料中沒有提到。"}
+CLOSED_BOOK_REFUSAL = {"en": "I don't know.", "zh": "我不知道。", "zh-hant": "我不知道。"}
 REFUSALS = (*REFUSAL.values(), *CLOSED_BOOK_REFUSAL.values())
+PROMPT_HEADS = {"en": ("Sources:", "Question: "), "zh": ("资料：", "问题："), "zh-hant": ("資料：", "問題：")}
 _CJK = re.compile(r"[\u4e00-\u9fff]")
+# common characters written differently in the two scripts, traditional then simplified, pair by pair
+_PAIRS = ("們们這这個个來来時时說说會会對对開开關关為为與与問问題题資资訊讯體体點点處处從从將将實实現现發发經经過过"
+          "還还應应當当麼么樣样裡里後后機机電电網网頁页檔档設设計计沒没國国學学語语寫写讀读書书長长門门見见車车東东"
+          "無无種种號号碼码統统係系區区數数據据庫库錯错誤误請请嗎吗軟软裝装載载動动態态變变線线單单雙双檢检鍵键盤盘"
+          "顯显標标準准備备換换轉转執执權权帳帐戶户組组記记錄录證证聯联絡络認认識识讓让給给夠够該该覺觉話话聽听買买"
+          "賣卖錢钱價价貨货歷历鐘钟誰谁幾几兩两萬万億亿預预選选項项擇择鎖锁閱阅覽览連连結结級级層层節节屬属尋寻導导"
+          "頭头腦脑務务並并傳传輸输環环亂乱舊旧聲声圖图畫画風风雲云陽阳氣气熱热溫温鄉乡縣县鎮镇園园館馆飯饭魚鱼雞鸡"
+          "鳥鸟馬马龍龙紅红綠绿藍蓝黃黄灣湾臺台島岛這这麼么們们員员務务產产業业專专廣广園园區区辦办儲储存存檔档擴扩")
+_TRADITIONAL = frozenset(_PAIRS[0::2]) - frozenset(_PAIRS[1::2])
+_SIMPLIFIED = frozenset(_PAIRS[1::2]) - frozenset(_PAIRS[0::2])
 _CITE = re.compile(r"\s*\[(\d+)\]")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])")
 
 
 def language(text: str) -> str:
-    return "zh" if _CJK.search(text) else "en"
+    """'en', 'zh' (simplified characters) or 'zh-hant' (traditional: more of its own characters
+    than simplified ones)."""
+    if not _CJK.search(text):
+        return "en"
+    trad = sum(c in _TRADITIONAL for c in text)
+    return "zh-hant" if trad and trad > sum(c in _SIMPLIFIED for c in text) else "zh"
 
 
 def numbered_sources(passages: list[str]) -> str:
@@ -33,9 +50,8 @@ def numbered_sources(passages: list[str]) -> str:
 
 
 def sources_prompt(question: str, passages: list[str]) -> str:
-    head = "Sources:" if language(question) == "en" else "资料："
-    ask = ("Question: " if language(question) == "en" else "问题：") + question.strip()
-    return "\n".join([head, numbered_sources(passages), ask])
+    head, ask = PROMPT_HEADS[language(question)]
+    return "\n".join([head, numbered_sources(passages), ask + question.strip()])
 
 
 def cited_answer(answer: str, source: int | None, lang: str) -> str:

@@ -9,7 +9,8 @@ Preferences, most important first (an answer's grade is the tuple, compared lexi
 1. truth: the right answer beats an honest "I don't know", which beats a wrong one; where the
    prompt has no answer (a closed-book question about a fictional town, sources that do not say),
    the honest refusal is the right answer and anything else is an invention;
-2. language: answer in the language the question expects (a Chinese question gets Chinese);
+2. language: answer in the language and script the question expects (a Chinese question gets
+   Chinese, in its own simplified or traditional characters);
 3. directness: the answer without rambling beats the same answer wrapped in filler.
 """
 from __future__ import annotations
@@ -17,17 +18,18 @@ from __future__ import annotations
 import re
 
 from ownllm.data.tasks import Example
-from ownllm.data.grounded import REFUSALS, is_refusal
+from ownllm.data.grounded import REFUSALS, is_refusal, language
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _LATIN_WORD = re.compile(r"[A-Za-z]{2,}")
 
 
 def _script(text: str) -> str | None:
-    """'zh' if the text has Chinese, 'en' if it has Latin words and no Chinese, None if neither
-    (digits, symbols): such an answer fits either language."""
+    """'zh' or 'zh-hant' if the text has Chinese (grounded.language tells the scripts apart), 'en'
+    if it has Latin words and no Chinese, None if neither (digits, symbols): such an answer fits
+    either language."""
     if _CJK.search(text):
-        return "zh"
+        return language(text)
     return "en" if _LATIN_WORD.search(text) else None
 
 

@@ -16,7 +16,7 @@ _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 STOPWORDS = set("""a an and are as at be by can did do does for from had has have he her his how in is it its
 of on or she that the their them they this to was were what when where which who whom whose why will
 with you your tell me please about know""".split())
-_ZH_STOP = set("的了是在和吗呢吧么哪里儿谁几多少请问")
+_ZH_STOP = set("的了是在和吗呢吧么哪里儿谁几多少请问" "嗎麼裡兒誰幾請問")   # simplified, then the traditional forms
 STOPWORDS |= _ZH_STOP
 
 
