@@ -666,6 +666,8 @@ def _add_data_and_pretraining(sub) -> None:
 
 def _add_documents_and_tools(sub) -> None:
     """The parsers of the knowledge base, extraction, grounded answers and the agent."""
+    from ownllm.config import MIN_RELEVANCE, RELATIVE_RELEVANCE
+
     p = sub.add_parser("rag", help="knowledge base: index documents, list, remove, search")
     p.add_argument("action", choices=["index", "ls", "rm", "search"])
     p.add_argument("paths", nargs="*", help="(index/rm) files or directories; (search) the query")
@@ -699,11 +701,12 @@ def _add_documents_and_tools(sub) -> None:
     p.add_argument("--embedder", help="sentence-embedding model directory, or 'none'")
     p.add_argument("-k", type=int, default=3, help="sources shown to the model (as many as fit its context)")
     p.add_argument("--mode", choices=["bm25", "dense", "hybrid"])
-    p.add_argument("--min-relevance", type=float, default=0.5,
-                   help="below this (share of the question's weighted terms in the best chunk) answer 'not in the sources'")
-    p.add_argument("--relative-relevance", type=float, default=0.6,
+    p.add_argument("--min-relevance", type=float, default=MIN_RELEVANCE,
+                   help="below this (share of the question's weighted terms in the best chunk) answer 'not in the "
+                        f"sources' (default {MIN_RELEVANCE})")
+    p.add_argument("--relative-relevance", type=float, default=RELATIVE_RELEVANCE,
                    help="show only chunks covering at least this share of what the best chunk covers (0: all k); "
-                        "less relevant ones distract a small model")
+                        f"less relevant ones distract a small model (default {RELATIVE_RELEVANCE})")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--verify", action="store_true", help="citation check: withhold an answer that no source shown "

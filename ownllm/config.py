@@ -62,6 +62,10 @@ MODEL_QUICKSTART: dict[str, Any] = {
     "ppo": {"batch_size": 16}, "ppo_config": {"max_new_tokens": 32},
 }
 LORA_RANK, LORA_ALPHA = 8, 16.0   # `--lora` without --lora-rank / --lora-alpha (scale alpha / rank = 2)
+# `ask` refuses before the model when no chunk holds this share of the question's IDF weight: off-topic
+# questions fall far below it, answerable ones worded unlike the text stay above (bench/rag_real_docs.py)
+MIN_RELEVANCE = 0.3
+RELATIVE_RELEVANCE = 0.6  # a source covering under 60% of what the best covers is a distractor, not shown
 ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 

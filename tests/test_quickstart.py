@@ -67,10 +67,13 @@ def test_model_track_end_to_end_on_a_small_imported_model(tmp_path, capsys):
     from tests.conftest import qwen_dir
 
     pytest.importorskip("transformers")
+    from ownllm.config import MODEL_QUICKSTART
+
     src, _, _ = qwen_dir(tmp_path, max_positions=1024)
     steps = {"sft_steps": 2, "reward_steps": 1, "dpo_steps": 1, "ppo_steps": 1}
     summary = quickstart_model(str(src), tmp_path / "q", steps=steps, n_eval=1,
                                settings={"n_rag": 2, "n_agent": 2, "n_prompts": 4, "n_judge": 4, "bpb_tokens": 256,
+                                         "sft": {**MODEL_QUICKSTART["sft"], "task_examples": 64, "compile": False},
                                          "pair_config": {"val_prompts": 4, "max_val_pairs": 8}, "ppo": {"batch_size": 4}})
     out = tmp_path / "q"
     report = json.loads((out / "report.json").read_text())

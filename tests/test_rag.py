@@ -364,7 +364,8 @@ def test_grounded_prompt_shows_relevant_sources_best_last(tmp_path, small_tokeni
     """retrieve drops sources far less relevant than the best (distractors for a small model);
     prompt_ids numbers what it shows in reverse rank, the best next to the question, and the hits
     it returns are in that shown order (citations map back through them)."""
-    from ownllm.rag.answer import RELATIVE_RELEVANCE, prompt_ids, retrieve
+    from ownllm.config import RELATIVE_RELEVANCE
+    from ownllm.rag.answer import prompt_ids, retrieve
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -523,3 +524,21 @@ def test_eval_extract_reports_both_with_and_without_the_constraint(tiny_run, cap
     assert float(result["json_parsed"]) == 1.0   # the constraint: every reply parses
     for key in ("field_exact_match", "schema_valid", "unconstrained_field_exact_match", "unconstrained_json_parsed"):
         assert 0.0 <= float(result[key]) <= 1.0
+
+
+def test_real_documents_reach_the_model_in_three_scripts():
+    """The Debian Reference (English, 简体, 繁體; `bash bench/debian_reference.sh`, run by .ci/run):
+    answerable questions worded unlike the text pass the relevance gate, off-topic ones do not."""
+    import sys
+
+    docs = Path.home() / ".cache" / "ownllm" / "debian-reference"
+    if not (docs / "zh-hant").is_dir():
+        pytest.skip(f"no Debian Reference at {docs}: bash bench/debian_reference.sh")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.rag_real_docs import measure
+
+    res = measure(docs, log=lambda *a: None)
+    assert set(res) == {"en", "zh", "zh-hant"}
+    for lang, r in res.items():
+        assert r["reach"] >= 0.95 and r["refused_unanswerable"] == 1.0, (lang, r)
+        assert r["holds"] >= 0.75, (lang, r)

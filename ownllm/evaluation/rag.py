@@ -24,7 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from ownllm.inference.generate import greedy_texts, load_run
-from ownllm.rag.answer import MIN_RELEVANCE, prompt_ids, retrieve
+from ownllm.config import MIN_RELEVANCE
+from ownllm.rag.answer import prompt_ids, retrieve
 from ownllm.data.world import Question, make_world, slug
 from ownllm.data.grounded import REFUSAL, checked, is_refusal, parse_answer
 from ownllm.rag.store import KnowledgeBase

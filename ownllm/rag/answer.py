@@ -14,13 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ownllm.config import MIN_RELEVANCE, RELATIVE_RELEVANCE
 from ownllm.data.grounded import REFUSAL, checked, language, parse_answer, sources_prompt
 from ownllm.rag.store import Hit, KnowledgeBase
 
-# below 0.3 of the question's IDF weight, no chunk is about it: questions with no answer in the
-# demo KB or the Debian Reference score under 0.16 there, answerable ones worded unlike the text 0.28-0.5
-MIN_RELEVANCE = 0.3
-RELATIVE_RELEVANCE = 0.6  # a source covering under 60% of what the best covers is a distractor, not shown
 
 
 @dataclass
