@@ -138,6 +138,7 @@ def cmd_pretrain(args) -> None:
         return
     print(f"trained {result['step']} steps in {result['elapsed_s']:.0f}s ({result['dtype']})")
     _print_lm_eval(result["sources"])
+    _print_cost(result)
     _print_sample(args.out, "ROMEO:" if "chinese" not in (tcfg.data or "") else "春")
 
 
@@ -413,6 +414,18 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_explain(args) -> None:
+    from ownllm.evaluation.explain import explain, write_explanation
+
+    res = explain(args.run, args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k, raw=args.raw,
+                  token=args.token)
+    files = write_explanation(res, args.out)
+    for s in res["steps"]:
+        alts = "  ".join(f"{a!r} {q:.3f}" for a, q in s["alternatives"][:3])
+        print(f"{s['token']!r:>14} p={s['prob']:.3f}   {alts}")
+    print(f"reply: {res['reply']}\n{files['html']} (open in a browser), {files['json']}")
+
+
 def cmd_sft(args) -> None:
     from ownllm.config import apply_overrides
     from ownllm.train.sft import sft, sft_config
@@ -437,6 +450,7 @@ def cmd_sft(args) -> None:
     print(f"fine-tuned {res['step']} steps in {res['elapsed_s']:.0f}s ({res['dtype']}); "
           f"trainable {res['trainable_params']:,} of {res['total_params']:,} parameters "
           f"({100 * res['trainable_params'] / res['total_params']:.2f}%); val_loss {res.get('val_loss', float('nan')):.4f}")
+    _print_cost(res)
 
 
 def _config_file(path: str | None, tables: tuple[str, ...] = ("train", "stage")) -> dict:
@@ -484,6 +498,14 @@ def _need(args, name: str, flag: str) -> None:
 def _print_stage(res: dict, what: str) -> None:
     keys = [k for k in ("val_pair_accuracy", "val_reward_accuracy", "reward", "kl", "exact_match", "train_loss") if k in res]
     print(f"{what}: {res['step']} steps in {res['elapsed_s']:.0f}s; " + ", ".join(f"{k} {res[k]:.4f}" for k in keys))
+    _print_cost(res)
+
+
+def _print_cost(res: dict) -> None:
+    if "cost" in res:
+        from ownllm.cost import summary_line
+
+        print(summary_line(res["cost"]))
 
 
 def cmd_reward(args) -> None:
@@ -767,6 +789,18 @@ def _add_generation(sub) -> None:
                    "('object': any JSON object)")
     p.add_argument("--regex", help="constrain the output to match this regular expression")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("explain", help="why this reply: each token's probability and alternatives, the logit lens, "
+                       "attention maps (HTML + PNG)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="continue the prompt as text (default: a user turn in the "
+                   "run's chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--top-k", type=int, default=5, help="alternatives shown per token")
+    p.add_argument("--token", type=int, default=0, help="the reply token whose attention is drawn (negative: from the end)")
+    p.add_argument("--out", default="explain", help="directory for explain.html, explain.json and the PNGs")
+    p.set_defaults(func=cmd_explain)
 
 
 def _add_fine_tuning_and_alignment(sub) -> None:

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ownllm.config import ModelConfig
+from ownllm.cost import count_forward
 from ownllm.lora import LoRALinear, is_lora_param, merged_state_dict
 
 LOGP_FLOOR = 10.0  # GPT.rewards: a token's log-likelihood counts down to −10 nats, no lower
@@ -366,6 +367,7 @@ class GPT(nn.Module):
         """Final-norm hidden states (B, T, dim). With `cache`, `idx` continues from `cache.length`."""
         T = idx.shape[1]
         offset = cache.length if cache is not None else 0
+        count_forward(self, idx.shape[0], T, offset, head_positions=0)
         rope = self._rope(T, positions, offset)
         x = self._embed(idx)
         if self.config.smear:
@@ -415,11 +417,13 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, T, vocab). kwargs: cache, positions, mask (see hidden_states)."""
+        count_forward(self, 0, 0, head_positions=idx.numel())
         return self.lm_head(self.hidden_states(idx, **kwargs))
 
     def last_logits(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, vocab) at the last position only: a prefill needs no more, and the output head
         over every prompt position would cost T times the vocabulary-sized product."""
+        count_forward(self, 0, 0, head_positions=idx.shape[0])
         return self.lm_head(self.hidden_states(idx, **kwargs)[:, -1])
 
     def scores(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:

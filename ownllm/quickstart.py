@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ownllm.config import QUICKSTART_STEPS, TrainConfig, recipe as named_recipe
+from ownllm.cost import Stages, cost_table, total as cost_total
 from ownllm.interop.hf import SMEAR_UNEXPORTABLE
 from ownllm.metrics import MetricsLog, plot_curves
 
@@ -61,6 +62,8 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    stages = Stages()
+    stages.start("pretrain")
     length = f"{pretrain_budget:.0f}s" if pretrain_budget else f"{steps['pretrain_steps']} steps"
     log(f"== 1/7 tokenizer + pretraining: the {recipe} recipe on {data}, {length} of training ==")
     base = out / "base"
@@ -73,16 +76,19 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     for s in samples.values():
         log("--- sample ---\n" + s)
 
+    stages.start("prompting")
     log(f"== 2/7 prompting the base model: zero-shot vs 4-shot, {n_eval} held-out prompts per family ==")
     base_tasks = {k: evaluate_tasks(base, shots=k, n_per_family=n_eval) for k in (0, 4)}
     for res in base_tasks.values():
         print_task_report(res, out=log)
 
     length = f"{sft_budget:.0f}s" if sft_budget else f"{steps['sft_steps']} steps"
+    stages.start("sft")
     log(f"== 3/7 supervised fine-tuning on the task suite, {length} ==")
     sft_run = out / "sft"
     ft = sft(base, sft_run, sft_config(**limit(steps["sft_steps"], sft_budget)), overwrite=True, log=log)
 
+    stages.start("sft eval")
     log("== 4/7 held-out task accuracy after SFT ==")
     sft_tasks = evaluate_tasks(sft_run, shots=0, n_per_family=n_eval)
     print_task_report(sft_tasks, out=log)
@@ -104,12 +110,14 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     else:
         log(f"export: {NOT_EXPORTED}")
 
+    stages.start("rag")
     log("== 5/7 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
     embedder = find_embedder()
     kb = KnowledgeBase(demo_kb_path(embedder, log=log), embedder=embedder)
     rag = evaluate_rag(sft_run, kb, n=100)
     print_rag_report(rag, out=log)
 
+    stages.start("agent")
     log("== 6/7 agent: calculator, knowledge search and the demo shop database ==")
     db = ReadOnlyDB(demo_shop_path())
     agent = evaluate_agent(sft_run, kb=kb, db=db, n_arith=20, n_sql=20, n_search=10)
@@ -118,8 +126,10 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
 
     length = f"{rlhf_budget:.0f}s" if rlhf_budget else ", ".join(
         f"{steps[k + '_steps']} {k}" for k in ("reward", "dpo", "ppo", "grpo")) + " steps"
+    stages.start("alignment")
     log(f"== 7/7 alignment: preferences, reward model, DPO, PPO, GRPO ({length}) ==")
     rlhf = align(out, sft_run, steps, rlhf_budget, n_eval, sft_tasks["mean_exact_match"], log=log)
+    stages.stop()
 
     plots = out / "plots"
     plot_curves(MetricsLog.read(base / "metrics.jsonl"), plots / "pretrain_loss.png", title="pretraining loss (nats/token)")
@@ -136,10 +146,11 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
                "rag": {k: rag[k] for k in ("retrieval", "rag", "rag_verified", "closed_book")},
                "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
                "extract": {k: v for k, v in extract.items() if k != "samples"},
-               "rlhf": rlhf, "wall_s": wall, "pretrain_steps_per_s": speed}
+               "rlhf": rlhf, "wall_s": wall, "pretrain_steps_per_s": speed, "cost": stages.costs}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent,
-                                           exported, extract) + _rlhf_report(rlhf), encoding="utf-8")
+                                           exported, extract) + _rlhf_report(rlhf)
+                                   + "\n".join(["## Cost", ""] + cost_table(stages.costs) + [""]), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
     log(f"RESULT val_bpb={mean_bpb:.4f} base_zero_shot={base_tasks[0]['mean_exact_match']:.4f} "
@@ -153,8 +164,16 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
         f"ppo_decided_win_rate={rlhf['ppo']['decisive_win_rate']:.4f} grpo_arithmetic={rlhf['grpo']['arithmetic']:.4f} "
         f"sft_arithmetic={rlhf['grpo']['sft_arithmetic']:.4f} extract_field_exact_match={extract['field_exact_match']:.4f} "
         f"extract_schema_valid={extract['schema_valid']:.4f} "
-        f"extract_unconstrained_schema_valid={extract['unconstrained_schema_valid']:.4f} wall_s={wall:.0f}")
+        f"extract_unconstrained_schema_valid={extract['unconstrained_schema_valid']:.4f} {_cost_keys(stages.costs)} "
+        f"wall_s={wall:.0f}")
     return summary
+
+
+def _cost_keys(costs: dict) -> str:
+    """The pipeline's total cost as RESULT keys."""
+    total = cost_total(costs)
+    return (f"tokens={total['tokens']} tflops={total['flops'] / 1e12:.3f} energy_wh={total['energy_wh']:.3f} "
+            f"peak_rss_mb={total['peak_rss_mb']:.0f}")
 
 
 def align(out: Path, sft_run: Path, steps: dict, budget: float | None, n_eval: int, sft_accuracy: float,

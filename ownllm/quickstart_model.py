@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ownllm.config import MODEL_QUICKSTART, MODEL_QUICKSTART_STEPS
+from ownllm.cost import Stages, cost_table
 from ownllm.metrics import MetricsLog, plot_curves
 
 
@@ -35,7 +36,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     from ownllm.interop.gguf import export_gguf
     from ownllm.interop.hf import export_hf
     from ownllm.interop.hub import import_model
-    from ownllm.quickstart import _plot_tasks, limit
+    from ownllm.quickstart import _cost_keys, _plot_tasks, limit
     from ownllm.rag.demo import demo_kb_path
     from ownllm.rag.embed import find_embedder
     from ownllm.rag.store import KnowledgeBase
@@ -51,20 +52,14 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    times: dict[str, float] = {}
-    stage_t = [t0]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        times[name] = now - stage_t[0]
-        stage_t[0] = now
-
+    stages = Stages()
+    stages.start("import")
     log(f"== 1/7 import {model} ==")
     base = out / "base"
     imp = import_model(model, base, overwrite=True)
     log(f"{base}: {imp['parameters'] / 1e6:.1f}M parameters, {imp['layers']} layers, "
         f"{'its own chat template' if imp['chat_template'] else 'no chat template'}")
-    lap("import")
+    stages.start("measure before")
 
     embedder = find_embedder()
     kb = KnowledgeBase(demo_kb_path(embedder, log=log), embedder=embedder)
@@ -89,17 +84,17 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     log(f"== 2/7 the model as it is: {n_eval} held-out prompts per family, 0- and 4-shot, in {lang}; "
         "Shakespeare bits per byte; RAG; agent ==")
     before = measure(base, "base", (0, 4))
-    lap("measure before")
+    stages.start("sft")
 
     log(f"== 3/7 LoRA SFT on the task suite in {lang}, {steps['sft_steps']} steps ==")
     sft_run = out / "sft"
     ft = sft(base, sft_run, sft_config(lora=True, **limit(steps["sft_steps"], None), **q["sft"]),
              lora_rank=q["lora_rank"], lora_alpha=q["lora_alpha"], overwrite=True, log=log)
-    lap("sft")
+    stages.start("measure after")
 
     log("== 4/7 after SFT: the same measures ==")
     after = measure(sft_run, "sft", (0,))
-    lap("measure after")
+    stages.start("alignment")
 
     log(f"== 5/7 alignment: pairs from its own samples, reward model, DPO, PPO "
         f"({steps['reward_steps']}, {steps['dpo_steps']}, {steps['ppo_steps']} steps) ==")
@@ -123,19 +118,19 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
                            against_task_accuracy=sft_accuracy, lang=lang, families=q["families"])
         print_prefs_report(r, name, "sft", out=log)
         aligned[name] = {k: v for k, v in r.items() if k != "samples"}
-    lap("alignment")
+    stages.start("export")
 
     log("== 6/7 export: Hugging Face directory and GGUF ==")
     exported = {"hf": export_hf(sft_run, out / "hf", overwrite=True),
                 "gguf": export_gguf(sft_run, out / "sft.gguf", dtype="q8_0", overwrite=True)}
     log(f"{exported['hf']['out']} ({exported['hf']['architecture']}, {exported['hf']['bytes'] / 1e6:.0f} MB); "
         f"{exported['gguf']['out']} ({exported['gguf']['dtype']}, {exported['gguf']['bytes'] / 1e6:.0f} MB)")
-    lap("export")
+    stages.start("serve")
 
     log("== 7/7 served: one chat request through `ownllm serve` ==")
     served = serve_smoke(sft_run, "What is 48 + 27?")
     log(f"POST /v1/chat/completions -> {served['status']} in {served['seconds']:.2f}s: {served['content']!r}")
-    lap("serve")
+    stages.stop()
     kb.close(), db.close()
 
     plots = out / "plots"
@@ -143,7 +138,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     _plot_tasks({"as imported 0-shot": before["tasks"][f"{lang}_0"], "as imported 4-shot": before["tasks"][f"{lang}_4"],
                  "LoRA SFT 0-shot": after["tasks"][f"{lang}_0"]}, plots / "task_accuracy.png")
     wall = time.perf_counter() - t0
-    summary = {"model": model, "steps": steps, "n_eval": n_eval, "wall_s": wall, "stage_seconds": times,
+    summary = {"model": model, "steps": steps, "n_eval": n_eval, "wall_s": wall, "cost": stages.costs,
                "before": _brief(before), "after": _brief(after), "sft": {k: ft[k] for k in ("step", "elapsed_s")},
                "reward": {k: reward[k] for k in ("pair_accuracy", "n_pairs", "by_rule", "by_kind")},
                "aligned": aligned, "exported": {k: str(v["out"]) for k, v in exported.items()}, "served": served}
@@ -162,7 +157,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
         + " ".join(f"{n}_win_rate={r['win_rate']:.4f} {n}_decided_win_rate={r['decisive_win_rate']:.4f} "
                    f"{n}_decided_share={(r['wins'] + r['losses']) / r['n']:.4f} {n}_task_accuracy={r['task_accuracy']:.4f} "
                    f"{n}_kl={r['kl']:.4f}" for n, r in aligned.items())
-        + f" served={int(served['status'] == 200)} wall_s={wall:.0f}")
+        + f" served={int(served['status'] == 200)} {_cost_keys(stages.costs)} wall_s={wall:.0f}")
     return summary
 
 
@@ -200,7 +195,7 @@ def _report(s: dict, lang: str) -> str:
     fams = list(a["per_family"][f"{lang}_0"])
     L = [f"# ownllm quickstart report card: {s['model']}", "",
          f"Import, measure, LoRA SFT, measure, align, export and serve in {s['wall_s'] / 60:.1f} minutes of wall time "
-         "on this machine (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in s["stage_seconds"].items()) + " minutes).", "",
+         "on this machine (" + ", ".join(f"{k} {v['wall_s'] / 60:.1f}" for k, v in s["cost"].items()) + " minutes).", "",
          f"## Held-out task suite in its own chat template ({s['n_eval']} prompts per family, exact match, greedy)", "",
          f"LoRA SFT: {s['sft']['step']} steps in {s['sft']['elapsed_s']:.0f}s.", "",
          f"| family ({lang}) | as imported 0-shot | 4-shot | LoRA SFT 0-shot |", "|---|---:|---:|---:|"]
@@ -233,5 +228,5 @@ def _report(s: dict, lang: str) -> str:
     L += ["", "## Export and serving", "", "`hf/` (for `transformers`) and `sft.gguf` (Q8_0, for llama.cpp-family "
           "runtimes), written from the SFT run with its adapters folded in.", "",
           f"`ownllm serve --run sft`: `POST /v1/chat/completions` → {sv['status']} in {sv['seconds']:.2f}s: "
-          f"{sv['content']!r}", ""]
+          f"{sv['content']!r}", "", "## Cost", ""] + cost_table(s["cost"]) + [""]
     return "\n".join(L)

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bottom to top; a module belongs to the longest name that prefixes it
 LAYERS = [
-    ["ownllm", "ownllm.errors", "ownllm.config", "ownllm.files", "ownllm.metrics"],
+    ["ownllm", "ownllm.errors", "ownllm.config", "ownllm.files", "ownllm.metrics", "ownllm.cost"],
     ["ownllm.lora"],
     ["ownllm.model", "ownllm.tokenizer", "ownllm.chat_template"],
     ["ownllm.checkpoint"],

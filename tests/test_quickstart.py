@@ -1,5 +1,5 @@
 from ownllm.cli import build_parser
-from ownllm.config import QUICKSTART_STEPS
+from ownllm.config import MODEL_QUICKSTART_STEPS, QUICKSTART_STEPS
 from ownllm.quickstart import limit
 
 
@@ -25,7 +25,9 @@ def test_quickstart_cli_passes_only_what_was_set(monkeypatch):
     args.func(args)
     assert seen["steps"] == {"pretrain_steps": 50, "ppo_steps": 3} and seen["threads"] == 1
     help_text = build_parser()._subparsers._group_actions[0].choices["quickstart"].format_help()
-    assert f"(default {QUICKSTART_STEPS['sft_steps']})" in help_text
+    help_text = " ".join(help_text.split())   # (argparse wraps to the terminal's width)
+    assert (f"(default {QUICKSTART_STEPS['sft_steps']}; {MODEL_QUICKSTART_STEPS['sft_steps']} with --model)"
+            in help_text)
 
 
 def test_an_unknown_recipe_is_refused_before_anything_is_written(tmp_path):

@@ -56,6 +56,11 @@ def test_run_directory_layout_metrics_and_learning(tmp_path, text_file):
     assert [r["step"] for r in evals] == [10, 20, 30] and "val_loss" in evals[0]
     assert steps[-1]["train_loss"] < steps[0]["train_loss"] - 1.0  # it learns
     assert steps[-1]["tokens"] == 30 * 4 * 32
+    spent = rows[-1]   # what the run cost, as its last row and in the result
+    assert spent["event"] == "cost" and spent == {"step": 30, "event": "cost", **res["cost"]}
+    assert spent["train_tokens"] >= 30 * 4 * 32 and spent["tokens"] > spent["train_tokens"]   # + the evaluations
+    n = sum(p.numel() for p in load_model(run).layers.parameters() if p.dim() == 2)
+    assert spent["flops"] > 6 * n * spent["train_tokens"] and spent["peak_rss_mb"] > 50 and spent["energy_wh"] > 0
     assert 0 < res["sources"][0]["val_bpb"] < 8
     assert not list(run.glob(".*.tmp")) and not (run / "commit.json").exists()
 

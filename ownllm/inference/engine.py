@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from ownllm.cost import count_forward
 from ownllm.inference.structured import draw_constrained
 from ownllm.model import GPT, KVCache
 
@@ -165,6 +166,7 @@ class Engine:
                 pos = last_pos if last_pos is not None else torch.full((B,), cache.length, device=tok.device)
                 logits, k, v = self._decode(tok[:, None], pos[:, None], cache.k, cache.v, cache.valid[:, None, None, :],
                                             cache.prev)
+                count_forward(self.model, B, 1, cache.length, head_positions=B)   # (the graph cannot count itself)
                 if self.cfg.smear:
                     cache.prev = self.model.embed_tokens(tok[:, None])
                 at = cache.length

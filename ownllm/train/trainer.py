@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ownllm.checkpoint import load_state, load_weights, save_checkpoint, saved_step
 from ownllm.config import TrainConfig
+from ownllm.cost import measure
 from ownllm.errors import OwnLLMError
 from ownllm.lora import is_lora_param
 from ownllm.metrics import MetricsLog, plot_curves
@@ -385,7 +386,18 @@ class Trainer:
         return total / count
 
     def run(self, stop_at_step: int | None = None) -> dict:
-        """Train until the budget ends (or `stop_at_step`, which simulates a kill after a checkpoint)."""
+        """Train until the budget ends (or `stop_at_step`, which simulates a kill after a checkpoint).
+        The result's `cost` (tokens, FLOPs, time, peak memory, energy: ownllm.cost) is also the
+        last metrics row, `event: "cost"` (a resumed run's: what this process did)."""
+        with measure(self.run_dir.name) as meter:
+            result = self._run(stop_at_step)
+        if result.get("stopped"):
+            return result
+        self.metrics.write(step=self.step, event="cost", **meter.result)
+        self.metrics.close()
+        return {**result, "cost": meter.result}
+
+    def _run(self, stop_at_step: int | None) -> dict:
         model = self.model.train()
         if self.dtype == "auto":
             self.dtype, timings = measure_dtype(model, self._plain_or_sharded_loss(), self._warmup_batch(),
@@ -446,7 +458,6 @@ class Trainer:
                 and (self.ctx.is_main or self.fsdp is not None):
             last.update(self._eval())
         self.checkpoint()
-        self.metrics.close()
         return {"step": self.step, "elapsed_s": self.elapsed, "dtype": self.dtype, **last}
 
     def _flush(self, pending, bar) -> dict:

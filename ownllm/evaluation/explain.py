@@ -1,0 +1,235 @@
+"""`ownllm explain`: why the model said what it said, token by token.
+
+Where it sits: over inference (a greedy reply) and the model's own modules (hooks). For a prompt
+(as a chat turn, or raw text) the model answers greedily; one more forward pass over prompt +
+reply, with hooks on every block, gives
+- per reply token: its probability and the top alternatives the model weighed;
+- the logit lens: the final norm and output head applied to the residual stream after every
+  layer, read at each reply position (nostalgebraist 2020) — where in the stack the answer forms;
+- attention: every layer's and head's attention weights from one chosen reply token back over
+  the context (recomputed from the block's own q and k, RoPE and masks included).
+Written as explain.json, PNGs and one self-contained HTML page (no script or font from a CDN).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from ownllm.errors import OwnLLMError
+
+
+def _attention_probs(attn, x, cos, sin) -> torch.Tensor:
+    """(B, heads, T, T) attention weights of `attn` (model.Attention) on its input x, no cache."""
+    q, k, _ = attn._rope_qkv(x, cos, sin)
+    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
+    T = x.shape[1]
+    keep = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    if attn.window:
+        keep &= ~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-attn.window)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scale
+    return scores.masked_fill(~keep, float("-inf")).softmax(-1)
+
+
+@torch.no_grad()
+def trace(model, ids: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One forward pass over `ids`: logits (T, vocab), the residual stream after each block
+    [(T, dim)] and each layer's attention weights [(heads, T, T)]."""
+    hidden, attention, hooks = [], [], []
+    for block in model.layers:
+        hooks.append(block.register_forward_hook(lambda _m, _a, out: hidden.append(out[0])))
+        hooks.append(block.self_attn.register_forward_pre_hook(
+            lambda m, args: attention.append(_attention_probs(m, *args[:3])[0])))
+    try:
+        logits = model(torch.tensor([ids], device=model.device))[0].float()
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, hidden, attention
+
+
+def _piece(tok, i: int) -> str:
+    return tok.decode([i]).replace("\n", "⏎") or "∅"
+
+
+@torch.no_grad()
+def explain(run: str | Path, prompt: str, max_new_tokens: int = 24, top_k: int = 5, raw: bool = False,
+            token: int = 0) -> dict:
+    """Greedy reply to `prompt` (a user turn in the run's chat template; raw=True: text to
+    continue) and why: per-token probabilities and alternatives, the logit lens, and the
+    attention of reply token `token` (0: the first; negative counts from the end)."""
+    from ownllm.inference import Engine, SamplingParams
+    from ownllm.inference.generate import load_run
+
+    model, tok = load_run(run)
+    prompt_ids = (tok.encode(prompt) or [tok.bos_id]) if raw else tok.user_turn(prompt)
+    ctx = model.config.max_seq_len
+    if len(prompt_ids) + max_new_tokens > ctx:
+        raise OwnLLMError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new exceeds the context of {ctx}")
+    stops = (tok.eos_id, *tok.stop_ids)
+    new = Engine(model, tok.pad_id).generate([prompt_ids], SamplingParams(max_new_tokens=max_new_tokens, temperature=0,
+                                                                          stop_ids=stops))[0]
+    if not new:
+        raise OwnLLMError("the model produced no token to explain")
+    ids = prompt_ids + new
+    logits, hidden, attention = trace(model, ids)
+    n = len(prompt_ids)
+    probs = logits[n - 1: len(ids) - 1].softmax(-1)         # position t predicts token t + 1
+    steps = []
+    for j, t in enumerate(new):
+        p, alt = probs[j].topk(top_k)
+        steps.append({"token": _piece(tok, t), "id": t, "prob": float(probs[j, t]), "rank": int((probs[j] > probs[j, t]).sum()) + 1,
+                      "alternatives": [[_piece(tok, int(i)), float(q)] for q, i in zip(p, alt)]})
+    lens = []
+    for h in hidden:   # the last block's output, through norm and head, is the model's own prediction
+        lp = model.lm_head(model.norm(h[n - 1: len(ids) - 1])).float().softmax(-1)
+        top_p, top_i = lp.max(-1)
+        lens.append([{"top": _piece(tok, int(i)), "top_prob": float(q), "chosen_prob": float(lp[j, new[j]])}
+                     for j, (q, i) in enumerate(zip(top_p, top_i))])
+    if not -len(new) <= token < len(new):
+        raise OwnLLMError(f"--token {token}: the reply has {len(new)} tokens (0 … {len(new) - 1})")
+    token %= len(new)
+    at = n - 1 + token    # the position whose output is reply token `token`
+    return {"prompt": prompt, "raw": raw, "reply": tok.decode([t for t in new if t not in stops]),
+            "context": [_piece(tok, i) for i in ids[: at + 1]], "n_prompt": n, "steps": steps, "lens": lens,
+            "attention_token": token,
+            "attention": [[[round(float(w), 5) for w in head[at, : at + 1]] for head in layer] for layer in attention]}
+
+
+def write_explanation(res: dict, out: str | Path) -> dict:
+    """explain.json, lens.png, attention.png and explain.html (the PNGs inlined) in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explain.json").write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding="utf-8")
+    pngs = {"lens": _lens_png(res), "attention": _attention_png(res)}
+    for name, data in pngs.items():
+        (out / f"{name}.png").write_bytes(data)
+    (out / "explain.html").write_text(render_html(res, pngs), encoding="utf-8")
+    return {k: out / f"{k}.png" for k in pngs} | {"html": out / "explain.html", "json": out / "explain.json"}
+
+
+CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans CJK JP")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+
+    # Chinese tokens need a CJK font where one is installed (matplotlib's cache may predate it);
+    # matplotlib falls back along the family list glyph by glyph
+    have = {f.name for f in font_manager.fontManager.ttflist}
+    if not have & set(CJK_FONTS):
+        for path in font_manager.findSystemFonts():
+            if any(k in path.lower() for k in ("wqy", "notosanscjk", "noto-cjk")):
+                font_manager.fontManager.addfont(path)
+        have = {f.name for f in font_manager.fontManager.ttflist}
+    plt.rcParams["font.family"] = ["DejaVu Sans"] + [f for f in CJK_FONTS if f in have]
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _lens_png(res: dict) -> bytes:
+    plt = _pyplot()
+    grid = [[c["chosen_prob"] for c in layer] for layer in res["lens"]]
+    labels = [s["token"] for s in res["steps"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(labels) + 2), max(3, 0.3 * len(grid) + 1.5)), dpi=100)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=8)
+    ax.set_ylabel("after layer")
+    ax.set_yticks(range(len(grid)), [str(i + 1) for i in range(len(grid))], fontsize=7)
+    ax.set_title("logit lens: p(final token) after each layer", fontsize=10)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _attention_png(res: dict) -> bytes:
+    plt = _pyplot()
+    rows = [head for layer in res["attention"] for head in layer]
+    heads = len(res["attention"][0])
+    ctx = res["context"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.28 * len(ctx) + 2), max(3, 0.18 * len(rows) + 1.5)), dpi=100)
+    im = ax.imshow(rows, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set_xticks(range(len(ctx)), ctx, rotation=90, fontsize=7)
+    ax.set_yticks([i * heads for i in range(len(res["attention"]))], [f"layer {i + 1}" for i in range(len(res["attention"]))],
+                  fontsize=7)
+    step = res["steps"][res["attention_token"]]
+    ax.set_title(f"attention while writing reply token {res['attention_token']} ({step['token']!r}): "
+                 f"one row per head", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _shade(p: float) -> str:
+    """Low probability red, high green."""
+    return f"hsl({int(120 * p)}, 70%, 85%)"
+
+
+def render_html(res: dict, pngs: dict[str, bytes]) -> str:
+    e = html.escape
+    toks = "".join(
+        f'<span class="tok" style="background:{_shade(s["prob"])}" title="'
+        + e(f"p = {s['prob']:.3f} (rank {s['rank']}); " + ", ".join(f"{a!r} {q:.3f}" for a, q in s["alternatives"]))
+        + f'">{e(s["token"])}</span>' for s in res["steps"])
+    step_rows = "".join(
+        f"<tr><td>{j}</td><td class=mono>{e(s['token'])}</td><td>{s['prob']:.3f}</td><td>{s['rank']}</td><td>"
+        + " ".join(f'<span class="alt mono">{e(a)} <small>{q:.3f}</small></span>' for a, q in s["alternatives"])
+        + "</td></tr>" for j, s in enumerate(res["steps"]))
+    lens_head = "".join(f"<th class=mono>{e(s['token'])}</th>" for s in res["steps"])
+    lens_rows = "".join(
+        f"<tr><th>{i + 1}</th>" + "".join(
+            f'<td class="mono{" hit" if c["top"] == s["token"] else ""}" style="background:{_shade(c["chosen_prob"])}" '
+            f'title="top {c["top_prob"]:.3f}; chosen {c["chosen_prob"]:.3f}">{e(c["top"])}</td>'
+            for c, s in zip(layer, res["steps"])) + "</tr>" for i, layer in enumerate(res["lens"]))
+    step = res["steps"][res["attention_token"]]
+    mean_last = [sum(col) / len(col) for col in zip(*res["attention"][-1])]
+    top_ctx = sorted(range(len(mean_last)), key=lambda i: -mean_last[i])[:5]
+    top_txt = ", ".join(f"<span class=mono>{e(res['context'][i])}</span> {mean_last[i]:.2f}" for i in top_ctx)
+    img = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in pngs.items()}
+    mode = "raw text continued" if res["raw"] else "a user turn in the run's chat template"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ownllm explain</title>
+<style>
+body {{ font: 15px/1.5 system-ui, "Noto Sans CJK SC", "WenQuanYi Zen Hei", sans-serif; margin: 1.5em auto; max-width: 70em; padding: 0 1em; color: #222; }}
+.mono {{ font-family: ui-monospace, "DejaVu Sans Mono", "WenQuanYi Zen Hei Mono", monospace; white-space: pre; }}
+.tok {{ font-family: ui-monospace, monospace; white-space: pre; padding: 1px 2px; margin: 1px; border-radius: 3px; display: inline-block; }}
+table {{ border-collapse: collapse; margin: .5em 0; font-size: 13px; }}
+td, th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: left; }}
+td.hit {{ font-weight: bold; }}
+.alt {{ margin-right: .8em; }}
+img {{ max-width: 100%; border: 1px solid #eee; }}
+.scroll {{ overflow-x: auto; }}
+</style></head><body>
+<h1>Why this reply</h1>
+<p><b>Prompt</b> ({e(mode)}):</p><pre id="prompt">{e(res['prompt'])}</pre>
+<p><b>Reply</b> (greedy), each token shaded by the probability the model gave it (hover for the alternatives):</p>
+<p id="reply">{toks}</p>
+<h2>Token by token</h2>
+<table id="steps"><tr><th>#</th><th>token</th><th>p</th><th>rank</th><th>top alternatives</th></tr>{step_rows}</table>
+<h2>Logit lens</h2>
+<p>The final norm and output head applied after every layer: the token that layer would predict (bold where it
+is already the final choice), shaded by the probability it gives the final choice.</p>
+<div class="scroll"><table id="lens"><tr><th>layer</th>{lens_head}</tr>{lens_rows}</table></div>
+<img alt="logit lens" src="{img['lens']}">
+<h2>Attention while writing token {res['attention_token']} (<span class="mono">{e(step['token'])}</span>)</h2>
+<p>Last layer, mean over heads, most attended: {top_txt}.</p>
+<img alt="attention" src="{img['attention']}">
+</body></html>
+"""
