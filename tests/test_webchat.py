@@ -1,8 +1,9 @@
-"""The web chat page in a real headless Chromium: load, send, watch the streamed reply, screenshot.
+"""Pages in a real headless Chromium: the web chat (load, send, watch the streamed reply) and the
+`ownllm explain` page, each screenshotted.
 
 Needs Debian's chromium + chromium-driver and the selenium package (`.ci/run` installs them, so
-CI always runs this). Elsewhere it is skipped with the reason. The screenshot is written to
-test-artifacts/webchat.png (or $OWNLLM_TEST_ARTIFACTS).
+CI always runs this). Elsewhere it is skipped with the reason. The screenshots are written to
+test-artifacts/ (webchat.png, explain_en.png, explain_zh.png; or $OWNLLM_TEST_ARTIFACTS).
 """
 import os
 import shutil
@@ -69,3 +70,23 @@ def test_page_streams_a_reply_and_renders_markdown(run_dir, browser):
         assert browser.save_screenshot(str(out / "webchat.png"))
     state.batcher = real
     real.close()
+
+
+@pytest.mark.parametrize("lang,prompt", [("en", "What is 48 + 27?"), ("zh", "把 305 写成中文数字。")])
+def test_explain_page_renders_in_the_browser(run_dir, browser, tmp_path, lang, prompt):
+    from selenium.webdriver.common.by import By
+
+    from ownllm.evaluation.explain import explain, write_explanation
+
+    res = explain(run_dir, prompt, max_new_tokens=8)
+    page = write_explanation(res, tmp_path)["html"]
+    browser.get(page.as_uri())
+    assert browser.find_element(By.ID, "prompt").text == prompt
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#steps tr")) == len(res["steps"]) + 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#lens tr")) == len(res["lens"]) + 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#reply .tok")) == len(res["steps"])
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) == 2 and all(browser.execute_script("return arguments[0].naturalWidth", i) > 100 for i in images)
+    out = Path(os.environ.get("OWNLLM_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+    out.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(out / f"explain_{lang}.png"))
