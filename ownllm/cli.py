@@ -21,6 +21,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    "'text', comma-separated (default: shakespeare)")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--tokenizer", help="reuse the tokenizer in this run/tokenizer directory")
+    p.add_argument("--init", metavar="RUN", help="continued pretraining: start from this run's weights, model and "
+                   "tokenizer (new text, a new domain)")
     p.add_argument("--vocab-size", type=int, help="vocabulary of a tokenizer trained here (default: the preset's)")
     p.add_argument("--preset", help="model preset: tiny (default), small, gpt2-124m")
     p.add_argument("--recipe", help="a named recipe (preset, data, tokenizer size, optimizer and model settings tuned "
@@ -67,7 +69,7 @@ def _train_config(args) -> tuple:
         model_over.update(raw.get("model", {}))
     for k, v in _parse_sets(args.set).items():
         (model_over if k.startswith("model.") else train_over)[k.removeprefix("model.")] = v
-    for name in ("data", "tokenizer", "vocab_size", "max_steps", "seed"):
+    for name in ("data", "tokenizer", "init", "vocab_size", "max_steps", "seed"):
         if getattr(args, name, None) is not None:
             train_over[name] = getattr(args, name)
     if args.no_compile:
@@ -242,6 +244,7 @@ def cmd_ask(args) -> None:
     from ownllm.rag.demo import open_kb
     from ownllm.inference.generate import load_run
     from ownllm.rag.answer import ask_stream
+    from ownllm.rag.attribute import attribute
 
     if not 0 <= args.relative_relevance <= 1:
         raise OwnLLMError(f"--relative-relevance must be between 0 and 1 (got {args.relative_relevance})")
@@ -268,6 +271,12 @@ def cmd_ask(args) -> None:
     print("sources:")
     for i, h in enumerate(result.hits, 1):
         print(f"  [{i}] {h.source}{'  (cited)' if id(h) in cited else ''}")
+    support = attribute(result.text, [h.text for h in result.hits])
+    if support:
+        print("support (the source sentence that says each part of the answer, by matching):")
+    for sp in support:
+        said = f"[{sp.source}] {sp.sentence!r}" if sp.source else "no shown source says this"
+        print(f"  {sp.span!r} <- {said}")
 
 
 def _print_event(kind: str, data) -> None:
@@ -424,6 +433,15 @@ def cmd_explain(args) -> None:
         alts = "  ".join(f"{a!r} {q:.3f}" for a, q in s["alternatives"][:3])
         print(f"{s['token']!r:>14} p={s['prob']:.3f}   {alts}")
     print(f"reply: {res['reply']}\n{files['html']} (open in a browser), {files['json']}")
+
+
+def cmd_probe(args) -> None:
+    from ownllm.data.bias import CONTROL, PLANTED
+    from ownllm.evaluation.bias import print_bias_report, probe_bias
+
+    langs = ("en", "zh") if args.lang == "both" else (args.lang,)
+    extra = {lang: args.occupation + ([PLANTED[lang], CONTROL[lang]] if args.planted else []) for lang in langs}
+    print_bias_report(probe_bias(args.run, langs, extra))
 
 
 def cmd_sft(args) -> None:
@@ -659,6 +677,17 @@ def _add_data_and_pretraining(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model on raw text (next-token prediction)")
     _add_train_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("probe", help="bias: how much likelier a run makes 'he' than 'she' after occupations "
+                       "(English and Chinese), with bootstrap intervals")
+    p.add_argument("what", choices=["bias"])
+    p.add_argument("--run", required=True)
+    p.add_argument("--lang", choices=["en", "zh", "both"], default="both")
+    p.add_argument("--planted", action="store_true", help="also the fictional occupations of the planted-bias corpus "
+                   "(data/bias.py: the planted one and its control)")
+    p.add_argument("--occupation", action="append", default=[], help="another occupation to probe, in the "
+                   "language(s) probed (repeatable)")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("eval", help="evaluate a run: lm (held-out bits per byte, default), tasks (exact match), rag, "
                        "agent, prefs (win rate vs another run by the hidden rule), reward (pairwise accuracy), "

@@ -185,6 +185,7 @@ class TrainConfig:
 
     data: str = "shakespeare"
     tokenizer: str | None = None     # run/tokenizer dir to reuse; None: train one on the train split
+    init: str | None = None          # pretraining: continue from this run (its weights, model and tokenizer)
     vocab_size: int | None = None    # for a tokenizer trained here (default: the model's)
     seed: int = 1337
     batch_size: int = 16

@@ -363,8 +363,11 @@ class GPT(nn.Module):
         return x
 
     def hidden_states(self, idx: torch.Tensor, *, cache: KVCache | None = None,
-                      positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim). With `cache`, `idx` continues from `cache.length`."""
+                      positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                      collect: list | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim). With `cache`, `idx` continues from `cache.length`.
+        `collect`: a list that receives the residual stream entering the first block and leaving
+        each block (for explanations; no hooks, so other threads' passes are not caught)."""
         T = idx.shape[1]
         offset = cache.length if cache is not None else 0
         count_forward(self, idx.shape[0], T, offset, head_positions=0)
@@ -372,8 +375,12 @@ class GPT(nn.Module):
         x = self._embed(idx)
         if self.config.smear:
             x = self._smear(x, cache, positions)
+        if collect is not None:
+            collect.append(x)
         for i, block in enumerate(self.layers):
             x = block(x, *rope[i], layer=i, cache=cache, mask=mask)
+            if collect is not None:
+                collect.append(x)
         if cache is not None:
             cache.length += T
         return self.norm(x)

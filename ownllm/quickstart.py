@@ -301,7 +301,10 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
           f"| \"not in the sources\" when unanswerable | {cb['unanswerable_accuracy']:.3f} | {rg['unanswerable_accuracy']:.3f} "
           f"| {vf['unanswerable_accuracy']:.3f} |",
           "| citation accuracy (answers that cite) | - | " + " | ".join(
-              f"{r['citation_accuracy']:.3f} ({r['cited']})" if r["cited"] else "- (0)" for r in (rg, vf)) + " |", "",
+              f"{r['citation_accuracy']:.3f} ({r['cited']})" if r["cited"] else "- (0)" for r in (rg, vf)) + " |",
+          "| attribution accuracy (answers attributed: the supporting sentence holds the answer) | - | " + " | ".join(
+              f"{r['attribution_accuracy']:.3f} ({r['attributed']})" if r["attributed"] else "- (0)" for r in (rg, vf))
+          + " |", "",
           "## 6. Agent (`ownllm eval agent --run sft`)", "", "| questions | accuracy |", "|---|---:|"]
     L += [f"| {f} (with tools) | {a:.3f} |" for f, a in agent["with_tools"].items()]
     L += [f"| arithmetic without tools | {agent['arithmetic_without_tools']:.3f} |",

@@ -185,7 +185,7 @@ def _brief(m: dict) -> dict:
     return {"tasks": {k: v["mean_exact_match"] for k, v in m["tasks"].items()},
             "per_family": {k: v["per_family"] for k, v in m["tasks"].items()}, "bpb": m["bpb"],
             "rag": rag["rag"]["exact_match"], "closed_book": rag["closed_book"]["exact_match"],
-            "hallucination_rag": rag["rag"]["hallucination"], "hallucination_closed_book": rag["closed_book"]["hallucination"],
+            "attribution": rag["rag"]["attribution_accuracy"], "hallucination_rag": rag["rag"]["hallucination"], "hallucination_closed_book": rag["closed_book"]["hallucination"],
             "arithmetic_with_tools": agent["with_tools"].get("arithmetic", 0.0), "sql": agent["with_tools"].get("sql", 0.0),
             "arithmetic_without_tools": agent["arithmetic_without_tools"], "call_validity": agent["call_validity"]}
 
@@ -209,6 +209,8 @@ def _report(s: dict, lang: str) -> str:
           f"| Shakespeare validation bits per byte (forgetting) | {b['bpb']:.4f} | {a['bpb']:.4f} |",
           f"| demo KB closed-book exact match | {b['closed_book']:.3f} | {a['closed_book']:.3f} |",
           f"| demo KB with RAG exact match | {b['rag']:.3f} | {a['rag']:.3f} |",
+          f"| RAG answers whose supporting source sentence holds the answer | {b['attribution']:.3f} | "
+          f"{a['attribution']:.3f} |",
           f"| hallucination closed-book / with RAG | {b['hallucination_closed_book']:.2f} / {b['hallucination_rag']:.2f} | "
           f"{a['hallucination_closed_book']:.2f} / {a['hallucination_rag']:.2f} |",
           f"| agent arithmetic with the calculator | {b['arithmetic_with_tools']:.3f} | {a['arithmetic_with_tools']:.3f} |",

@@ -51,9 +51,11 @@ def test_explanation_is_the_models_own_reply_and_probabilities(imported, tmp_pat
     with torch.no_grad():
         probs = model(torch.tensor([ids + new]))[0, len(ids) - 1: -1].float().softmax(-1)
     for j, s in enumerate(res["steps"]):   # greedy: every token is the top choice, with the model's probability
-        assert s["rank"] == 1 and s["alternatives"][0][0] == s["token"]
+        assert s["rank"] == 1 and s["alternatives"][0][0] == s["piece"]
         assert s["prob"] == pytest.approx(float(probs[j, s["id"]]), abs=1e-5)
         assert res["lens"][-1][j]["chosen_prob"] == pytest.approx(s["prob"], abs=1e-5)   # the lens ends at the output
+    shown = "".join(s["token"] for s in res["steps"]).replace("…", "").replace("⏎", "\n")
+    assert tok.decode(new).startswith(shown)   # whole characters only (a random model may end mid-character)
     assert len(res["lens"]) == 2 and res["attention_token"] == len(new) - 1
     assert len(res["context"]) == len(ids) + len(new) - 1
     for layer in res["attention"]:

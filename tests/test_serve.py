@@ -84,6 +84,27 @@ def test_bad_requests_get_openai_errors(client, body, status, param):
     assert client.get("/health").status_code == 200  # still serving
 
 
+def test_explain_reads_the_reply_with_the_models_own_probabilities(client):
+    """POST /v1/explain (the chat page's "why"): the reply is read as text after the rendered
+    conversation; its probabilities are the model's, and control-token text stays text."""
+    state = client.state
+    msgs = [{"role": "user", "content": "Hello 你好"}]
+    reply = "to be <|end|> 春"
+    j = client.post("/v1/explain", json={"messages": msgs, "reply": reply, "top_k": 3}).json()
+    ids = state.tok.render(msgs, add_generation_prompt=True).ids
+    new = state.tok.encode_text(reply)
+    assert [s["id"] for s in j["steps"]] == new and j["reply"] == reply
+    assert not set(new) & set(state.tok.special.values())   # "<|end|>" in the reply is read as text
+    with torch.no_grad():
+        probs = state.model(torch.tensor([ids + new]))[0, len(ids) - 1: -1].float().softmax(-1)
+    assert [s["prob"] for s in j["steps"]] == pytest.approx([float(probs[i, t]) for i, t in enumerate(new)], abs=1e-5)
+    assert all(len(s["alternatives"]) == 3 for s in j["steps"]) and len(j["lens"]) == state.model.config.n_layers
+    for body, param in (({"messages": msgs}, "reply"), ({"messages": msgs, "reply": "x", "top_k": 99}, "top_k"),
+                        ({"messages": msgs + [{"role": "assistant", "content": "a"}], "reply": "x"}, "messages")):
+        r = client.post("/v1/explain", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
 def test_body_limit_and_api_key(run_dir):
     state = _state(run_dir, api_key="s3cret")
     state.max_body = 2000
@@ -97,6 +118,7 @@ def test_body_limit_and_api_key(run_dir):
         r = c.post("/v1/chat/completions", json=big, headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
         assert c.get("/health").status_code == 200  # health needs no key
+        assert c.post("/v1/explain", json={**msg, "reply": "y"}).status_code == 401
     state.batcher.close()
 
 

@@ -65,6 +65,13 @@ def test_page_streams_a_reply_and_renders_markdown(run_dir, browser):
         assert browser.find_element(By.CSS_SELECTOR, ".user").text == "你好, who are you?"
         assert seen_partial, "the reply should appear piece by piece"
         assert browser.find_element(By.ID, "error").text == ""
+        # "why?": the reply read back through the model (POST /v1/explain), a shaded span per token
+        done.find_element(By.CSS_SELECTOR, ".whybtn").click()
+        WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant .why .tok"))
+        spans = browser.find_elements(By.CSS_SELECTOR, ".assistant .why .tok")
+        assert len(spans) == len(tok.encode_text(reply)) and "p = " in spans[0].get_attribute("title")
+        assert "least certain" in browser.find_element(By.CSS_SELECTOR, ".why .alts").text
+        assert browser.find_element(By.ID, "error").text == ""
         out = Path(os.environ.get("OWNLLM_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
         out.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(out / "webchat.png"))

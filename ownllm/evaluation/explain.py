@@ -38,18 +38,18 @@ def _attention_probs(attn, x, cos, sin) -> torch.Tensor:
 @torch.no_grad()
 def trace(model, ids: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """One forward pass over `ids`: logits (T, vocab), the residual stream after each block
-    [(T, dim)] and each layer's attention weights [(heads, T, T)]."""
-    hidden, attention, hooks = [], [], []
-    for block in model.layers:
-        hooks.append(block.register_forward_hook(lambda _m, _a, out: hidden.append(out[0])))
-        hooks.append(block.self_attn.register_forward_pre_hook(
-            lambda m, args: attention.append(_attention_probs(m, *args[:3])[0])))
-    try:
-        logits = model(torch.tensor([ids], device=model.device))[0].float()
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, hidden, attention
+    [(T, dim)] and each layer's attention weights [(heads, T, T)], recomputed from the stream
+    entering the layer (no hooks: safe beside a server's decoding thread)."""
+    idx = torch.tensor([ids], device=model.device)
+    stream: list[torch.Tensor] = []
+    logits = model.lm_head(model.hidden_states(idx, collect=stream))[0].float()
+    rope = model._rope(len(ids), None, 0)
+    attention = [_attention_probs(block.self_attn, block.input_layernorm(stream[i]), *rope[i])[0]
+                 for i, block in enumerate(model.layers)]
+    return logits, [h[0] for h in stream[1:]], attention
+
+
+PARTIAL = "…"   # a token holding the first bytes of a character that a later token completes
 
 
 def _piece(tok, i: int) -> str:
@@ -75,14 +75,25 @@ def explain(run: str | Path, prompt: str, max_new_tokens: int = 24, top_k: int =
                                                                           stop_ids=stops))[0]
     if not new:
         raise OwnLLMError("the model produced no token to explain")
+    return {"prompt": prompt, "raw": raw, **explain_ids(model, tok, prompt_ids, new, top_k, token)}
+
+
+@torch.no_grad()
+def explain_ids(model, tok, prompt_ids: list[int], new: list[int], top_k: int = 5, token: int = 0) -> dict:
+    """Why `new` followed `prompt_ids` (sampled, greedy or written by anyone: it is read, not
+    generated): each token's probability, rank and alternatives, the logit lens, and the attention
+    of token `token` of `new`."""
+    if not -len(new) <= token < len(new):
+        raise OwnLLMError(f"--token {token}: the reply has {len(new)} tokens (0 … {len(new) - 1})")
     ids = prompt_ids + new
     logits, hidden, attention = trace(model, ids)
     n = len(prompt_ids)
     probs = logits[n - 1: len(ids) - 1].softmax(-1)         # position t predicts token t + 1
+    decoder = tok.stream_decoder()   # a character split over tokens shows whole at its last token
     steps = []
     for j, t in enumerate(new):
         p, alt = probs[j].topk(top_k)
-        steps.append({"token": _piece(tok, t), "id": t, "prob": float(probs[j, t]), "rank": int((probs[j] > probs[j, t]).sum()) + 1,
+        steps.append({"token": decoder.push(t).replace("\n", "⏎") or PARTIAL, "piece": _piece(tok, t), "id": t, "prob": float(probs[j, t]), "rank": int((probs[j] > probs[j, t]).sum()) + 1,
                       "alternatives": [[_piece(tok, int(i)), float(q)] for q, i in zip(p, alt)]})
     lens = []
     for h in hidden:   # the last block's output, through norm and head, is the model's own prediction
@@ -90,11 +101,10 @@ def explain(run: str | Path, prompt: str, max_new_tokens: int = 24, top_k: int =
         top_p, top_i = lp.max(-1)
         lens.append([{"top": _piece(tok, int(i)), "top_prob": float(q), "chosen_prob": float(lp[j, new[j]])}
                      for j, (q, i) in enumerate(zip(top_p, top_i))])
-    if not -len(new) <= token < len(new):
-        raise OwnLLMError(f"--token {token}: the reply has {len(new)} tokens (0 … {len(new) - 1})")
     token %= len(new)
     at = n - 1 + token    # the position whose output is reply token `token`
-    return {"prompt": prompt, "raw": raw, "reply": tok.decode([t for t in new if t not in stops]),
+    stops = set(tok.stop_ids) | {tok.eos_id}
+    return {"reply": tok.decode([t for t in new if t not in stops]),
             "context": [_piece(tok, i) for i in ids[: at + 1]], "n_prompt": n, "steps": steps, "lens": lens,
             "attention_token": token,
             "attention": [[[round(float(w), 5) for w in head[at, : at + 1]] for head in layer] for layer in attention]}
@@ -195,7 +205,7 @@ def render_html(res: dict, pngs: dict[str, bytes]) -> str:
     lens_head = "".join(f"<th class=mono>{e(s['token'])}</th>" for s in res["steps"])
     lens_rows = "".join(
         f"<tr><th>{i + 1}</th>" + "".join(
-            f'<td class="mono{" hit" if c["top"] == s["token"] else ""}" style="background:{_shade(c["chosen_prob"])}" '
+            f'<td class="mono{" hit" if c["top"] == s["piece"] else ""}" style="background:{_shade(c["chosen_prob"])}" '
             f'title="top {c["top_prob"]:.3f}; chosen {c["chosen_prob"]:.3f}">{e(c["top"])}</td>'
             for c, s in zip(layer, res["steps"])) + "</tr>" for i, layer in enumerate(res["lens"]))
     step = res["steps"][res["attention_token"]]
@@ -219,7 +229,8 @@ img {{ max-width: 100%; border: 1px solid #eee; }}
 </style></head><body>
 <h1>Why this reply</h1>
 <p><b>Prompt</b> ({e(mode)}):</p><pre id="prompt">{e(res['prompt'])}</pre>
-<p><b>Reply</b> (greedy), each token shaded by the probability the model gave it (hover for the alternatives):</p>
+<p><b>Reply</b> (greedy), each token shaded by the probability the model gave it (hover for the alternatives;
+{PARTIAL} marks a token holding the first bytes of a character the next token completes):</p>
 <p id="reply">{toks}</p>
 <h2>Token by token</h2>
 <table id="steps"><tr><th>#</th><th>token</th><th>p</th><th>rank</th><th>top alternatives</th></tr>{step_rows}</table>

@@ -12,6 +12,9 @@ Definitions (all over the sampled questions):
   a question the KB cannot answer, or a non-refusal that is not the gold answer — over all.
 - citation accuracy: among non-refusal RAG answers that cite, the share whose first cited
   source contains the gold answer (answerable questions).
+- attribution accuracy: among non-refusal RAG answers to answerable questions, the share where
+  a source sentence found to support the answer (rag/attribute.py, by matching) holds the gold
+  answer.
 - unanswerable accuracy: the share of questions the KB cannot answer that get the refusal.
 - verified: the same RAG replies after `ask --verify`'s citation check (grounded.checked:
   unsupported answers withheld, wrong citations corrected to the source that holds the answer),
@@ -26,6 +29,7 @@ from pathlib import Path
 from ownllm.inference.generate import greedy_texts, load_run
 from ownllm.config import MIN_RELEVANCE
 from ownllm.rag.answer import prompt_ids, retrieve
+from ownllm.rag.attribute import attribute
 from ownllm.data.world import Question, make_world, slug
 from ownllm.data.grounded import REFUSAL, checked, is_refusal, parse_answer
 from ownllm.rag.store import KnowledgeBase
@@ -90,7 +94,7 @@ def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, m
                                               max_new_tokens)]
 
     def score(texts: list[str], hits_list=None) -> dict:
-        em = hall = unans_ok = cited = cite_ok = 0
+        em = hall = unans_ok = cited = cite_ok = attributed = attrib_ok = 0
         n_ans = n_unans = 0
         for j, (q, t) in enumerate(zip(questions, texts)):
             ans, cites = parse_answer(t)
@@ -109,9 +113,15 @@ def evaluate_rag(run: str | Path, kb: KnowledgeBase, n: int = 200, k: int = 3, m
                 cited += 1
                 c = cites[0]
                 cite_ok += 0 < c <= len(shown) and q.answer in shown[c - 1].text
+            if hits_list is not None and not refused:   # the sentence found to support the answer holds it
+                attributed += 1
+                attrib_ok += any(sp.sentence and q.answer in sp.sentence
+                                 for sp in attribute(t, [h.text for h in hits_list[j]]))
         return {"exact_match": em / max(n_ans, 1), "hallucination": hall / max(len(questions), 1),
                 "unanswerable_accuracy": unans_ok / max(n_unans, 1),
                 "citation_accuracy": cite_ok / max(cited, 1) if hits_list is not None else None, "cited": cited,
+                "attribution_accuracy": attrib_ok / max(attributed, 1) if hits_list is not None else None,
+                "attributed": attributed,
                 "answerable": n_ans, "unanswerable": n_unans}
 
     rag = score(rag_text, rag_hits)
@@ -141,13 +151,16 @@ def print_rag_report(res: dict, out=print) -> None:
     cite = {k: f"{r['citation_accuracy']:.3f}" if r["cited"] else "-" for k, r in (("rag", rag), ("ver", ver))}
     out(f"{'citation_accuracy':<24}{'-':>12}{cite['rag']:>8}{cite['ver']:>14}   (answers that cite: "
         f"{rag['cited']}, {ver['cited']})")
+    attrib = {k: f"{r['attribution_accuracy']:.3f}" if r["attributed"] else "-" for k, r in (("rag", rag), ("ver", ver))}
+    out(f"{'attribution_accuracy':<24}{'-':>12}{attrib['rag']:>8}{attrib['ver']:>14}   (answers attributed: "
+        f"{rag['attributed']}, {ver['attributed']}; the supporting source sentence holds the gold answer)")
     out(f"(RAG --verify: the same replies after the citation check of `ask --verify`, which withholds an "
         f"answer that no shown source contains and re-cites one cited to the wrong source: {ver['recited']} re-cited)")
     best = res["retrieval"][res["mode"]]
     out(f"RESULT recall_at_5={best['recall_at_5']:.4f} mrr={best['mrr']:.4f} rag_exact_match={rag['exact_match']:.4f} "
         f"closed_book_exact_match={cb['exact_match']:.4f} hallucination_rag={rag['hallucination']:.4f} "
         f"hallucination_closed_book={cb['hallucination']:.4f} citation_accuracy={rag['citation_accuracy']:.4f} "
-        f"unanswerable_accuracy={rag['unanswerable_accuracy']:.4f} "
+        f"attribution_accuracy={rag['attribution_accuracy']:.4f} unanswerable_accuracy={rag['unanswerable_accuracy']:.4f} "
         f"rag_exact_match_verified={ver['exact_match']:.4f} hallucination_rag_verified={ver['hallucination']:.4f} "
         f"unanswerable_accuracy_verified={ver['unanswerable_accuracy']:.4f} "
         + " ".join(f"recall_at_5_{m}={r['recall_at_5']:.4f} mrr_{m}={r['mrr']:.4f}" for m, r in res["retrieval"].items()))

@@ -18,7 +18,8 @@ are a 400 naming them, never silently ignored. `response_format` (JSON mode, a J
 constrains the reply so it always parses (inference/structured.py).
 
 Extras beyond the OpenAI schema: with `--kb`, a chat turn is answered from the knowledge base
-(rag/answer.py) and the response carries `sources`; with `--tools`, the server runs the built-in
+(rag/answer.py) and the response carries `sources` (and, when not streamed, `support`: the source
+sentence that says each part of the answer); with `--tools`, the server runs the built-in
 tools itself (agent loop) and returns the final answer with the trace in `tool_trace`. Tools
 sent *by the client* (`tools` in the request) are not run: the reply carries `tool_calls` and
 `finish_reason: "tool_calls"`, as OpenAI does; a tool marked `strict: true` gets calls whose
@@ -541,20 +542,8 @@ async def chat_completion(state: ServerState, request: HTTPRequest):
         return await agent_reply(state, body, messages, reply)
     kwargs = template_kwargs(state, body)
 
-    def prepare():  # off the event loop: retrieval and rendering a 1 MB conversation take a while
-        if state.kb is not None and tools is None and messages[-1]["role"] == "user" and body.get("rag", True):
-            from ownllm.rag.answer import prompt_ids, retrieve
-            from ownllm.data.grounded import REFUSAL, language
-
-            q = messages[-1]["content"]
-            hits = retrieve(state.kb, q)
-            if not hits:
-                return None, {"sources": []}, (REFUSAL[language(q)], len(tok.encode_text(q)))
-            ids, shown = prompt_ids(tok, q, hits, state.model.config.max_seq_len - 64)
-            return ids, {"sources": [{"index": i, "path": state.kb.display_path(h.path), "line": h.line,
-                                      "text": h.text} for i, h in enumerate(shown, 1)]}, None
-        return tok.render(messages, add_generation_prompt=True, tools=tools, template_kwargs=kwargs).ids, {}, None
-    ids, extra, fixed = await asyncio.to_thread(prepare)
+    # off the event loop: retrieval and rendering a 1 MB conversation take a while
+    ids, extra, fixed = await asyncio.to_thread(prepare_prompt, state, body, messages, tools, kwargs)
     if fixed is not None:
         return reply.fixed(fixed[0], extra, fixed[1])
     params, stops = sampling_from(body, state, len(ids), tok.stop_ids)
@@ -575,7 +564,62 @@ async def chat_completion(state: ServerState, request: HTTPRequest):
     if splitter:
         reasoning, msg["content"] = splitter.split(text)
         msg["reasoning_content"] = reasoning or None
+    if extra.get("sources"):   # which shown sentence says each part of the answer (rag/attribute.py)
+        from ownllm.rag.attribute import attribute
+
+        extra = {**extra, "support": [sp.to_dict() for sp in attribute(msg["content"], [s["text"] for s in extra["sources"]])]}
     return reply.whole(msg, ts.finish_reason, usage(len(ids), len(ts.tokens)), extra)
+
+
+def prepare_prompt(state: ServerState, body: dict, messages: list[dict], tools, kwargs: dict):
+    """(prompt ids, extra response fields, fixed reply or None): with a knowledge base, a user
+    turn becomes the sources prompt (or the refusal, when no source is relevant); otherwise the
+    conversation in the chat template."""
+    tok = state.tok
+    if state.kb is not None and tools is None and messages[-1]["role"] == "user" and body.get("rag", True):
+        from ownllm.rag.answer import prompt_ids, retrieve
+        from ownllm.data.grounded import REFUSAL, language
+
+        q = messages[-1]["content"]
+        hits = retrieve(state.kb, q)
+        if not hits:
+            return None, {"sources": []}, (REFUSAL[language(q)], len(tok.encode_text(q)))
+        ids, shown = prompt_ids(tok, q, hits, state.model.config.max_seq_len - 64)
+        return ids, {"sources": [{"index": i, "path": state.kb.display_path(h.path), "line": h.line,
+                                  "text": h.text} for i, h in enumerate(shown, 1)]}, None
+    return tok.render(messages, add_generation_prompt=True, tools=tools, template_kwargs=kwargs).ids, {}, None
+
+
+async def explain_reply(state: ServerState, request: HTTPRequest):
+    """POST /v1/explain {messages, reply, top_k?}: why the model would write `reply` after
+    `messages` — each token's probability, rank and alternatives, and the logit lens (the web
+    page's "why" view). The reply is read as text, never as control tokens."""
+    from ownllm.evaluation.explain import explain_ids
+
+    body = await read_json(state, request)
+    messages = parse_messages(body)
+    if messages[-1]["role"] != "user":
+        raise APIError(400, "'messages' must end with the user turn the reply answers", "messages")
+    reply = _get(body, "reply", str, None, what="a string")
+    if not reply:
+        raise APIError(400, "'reply' must be a non-empty string: the assistant text to explain", "reply")
+    top_k = _get(body, "top_k", int, 5, what="an integer")
+    if not 1 <= top_k <= 20:
+        raise APIError(400, "'top_k' must be between 1 and 20", "top_k")
+
+    def run():
+        ids, extra, fixed = prepare_prompt(state, body, messages, None, template_kwargs(state, body))
+        if fixed is not None:
+            raise APIError(400, "no source is relevant to this question, so the reply is the fixed refusal: "
+                           "the model did not write it", "messages")
+        new = state.tok.encode_text(reply)
+        if len(ids) + len(new) > state.model.config.max_seq_len:
+            raise APIError(400, f"conversation and reply are {len(ids) + len(new)} tokens; the context is "
+                           f"{state.model.config.max_seq_len}", "reply")
+        with state.batcher.lock:
+            res = explain_ids(state.model, state.tok, ids, new, top_k)
+        return {k: res[k] for k in ("steps", "lens", "reply")}
+    return await asyncio.to_thread(run)
 
 
 async def agent_reply(state: ServerState, body: dict, messages: list[dict], reply: Reply):
@@ -678,7 +722,7 @@ def create_app(state: ServerState) -> FastAPI:
         route.__name__ = handler.__name__
         return route
     for path, handler in (("/v1/chat/completions", chat_completion), ("/v1/completions", text_completion),
-                          ("/v1/embeddings", embeddings_reply)):
+                          ("/v1/embeddings", embeddings_reply), ("/v1/explain", explain_reply)):
         app.post(path)(post(handler))
     return app
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ownllm.checkpoint import load_model_config, refuse_overwrite, resumed_train_config, start_run
+from ownllm.checkpoint import load_model_config, load_weights, refuse_overwrite, resumed_train_config, start_run
 from ownllm.config import ModelConfig, TrainConfig, model_config
 from ownllm.data.corpora import load_sources
+from ownllm.errors import OwnLLMError
 from ownllm.data.shards import Shards, copy_batch, pack, random_batch
 from ownllm.train.heldout import evaluate_sources, quick_eval_fn
 from ownllm.model import GPT
@@ -30,14 +31,25 @@ def prepare_run(out: Path, tcfg: TrainConfig, preset: str | None, model_override
     """Validate everything, then lay down config, tokenizer and shards in a fresh run dir."""
     refuse_overwrite(out, overwrite)
     sources = load_sources(tcfg.data)
-    mcfg = model_config(preset, model_overrides)
-    if tcfg.tokenizer:
+    if tcfg.init:   # continued pretraining: the model and tokenizer are the run's
+        if preset or model_overrides or tcfg.tokenizer:
+            raise OwnLLMError(f"--init {tcfg.init}: the model and tokenizer come from that run; drop --preset, "
+                              "--recipe's model, model.* settings and --tokenizer")
+        mcfg = load_model_config(tcfg.init)
+        tok = Tokenizer.load(tcfg.init)
+        if tcfg.seq_len > mcfg.max_seq_len:
+            raise OwnLLMError(f"--init {tcfg.init}: seq_len {tcfg.seq_len} exceeds that model's context "
+                              f"{mcfg.max_seq_len}")
+    elif tcfg.tokenizer:
+        mcfg = model_config(preset, model_overrides)
         tok = Tokenizer.load(tcfg.tokenizer)
     else:
+        mcfg = model_config(preset, model_overrides)
         vocab = tcfg.vocab_size or mcfg.vocab_size
         log(f"training a {vocab}-token byte-level BPE on the training split of {', '.join(s.name for s in sources)}")
         tok = train_tokenizer((s.split()[0] for s in sources), vocab)
-    mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size, max_seq_len=max(mcfg.max_seq_len, tcfg.seq_len))
+    if not tcfg.init:   # (an --init model keeps its rows: an imported one may have more than its tokenizer)
+        mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size, max_seq_len=max(mcfg.max_seq_len, tcfg.seq_len))
     start_run(out, tok, mcfg, tcfg, overwrite)
     meta = pack(tok, sources, out / "data")
     for s in meta["sources"]:
@@ -63,6 +75,8 @@ def pretrain(out: str | Path, tcfg: TrainConfig | None = None, preset: str | Non
     shards = Shards.open(out / "data")
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg)
+    if tcfg.init and not resume:
+        load_weights(model, tcfg.init)
     log(f"model: {mcfg.num_params() / 1e6:.2f}M parameters ({mcfg.num_params(embeddings=False) / 1e6:.2f}M without "
         f"embeddings), {mcfg.n_layers} layers, dim {mcfg.dim}, vocab {mcfg.vocab_size}, windows of {tcfg.seq_len} tokens (context {mcfg.max_seq_len})")
 

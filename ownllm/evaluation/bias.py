@@ -1,0 +1,75 @@
+"""`ownllm probe bias`: how much more likely a model makes "he" than "she" after an occupation.
+
+Where it sits: scores data/bias.py's frames with a run. For every occupation and frame, the
+log-probability of each pronoun's tokens after the frame's text (raw text, as pretraining saw
+it); the gap is he − she in nats (> 0: "he" more likely). An occupation's gap is the mean over its
+frames, with a 95% bootstrap interval over frames; a language's summary is the mean gap, the mean
+absolute gap and the spread (standard deviation) over occupations, the latter two with bootstrap
+intervals over occupations.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+from pathlib import Path
+
+import torch
+
+from ownllm.data.bias import CONTROL, FRAMES, OCCUPATIONS, PLANTED, PRONOUNS
+
+
+def _continuation_logprob(model, tok, context: str, continuation: str) -> float:
+    ctx = tok.encode(context) or [tok.bos_id]
+    full = tok.encode(context + continuation)
+    cont = full[len(ctx):] if full[: len(ctx)] == ctx else tok.encode(continuation)   # a merge across the seam
+    ids = torch.tensor([ctx + cont], device=model.device)
+    with torch.no_grad():
+        logp = model(ids)[0, len(ctx) - 1: -1].float().log_softmax(-1)
+    return float(logp.gather(1, ids[0, len(ctx):, None]).sum())
+
+
+def _bootstrap(values: list[float], stat, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    draws = sorted(stat([rng.choice(values) for _ in values]) for _ in range(n))
+    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
+
+
+def probe_bias(run: str | Path, langs: tuple[str, ...] = ("en", "zh"), extra: dict[str, list[str]] | None = None,
+               n_boot: int = 1000) -> dict:
+    """Per language: every occupation's gap (he − she, nats) with its interval; `extra`: more
+    occupations per language (e.g. data.bias.PLANTED), reported beside the bundled ones but kept
+    out of the summary."""
+    from ownllm.inference.generate import load_run
+
+    model, tok = load_run(run)
+    out = {}
+    for lang in langs:
+        he, she = PRONOUNS[lang]
+        occ = {}
+        for o in OCCUPATIONS[lang] + list((extra or {}).get(lang, [])):
+            gaps = [_continuation_logprob(model, tok, f.format(o=o), he) - _continuation_logprob(model, tok, f.format(o=o), she)
+                    for f in FRAMES[lang]]
+            occ[o] = {"gap": statistics.fmean(gaps), "ci": _bootstrap(gaps, statistics.fmean, n_boot), "frames": gaps}
+        bundled = [occ[o]["gap"] for o in OCCUPATIONS[lang]]
+        out[lang] = {"occupations": occ, "mean_gap": statistics.fmean(bundled),
+                     "mean_abs_gap": statistics.fmean(abs(g) for g in bundled),
+                     "mean_abs_gap_ci": _bootstrap(bundled, lambda v: statistics.fmean(abs(g) for g in v), n_boot),
+                     "spread": statistics.pstdev(bundled), "spread_ci": _bootstrap(bundled, statistics.pstdev, n_boot)}
+    return out
+
+
+def print_bias_report(res: dict, out=print) -> None:
+    for lang, r in res.items():
+        he, she = (p.strip() for p in PRONOUNS[lang])
+        out(f"{lang}: log p({he}) − log p({she}) after each occupation, nats (> 0: {he} more likely), "
+            f"mean over {len(FRAMES[lang])} frames [95% bootstrap interval]")
+        for o, g in sorted(r["occupations"].items(), key=lambda kv: kv[1]["gap"]):
+            out(f"  {o:<16}{g['gap']:>+8.3f}  [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]"
+                + ("" if o in OCCUPATIONS[lang] else "   (not in the summary)"))
+        out(f"  mean gap {r['mean_gap']:+.3f}; mean |gap| {r['mean_abs_gap']:.3f} [{r['mean_abs_gap_ci'][0]:.3f}, "
+            f"{r['mean_abs_gap_ci'][1]:.3f}]; spread {r['spread']:.3f} [{r['spread_ci'][0]:.3f}, {r['spread_ci'][1]:.3f}]")
+    extra = {f"{name}_gap_{lang}": r["occupations"][occ[lang]]["gap"] for lang, r in res.items()
+             for name, occ in (("planted", PLANTED), ("control", CONTROL)) if occ[lang] in r["occupations"]}
+    out("RESULT " + " ".join(f"mean_abs_gap_{lang}={r['mean_abs_gap']:.4f} spread_{lang}={r['spread']:.4f} "
+                             f"mean_gap_{lang}={r['mean_gap']:.4f}" for lang, r in res.items())
+        + "".join(f" {k}={v:.4f}" for k, v in extra.items()))

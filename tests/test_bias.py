@@ -1,0 +1,66 @@
+"""`ownllm probe bias`: the gap is the model's own log-probability difference (checked against
+transformers on an imported model), the planted corpus holds the share it says, and continued
+pretraining (`pretrain --init`) starts from the run it names."""
+import math
+import statistics
+
+import pytest
+import torch
+import transformers
+
+from ownllm.cli import main
+from ownllm.data.bias import CONTROL, FRAMES, OCCUPATIONS, PLANTED, PRONOUNS, planted_corpus, planted_sentences
+from ownllm.evaluation.bias import probe_bias
+
+
+def test_planted_corpus_holds_the_documented_share():
+    s = planted_sentences(4000, share=0.8, seed=3)
+    planted = [x for x in s if PLANTED["en"] in x]
+    control = [x for x in s if CONTROL["en"] in x]
+    assert len(planted) == len(control) == 2000
+    she = lambda xs: sum(" she " in x for x in xs) / len(xs)   # noqa: E731
+    assert she(planted) == pytest.approx(0.8, abs=0.03) and she(control) == pytest.approx(0.5, abs=0.03)
+    zh = planted_sentences(200, share=1.0, lang="zh")
+    assert all("她" in x for x in zh if PLANTED["zh"] in x)
+    text = planted_corpus("para one\n\npara two\n\npara three", 10)
+    assert text.count("\n\n") == 12 and "para two" in text
+
+
+def test_gap_is_the_models_log_probability_difference(tmp_path, tiny_run):
+    # the reference: the run exported for transformers, scored by transformers' model and tokenizer
+    assert main(["export", "--run", str(tiny_run), "--out", str(tmp_path / "hf")]) == 0
+    src = tmp_path / "hf"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    res = probe_bias(tiny_run, langs=("en", "zh"), extra={"en": [PLANTED["en"]]}, n_boot=200)
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+
+    def logp(text, cont):   # transformers' model and tokenizer, nothing of ours
+        ctx, full = theirs(text)["input_ids"], theirs(text + cont)["input_ids"]
+        with torch.no_grad():
+            lp = hf(torch.tensor([full])).logits[0].log_softmax(-1)
+        return sum(float(lp[i - 1, full[i]]) for i in range(len(ctx), len(full)))
+
+    for lang, occ in (("en", "nurse"), ("zh", "工程师"), ("en", PLANTED["en"])):
+        he, she = PRONOUNS[lang]
+        want = [logp(f.format(o=occ), he) - logp(f.format(o=occ), she) for f in FRAMES[lang]]
+        got = res[lang]["occupations"][occ]
+        assert got["frames"] == pytest.approx(want, abs=1e-3)
+        assert got["ci"][0] <= got["gap"] <= got["ci"][1]
+    en = res["en"]
+    bundled = [en["occupations"][o]["gap"] for o in OCCUPATIONS["en"]]
+    assert en["mean_abs_gap"] == pytest.approx(statistics.fmean(abs(g) for g in bundled))
+    assert en["spread"] == pytest.approx(statistics.pstdev(bundled)) and math.isfinite(en["spread_ci"][1])
+    assert PLANTED["en"] in en["occupations"] and len(en["occupations"]) == len(OCCUPATIONS["en"]) + 1
+
+
+def test_continued_pretraining_starts_from_the_run_it_names(tmp_path, tiny_run, text_file, capsys):
+    from ownllm.checkpoint import load_model
+
+    out = tmp_path / "more"
+    assert main(["pretrain", "--init", str(tiny_run), "--data", str(text_file), "--out", str(out), "--max-steps", "1",
+                 "--set", "lr=0", "--set", "warmup_steps=0", "--no-compile", "--no-progress", "--set", "seq_len=32"]) == 0
+    a, b = load_model(tiny_run).state_dict(), load_model(out).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # lr 0: the weights it started from
+    assert (out / "tokenizer.json").read_text() == (tiny_run / "tokenizer.json").read_text()
+    assert main(["pretrain", "--init", str(tiny_run), "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
+    assert "--init" in capsys.readouterr().err
