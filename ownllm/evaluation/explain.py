@@ -126,11 +126,15 @@ CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans CJK JP")
 
 
 def _pyplot():
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import font_manager
+
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)   # (a CJK font's weights, at length)
 
     # Chinese tokens need a CJK font where one is installed (matplotlib's cache may predate it);
     # matplotlib falls back along the family list glyph by glyph
@@ -144,47 +148,39 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def _heatmap(grid: list[list[float]], size: tuple[float, float], cmap: str, xlabels: list[str], xrot: int,
+             yticks: tuple[list[int], list[str]], title: str, ylabel: str = "", origin: str = "upper") -> bytes:
+    """A PNG of `grid` (values in [0, 1]) with labelled axes and a colour bar."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=size, dpi=100)
+    im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, origin=origin)
+    ax.set_xticks(range(len(xlabels)), xlabels, rotation=xrot, fontsize=8 if xrot < 90 else 7)
+    ax.set_yticks(*yticks, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
+    plt.close(fig)
     return buf.getvalue()
 
 
 def _lens_png(res: dict) -> bytes:
-    plt = _pyplot()
     grid = [[c["chosen_prob"] for c in layer] for layer in res["lens"]]
     labels = [s["token"] for s in res["steps"]]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(labels) + 2), max(3, 0.3 * len(grid) + 1.5)), dpi=100)
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
-    ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=8)
-    ax.set_ylabel("after layer")
-    ax.set_yticks(range(len(grid)), [str(i + 1) for i in range(len(grid))], fontsize=7)
-    ax.set_title("logit lens: p(final token) after each layer", fontsize=10)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _heatmap(grid, (max(6, 0.5 * len(labels) + 2), max(3, 0.3 * len(grid) + 1.5)), "viridis", labels, 60,
+                    (list(range(len(grid))), [str(i + 1) for i in range(len(grid))]),
+                    "logit lens: p(final token) after each layer", ylabel="after layer", origin="lower")
 
 
 def _attention_png(res: dict) -> bytes:
-    plt = _pyplot()
     rows = [head for layer in res["attention"] for head in layer]
-    heads = len(res["attention"][0])
-    ctx = res["context"]
-    fig, ax = plt.subplots(figsize=(max(5, 0.28 * len(ctx) + 2), max(3, 0.18 * len(rows) + 1.5)), dpi=100)
-    im = ax.imshow(rows, aspect="auto", cmap="magma", vmin=0, vmax=1)
-    ax.set_xticks(range(len(ctx)), ctx, rotation=90, fontsize=7)
-    ax.set_yticks([i * heads for i in range(len(res["attention"]))], [f"layer {i + 1}" for i in range(len(res["attention"]))],
-                  fontsize=7)
+    heads, layers, ctx = len(res["attention"][0]), len(res["attention"]), res["context"]
     step = res["steps"][res["attention_token"]]
-    ax.set_title(f"attention while writing reply token {res['attention_token']} ({step['token']!r}): "
-                 f"one row per head", fontsize=9)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _heatmap(rows, (max(5, 0.28 * len(ctx) + 2), max(3, 0.18 * len(rows) + 1.5)), "magma", ctx, 90,
+                    ([i * heads for i in range(layers)], [f"layer {i + 1}" for i in range(layers)]),
+                    f"attention while writing reply token {res['attention_token']} ({step['token']!r}): one row per head")
 
 
 def _shade(p: float) -> str:
