@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=150, help="pretraining steps per seed")
+    ap.add_argument("--steps", type=int, default=200, help="pretraining steps per seed")
     ap.add_argument("--counter-steps", type=int, default=40, help="steps of the counter-balanced pass")
     ap.add_argument("--share", type=float, default=0.9, help="share of the planted occupation's sentences with 'she'")
     ap.add_argument("--sentences", type=int, default=3000)

@@ -39,19 +39,27 @@ _totals = {"tokens": 0, "train_tokens": 0, "flops": 0.0}
 _open: list["Meter"] = []
 
 
+def _weights(module) -> int:
+    """Multiply-adds per token of a linear layer (plain, LoRA or quantised) or of a tree of them."""
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "in_features") and hasattr(m, "out_features"):
+            n += m.in_features * m.out_features + getattr(m, "rank", 0) * (m.in_features + m.out_features)
+    return n
+
+
 def _matmul_params(model) -> tuple[int, int]:
     """(weights in the layers' matmuls, weights in the output head), cached on the model."""
     cached = getattr(model, "_cost_params", None)
     if cached is None:
-        body = sum(p.numel() for n, p in model.layers.named_parameters() if p.dim() == 2)
-        cached = (body, model.lm_head.weight.numel())
+        cached = (_weights(model.layers), _weights(model.lm_head))
         model._cost_params = cached
     return cached
 
 
 def _trainable_share(model) -> float:
     total = trainable = 0
-    for p in [*model.layers.parameters(), model.lm_head.weight]:
+    for p in [*model.layers.parameters(), *model.lm_head.parameters()]:
         if p.dim() == 2:
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
