@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ownllm.config import QUICKSTART_STEPS, TrainConfig, recipe as named_recipe
 from ownllm.cost import Stages, cost_table, total as cost_total
+from ownllm.evaluation.bias import bias_summary, bias_table
 from ownllm.interop.hf import SMEAR_UNEXPORTABLE
 from ownllm.metrics import MetricsLog, plot_curves
 
@@ -43,6 +44,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     the recipe's (`tasks`: the suite's train split as text)."""
     from ownllm.agent.sql import ReadOnlyDB, demo_shop_path
     from ownllm.evaluation.agent import evaluate_agent, print_agent_report
+    from ownllm.evaluation.bias import print_bias_report, probe_bias
     from ownllm.evaluation.extraction import evaluate_extraction, print_extraction_report
     from ownllm.evaluation.rag import evaluate_rag, print_rag_report
     from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
@@ -94,6 +96,10 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     print_task_report(sft_tasks, out=log)
     extract = evaluate_extraction(sft_run, n=n_eval // 2)
     print_extraction_report(extract, out=log)
+    bias = {"base": probe_bias(base), "sft": probe_bias(sft_run)}   # seconds: 2 runs × 132 frames × 2 pronouns
+    for name, res in bias.items():
+        log(f"bias probe, {name}:")
+        print_bias_report(res, out=log)
     chat = ChatSession(str(sft_run), temperature=0)
     chat_demo = []
     for q in ("What is 48 + 27?", "把 305 写成中文数字。", "Sort from smallest to largest: 7 2 9 4"):
@@ -146,11 +152,13 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
                "rag": {k: rag[k] for k in ("retrieval", "rag", "rag_verified", "closed_book")},
                "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
                "extract": {k: v for k, v in extract.items() if k != "samples"},
-               "rlhf": rlhf, "wall_s": wall, "pretrain_steps_per_s": speed, "cost": stages.costs}
+               "rlhf": rlhf, "wall_s": wall, "pretrain_steps_per_s": speed, "cost": stages.costs,
+               "bias": bias_summary(bias)}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent,
                                            exported, extract) + _rlhf_report(rlhf)
-                                   + "\n".join(["## Cost", ""] + cost_table(stages.costs) + [""]), encoding="utf-8")
+                                   + "\n".join(BIAS_HEAD + bias_table(bias) + ["", "## Cost", ""] + cost_table(stages.costs)
+                                                + [""]), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
     log(f"RESULT val_bpb={mean_bpb:.4f} base_zero_shot={base_tasks[0]['mean_exact_match']:.4f} "
@@ -167,6 +175,11 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
         f"extract_unconstrained_schema_valid={extract['unconstrained_schema_valid']:.4f} {_cost_keys(stages.costs)} "
         f"wall_s={wall:.0f}")
     return summary
+
+
+BIAS_HEAD = ["## Bias probe (`ownllm probe bias`)", "",
+             "log p(he) − log p(she) after twelve occupations per language (他/她 in Chinese), nats; spread: the "
+             "standard deviation over occupations (docs/weaknesses.md).", ""]
 
 
 def _cost_keys(costs: dict) -> str:

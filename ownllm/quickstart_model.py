@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ownllm.config import MODEL_QUICKSTART, MODEL_QUICKSTART_STEPS
 from ownllm.cost import Stages, cost_table
+from ownllm.evaluation.bias import bias_summary, bias_table
+from ownllm.quickstart import BIAS_HEAD
 from ownllm.metrics import MetricsLog, plot_curves
 
 
@@ -29,6 +31,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     from ownllm.config import DPO_DEFAULTS, PPO_DEFAULTS, REWARD_DEFAULTS, DPOConfig, PPOConfig, RewardConfig
     from ownllm.data.preferences import write_preferences
     from ownllm.evaluation.agent import evaluate_agent, print_agent_report
+    from ownllm.evaluation.bias import print_bias_report, probe_bias
     from ownllm.evaluation.prefs import evaluate_prefs, evaluate_reward, print_prefs_report, print_reward_report
     from ownllm.evaluation.rag import evaluate_rag, print_rag_report
     from ownllm.evaluation.runs import eval_run
@@ -94,6 +97,10 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
 
     log("== 4/7 after SFT: the same measures ==")
     after = measure(sft_run, "sft", (0,))
+    bias = {"as imported": probe_bias(base), "LoRA SFT": probe_bias(sft_run)}
+    for name, res in bias.items():
+        log(f"bias probe, {name}:")
+        print_bias_report(res, out=log)
     stages.start("alignment")
 
     log(f"== 5/7 alignment: pairs from its own samples, reward model, DPO, PPO "
@@ -141,7 +148,8 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     summary = {"model": model, "steps": steps, "n_eval": n_eval, "wall_s": wall, "cost": stages.costs,
                "before": _brief(before), "after": _brief(after), "sft": {k: ft[k] for k in ("step", "elapsed_s")},
                "reward": {k: reward[k] for k in ("pair_accuracy", "n_pairs", "by_rule", "by_kind")},
-               "aligned": aligned, "exported": {k: str(v["out"]) for k, v in exported.items()}, "served": served}
+               "aligned": aligned, "exported": {k: str(v["out"]) for k, v in exported.items()}, "served": served,
+               "bias": bias_summary(bias)}
     (out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     (out / "report.md").write_text(_report(summary, lang), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
@@ -230,5 +238,5 @@ def _report(s: dict, lang: str) -> str:
     L += ["", "## Export and serving", "", "`hf/` (for `transformers`) and `sft.gguf` (Q8_0, for llama.cpp-family "
           "runtimes), written from the SFT run with its adapters folded in.", "",
           f"`ownllm serve --run sft`: `POST /v1/chat/completions` → {sv['status']} in {sv['seconds']:.2f}s: "
-          f"{sv['content']!r}", "", "## Cost", ""] + cost_table(s["cost"]) + [""]
+          f"{sv['content']!r}", ""] + BIAS_HEAD + bias_table(s["bias"]) + ["", "## Cost", ""] + cost_table(s["cost"]) + [""]
     return "\n".join(L)

@@ -88,8 +88,13 @@ def test_model_track_end_to_end_on_a_small_imported_model(tmp_path, capsys):
     assert (out / "hf" / "config.json").exists() and (out / "sft.gguf").stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "| **mean** |" in md and "Shakespeare validation bits per byte" in md and "| DPO |" in md
+    assert list(report["cost"]) == ["import", "measure before", "sft", "measure after", "alignment", "export", "serve"]
+    assert report["cost"]["sft"]["train_tokens"] > 0 and report["cost"]["import"]["train_tokens"] == 0
+    assert "## Cost" in md and "| **total** |" in md and "## Bias probe" in md and "| LoRA SFT |" in md
+    assert set(report["bias"]["as imported"]) == {"en", "zh"}
     assert (out / "plots" / "task_accuracy.png").exists() and (out / "plots" / "sft_loss.png").exists()
     result = [line for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT ")][-1]
     keys = {kv.split("=")[0] for kv in result.split()[1:]}
     assert {"en_zero_shot", "en_four_shot", "sft_en", "bpb_before", "bpb_after", "rag_after", "pair_accuracy",
-            "dpo_decided_win_rate", "dpo_decided_share", "ppo_kl", "served", "wall_s"} <= keys
+            "dpo_decided_win_rate", "dpo_decided_share", "ppo_kl", "served", "tokens", "tflops", "energy_wh",
+            "wall_s"} <= keys

@@ -73,3 +73,21 @@ def print_bias_report(res: dict, out=print) -> None:
     out("RESULT " + " ".join(f"mean_abs_gap_{lang}={r['mean_abs_gap']:.4f} spread_{lang}={r['spread']:.4f} "
                              f"mean_gap_{lang}={r['mean_gap']:.4f}" for lang, r in res.items())
         + "".join(f" {k}={v:.4f}" for k, v in extra.items()))
+
+
+def bias_table(runs: dict[str, dict]) -> list[str]:
+    """Markdown rows comparing probe_bias results of several runs (name → result)."""
+    langs = list(next(iter(runs.values())))
+    rows = ["| run | " + " | ".join(f"{lang}: mean gap | mean \\|gap\\| [95%] | spread" for lang in langs) + " |",
+            "|---|" + "---:|---:|---:|" * len(langs)]
+    for name, res in runs.items():
+        cells = [f"{r['mean_gap']:+.3f} | {r['mean_abs_gap']:.3f} [{r['mean_abs_gap_ci'][0]:.2f}, "
+                 f"{r['mean_abs_gap_ci'][1]:.2f}] | {r['spread']:.3f}" for r in (res[lang] for lang in langs)]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def bias_summary(runs: dict[str, dict]) -> dict:
+    """Each run's per-language summary (no per-occupation detail), for report.json."""
+    return {name: {lang: {k: r[k] for k in ("mean_gap", "mean_abs_gap", "mean_abs_gap_ci", "spread", "spread_ci")}
+                   for lang, r in res.items()} for name, res in runs.items()}
