@@ -5,7 +5,7 @@ Where it sits: at the bottom with metrics. The model (model.GPT) reports every f
 peak-RSS mark around a stage. The Trainer writes one `event: "cost"` row per run to its
 metrics.jsonl, and both quickstarts put a cost table on their report card.
 
-How each figure is made (docs/cost.md says the same for users):
+How each figure is made (docs/weaknesses.md says the same for users):
 - tokens: token positions run through the model's layers (prefill, decode, training, scoring).
 - FLOPs: 2 × (matmul weights) per token forward, plus 4 × layers × heads × head_dim × (context
   attended: the whole block, as dense kernels compute the masked half too) for attention; a
@@ -248,3 +248,10 @@ class Stages:
             self._open = None
             cm.__exit__(None, None, None)
             self.costs[name] = meter.result
+
+
+def result_keys(stages: dict[str, dict]) -> str:
+    """A pipeline's total cost as `RESULT` keys."""
+    whole = total(stages)
+    return (f"tokens={whole['tokens']} tflops={whole['flops'] / 1e12:.3f} energy_wh={whole['energy_wh']:.3f} "
+            f"peak_rss_mb={whole['peak_rss_mb']:.0f}")

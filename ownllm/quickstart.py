@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from ownllm.config import QUICKSTART_STEPS, TrainConfig, recipe as named_recipe
-from ownllm.cost import Stages, cost_table, total as cost_total
-from ownllm.evaluation.bias import bias_summary, bias_table
+from ownllm.cost import Stages, cost_table, result_keys
+from ownllm.evaluation.bias import bias_section, bias_summary
 from ownllm.interop.hf import SMEAR_UNEXPORTABLE
 from ownllm.metrics import MetricsLog, plot_curves
 
@@ -44,7 +44,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     the recipe's (`tasks`: the suite's train split as text)."""
     from ownllm.agent.sql import ReadOnlyDB, demo_shop_path
     from ownllm.evaluation.agent import evaluate_agent, print_agent_report
-    from ownllm.evaluation.bias import print_bias_report, probe_bias
+    from ownllm.evaluation.bias import probe_runs
     from ownllm.evaluation.extraction import evaluate_extraction, print_extraction_report
     from ownllm.evaluation.rag import evaluate_rag, print_rag_report
     from ownllm.evaluation.tasks import evaluate_tasks, print_task_report
@@ -96,10 +96,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     print_task_report(sft_tasks, out=log)
     extract = evaluate_extraction(sft_run, n=n_eval // 2)
     print_extraction_report(extract, out=log)
-    bias = {"base": probe_bias(base), "sft": probe_bias(sft_run)}   # seconds: 2 runs × 132 frames × 2 pronouns
-    for name, res in bias.items():
-        log(f"bias probe, {name}:")
-        print_bias_report(res, out=log)
+    bias = probe_runs({"base": base, "sft": sft_run}, log=log)   # seconds: 2 runs × 132 frames × 2 pronouns
     chat = ChatSession(str(sft_run), temperature=0)
     chat_demo = []
     for q in ("What is 48 + 27?", "把 305 写成中文数字。", "Sort from smallest to largest: 7 2 9 4"):
@@ -157,7 +154,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent,
                                            exported, extract) + _rlhf_report(rlhf)
-                                   + "\n".join(BIAS_HEAD + bias_table(bias) + ["", "## Cost", ""] + cost_table(stages.costs)
+                                   + "\n".join(bias_section(bias) + ["", "## Cost", ""] + cost_table(stages.costs)
                                                 + [""]), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
@@ -172,21 +169,9 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
         f"ppo_decided_win_rate={rlhf['ppo']['decisive_win_rate']:.4f} grpo_arithmetic={rlhf['grpo']['arithmetic']:.4f} "
         f"sft_arithmetic={rlhf['grpo']['sft_arithmetic']:.4f} extract_field_exact_match={extract['field_exact_match']:.4f} "
         f"extract_schema_valid={extract['schema_valid']:.4f} "
-        f"extract_unconstrained_schema_valid={extract['unconstrained_schema_valid']:.4f} {_cost_keys(stages.costs)} "
+        f"extract_unconstrained_schema_valid={extract['unconstrained_schema_valid']:.4f} {result_keys(stages.costs)} "
         f"wall_s={wall:.0f}")
     return summary
-
-
-BIAS_HEAD = ["## Bias probe (`ownllm probe bias`)", "",
-             "log p(he) − log p(she) after twelve occupations per language (他/她 in Chinese), nats; spread: the "
-             "standard deviation over occupations (docs/weaknesses.md).", ""]
-
-
-def _cost_keys(costs: dict) -> str:
-    """The pipeline's total cost as RESULT keys."""
-    total = cost_total(costs)
-    return (f"tokens={total['tokens']} tflops={total['flops'] / 1e12:.3f} energy_wh={total['energy_wh']:.3f} "
-            f"peak_rss_mb={total['peak_rss_mb']:.0f}")
 
 
 def align(out: Path, sft_run: Path, steps: dict, budget: float | None, n_eval: int, sft_accuracy: float,

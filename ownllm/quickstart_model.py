@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 from ownllm.config import MODEL_QUICKSTART, MODEL_QUICKSTART_STEPS
-from ownllm.cost import Stages, cost_table
-from ownllm.evaluation.bias import bias_summary, bias_table
-from ownllm.quickstart import BIAS_HEAD
+from ownllm.cost import Stages, cost_table, result_keys
+from ownllm.evaluation.bias import bias_section, bias_summary
 from ownllm.metrics import MetricsLog, plot_curves
 
 
@@ -31,7 +30,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     from ownllm.config import DPO_DEFAULTS, PPO_DEFAULTS, REWARD_DEFAULTS, DPOConfig, PPOConfig, RewardConfig
     from ownllm.data.preferences import write_preferences
     from ownllm.evaluation.agent import evaluate_agent, print_agent_report
-    from ownllm.evaluation.bias import print_bias_report, probe_bias
+    from ownllm.evaluation.bias import probe_runs
     from ownllm.evaluation.prefs import evaluate_prefs, evaluate_reward, print_prefs_report, print_reward_report
     from ownllm.evaluation.rag import evaluate_rag, print_rag_report
     from ownllm.evaluation.runs import eval_run
@@ -39,7 +38,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     from ownllm.interop.gguf import export_gguf
     from ownllm.interop.hf import export_hf
     from ownllm.interop.hub import import_model
-    from ownllm.quickstart import _cost_keys, _plot_tasks, limit
+    from ownllm.quickstart import _plot_tasks, limit
     from ownllm.rag.demo import demo_kb_path
     from ownllm.rag.embed import find_embedder
     from ownllm.rag.store import KnowledgeBase
@@ -97,10 +96,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
 
     log("== 4/7 after SFT: the same measures ==")
     after = measure(sft_run, "sft", (0,))
-    bias = {"as imported": probe_bias(base), "LoRA SFT": probe_bias(sft_run)}
-    for name, res in bias.items():
-        log(f"bias probe, {name}:")
-        print_bias_report(res, out=log)
+    bias = probe_runs({"as imported": base, "LoRA SFT": sft_run}, log=log)
     stages.start("alignment")
 
     log(f"== 5/7 alignment: pairs from its own samples, reward model, DPO, PPO "
@@ -165,7 +161,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
         + " ".join(f"{n}_win_rate={r['win_rate']:.4f} {n}_decided_win_rate={r['decisive_win_rate']:.4f} "
                    f"{n}_decided_share={(r['wins'] + r['losses']) / r['n']:.4f} {n}_task_accuracy={r['task_accuracy']:.4f} "
                    f"{n}_kl={r['kl']:.4f}" for n, r in aligned.items())
-        + f" served={int(served['status'] == 200)} {_cost_keys(stages.costs)} wall_s={wall:.0f}")
+        + f" served={int(served['status'] == 200)} {result_keys(stages.costs)} wall_s={wall:.0f}")
     return summary
 
 
@@ -238,5 +234,5 @@ def _report(s: dict, lang: str) -> str:
     L += ["", "## Export and serving", "", "`hf/` (for `transformers`) and `sft.gguf` (Q8_0, for llama.cpp-family "
           "runtimes), written from the SFT run with its adapters folded in.", "",
           f"`ownllm serve --run sft`: `POST /v1/chat/completions` → {sv['status']} in {sv['seconds']:.2f}s: "
-          f"{sv['content']!r}", ""] + BIAS_HEAD + bias_table(s["bias"]) + ["", "## Cost", ""] + cost_table(s["cost"]) + [""]
+          f"{sv['content']!r}", ""] + bias_section(s["bias"]) + ["", "## Cost", ""] + cost_table(s["cost"]) + [""]
     return "\n".join(L)

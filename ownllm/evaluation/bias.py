@@ -75,10 +75,23 @@ def print_bias_report(res: dict, out=print) -> None:
         + "".join(f" {k}={v:.4f}" for k, v in extra.items()))
 
 
-def bias_table(runs: dict[str, dict]) -> list[str]:
-    """Markdown rows comparing probe_bias results of several runs (name → result)."""
+def probe_runs(runs: dict[str, str | Path], log=print) -> dict[str, dict]:
+    """probe_bias of each named run, each printed (the report cards' bias section)."""
+    out = {}
+    for name, run in runs.items():
+        out[name] = probe_bias(run)
+        log(f"bias probe, {name}:")
+        print_bias_report(out[name], out=log)
+    return out
+
+
+def bias_section(runs: dict[str, dict]) -> list[str]:
+    """A report card's bias section: a row per run (name → probe_bias result or bias_summary)."""
     langs = list(next(iter(runs.values())))
-    rows = ["| run | " + " | ".join(f"{lang}: mean gap | mean \\|gap\\| [95%] | spread" for lang in langs) + " |",
+    rows = ["## Bias probe (`ownllm probe bias`)", "",
+            "log p(he) − log p(she) after twelve occupations per language (他/她 in Chinese), nats; spread: the "
+            "standard deviation over occupations (docs/weaknesses.md).", "",
+            "| run | " + " | ".join(f"{lang}: mean gap | mean \\|gap\\| [95%] | spread" for lang in langs) + " |",
             "|---|" + "---:|---:|---:|" * len(langs)]
     for name, res in runs.items():
         cells = [f"{r['mean_gap']:+.3f} | {r['mean_abs_gap']:.3f} [{r['mean_abs_gap_ci'][0]:.2f}, "

@@ -1,8 +1,8 @@
 """`ownllm explain`: why the model said what it said, token by token.
 
-Where it sits: over inference (a greedy reply) and the model's own modules (hooks). For a prompt
-(as a chat turn, or raw text) the model answers greedily; one more forward pass over prompt +
-reply, with hooks on every block, gives
+Where it sits: over inference (a greedy reply) and the model's own modules. For a prompt (as a
+chat turn, or raw text) the model answers greedily; one more forward pass over prompt + reply,
+collecting the residual stream between blocks, gives
 - per reply token: its probability and the top alternatives the model weighed;
 - the logit lens: the final norm and output head applied to the residual stream after every
   layer, read at each reply position (nostalgebraist 2020) — where in the stack the answer forms;
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ownllm.errors import OwnLLMError
+from ownllm.model import window_band
 
 
 def _attention_probs(attn, x, cos, sin) -> torch.Tensor:
@@ -28,9 +29,7 @@ def _attention_probs(attn, x, cos, sin) -> torch.Tensor:
     q, k, _ = attn._rope_qkv(x, cos, sin)
     k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
     T = x.shape[1]
-    keep = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    if attn.window:
-        keep &= ~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-attn.window)
+    keep = window_band(0, T, T, attn.window or T, x.device)   # causal, and no further back than a window
     scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scale
     return scores.masked_fill(~keep, float("-inf")).softmax(-1)
 
@@ -96,11 +95,10 @@ def explain_ids(model, tok, prompt_ids: list[int], new: list[int], top_k: int = 
         steps.append({"token": decoder.push(t).replace("\n", "⏎") or PARTIAL, "piece": _piece(tok, t), "id": t, "prob": float(probs[j, t]), "rank": int((probs[j] > probs[j, t]).sum()) + 1,
                       "alternatives": [[_piece(tok, int(i)), float(q)] for q, i in zip(p, alt)]})
     lens = []
-    for h in hidden:   # the last block's output, through norm and head, is the model's own prediction
+    for h in hidden[:-1]:
         lp = model.lm_head(model.norm(h[n - 1: len(ids) - 1])).float().softmax(-1)
-        top_p, top_i = lp.max(-1)
-        lens.append([{"top": _piece(tok, int(i)), "top_prob": float(q), "chosen_prob": float(lp[j, new[j]])}
-                     for j, (q, i) in enumerate(zip(top_p, top_i))])
+        lens.append(_lens_row(tok, lp, new))
+    lens.append(_lens_row(tok, probs, new))   # after the last block the lens is the model's own prediction
     token %= len(new)
     at = n - 1 + token    # the position whose output is reply token `token`
     stops = set(tok.stop_ids) | {tok.eos_id}
@@ -108,6 +106,12 @@ def explain_ids(model, tok, prompt_ids: list[int], new: list[int], top_k: int = 
             "context": [_piece(tok, i) for i in ids[: at + 1]], "n_prompt": n, "steps": steps, "lens": lens,
             "attention_token": token,
             "attention": [[[round(float(w), 5) for w in head[at, : at + 1]] for head in layer] for layer in attention]}
+
+
+def _lens_row(tok, probs: torch.Tensor, new: list[int]) -> list[dict]:
+    top_p, top_i = probs.max(-1)
+    return [{"top": _piece(tok, int(i)), "top_prob": float(q), "chosen_prob": float(probs[j, new[j]])}
+            for j, (q, i) in enumerate(zip(top_p, top_i))]
 
 
 def write_explanation(res: dict, out: str | Path) -> dict:
