@@ -61,6 +61,7 @@ MODEL_QUICKSTART: dict[str, Any] = {
     "pair_config": {"val_prompts": 40, "max_val_pairs": 64},
     "ppo": {"batch_size": 16}, "ppo_config": {"max_new_tokens": 32},
 }
+QUANTIZE_KINDS = ("int8", "int4", "w8a8")   # --quantize (inference/quantize.py)
 LORA_RANK, LORA_ALPHA = 8, 16.0   # `--lora` without --lora-rank / --lora-alpha (scale alpha / rank = 2)
 # `ask` refuses before the model when no chunk holds this share of the question's IDF weight: off-topic
 # questions fall far below it, answerable ones worded unlike the text stay above (bench/rag_real_docs.py)

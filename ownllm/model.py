@@ -171,7 +171,12 @@ class FusedLinears:
 
 def project(owner: nn.Module, key: str, x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
     """Apply several projections of x: as one fused matmul at inference (eval mode, no grad, plain
-    Linears, not inside torch.compile, which schedules its own graph), else one by one."""
+    Linears, not inside torch.compile, which schedules its own graph), else one by one. A
+    quantised model brings its own fused layer (inference/quantize.fuse_projections)."""
+    quantized = owner.__dict__.get(key + "_quantized")
+    if quantized is not None:
+        layer, sizes = quantized
+        return layer(x).split(sizes, dim=-1)
     if (owner.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
             or not all(type(lin) is nn.Linear for lin in linears)):
         return [lin(x) for lin in linears]

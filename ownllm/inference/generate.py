@@ -23,19 +23,23 @@ def _load(run: str, mtime: float, quantize: str | None):
         from ownllm.model import fold_adapters
 
         model = fold_adapters(model)
-    if quantize == "int8":
-        from ownllm.inference.quantize import quantize_int8
+    if quantize is not None:
+        from ownllm.config import QUANTIZE_KINDS
+        from ownllm.inference.quantize import quantize as quantize_model
 
-        quantize_int8(model)
-    elif quantize is not None:
-        raise OwnLLMError(f"--quantize {quantize}: only int8 is supported")
+        if quantize not in QUANTIZE_KINDS:
+            raise OwnLLMError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE_KINDS)}")
+        try:
+            quantize_model(model, quantize)
+        except ValueError as e:
+            raise OwnLLMError(f"--quantize {quantize}: {e}") from None
     return model, Tokenizer.load(run)
 
 
 def load_run(run: str | Path, quantize: str | None = None):
     """(model, tokenizer) for a run directory, cached until its weights change; a LoRA run's
-    adapters are folded into its weights; quantize='int8' gives weight-only int8 linear layers
-    (inference/quantize.py)."""
+    adapters are folded into its weights; quantize ('int8', 'int4', 'w8a8') gives quantised linear
+    layers (inference/quantize.py)."""
     p = Path(run)
     if not p.is_dir():
         raise OwnLLMError(f"--run {run}: no such run directory")
