@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     ap.add_argument("--train-seconds", type=float, default=30)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="compiled decode step, as `ownllm serve` by default (compiled in the warm-up request)")
     args = ap.parse_args()
     setup_threads()
     with run_or_pretrain(args.run, args.train_seconds) as run:
@@ -111,7 +113,10 @@ def serve_and_load(run: str, args) -> None:
 
     ns = argparse.Namespace(run=run, api_key=None, kb=None, tools=None, db=None, embedder="none", quantize=None,
                             slots=8, threads=None)
-    state = build_state(ns)
+    from ownllm.inference.engine import compiled_by_default
+
+    with compiled_by_default(args.compile):
+        state = build_state(ns)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

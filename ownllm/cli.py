@@ -248,7 +248,7 @@ def cmd_ask(args) -> None:
 
     if not 0 <= args.relative_relevance <= 1:
         raise OwnLLMError(f"--relative-relevance must be between 0 and 1 (got {args.relative_relevance})")
-    model, tok = load_run(args.run)
+    model, tok = load_run(args.run, args.quantize)
     with open_kb(args.kb, args.embedder) as kb:
         result = None
         for piece in ask_stream(model, tok, kb, args.question, k=args.k, min_relevance=args.min_relevance,
@@ -291,7 +291,7 @@ def cmd_agent(args) -> None:
     from ownllm.agent.loop import Agent
     from ownllm.inference.generate import load_run
 
-    model, tok = load_run(args.run)
+    model, tok = load_run(args.run, args.quantize)
     reg, owned = open_tools(args.tools, args.kb, args.db, args.embedder)
     try:
         agent = Agent(model, tok, reg, max_steps=args.max_steps, temperature=args.temperature, seed=args.seed)
@@ -763,6 +763,7 @@ def _add_documents_and_tools(sub) -> None:
     p.add_argument("--verify", action="store_true", help="citation check: withhold an answer that no source shown "
                    "contains and say the sources do not say; cite the source that holds it where the model cited "
                    "another (the reply then prints whole, not streamed)")
+    _add_decode_flags(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("agent", help="answer a question with tools (calculator, search, sql), printing the trace")
@@ -775,7 +776,21 @@ def _add_documents_and_tools(sub) -> None:
     p.add_argument("--max-steps", type=int, default=4, help="model turns before giving up")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int)
+    _add_decode_flags(p)
     p.set_defaults(func=cmd_agent)
+
+
+def _add_decode_flags(p) -> None:
+    """--quantize and --compile, the same on every command that generates."""
+    from ownllm.config import QUANTIZE_KINDS
+
+    p.add_argument("--quantize", choices=QUANTIZE_KINDS, help="int8 or int4 weights (activations untouched), or "
+                   "w8a8: int8 weights and activations (fastest on x86 CPUs without native bfloat16; replies "
+                   "drift from full precision sooner)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through a torch.compile'd step: faster per token, a minute or more to compile "
+                        "the first time (cached by PyTorch after). Default: on for chat and serve, off for one-shot "
+                        "commands; OWNLLM_COMPILE=1|0 sets it for all")
 
 
 def _add_generation(sub) -> None:
@@ -796,12 +811,12 @@ def _add_generation(sub) -> None:
     p.add_argument("--tools", help="run these built-in tools server-side: calculator, search, sql")
     p.add_argument("--db", help="SQLite database for the sql tool (file or 'demo')")
     p.add_argument("--embedder", help="sentence-embedding model directory, or 'none'")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
+    _add_decode_flags(p)
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (continuous batching)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--template-arg", action="append", default=[], metavar="KEY=VALUE",
                    help=TEMPLATE_ARG_HELP + "; a request's chat_template_kwargs override these")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, compile_default=True)
 
     p = sub.add_parser("generate", help="continue a prompt (streams)")
     p.add_argument("--run", required=True)
@@ -813,7 +828,7 @@ def _add_generation(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
+    _add_decode_flags(p)
     p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this JSON Schema "
                    "('object': any JSON object)")
     p.add_argument("--regex", help="constrain the output to match this regular expression")
@@ -955,12 +970,12 @@ def _add_interop_and_chat(sub) -> None:
     p.add_argument("--kb", help="knowledge base for the search tool (file or 'demo')")
     p.add_argument("--db", help="SQLite database for the sql tool (file or 'demo')")
     p.add_argument("--embedder", help="sentence-embedding model directory, or 'none'")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers")
+    _add_decode_flags(p)
     p.add_argument("--template-arg", action="append", default=[], metavar="KEY=VALUE",
                    help=TEMPLATE_ARG_HELP)
     p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this JSON Schema "
                    "('object': any JSON object)")
-    p.set_defaults(func=cmd_chat)
+    p.set_defaults(func=cmd_chat, compile_default=True)
 
 
 def _lora_flags(p) -> None:
@@ -1016,6 +1031,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _decode_compiled(args):
+    """Whether this command's engines compile their decode step: --compile / --no-compile, else
+    OWNLLM_COMPILE, else the command's default (long-lived chat and serve: on)."""
+    import os
+
+    from ownllm.inference.engine import compiled_by_default
+
+    on = getattr(args, "compile", None)
+    if on is None and not os.environ.get("OWNLLM_COMPILE"):
+        on = getattr(args, "compile_default", False)
+    return compiled_by_default(on)
+
+
 def main(argv: list[str] | None = None) -> int:
     import contextlib
     import io
@@ -1026,7 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
     # under torchrun only rank 0 reports (every rank trains; errors still reach stderr)
     quiet = contextlib.redirect_stdout(io.StringIO()) if current().rank else contextlib.nullcontext()
     try:
-        with quiet:
+        with quiet, _decode_compiled(args):
             args.func(args)
         finish(completed=True)
     except OwnLLMError as e:

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# chat and serve compile their decode step by default (minutes on 2 cores); the suite decodes eagerly
+# and tests the compiled step on its own (test_model.py, test_quantize.py, test_serve.py)
+os.environ.setdefault("OWNLLM_COMPILE", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)

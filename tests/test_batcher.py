@@ -78,3 +78,28 @@ def test_stop_tokens_cancel_and_seeded_sampling(tiny_cfg):
         threading.Event().wait(0.01)
     assert batcher.active == 0  # the slot is free again
     batcher.close()
+
+
+def test_compiled_steps_match_eager_across_cache_buckets(tiny_cfg):
+    """The compiled decode step (the server's default): each request gets the tokens it would get
+    alone, eagerly, while the shared write column outgrows its first 256-column bucket (the rows
+    are right-aligned first) and rows of different ages share steps."""
+    torch.manual_seed(0)
+    model = randomize_(GPT(ModelConfig(**{**tiny_cfg.__dict__, "max_seq_len": 1024})), 0.3).eval()
+    engine = Engine(model, pad_id=0, compile=False)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, tiny_cfg.vocab_size, (n,), generator=g).tolist() for n in (7, 20, 4, 11, 9, 5)]
+    params = SamplingParams(max_new_tokens=100, temperature=0)
+    want = [engine.generate([p], params)[0] for p in prompts]
+    batcher = ContinuousBatcher(model, pad_id=0, slots=2, compile=True)
+    try:
+        got = []
+        for pair in (prompts[:2], prompts[2:4], prompts[4:]):   # three waves: the column passes 256
+            runs = [_collect(batcher, p, params) for p in pair]
+            for _, out, reason, done in runs:
+                assert done.wait(300) and reason == ["length"]
+                got.append(out)
+        assert batcher.steps > 256 and batcher.cache.length < batcher.steps   # the rows were right-aligned
+        assert got == want
+    finally:
+        batcher.close()

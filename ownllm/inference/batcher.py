@@ -46,9 +46,15 @@ class QueueFull(RuntimeError):
 
 
 class ContinuousBatcher:
-    def __init__(self, model: GPT, pad_id: int, slots: int = 8, max_waiting: int = 64, tokenizer=None):
-        """`tokenizer`: for requests whose SamplingParams constrain the output (json_schema / regex)."""
+    def __init__(self, model: GPT, pad_id: int, slots: int = 8, max_waiting: int = 64, tokenizer=None,
+                 compile: bool | None = None):
+        """`tokenizer`: for requests whose SamplingParams constrain the output (json_schema / regex).
+        `compile`: decode steps through the compiled fixed-shape step (engine.compile_decode), one
+        graph per cache bucket; None follows engine.compiled_by_default."""
+        from ownllm.inference.engine import _COMPILE_DEFAULT, compile_decode
+
         self.model = model.eval()
+        self._decode = compile_decode(model) if (_COMPILE_DEFAULT[0] if compile is None else compile) else None
         self.cfg = model.config
         self.pad_id = pad_id
         self.slots: list[Request | None] = [None] * slots
@@ -171,7 +177,8 @@ class ContinuousBatcher:
         c = self.cache
         counts = [int(c.valid[i, : c.length].sum()) if r is not None else 0 for i, r in enumerate(self.slots)]
         new_len = max(counts + [need])
-        k, v = torch.zeros_like(c.k), torch.zeros_like(c.v)
+        width = max(c.length, new_len)   # columns past both hold nothing valid: left alone
+        k, v = torch.zeros_like(c.k[:, :, :, :width]), torch.zeros_like(c.v[:, :, :, :width])
         valid = torch.zeros_like(c.valid)
         for i, r in enumerate(self.slots):
             if r is None or not counts[i]:
@@ -181,8 +188,8 @@ class ContinuousBatcher:
             k[:, i, :, dst] = c.k[:, i, :, cols]
             v[:, i, :, dst] = c.v[:, i, :, cols]
             valid[i, dst] = True
-        c.k.copy_(k)
-        c.v.copy_(v)
+        c.k[:, :, :, :width].copy_(k)
+        c.v[:, :, :, :width].copy_(v)
         c.valid.copy_(valid)
         c.length = new_len
 
@@ -245,6 +252,28 @@ class ContinuousBatcher:
         elif r.pos + 1 >= self.cfg.max_seq_len:
             self._finish(i, "length")
 
+    def _compiled_step(self, toks: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step for every slot through the compiled graph over the cache's first
+        `bucket` columns (a view: the same strides at every size, so one graph per bucket)."""
+        from ownllm.cost import count_forward
+        from ownllm.inference.engine import cache_bucket
+
+        c = self.cache
+        if c.length >= 256 and c.length & (c.length - 1) == 0:
+            self._compact()   # about to outgrow a bucket: right-align the rows first, maybe it need not
+        at = c.length
+        bucket = cache_bucket(at + 1, c.max_len)
+        with self.lock:
+            logits, k, v = self._decode(toks, pos, c.k[:, :, :, :bucket], c.v[:, :, :, :bucket],
+                                        c.valid[:, None, None, :bucket].clone(), c.prev)
+            count_forward(self.model, toks.shape[0], 1, at, head_positions=toks.shape[0])
+            if self.cfg.smear:
+                c.prev = self.model.embed_tokens(toks)
+        c.k[:, :, :, at: at + 1], c.v[:, :, :, at: at + 1] = k, v
+        c.valid[:, at] = True
+        c.length += 1
+        return logits
+
     @torch.inference_mode()
     def _step(self) -> None:
         c = self.cache
@@ -258,9 +287,13 @@ class ContinuousBatcher:
         for i, r in enumerate(self.slots):
             if r is not None:
                 toks[i, 0], pos[i, 0] = r.last, r.pos
-        c.valid[:, c.length] = True  # each row sees its own new entry (idle rows: only that, no NaN)
-        with self.lock:
-            logits = self.model.last_logits(toks, cache=c, positions=pos, mask=c.valid[:, None, None, : c.length + 1])
+        if self._decode is not None:
+            logits = self._compiled_step(toks, pos)
+        else:
+            c.valid[:, c.length] = True  # each row sees its own new entry (idle rows: only that, no NaN)
+            with self.lock:
+                logits = self.model.last_logits(toks, cache=c, positions=pos,
+                                                mask=c.valid[:, None, None, : c.length + 1])
         self.steps += 1
         for i, r in enumerate(self.slots):
             if r is None:

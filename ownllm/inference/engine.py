@@ -7,6 +7,8 @@ produces exactly the tokens it would produce alone (tests/test_model.py).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -73,29 +75,61 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
+_COMPILE_DEFAULT: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def compiled_by_default(on: bool | None):
+    """Within this block an Engine built without `compile=` compiles its decode step when `on`
+    (None: the OWNLLM_COMPILE environment variable, 1 or 0, else off). The CLI wraps commands
+    in it: long-lived ones (chat, serve) compile, one-shot ones do not unless asked."""
+    if on is None:
+        on = os.environ.get("OWNLLM_COMPILE", "0") not in ("", "0", "false", "no")
+    before = _COMPILE_DEFAULT[0]
+    _COMPILE_DEFAULT[0] = on
+    try:
+        yield
+    finally:
+        _COMPILE_DEFAULT[0] = before
+
+
+def cache_bucket(length: int, limit: int) -> int:
+    """KV-cache size for a compiled decode step: the next power of two from 256, at most `limit`,
+    so requests of different lengths share a handful of graphs instead of one each."""
+    return min(max(256, 1 << max(length - 1, 1).bit_length()), limit)
+
+
+def compile_decode(model: GPT):
+    """The model's fixed-shape decode step, torch.compile'd (C++ wrapper, no Python per op). A
+    quantised model's weights are frozen into the graph and its int8 products autotuned, which
+    lets inductor build weight-only int8 GEMMs from the dequantising layers."""
+    options = {"cpp_wrapper": True}
+    if getattr(model, "quantized", None) and model.device.type == "cpu":
+        options.update(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    # one graph per (model, batch, cache bucket) is by design; dynamo's default limit of 8 per code
+    # object would stop a long-lived process (fullgraph: an error) at the ninth
+    return torch.compile(model.decode_static, dynamic=False, fullgraph=True, options=options, recompile_limit=256)
+
+
 class Engine:
     """Generation over a model. With compile=True each decode step runs as one torch.compile'd
-    fixed-shape graph (C++ wrapper, no Python per op), at any batch size and with left-padded
-    rows: compiled once per (batch, context length) on first use (seconds). The graph only reads
-    the KV cache and returns the new keys/values, which are stored here (writing the cache inside
-    the graph makes inductor copy all of it every step, slower than eager).
-    bench/generate_speed.py measures it against eager and HF `generate`."""
+    fixed-shape graph, at any batch size and with left-padded rows: compiled once per (batch,
+    cache bucket) on first use (a minute or more for a 135M model on 2 cores, seconds when
+    PyTorch's compile cache has it). The graph only reads the KV cache and returns the new
+    keys/values, which are stored here (writing the cache inside the graph makes inductor copy
+    all of it every step, slower than eager). bench/real_model.py measures it against eager, HF
+    `generate` and llama.cpp."""
 
-    def __init__(self, model: GPT, pad_id: int = 0, compile: bool = False, tokenizer=None):
-        """`tokenizer`: needed only for constrained output (SamplingParams.json_schema / regex)."""
+    def __init__(self, model: GPT, pad_id: int = 0, compile: bool | None = None, tokenizer=None):
+        """`tokenizer`: needed only for constrained output (SamplingParams.json_schema / regex).
+        `compile`: None follows `compiled_by_default`."""
         self.model = model.eval()
         self.cfg = model.config
         self.pad_id = pad_id
         self.tokenizer = tokenizer
         self._decode = None
-        if compile:
-            # one graph per (model, batch, context length) is by design; dynamo's default limit of 8
-            # per code object would stop a long-lived process (fullgraph: an error) at the ninth
-            import torch._dynamo
-
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._decode = torch.compile(model.decode_static, dynamic=False, fullgraph=True,
-                                         options={"cpp_wrapper": True})
+        if _COMPILE_DEFAULT[0] if compile is None else compile:
+            self._decode = compile_decode(model)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], max_len: int) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
@@ -127,7 +161,8 @@ class Engine:
         B = len(prompts)
         L = max(len(p) for p in prompts)
         max_len = min(L + params.max_new_tokens, self.cfg.max_seq_len)
-        logits, cache, last_pos = self.prefill(prompts, max_len)
+        logits, cache, last_pos = self.prefill(prompts, max_len if self._decode is None
+                                               else cache_bucket(max_len, self.cfg.max_seq_len))
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.model.device).manual_seed(params.seed)
