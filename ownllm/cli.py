@@ -789,8 +789,8 @@ def _add_decode_flags(p) -> None:
                    "drift from full precision sooner)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through a torch.compile'd step: faster per token, a minute or more to compile "
-                        "the first time (cached by PyTorch after). Default: on for chat and serve, off for one-shot "
-                        "commands; OWNLLM_COMPILE=1|0 sets it for all")
+                        "the first time (cached by PyTorch after). Default: on for chat, serve and with --quantize, off for "
+                        "other one-shot commands; OWNLLM_COMPILE=1|0 sets it for all")
 
 
 def _add_generation(sub) -> None:
@@ -1033,14 +1033,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _decode_compiled(args):
     """Whether this command's engines compile their decode step: --compile / --no-compile, else
-    OWNLLM_COMPILE, else the command's default (long-lived chat and serve: on)."""
+    OWNLLM_COMPILE, else the command's default (long-lived chat and serve, and any --quantize: on)."""
     import os
 
     from ownllm.inference.engine import compiled_by_default
 
     on = getattr(args, "compile", None)
     if on is None and not os.environ.get("OWNLLM_COMPILE"):
-        on = getattr(args, "compile_default", False)
+        # quantised layers pay off inside the compiled step (eagerly int8 dequantises every call)
+        on = getattr(args, "compile_default", False) or bool(getattr(args, "quantize", None))
     return compiled_by_default(on)
 
 

@@ -102,6 +102,8 @@ def test_int4_is_the_q4_1_layout_and_a_q4_1_model_comes_back_exactly(tiny_cfg):
     assert torch.all(err <= step / 2 + 1e-6)
     x = torch.randn(5, 64)
     torch.testing.assert_close(q(x), x @ q.dequantized().T + lin.bias, rtol=1e-4, atol=1e-4)
+    xt = torch.randn(64, 5).t()                     # not contiguous (a batch's rows after a transpose)
+    torch.testing.assert_close(q(xt), xt @ q.dequantized().T + lin.bias, rtol=1e-4, atol=1e-4)
     again = torch.nn.Linear(64, 48)
     with torch.no_grad():
         again.weight.copy_(q.dequantized())

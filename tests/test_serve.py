@@ -273,6 +273,19 @@ def test_rag_sources_and_server_side_tools(run_dir, tmp_path):
                                                   "max_tokens": 4}).json()
         assert j["sources"][0]["path"].endswith("varnok.md") and "Irdel Fask" in j["sources"][0]["text"]
         assert j["sources"][0]["path"] == "varnok.md"   # relative to the indexed folder: no paths of this disk
+        from ownllm.rag.attribute import attribute
+
+        texts = [s["text"] for s in j["sources"]]
+        want = [sp.to_dict() for sp in attribute(j["choices"][0]["message"]["content"], texts)]
+        assert j["support"] == want and want
+        # streamed: the sources come first, the support of the whole answer with the last chunk
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Who is the mayor of Varnok?"}],
+                                                  "max_tokens": 4, "stream": True})
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        content = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks)
+        assert [s["text"] for s in chunks[0]["sources"]] == texts
+        assert chunks[-1]["choices"][0]["finish_reason"] and chunks[-1]["support"] == [
+            sp.to_dict() for sp in attribute(content, texts)]
         j = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Who founded Zembla?"}]}).json()
         assert j["sources"] == [] and j["choices"][0]["message"]["content"] == "The sources do not say."
     state.batcher.close()

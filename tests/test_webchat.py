@@ -71,6 +71,10 @@ def test_page_streams_a_reply_and_renders_markdown(run_dir, browser):
         spans = browser.find_elements(By.CSS_SELECTOR, ".assistant .why .tok")
         assert len(spans) == len(tok.encode_text(reply)) and "p = " in spans[0].get_attribute("title")
         assert "least certain" in browser.find_element(By.CSS_SELECTOR, ".why .alts").text
+        lens = browser.find_element(By.CSS_SELECTOR, ".why .lens")
+        lens.find_element(By.TAG_NAME, "summary").click()           # the logit lens: a row per layer, a cell per token
+        rows = lens.find_elements(By.CSS_SELECTOR, "tr")
+        assert len(rows) == 1 + state.model.config.n_layers and len(rows[1].find_elements(By.TAG_NAME, "td")) == len(spans)
         assert browser.find_element(By.ID, "error").text == ""
         out = Path(os.environ.get("OWNLLM_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
         out.mkdir(parents=True, exist_ok=True)

@@ -104,11 +104,22 @@ def compile_decode(model: GPT):
     quantised model's weights are frozen into the graph and its int8 products autotuned, which
     lets inductor build weight-only int8 GEMMs from the dequantising layers."""
     options = {"cpp_wrapper": True}
-    if getattr(model, "quantized", None) and model.device.type == "cpu":
-        options.update(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    quantized = getattr(model, "quantized", None) and model.device.type == "cpu"
+    if quantized:
+        options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
     # one graph per (model, batch, cache bucket) is by design; dynamo's default limit of 8 per code
     # object would stop a long-lived process (fullgraph: an error) at the ninth
-    return torch.compile(model.decode_static, dynamic=False, fullgraph=True, options=options, recompile_limit=256)
+    step = torch.compile(model.decode_static, dynamic=False, fullgraph=True, options=options, recompile_limit=256)
+    if not quantized:
+        return step
+    import torch._inductor.config as inductor_config
+
+    def frozen_step(*args):
+        # freezing is read from the global config when a graph compiles (compile options do not
+        # reach it), and it must not leak into other compiles (training graphs whose weights change)
+        with inductor_config.patch(freezing=True):
+            return step(*args)
+    return frozen_step
 
 
 class Engine:

@@ -198,8 +198,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.float(), self.packed, INT4_GROUP, self.scales_zeros)
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -263,7 +263,17 @@ def fuse_projections(model: nn.Module) -> None:
         for key, names in FUSED.items():
             layers = [getattr(mod, n, None) for n in names]
             if all(isinstance(m, Int8Linear) for m in layers) and len({m.kernel for m in layers}) == 1:
-                mod.__dict__[key + "_quantized"] = (Int8Linear.fuse(layers), [m.out_features for m in layers])
+                fused = Int8Linear.fuse(layers)
+                mod.__dict__[key + "_quantized"] = (fused, [m.out_features for m in layers])
+                at = 0
+                for m in layers:   # the separate layers become views of the fused one: no second copy
+                    rows = slice(at, at + m.out_features)
+                    m.qweight, m.scale = fused.qweight[rows], fused.scale[rows]
+                    if m.bias is not None:
+                        m.bias = fused.bias[rows]
+                    if m.kernel == "fbgemm":
+                        m.set_kernel("dequant")   # its own packed copy goes: the fused layer runs
+                    at += m.out_features
             elif all(isinstance(m, Int4Linear) for m in layers):
                 mod.__dict__[key + "_quantized"] = (Int4Linear.fuse(layers), [m.out_features for m in layers])
 

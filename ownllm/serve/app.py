@@ -18,7 +18,7 @@ are a 400 naming them, never silently ignored. `response_format` (JSON mode, a J
 constrains the reply so it always parses (inference/structured.py).
 
 Extras beyond the OpenAI schema: with `--kb`, a chat turn is answered from the knowledge base
-(rag/answer.py) and the response carries `sources` (and, when not streamed, `support`: the source
+(rag/answer.py) and the response carries `sources` (and `support`, streamed in the last chunk: the source
 sentence that says each part of the answer); with `--tools`, the server runs the built-in
 tools itself (agent loop) and returns the final answer with the trace in `tool_trace`. Tools
 sent *by the client* (`tools` in the request) are not run: the reply carries `tool_calls` and
@@ -511,12 +511,18 @@ class Reply:
 
         async def events():
             yield sse({**self.chunk({"role": "assistant", "content": ""}, None), **extra})
+            content = []
             async for piece in ts.pieces():
-                for event in deltas(splitter.push(piece) if splitter else [("content", piece)]):
+                parts = splitter.push(piece) if splitter else [("content", piece)]
+                content += [t for k, t in parts if k == "content"]
+                for event in deltas(parts):
                     yield event
-            for event in deltas(splitter.flush() if splitter else []):
+            tail = splitter.flush() if splitter else []
+            content += [t for k, t in tail if k == "content"]
+            for event in deltas(tail):
                 yield event
-            yield sse(self.chunk({}, ts.finish_reason))
+            # the last chunk says which source sentence supports each part of the whole answer
+            yield sse({**self.chunk({}, ts.finish_reason), **support_field("".join(content), extra)})
             if self.opts.get("include_usage"):
                 yield sse(self.usage_chunk(usage(prompt_len, len(ts.tokens))))
             yield "data: [DONE]\n\n"
@@ -564,11 +570,17 @@ async def chat_completion(state: ServerState, request: HTTPRequest):
     if splitter:
         reasoning, msg["content"] = splitter.split(text)
         msg["reasoning_content"] = reasoning or None
-    if extra.get("sources"):   # which shown sentence says each part of the answer (rag/attribute.py)
-        from ownllm.rag.attribute import attribute
+    return reply.whole(msg, ts.finish_reason, usage(len(ids), len(ts.tokens)), {**extra, **support_field(msg["content"], extra)})
 
-        extra = {**extra, "support": [sp.to_dict() for sp in attribute(msg["content"], [s["text"] for s in extra["sources"]])]}
-    return reply.whole(msg, ts.finish_reason, usage(len(ids), len(ts.tokens)), extra)
+
+def support_field(answer: str, extra: dict) -> dict:
+    """{"support": …} for a reply from shown sources: which sentence says each part of the answer
+    (rag/attribute.py); {} otherwise."""
+    if not extra.get("sources"):
+        return {}
+    from ownllm.rag.attribute import attribute
+
+    return {"support": [sp.to_dict() for sp in attribute(answer or "", [s["text"] for s in extra["sources"]])]}
 
 
 def prepare_prompt(state: ServerState, body: dict, messages: list[dict], tools, kwargs: dict):
