@@ -173,6 +173,14 @@ class LlamaCppEngine:
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
 
+def peak_rss_mb() -> float:
+    """This process's own resident-set high-water mark (VmHWM). Not getrusage's ru_maxrss: Linux
+    carries the parent's peak across fork and exec into it."""
+    from ownllm.cost import rss_peak_kb
+
+    return (rss_peak_kb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
 def build_model(shape: str, run: str | None):
     import torch
 
@@ -232,7 +240,7 @@ def worker(args) -> None:
             elif req["op"] == "logits":
                 np.save(req["path"], eng.logits(req["ids"]))
             elif req["op"] == "rss":
-                out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                out["peak_rss_mb"] = peak_rss_mb()
         except Exception as e:   # an engine that cannot do one thing still answers the others
             out["error"] = f"{type(e).__name__}: {e}"
         print("@@" + json.dumps(out), flush=True)
@@ -406,7 +414,7 @@ def lora_peft_worker(run: str) -> None:
         opt.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
     tok_s = (LORA_STEPS - 2) * LORA_BATCH * LORA_SEQ / (stamps[-1] - stamps[1])
-    print("@@" + json.dumps({"tok_s": tok_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print("@@" + json.dumps({"tok_s": tok_s, "peak_rss_mb": peak_rss_mb()}))
 
 
 def lora_compare(run: str, tmp: Path) -> dict:

@@ -99,7 +99,7 @@ def watts_per_core() -> float:
     return float(os.environ.get("OWNLLM_WATTS_PER_CORE", COST_WATTS_PER_CORE))
 
 
-def _rss_peak_kb() -> int | None:
+def rss_peak_kb() -> int | None:
     try:
         for line in STATUS.read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -143,7 +143,7 @@ class Meter:
 
 def _fold_into_open() -> None:
     """Scopes nest: before the peak mark is reset, every open scope keeps what it has seen."""
-    kb = _rss_peak_kb()
+    kb = rss_peak_kb()
     for m in _open:
         m._fold_peak(kb)
 

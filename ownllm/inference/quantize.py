@@ -228,7 +228,8 @@ def quantize(model: nn.Module, kind: str, head: bool = True) -> int:
     output head unless head=False); returns how many were replaced. A tied head gets its own
     quantised copy: the embedding lookup stays full precision, and the head — a vocabulary-sized
     product at every decode step, the largest single cost for a 150k-token vocabulary — reads the
-    small weights. A layer int4 cannot hold (in-features not in groups of 32) gets int8."""
+    small weights (int8 for int4: the head's error reaches every logit). A layer int4 cannot hold
+    (in-features not in groups of 32) gets int8."""
     if kind not in QUANTIZED:
         raise ValueError(f"quantize {kind!r}: choose one of {', '.join(QUANTIZED)}")
 
@@ -245,7 +246,8 @@ def quantize(model: nn.Module, kind: str, head: bool = True) -> int:
                     setattr(mod, child_name, small(child))
                     n += 1
     if head and type(model.lm_head) is nn.Linear:
-        model.lm_head = small(model.lm_head)
+        # int4 keeps an int8 head, as Q4 GGUF files keep theirs at 6-8 bits: every logit reads it
+        model.lm_head = Int8Linear(model.lm_head) if kind == "int4" else small(model.lm_head)
         n += 1
     fuse_projections(model)
     model.quantized = kind
