@@ -440,7 +440,9 @@ def serve_compare(run: str) -> dict:
     print(out.stdout)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
     if not line:
-        return {"skipped": out.stderr.strip().splitlines()[-1:]}
+        why = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        print(f"serve bench failed: {why}")
+        return {"skipped": why}
     kv = dict(item.split("=", 1) for item in line[0].split()[1:])
     return {"speedup": float(kv["speedup_8_clients"]), "errors": int(float(kv["errors"]))}
 
