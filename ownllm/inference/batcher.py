@@ -51,10 +51,10 @@ class ContinuousBatcher:
         """`tokenizer`: for requests whose SamplingParams constrain the output (json_schema / regex).
         `compile`: decode steps through the compiled fixed-shape step (engine.compile_decode), one
         graph per cache bucket; None follows engine.compiled_by_default."""
-        from ownllm.inference.engine import _COMPILE_DEFAULT, compile_decode
+        from ownllm.inference.engine import compile_decode, compile_default
 
         self.model = model.eval()
-        self._decode = compile_decode(model) if (_COMPILE_DEFAULT[0] if compile is None else compile) else None
+        self._decode = compile_decode(model) if (compile_default() if compile is None else compile) else None
         self.cfg = model.config
         self.pad_id = pad_id
         self.slots: list[Request | None] = [None] * slots

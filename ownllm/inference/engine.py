@@ -93,6 +93,11 @@ def compiled_by_default(on: bool | None):
         _COMPILE_DEFAULT[0] = before
 
 
+def compile_default() -> bool:
+    """Whether an engine built without `compile=` compiles (see compiled_by_default)."""
+    return _COMPILE_DEFAULT[0]
+
+
 def cache_bucket(length: int, limit: int) -> int:
     """KV-cache size for a compiled decode step: the next power of two from 256, at most `limit`,
     so requests of different lengths share a handful of graphs instead of one each."""
@@ -139,7 +144,7 @@ class Engine:
         self.pad_id = pad_id
         self.tokenizer = tokenizer
         self._decode = None
-        if _COMPILE_DEFAULT[0] if compile is None else compile:
+        if compile_default() if compile is None else compile:
             self._decode = compile_decode(model)
 
     @torch.inference_mode()
