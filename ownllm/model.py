@@ -145,6 +145,15 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
     return att.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
 
 
+def stacked_bias(layers) -> torch.Tensor | None:
+    """The biases of layers fused row-wise (zeros for one without), or None when none has one."""
+    present = [lin.bias for lin in layers if lin.bias is not None]
+    if not present:
+        return None
+    return torch.cat([lin.bias.detach() if lin.bias is not None else present[0].new_zeros(lin.out_features)
+                      for lin in layers])
+
+
 class FusedLinears:
     """One matmul for several projections that read the same input (q/k/v, gate/up) at inference.
 
@@ -163,9 +172,7 @@ class FusedLinears:
         key = tuple((id(w), w._version, w.dtype) for w in ws)
         if key != self.key:
             self.weight, self.key = torch.cat([lin.weight.detach() for lin in self.linears]), key
-            has_bias = any(lin.bias is not None for lin in self.linears)
-            self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
-                                   for lin in self.linears]) if has_bias else None
+            self.bias = stacked_bias(self.linears)
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ownllm.config import QUANTIZE_KINDS
+from ownllm.model import stacked_bias
 
 PACK_ROWS = 8   # at most this many rows per call use the int8 kernel (decode steps of small batches)
 _PACK_CHOICE: dict[tuple[int, int], bool] = {}
@@ -94,6 +95,15 @@ def _(x, handle, out_features):
     return x.new_empty(x.shape[0], out_features)
 
 
+def _fused_shell(cls, layers: list) -> nn.Module:
+    """An empty `cls` layer reading the layers' input and writing all their rows, biases stacked."""
+    fused = cls.__new__(cls)
+    nn.Module.__init__(fused)
+    fused.in_features, fused.out_features = layers[0].in_features, sum(m.out_features for m in layers)
+    fused.register_buffer("bias", stacked_bias(layers))
+    return fused
+
+
 class Int8Linear(nn.Module):
     """`kernel`: "pack" (int8 weights × bfloat16 activations at decode-sized calls, chosen on CPUs
     with native bfloat16), "dequant" (the product with the dequantised weights: exact; chosen
@@ -144,13 +154,9 @@ class Int8Linear(nn.Module):
     def fuse(cls, layers: list["Int8Linear"]) -> "Int8Linear":
         """One layer computing several that read the same input (q/k/v, gate/up): rows stacked,
         each keeping its own scale, so the outputs are the same; one kernel call instead of several."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.in_features, fused.out_features = layers[0].in_features, sum(m.out_features for m in layers)
+        fused = _fused_shell(cls, layers)
         fused.register_buffer("qweight", torch.cat([m.qweight for m in layers]))
         fused.register_buffer("scale", torch.cat([m.scale for m in layers]))
-        biases = [m.bias if m.bias is not None else m.scale.new_zeros(m.out_features) for m in layers]
-        fused.register_buffer("bias", torch.cat(biases) if any(m.bias is not None for m in layers) else None)
         fused.register_buffer("scale_bf16", None, persistent=False)
         fused.set_kernel(layers[0].kernel)
         return fused
@@ -206,13 +212,9 @@ class Int4Linear(nn.Module):
     @classmethod
     def fuse(cls, layers: list["Int4Linear"]) -> "Int4Linear":
         """See Int8Linear.fuse: the packed rows and their groups' scales stacked."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.in_features, fused.out_features = layers[0].in_features, sum(m.out_features for m in layers)
+        fused = _fused_shell(cls, layers)
         fused.register_buffer("packed", torch.cat([m.packed for m in layers]))
         fused.register_buffer("scales_zeros", torch.cat([m.scales_zeros for m in layers], dim=1).contiguous())
-        biases = [m.bias if m.bias is not None else m.scales_zeros.new_zeros(m.out_features) for m in layers]
-        fused.register_buffer("bias", torch.cat(biases) if any(m.bias is not None for m in layers) else None)
         return fused
 
     def dequantized(self) -> torch.Tensor:
