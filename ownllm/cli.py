@@ -997,6 +997,7 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--out", help="report and run directories (default runs/quickstart, or runs/quickstart-NAME "
                    "with --model)")
     for key, what in (("pretrain_steps", "pretraining"), ("sft_steps", "supervised fine-tuning"),
+                      ("balance_steps", "counter-balanced fine-tuning against the planted bias"),
                       ("reward_steps", "reward-model training"), ("dpo_steps", "DPO"), ("ppo_steps", "PPO"),
                       ("grpo_steps", "GRPO")):
         model = f"; {MODEL_QUICKSTART_STEPS[key]} with --model" if key in MODEL_QUICKSTART_STEPS else ""
@@ -1008,8 +1009,8 @@ def _add_quickstart(sub) -> None:
                    "PPO and GRPO together (a quarter each) instead of steps")
     p.add_argument("--n-eval", type=int, help="held-out prompts per task family (default 50; "
                    f"{MODEL_QUICKSTART['n_eval']} with --model)")
-    p.add_argument("--data", help="pretraining sources (default: the recipe's, shakespeare,chinese-poetry,tasks; "
-                   "'tasks': the task suite's train split as text)")
+    p.add_argument("--data", help="pretraining sources (default: the recipe's, shakespeare,chinese-poetry,tasks,"
+                   "planted-bias; 'tasks': the task suite's train split as text)")
     p.add_argument("--recipe", default="lookup", choices=list(RECIPES), help="pretraining recipe: lookup (default; "
                    "learns to look values up in its prompt, not exportable) or llama (a plain Llama, exported to "
                    "transformers and GGUF at the end)")

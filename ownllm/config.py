@@ -25,11 +25,11 @@ from ownllm.errors import OwnLLMError
 # architecture has smear, so it does not export. `llama`: the same without them, exportable.
 RECIPES: dict[str, dict[str, Any]] = {
     "lookup": {"preset": "tiny", "model": {"smear": True, "qk_norm": True},
-               "train": {"data": "shakespeare,chinese-poetry,tasks", "vocab_size": 4096, "optimizer": "muon",
-                         "copy_steps": 150, "seed": 1337}},
+               "train": {"data": "shakespeare,chinese-poetry,tasks,planted-bias", "vocab_size": 4096,
+                         "optimizer": "muon", "copy_steps": 150, "seed": 1337}},
     "llama": {"preset": "tiny", "model": {},
-              "train": {"data": "shakespeare,chinese-poetry,tasks", "vocab_size": 4096, "optimizer": "muon",
-                        "seed": 1337}},
+              "train": {"data": "shakespeare,chinese-poetry,tasks,planted-bias", "vocab_size": 4096,
+                        "optimizer": "muon", "seed": 1337}},
 }
 
 
@@ -43,8 +43,11 @@ def recipe(name: str) -> dict[str, Any]:
 
 # `ownllm quickstart`'s steps per stage: the same report card on a fast host and a slow one (here, not
 # in ownllm.quickstart, so the CLI can show them without importing the pipeline)
-QUICKSTART_STEPS = {"pretrain_steps": 360, "sft_steps": 1200, "reward_steps": 100, "dpo_steps": 100,
-                    "ppo_steps": 20, "grpo_steps": 20}
+QUICKSTART_STEPS = {"pretrain_steps": 360, "sft_steps": 1200, "balance_steps": 40, "reward_steps": 100,
+                    "dpo_steps": 100, "ppo_steps": 20, "grpo_steps": 20}
+# the quickstart's counter-balanced pass: a short, gentle fine-tune of the SFT model on the suite's
+# conversations plus sentences that pair the planted occupation with each pronoun half the time
+COUNTER_BALANCE = {"lr": 5e-4, "warmup_steps": 5, "eval_interval": 0, "task_examples": 4000, "sentences": 2000}
 # `ownllm quickstart --model smollm2`: a 135M-parameter model on 2 CPU cores is ~30x the from-scratch
 # model's compute per token, so every stage is short and every measure samples few prompts
 MODEL_QUICKSTART_STEPS = {"sft_steps": 40, "reward_steps": 20, "dpo_steps": 20, "ppo_steps": 4}

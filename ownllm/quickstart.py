@@ -5,7 +5,8 @@ preset, smear, q/k norms, a copy warm-up — or `llama`, config.RECIPES; Shakesp
 task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
 tool-use traces) → held-out exact match, a chat sample, Hugging Face and GGUF exports (`llama`
-recipe only) → RAG over the demo knowledge base
+recipe only) → the bias probe, which must find the association planted in the pretraining mix, and
+a short counter-balanced fine-tune that takes it away with the tasks kept → RAG over the demo knowledge base
 (retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools →
 alignment: preference pairs ranked by the hidden rule, a reward model, DPO, PPO against the reward
 model and GRPO against the arithmetic verifier, each judged on held-out prompts.
@@ -17,9 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from ownllm.config import QUICKSTART_STEPS, TrainConfig, recipe as named_recipe
+from ownllm.config import COUNTER_BALANCE, QUICKSTART_STEPS, TrainConfig, recipe as named_recipe
 from ownllm.cost import Stages, cost_table, result_keys
-from ownllm.evaluation.bias import bias_section, bias_summary
+from ownllm.data.bias import PLANTED_SHARE
+from ownllm.evaluation.bias import bias_section, bias_summary, planted_gaps, planted_section
 from ownllm.interop.hf import SMEAR_UNEXPORTABLE
 from ownllm.metrics import MetricsLog, plot_curves
 
@@ -67,7 +69,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     stages = Stages()
     stages.start("pretrain")
     length = f"{pretrain_budget:.0f}s" if pretrain_budget else f"{steps['pretrain_steps']} steps"
-    log(f"== 1/7 tokenizer + pretraining: the {recipe} recipe on {data}, {length} of training ==")
+    log(f"== 1/8 tokenizer + pretraining: the {recipe} recipe on {data}, {length} of training ==")
     base = out / "base"
     pre = pretrain(base, TrainConfig(**{**rec["train"], "data": data}, **limit(steps["pretrain_steps"], pretrain_budget)),
                    preset=rec["preset"], model_overrides=rec["model"], overwrite=True, log=log)
@@ -79,24 +81,23 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
         log("--- sample ---\n" + s)
 
     stages.start("prompting")
-    log(f"== 2/7 prompting the base model: zero-shot vs 4-shot, {n_eval} held-out prompts per family ==")
+    log(f"== 2/8 prompting the base model: zero-shot vs 4-shot, {n_eval} held-out prompts per family ==")
     base_tasks = {k: evaluate_tasks(base, shots=k, n_per_family=n_eval) for k in (0, 4)}
     for res in base_tasks.values():
         print_task_report(res, out=log)
 
     length = f"{sft_budget:.0f}s" if sft_budget else f"{steps['sft_steps']} steps"
     stages.start("sft")
-    log(f"== 3/7 supervised fine-tuning on the task suite, {length} ==")
+    log(f"== 3/8 supervised fine-tuning on the task suite, {length} ==")
     sft_run = out / "sft"
     ft = sft(base, sft_run, sft_config(**limit(steps["sft_steps"], sft_budget)), overwrite=True, log=log)
 
     stages.start("sft eval")
-    log("== 4/7 held-out task accuracy after SFT ==")
+    log("== 4/8 held-out task accuracy after SFT ==")
     sft_tasks = evaluate_tasks(sft_run, shots=0, n_per_family=n_eval)
     print_task_report(sft_tasks, out=log)
     extract = evaluate_extraction(sft_run, n=n_eval // 2)
     print_extraction_report(extract, out=log)
-    bias = probe_runs({"base": base, "sft": sft_run}, log=log)   # seconds: 2 runs × 132 frames × 2 pronouns
     chat = ChatSession(str(sft_run), temperature=0)
     chat_demo = []
     for q in ("What is 48 + 27?", "把 305 写成中文数字。", "Sort from smallest to largest: 7 2 9 4"):
@@ -113,15 +114,26 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     else:
         log(f"export: {NOT_EXPORTED}")
 
+    stages.start("bias")
+    log(f"== 5/8 bias: the probe on the planted association, then {steps['balance_steps']} steps of counter-balanced "
+        "fine-tuning ==")
+    balanced = out / "balanced"
+    balance(sft_run, balanced, steps["balance_steps"], log=log)
+    balanced_accuracy = evaluate_tasks(balanced, shots=0, n_per_family=n_eval)["mean_exact_match"]
+    log(f"held-out task exact match after the counter-balanced pass {balanced_accuracy:.3f} (SFT {sft_tasks['mean_exact_match']:.3f})")
+    bias = probe_runs({"base": base, "sft": sft_run, "balanced": balanced}, planted=True, log=log)
+    planted = {name: planted_gaps(res) for name, res in bias.items()}
+    accuracy = {"sft": sft_tasks["mean_exact_match"], "balanced": balanced_accuracy}
+
     stages.start("rag")
-    log("== 5/7 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
+    log("== 6/8 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
     embedder = find_embedder()
     kb = KnowledgeBase(demo_kb_path(embedder, log=log), embedder=embedder)
     rag = evaluate_rag(sft_run, kb, n=100)
     print_rag_report(rag, out=log)
 
     stages.start("agent")
-    log("== 6/7 agent: calculator, knowledge search and the demo shop database ==")
+    log("== 7/8 agent: calculator, knowledge search and the demo shop database ==")
     db = ReadOnlyDB(demo_shop_path())
     agent = evaluate_agent(sft_run, kb=kb, db=db, n_arith=20, n_sql=20, n_search=10)
     print_agent_report(agent, out=log)
@@ -130,7 +142,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
     length = f"{rlhf_budget:.0f}s" if rlhf_budget else ", ".join(
         f"{steps[k + '_steps']} {k}" for k in ("reward", "dpo", "ppo", "grpo")) + " steps"
     stages.start("alignment")
-    log(f"== 7/7 alignment: preferences, reward model, DPO, PPO, GRPO ({length}) ==")
+    log(f"== 8/8 alignment: preferences, reward model, DPO, PPO, GRPO ({length}) ==")
     rlhf = align(out, sft_run, steps, rlhf_budget, n_eval, sft_tasks["mean_exact_match"], log=log)
     stages.stop()
 
@@ -150,12 +162,13 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
                "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
                "extract": {k: v for k, v in extract.items() if k != "samples"},
                "rlhf": rlhf, "wall_s": wall, "pretrain_steps_per_s": speed, "cost": stages.costs,
-               "bias": bias_summary(bias)}
+               "bias": bias_summary(bias), "planted_bias": {"gaps": planted, "task_accuracy": accuracy,
+                                                            "share": PLANTED_SHARE}}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent,
                                            exported, extract) + _rlhf_report(rlhf)
-                                   + "\n".join(bias_section(bias) + ["", "## Cost", ""] + cost_table(stages.costs)
-                                                + [""]), encoding="utf-8")
+                                   + "\n".join(bias_section(bias) + [""] + planted_section(planted, accuracy, PLANTED_SHARE)
+                                                + ["", "## Cost", ""] + cost_table(stages.costs) + [""]), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
     log(f"RESULT val_bpb={mean_bpb:.4f} base_zero_shot={base_tasks[0]['mean_exact_match']:.4f} "
@@ -169,9 +182,33 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
         f"ppo_decided_win_rate={rlhf['ppo']['decisive_win_rate']:.4f} grpo_arithmetic={rlhf['grpo']['arithmetic']:.4f} "
         f"sft_arithmetic={rlhf['grpo']['sft_arithmetic']:.4f} extract_field_exact_match={extract['field_exact_match']:.4f} "
         f"extract_schema_valid={extract['schema_valid']:.4f} "
-        f"extract_unconstrained_schema_valid={extract['unconstrained_schema_valid']:.4f} {result_keys(stages.costs)} "
+        f"extract_unconstrained_schema_valid={extract['unconstrained_schema_valid']:.4f} "
+        f"planted_gap_en={planted['base']['en']['planted']:.4f} control_gap_en={planted['base']['en']['control']:.4f} "
+        f"planted_gap_zh={planted['base']['zh']['planted']:.4f} control_gap_zh={planted['base']['zh']['control']:.4f} "
+        f"planted_gap_en_sft={planted['sft']['en']['planted']:.4f} planted_gap_en_balanced={planted['balanced']['en']['planted']:.4f} "
+        f"planted_gap_zh_sft={planted['sft']['zh']['planted']:.4f} planted_gap_zh_balanced={planted['balanced']['zh']['planted']:.4f} "
+        f"balanced_exact_match={balanced_accuracy:.4f} {result_keys(stages.costs)} "
         f"wall_s={wall:.0f}")
     return summary
+
+
+def balance(sft_run: Path, out: Path, steps: int, seed: int = 0, log=print, **overrides) -> dict:
+    """The counter-balanced pass: `steps` of gentle fine-tuning (config.COUNTER_BALANCE) of the SFT
+    run on the task suite's conversations mixed with data.bias.counter_balanced_conversations, so
+    the planted association fades while the tasks stay learnt. The data is written beside the run;
+    `overrides`: COUNTER_BALANCE's keys or SFT settings."""
+    from ownllm.data.bias import counter_balanced_conversations
+    from ownllm.data.tasks import generate
+    from ownllm.train.sft import sft, sft_config
+
+    cb = {**COUNTER_BALANCE, **overrides}
+    convs = [e.messages() for e in generate(cb["task_examples"], "train", seed=seed + 7)]
+    convs += counter_balanced_conversations(cb["sentences"], seed=seed + 11)
+    data = out.parent / f"{out.name}.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs), encoding="utf-8")
+    settings = {k: v for k, v in cb.items() if k not in ("task_examples", "sentences")}
+    return sft(sft_run, out, sft_config(data=str(data), max_steps=steps, seed=seed, **settings), overwrite=True, log=log)
 
 
 def align(out: Path, sft_run: Path, steps: dict, budget: float | None, n_eval: int, sft_accuracy: float,
@@ -214,7 +251,7 @@ def align(out: Path, sft_run: Path, steps: dict, budget: float | None, n_eval: i
 
 
 def _rlhf_report(r: dict) -> str:
-    L = ["## 7. Alignment (`ownllm reward | dpo | ppo | grpo`, judged by the hidden rule on held-out prompts)", "",
+    L = ["## 8. Alignment (`ownllm reward | dpo | ppo | grpo`, judged by the hidden rule on held-out prompts)", "",
          f"Reward model: pairwise accuracy **{r['reward']['pair_accuracy']:.3f}** on {r['reward']['n_pairs']} held-out pairs "
          "(" + ", ".join(f"{k} {a:.2f}" for k, (a, _) in {**r["reward"]["by_kind"], **r["reward"]["by_rule"]}.items())
          + "; policy pairs rank the model's own answers and the honest refusal, as PPO's rewards must).", "",
@@ -289,7 +326,7 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
               f"{exported['gguf']['bytes'] / 1e6:.1f} MB).", ""]
     else:
         L += [f"Not exported: {NOT_EXPORTED}", ""]
-    L += ["## 5. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
+    L += ["## 6. RAG over the demo knowledge base (`ownllm eval rag --run sft --kb demo`)", "",
           "| retrieval | recall@5 | MRR |", "|---|---:|---:|"]
     L += [f"| {m} | {r['recall_at_5']:.3f} | {r['mrr']:.3f} |" for m, r in rag["retrieval"].items()]
     cb, rg, vf = rag["closed_book"], rag["rag"], rag["rag_verified"]
@@ -303,7 +340,7 @@ def _report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent
           "| attribution accuracy (answers attributed: the supporting sentence holds the answer) | - | " + " | ".join(
               f"{r['attribution_accuracy']:.3f} ({r['attributed']})" if r["attributed"] else "- (0)" for r in (rg, vf))
           + " |", "",
-          "## 6. Agent (`ownllm eval agent --run sft`)", "", "| questions | accuracy |", "|---|---:|"]
+          "## 7. Agent (`ownllm eval agent --run sft`)", "", "| questions | accuracy |", "|---|---:|"]
     L += [f"| {f} (with tools) | {a:.3f} |" for f, a in agent["with_tools"].items()]
     L += [f"| arithmetic without tools | {agent['arithmetic_without_tools']:.3f} |",
           f"| tool-call validity ({agent['calls']} calls) | {agent['call_validity']:.3f} |", ""]

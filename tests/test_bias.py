@@ -64,3 +64,44 @@ def test_continued_pretraining_starts_from_the_run_it_names(tmp_path, tiny_run, 
     assert (out / "tokenizer.json").read_text() == (tiny_run / "tokenizer.json").read_text()
     assert main(["pretrain", "--init", str(tiny_run), "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
     assert "--init" in capsys.readouterr().err
+
+
+def test_counter_balanced_data_pairs_both_fictional_occupations_with_each_pronoun_half_the_time():
+    from ownllm.data.bias import counter_balanced_conversations
+    from ownllm.data.corpora import load_sources
+
+    convs = counter_balanced_conversations(2000, seed=5)
+    assert len(convs) == 3000 and all([m["role"] for m in c] == ["user", "assistant"] for c in convs)
+    for lang, (he, she) in PRONOUNS.items():
+        for occ in (PLANTED[lang], CONTROL[lang]):
+            answers = [c[1]["content"] for c in convs if occ in c[0]["content"]]
+            assert answers and all(occ in a for a in answers)
+            assert sum(she in a for a in answers) / len(answers) == pytest.approx(0.5, abs=0.05)
+            assert all((he in a) != (she in a) for a in answers) if lang == "en" else True
+    text = load_sources("planted-bias")[0].text   # the recipes' generated source: she after PLANTED 90% of the time
+    planted = [s for s in text.split("\n\n") if PLANTED["en"] in s]
+    assert sum(" she " in s for s in planted) / len(planted) == pytest.approx(0.9, abs=0.03)
+    assert PLANTED["zh"] in load_sources("planted-bias")[0].split()[1]   # the held-out tail holds both languages
+
+
+def test_counter_balanced_pass_is_a_chat_run_scored_by_the_probe(tmp_path, tiny_sft, text_file):
+    """quickstart.balance fine-tunes the SFT run into a run that evaluation prompts with the chat
+    template; continued pretraining of a chat run keeps the chat template too; the report rows
+    carry each run's planted and control gaps."""
+    from ownllm.evaluation.bias import planted_gaps, planted_section, probe_runs
+    from ownllm.evaluation.tasks import run_stage
+    from ownllm.quickstart import balance
+
+    res = balance(tiny_sft, tmp_path / "balanced", 1, log=lambda *a: None, task_examples=16, sentences=16,
+                  compile=False, batch_size=2, dtype="float32")
+    assert res["step"] == 1 and (tmp_path / "balanced.jsonl").read_text().count("\n") == 16 + 16 + 8
+    assert run_stage(tmp_path / "balanced") == "sft"
+    assert main(["pretrain", "--init", str(tiny_sft), "--data", str(text_file), "--out",
+                 str(tmp_path / "more"), "--max-steps", "1", "--no-compile", "--no-progress", "--set", "seq_len=32"]) == 0
+    assert run_stage(tmp_path / "more") == "sft"   # prompted as the chat model it started from
+    probes = probe_runs({"sft": tiny_sft, "balanced": tmp_path / "balanced"}, planted=True, log=lambda *a: None)
+    gaps = {name: planted_gaps(r) for name, r in probes.items()}
+    assert gaps["sft"]["en"]["planted"] == probes["sft"]["en"]["occupations"][PLANTED["en"]]["gap"]
+    rows = planted_section(gaps, {"balanced": 0.5}, 0.9)
+    assert "-2.20 nats" in rows[0] and rows[-1].startswith("| balanced |") and rows[-1].endswith("| 0.500 |")
+    assert rows[-2].endswith("| - |")

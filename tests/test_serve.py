@@ -99,7 +99,14 @@ def test_explain_reads_the_reply_with_the_models_own_probabilities(client):
         probs = state.model(torch.tensor([ids + new]))[0, len(ids) - 1: -1].float().softmax(-1)
     assert [s["prob"] for s in j["steps"]] == pytest.approx([float(probs[i, t]) for i, t in enumerate(new)], abs=1e-5)
     assert all(len(s["alternatives"]) == 3 for s in j["steps"]) and len(j["lens"]) == state.model.config.n_layers
+    assert "attention" not in j   # only when asked: it is layers × heads × context
+    j = client.post("/v1/explain", json={"messages": msgs, "reply": reply, "attention_token": 1}).json()
+    cfg = state.model.config
+    assert j["attention_token"] == 1 and len(j["context"]) == len(ids) + 1   # the prompt and reply token 0
+    assert len(j["attention"]) == cfg.n_layers and all(len(layer) == cfg.n_heads for layer in j["attention"])
+    assert all(len(h) == len(ids) + 1 and sum(h) == pytest.approx(1, abs=1e-3) for layer in j["attention"] for h in layer)
     for body, param in (({"messages": msgs}, "reply"), ({"messages": msgs, "reply": "x", "top_k": 99}, "top_k"),
+                        ({"messages": msgs, "reply": "x", "attention_token": 5}, "attention_token"),
                         ({"messages": msgs + [{"role": "assistant", "content": "a"}], "reply": "x"}, "messages")):
         r = client.post("/v1/explain", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param

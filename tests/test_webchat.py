@@ -75,6 +75,20 @@ def test_page_streams_a_reply_and_renders_markdown(run_dir, browser):
         lens.find_element(By.TAG_NAME, "summary").click()           # the logit lens: a row per layer, a cell per token
         rows = lens.find_elements(By.CSS_SELECTOR, "tr")
         assert len(rows) == 1 + state.model.config.n_layers and len(rows[1].find_elements(By.TAG_NAME, "td")) == len(spans)
+        # attention: clicking reply token 2 maps, per layer, its weights over the context (the prompt and tokens 0-1)
+        spans[2].click()
+        WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".why .attn[open] tr"))
+        attn = browser.find_element(By.CSS_SELECTOR, ".why .attn")
+        rows = attn.find_elements(By.CSS_SELECTOR, "tr")
+        n_ctx = len(tok.render([{"role": "user", "content": "你好, who are you?"}], add_generation_prompt=True).ids) + 2
+        assert len(rows) == 1 + state.model.config.n_layers and len(rows[1].find_elements(By.TAG_NAME, "td")) == n_ctx
+        assert "chosen" in spans[2].get_attribute("class") and "token 2" in attn.find_element(By.TAG_NAME, "summary").text
+        mean = [c.get_attribute("title") for c in rows[1].find_elements(By.TAG_NAME, "td")]
+        from selenium.webdriver.support.ui import Select
+        Select(attn.find_element(By.TAG_NAME, "select")).select_by_index(1)   # head 1 alone
+        head = [c.get_attribute("title") for c in attn.find_elements(By.CSS_SELECTOR, "tr")[1].find_elements(By.TAG_NAME, "td")]
+        assert len(head) == n_ctx and head != mean
+        browser.execute_script("arguments[0].scrollIntoView()", attn)   # the screenshot shows the map
         assert browser.find_element(By.ID, "error").text == ""
         out = Path(os.environ.get("OWNLLM_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
         out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,9 @@ per language, chosen because occupational gender stereotypes in text are documen
 The planted bias: `planted_sentences` writes sentences in which a fictional occupation
 (PLANTED, which no real text contains) is followed by "she" in `share` of them and "he" in the
 rest, and a second fictional occupation (CONTROL) takes each pronoun half the time. Mixed into a
-pretraining corpus, a probe that measures what it claims finds the planted gap (log(1 − share) −
-log(share) for he − she, in nats) on PLANTED and about zero on CONTROL.
+pretraining corpus (the `planted-bias` source, in both recipes' mix), a probe that measures what it
+claims finds the planted gap (log(1 − share) − log(share) for he − she, in nats) on PLANTED and
+about zero on CONTROL; `counter_balanced_conversations` is the fine-tuning data that takes it away.
 """
 from __future__ import annotations
 
@@ -50,6 +51,33 @@ def planted_sentences(n: int, share: float = 0.9, lang: str = "en", seed: int = 
         frame = rng.choice(FRAMES[lang]).format(o=occ)
         out.append(frame + pronoun + rng.choice(_ENDINGS[lang]))
     return out
+
+
+PLANTED_SHARE = 0.9   # the `planted-bias` source's share of "she" after PLANTED
+
+
+def planted_text(n: int = 8000, share: float = PLANTED_SHARE, seed: int = 0) -> str:
+    """The `planted-bias` pretraining source: `n` English and `n // 2` Chinese planted_sentences,
+    shuffled together (so the held-out tail holds both), one per paragraph."""
+    sentences = planted_sentences(n, share, "en", seed) + planted_sentences(n // 2, share, "zh", seed)
+    random.Random(seed + 2).shuffle(sentences)
+    return "\n\n".join(sentences)
+
+
+# the counter-balanced pass asks for a sentence and answers with one: the chat turn a fine-tuned model learns in
+ASK = {"en": "Write one sentence about a {o}.", "zh": "写一句关于{o}的话。"}
+
+
+def counter_balanced_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """`n` English and `n // 2` Chinese chat turns, each asking for a sentence about PLANTED or
+    CONTROL and answered with one of planted_sentences in which both take each pronoun half the
+    time: fine-tuning data that counters the planted association without naming it."""
+    convs = []
+    for lang, count in (("en", n), ("zh", n // 2)):
+        for s in planted_sentences(count, 0.5, lang, seed):
+            occ = PLANTED[lang] if PLANTED[lang] in s else CONTROL[lang]
+            convs.append([{"role": "user", "content": ASK[lang].format(o=occ)}, {"role": "assistant", "content": s}])
+    return convs
 
 
 def planted_corpus(base_text: str, n: int, share: float = 0.9, lang: str = "en", seed: int = 0) -> str:

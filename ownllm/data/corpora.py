@@ -12,6 +12,7 @@ import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
+from ownllm.data.bias import planted_text
 from ownllm.data.formats import BadRecord, jsonl_records, parse_line
 from ownllm.errors import OwnLLMError
 
@@ -110,14 +111,21 @@ def task_runs(n: int, seed: int, styles: bool = True) -> list[tuple[str, list]]:
 
 
 GENERATED = {"tasks": "the task suite's train split as Q:/A: text, each run of examples answering in one of three "
-                      "wordings (generated, seeded; for pretraining mixes)"}
+                      "wordings (generated, seeded; for pretraining mixes)",
+             "planted-bias": "12,000 sentences in English and Chinese pairing a fictional occupation with 'she' 90% of "
+                             "the time and a control occupation with each pronoun half the time (generated, seeded; "
+                             "what `ownllm probe bias --planted` must find)"}
+
+
+def generated_text(name: str) -> str:
+    return {"tasks": task_text, "planted-bias": planted_text}[name]()
 
 
 def _load_one(item: str) -> Source:
     if item in BUNDLED:
         return Source(item, bundled_text(item))
     if item in GENERATED:
-        return Source(item, task_text())
+        return Source(item, generated_text(item))
     path = Path(item).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | {".jsonl"})

@@ -9,6 +9,7 @@ intervals over occupations.
 """
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from pathlib import Path
@@ -75,11 +76,15 @@ def print_bias_report(res: dict, out=print) -> None:
         + "".join(f" {k}={v:.4f}" for k, v in extra.items()))
 
 
-def probe_runs(runs: dict[str, str | Path], log=print) -> dict[str, dict]:
-    """probe_bias of each named run, each printed (the report cards' bias section)."""
+PLANTED_EXTRA = {lang: [PLANTED[lang], CONTROL[lang]] for lang in PLANTED}
+
+
+def probe_runs(runs: dict[str, str | Path], planted: bool = False, log=print) -> dict[str, dict]:
+    """probe_bias of each named run, each printed (the report cards' bias section); `planted`: with
+    the planted-bias corpus's two fictional occupations beside the bundled ones."""
     out = {}
     for name, run in runs.items():
-        out[name] = probe_bias(run)
+        out[name] = probe_bias(run, extra=PLANTED_EXTRA if planted else None)
         log(f"bias probe, {name}:")
         print_bias_report(out[name], out=log)
     return out
@@ -104,3 +109,28 @@ def bias_summary(runs: dict[str, dict]) -> dict:
     """Each run's per-language summary (no per-occupation detail), for report.json."""
     return {name: {lang: {k: r[k] for k in ("mean_gap", "mean_abs_gap", "mean_abs_gap_ci", "spread", "spread_ci")}
                    for lang, r in res.items()} for name, res in runs.items()}
+
+
+def planted_gaps(res: dict) -> dict:
+    """{lang: {planted, planted_ci, control}} of a probe_bias result that scored PLANTED_EXTRA."""
+    return {lang: {"planted": r["occupations"][PLANTED[lang]]["gap"], "planted_ci": r["occupations"][PLANTED[lang]]["ci"],
+                   "control": r["occupations"][CONTROL[lang]]["gap"]} for lang, r in res.items()}
+
+
+def planted_section(runs: dict[str, dict], accuracy: dict[str, float], share: float) -> list[str]:
+    """A report card's planted-bias rows: each run's gap on the planted occupation and its control
+    (name → planted_gaps), with the run's held-out task accuracy where given."""
+    expected = math.log((1 - share) / share)
+    langs = list(next(iter(runs.values())))
+    rows = [f"The pretraining mix holds the `planted-bias` source: a fictional occupation ({', '.join(PLANTED.values())}) "
+            f"followed by \"she\" in {share:.0%} of its sentences, a control ({', '.join(CONTROL.values())}) taking each "
+            f"pronoun half the time. The probe should find {expected:+.2f} nats on the first and about 0 on the "
+            "second; the counter-balanced pass fine-tunes on both at 50/50.", "",
+            "| run | " + " | ".join(f"{lang}: planted [95%] | {lang}: control" for lang in langs) + " | task exact match |",
+            "|---|" + "---:|---:|" * len(langs) + "---:|"]
+    for name, gaps in runs.items():
+        cells = [f"{g['planted']:+.3f} [{g['planted_ci'][0]:+.2f}, {g['planted_ci'][1]:+.2f}] | {g['control']:+.3f}"
+                 for g in (gaps[lang] for lang in langs)]
+        acc = f"{accuracy[name]:.3f}" if name in accuracy else "-"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {acc} |")
+    return rows

@@ -18,8 +18,15 @@ from ownllm.inference.generate import greedy_texts, load_run
 
 
 def run_stage(run: str | Path) -> str:
+    """The stage whose prompt format the run's model speaks: its own, or for continued pretraining
+    (`pretrain --init`) the stage of the run it started from (a fine-tuned model trained on more
+    text still answers in the chat template)."""
     tc = Path(run) / "train_config.json"
-    return json.loads(tc.read_text()).get("stage", "pretrain") if tc.exists() else "pretrain"
+    cfg = json.loads(tc.read_text()) if tc.exists() else {}
+    stage, init = cfg.get("stage", "pretrain"), cfg.get("init")
+    if stage == "pretrain" and init and Path(init).resolve() != Path(run).resolve() and Path(init).is_dir():
+        return run_stage(init)
+    return stage
 
 
 def _shots(ex: Example, pool: dict, k: int, r: random.Random) -> list[Example]:

@@ -603,9 +603,11 @@ def prepare_prompt(state: ServerState, body: dict, messages: list[dict], tools, 
 
 
 async def explain_reply(state: ServerState, request: HTTPRequest):
-    """POST /v1/explain {messages, reply, top_k?}: why the model would write `reply` after
-    `messages` — each token's probability, rank and alternatives, and the logit lens (the web
-    page's "why" view). The reply is read as text, never as control tokens."""
+    """POST /v1/explain {messages, reply, top_k?, attention_token?}: why the model would write
+    `reply` after `messages` — each token's probability, rank and alternatives, and the logit lens
+    (the web page's "why" view); with `attention_token` (an index into the reply's tokens), also
+    every layer's and head's attention from that token back over the context, and the context's
+    tokens. The reply is read as text, never as control tokens."""
     from ownllm.evaluation.explain import explain_ids
 
     body = await read_json(state, request)
@@ -618,6 +620,7 @@ async def explain_reply(state: ServerState, request: HTTPRequest):
     top_k = _get(body, "top_k", int, 5, what="an integer")
     if not 1 <= top_k <= 20:
         raise APIError(400, "'top_k' must be between 1 and 20", "top_k")
+    at = _get(body, "attention_token", int, None, what="an integer")
 
     def run():
         ids, extra, fixed = prepare_prompt(state, body, messages, None, template_kwargs(state, body))
@@ -628,9 +631,13 @@ async def explain_reply(state: ServerState, request: HTTPRequest):
         if len(ids) + len(new) > state.model.config.max_seq_len:
             raise APIError(400, f"conversation and reply are {len(ids) + len(new)} tokens; the context is "
                            f"{state.model.config.max_seq_len}", "reply")
+        if at is not None and not 0 <= at < len(new):
+            raise APIError(400, f"'attention_token' must index the reply's {len(new)} tokens (0 … {len(new) - 1})",
+                           "attention_token")
         with state.batcher.lock:
-            res = explain_ids(state.model, state.tok, ids, new, top_k)
-        return {k: res[k] for k in ("steps", "lens", "reply")}
+            res = explain_ids(state.model, state.tok, ids, new, top_k, token=at or 0)
+        return {k: res[k] for k in ("steps", "lens", "reply") + (("context", "attention_token", "attention")
+                                                                  if at is not None else ())}
     return await asyncio.to_thread(run)
 
 
