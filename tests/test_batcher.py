@@ -103,3 +103,23 @@ def test_compiled_steps_match_eager_across_cache_buckets(tiny_cfg):
         assert got == want
     finally:
         batcher.close()
+
+
+def test_a_lone_compiled_request_runs_at_batch_one(tiny_cfg):
+    """A request alone in a wide batcher steps through a one-row graph (rows: a power of two past
+    the last busy slot), and a second request widens it; each gets its eager tokens."""
+    torch.manual_seed(1)
+    model = randomize_(GPT(tiny_cfg), 0.3).eval()
+    engine = Engine(model, pad_id=0, compile=False)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    prompts = [[5, 9, 13, 2], [7, 7, 21]]
+    want = [engine.generate([p], params)[0] for p in prompts]
+    batcher = ContinuousBatcher(model, pad_id=0, slots=8, compile=True)
+    try:
+        _, out, reason, done = _collect(batcher, prompts[0], params)
+        assert done.wait(300) and out == want[0] and batcher.rows == 1
+        runs = [_collect(batcher, p, SamplingParams(max_new_tokens=12 + 20 * i, temperature=0)) for i, p in enumerate(prompts)]
+        assert all(r[3].wait(300) for r in runs) and runs[0][1] == want[0] and runs[1][1][:12] == want[1]
+        assert batcher.rows == 2
+    finally:
+        batcher.close()

@@ -65,6 +65,7 @@ class ContinuousBatcher:
         self.tokenizer = tokenizer
         self.lock = threading.Lock()   # serialises model use with other callers (e.g. embeddings)
         self.steps = 0
+        self.rows = 0        # rows the last compiled step ran
         self.max_active = 0
         self.cancelled = 0   # requests dropped because their client went away
         self._stop = False
@@ -253,8 +254,10 @@ class ContinuousBatcher:
             self._finish(i, "length")
 
     def _compiled_step(self, toks: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One decode step for every slot through the compiled graph over the cache's first
-        `bucket` columns (a view: the same strides at every size, so one graph per bucket)."""
+        """One decode step through the compiled graph over the first `rows` slots (a power of two
+        past the last busy one: a lone request runs at batch 1, not at the batcher's width) and the
+        cache's first `bucket` columns (views: the same strides at every size, so one graph per
+        (rows, bucket)). Returns logits for those rows."""
         from ownllm.cost import count_forward
         from ownllm.inference.engine import cache_bucket
 
@@ -263,14 +266,18 @@ class ContinuousBatcher:
             self._compact()   # about to outgrow a bucket: right-align the rows first, maybe it need not
         at = c.length
         bucket = cache_bucket(at + 1, c.max_len)
+        last = max((i for i, r in enumerate(self.slots) if r is not None), default=0)
+        rows = self.rows = min(len(self.slots), 1 << last.bit_length())   # slots fill from the front
+        toks, pos = toks[:rows], pos[:rows]
         with self.lock:
-            logits, k, v = self._decode(toks, pos, c.k[:, :, :, :bucket], c.v[:, :, :, :bucket],
-                                        c.valid[:, None, None, :bucket].clone(), c.prev)
-            count_forward(self.model, toks.shape[0], 1, at, head_positions=toks.shape[0])
+            logits, k, v = self._decode(toks, pos, c.k[:, :rows, :, :bucket], c.v[:, :rows, :, :bucket],
+                                        c.valid[:rows, None, None, :bucket].clone(),
+                                        None if c.prev is None else c.prev[:rows])
+            count_forward(self.model, rows, 1, at, head_positions=rows)
             if self.cfg.smear:
-                c.prev = self.model.embed_tokens(toks)
-        c.k[:, :, :, at: at + 1], c.v[:, :, :, at: at + 1] = k, v
-        c.valid[:, at] = True
+                c.prev[:rows] = self.model.embed_tokens(toks)
+        c.k[:, :rows, :, at: at + 1], c.v[:, :rows, :, at: at + 1] = k, v
+        c.valid[:rows, at] = True
         c.length += 1
         return logits
 
