@@ -2,7 +2,8 @@
 
     python bench/serve_load.py [--run runs/quickstart/sft] [--seconds 20] [--clients 1,8]
 
-Starts the server in-process (uvicorn on 127.0.0.1, a free port), then for each client count
+Starts the server in-process (uvicorn on 127.0.0.1, a free port), warms it up at each client
+count (a compiled server builds a graph per batch width on first use), then for each client count
 runs that many threads for a bounded time; each sends streaming chat requests back to back
 (max_tokens 64; text continuations by default, so replies run long) and records time to first token, total latency and completion tokens (from
 `stream_options.include_usage`). Without --run a tiny model is pretrained briefly first. Run
@@ -29,7 +30,8 @@ PROMPTS = ["ROMEO:\n", "JULIET:\nO ", "KING HENRY:\n", "春风", "明月", "HAML
 ENDPOINT = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
-def one_request(port: int, i: int, max_tokens: int, endpoint: str = "completions") -> tuple[float, float, int]:
+def one_request(port: int, i: int, max_tokens: int, endpoint: str = "completions",
+                timeout: float = 120) -> tuple[float, float, int]:
     """(ttft_s, latency_s, completion_tokens) of one streamed request. `completions` continues text
     (replies run to max_tokens, so decoding dominates); `chat` asks short questions."""
     body = {"max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": True,
@@ -39,7 +41,7 @@ def one_request(port: int, i: int, max_tokens: int, endpoint: str = "completions
     else:
         body["prompt"] = PROMPTS[i % len(PROMPTS)]
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     conn.request("POST", ENDPOINT[endpoint], body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
@@ -124,7 +126,13 @@ def serve_and_load(run: str, args) -> None:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    one_request(port, 0, 8)  # warm-up
+    for c in sorted({int(c) for c in args.clients.split(",")}):
+        # warm-up at each load level: a compiled server builds a graph per batch width on first use
+        warm = [threading.Thread(target=one_request, args=(port, i, 8, "completions", 1800)) for i in range(c)]
+        for t in warm:
+            t.start()
+        for t in warm:
+            t.join()
     rows = [load(port, int(c), args.seconds, args.max_tokens, args.endpoint) for c in args.clients.split(",")]
     print(f"run {run}, /v1/{args.endpoint}, {args.seconds:.0f}s per load level, max_tokens {args.max_tokens}, 8 decode slots")
     print(f"{'clients':>8}{'requests':>10}{'tokens':>8}{'tok/s':>9}{'TTFT p50 ms':>13}{'lat p50 s':>11}{'lat p95 s':>11}{'errors':>8}")
