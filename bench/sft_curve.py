@@ -7,8 +7,8 @@ One run of the default SFT recipe, its schedule set for `--steps`, stopped (chec
 as a kill would) at each mark and scored there: exact match per task family (50 held-out prompts
 each), and with --agent the agent's accuracy with tools and RAG exact match/hallucination on the
 demo knowledge base. Counts steps, not seconds, so the curve does not depend on how busy the
-machine is; one line per mark, then `RESULT` for the last. The quickstart's 10-minute recipe
-stops near 900 steps; this shows whether the suite's targets are a matter of more compute.
+machine is; one line per mark, then `RESULT` for the last. The quickstart runs 1,200 steps
+(config.QUICKSTART_STEPS); this shows what fewer or more would buy.
 The run goes to a temporary directory unless --out names one to keep.
 """
 from __future__ import annotations

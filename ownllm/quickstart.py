@@ -2,7 +2,7 @@
 
 Where it sits: the main job. Pipeline: tokenizer + pretraining (the `lookup` recipe — tiny
 preset, smear, q/k norms, a copy warm-up — or `llama`, config.RECIPES; Shakespeare + Chinese poetry + the
-task suite's train split as text) → held-out bits per byte and samples → the base model prompted zero- and
+task suite's train split as text + the planted-bias sentences) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
 tool-use traces) → held-out exact match, a chat sample, Hugging Face and GGUF exports (`llama`
 recipe only) → the bias probe, which must find the association planted in the pretraining mix, and
