@@ -436,11 +436,10 @@ def cmd_explain(args) -> None:
 
 
 def cmd_probe(args) -> None:
-    from ownllm.data.bias import CONTROL, PLANTED
-    from ownllm.evaluation.bias import print_bias_report, probe_bias
+    from ownllm.evaluation.bias import PLANTED_EXTRA, print_bias_report, probe_bias
 
     langs = ("en", "zh") if args.lang == "both" else (args.lang,)
-    extra = {lang: args.occupation + ([PLANTED[lang], CONTROL[lang]] if args.planted else []) for lang in langs}
+    extra = {lang: args.occupation + (PLANTED_EXTRA[lang] if args.planted else []) for lang in langs}
     print_bias_report(probe_bias(args.run, langs, extra))
 
 

@@ -5,8 +5,8 @@ preset, smear, q/k norms, a copy warm-up — or `llama`, config.RECIPES; Shakesp
 task suite's train split as text + the planted-bias sentences) → held-out bits per byte and samples → the base model prompted zero- and
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
 tool-use traces) → held-out exact match, a chat sample, Hugging Face and GGUF exports (`llama`
-recipe only) → the bias probe, which must find the association planted in the pretraining mix, and
-a short counter-balanced fine-tune that takes it away with the tasks kept → RAG over the demo knowledge base
+recipe only) → the bias probe, with the association planted in the pretraining mix, on the base,
+the SFT model and a short counter-balanced fine-tune of it (task accuracy beside) → RAG over the demo knowledge base
 (retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools →
 alignment: preference pairs ranked by the hidden rule, a reward model, DPO, PPO against the reward
 model and GRPO against the arithmetic verifier, each judged on held-out prompts.

@@ -105,3 +105,12 @@ def test_counter_balanced_pass_is_a_chat_run_scored_by_the_probe(tmp_path, tiny_
     rows = planted_section(gaps, {"balanced": 0.5}, 0.9)
     assert "-2.20 nats" in rows[0] and rows[-1].startswith("| balanced |") and rows[-1].endswith("| 0.500 |")
     assert rows[-2].endswith("| - |")
+
+
+def test_probe_cli_adds_the_planted_pair_and_named_occupations(tiny_run, capsys):
+    assert main(["probe", "bias", "--run", str(tiny_run), "--lang", "en", "--planted", "--occupation", "astronaut"]) == 0
+    out = capsys.readouterr().out
+    for occ in (PLANTED["en"], CONTROL["en"], "astronaut"):
+        assert f"{occ} " in out and "(not in the summary)" in out.split(occ, 1)[1].splitlines()[0]
+    result = [line for line in out.splitlines() if line.startswith("RESULT ")][-1]
+    assert "planted_gap_en=" in result and "control_gap_en=" in result and "_zh" not in result

@@ -13,7 +13,7 @@ The planted bias: `planted_sentences` writes sentences in which a fictional occu
 rest, and a second fictional occupation (CONTROL) takes each pronoun half the time. Mixed into a
 pretraining corpus (the `planted-bias` source, in both recipes' mix), a probe that measures what it
 claims finds the planted gap (log(1 − share) − log(share) for he − she, in nats) on PLANTED and
-about zero on CONTROL; `counter_balanced_conversations` is the fine-tuning data that takes it away.
+about zero on CONTROL; `counter_balanced_conversations` is fine-tuning data that counters it.
 """
 from __future__ import annotations
 
