@@ -194,8 +194,8 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
 
 def balance(sft_run: Path, out: Path, steps: int, seed: int = 0, log=print, **overrides) -> dict:
     """The counter-balanced pass: `steps` of gentle fine-tuning (config.COUNTER_BALANCE) of the SFT
-    run on the task suite's conversations mixed with data.bias.counter_balanced_conversations, so
-    the planted association fades while the tasks stay learnt. The data is written beside the run;
+    run on the task suite's conversations mixed with data.bias.counter_balanced_conversations: data
+    against the planted association that keeps the tasks in practice. The data is written beside the run;
     `overrides`: COUNTER_BALANCE's keys or SFT settings."""
     from ownllm.data.bias import counter_balanced_conversations
     from ownllm.data.tasks import generate
