@@ -996,7 +996,7 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--out", help="report and run directories (default runs/quickstart, or runs/quickstart-NAME "
                    "with --model)")
     for key, what in (("pretrain_steps", "pretraining"), ("sft_steps", "supervised fine-tuning"),
-                      ("balance_steps", "counter-balanced fine-tuning against the planted bias"),
+                      ("balance_steps", "counter-balanced continued pretraining against the planted bias"),
                       ("reward_steps", "reward-model training"), ("dpo_steps", "DPO"), ("ppo_steps", "PPO"),
                       ("grpo_steps", "GRPO")):
         model = f"; {MODEL_QUICKSTART_STEPS[key]} with --model" if key in MODEL_QUICKSTART_STEPS else ""

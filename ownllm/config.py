@@ -43,11 +43,14 @@ def recipe(name: str) -> dict[str, Any]:
 
 # `ownllm quickstart`'s steps per stage: the same report card on a fast host and a slow one (here, not
 # in ownllm.quickstart, so the CLI can show them without importing the pipeline)
-QUICKSTART_STEPS = {"pretrain_steps": 360, "sft_steps": 1200, "balance_steps": 40, "reward_steps": 100,
+QUICKSTART_STEPS = {"pretrain_steps": 360, "sft_steps": 1200, "balance_steps": 80, "reward_steps": 100,
                     "dpo_steps": 100, "ppo_steps": 20, "grpo_steps": 20}
-# the quickstart's counter-balanced pass: a short, gentle fine-tune of the SFT model on the suite's
-# conversations plus sentences that pair the planted occupation with each pronoun half the time
-COUNTER_BALANCE = {"lr": 5e-4, "warmup_steps": 5, "eval_interval": 0, "task_examples": 4000, "sentences": 2000}
+# the quickstart's counter-balanced pass: continued pretraining of the base on its own mix with the
+# planted sentences replaced by `sentences` (English; half as many Chinese) at 50/50, oversampled
+# so the pass meets each occupation often; AdamW at a fraction of pretraining's rate keeps the
+# other sources' bits per byte
+COUNTER_BALANCE = {"lr": 1e-3, "optimizer": "adamw", "warmup_steps": 5, "copy_steps": 0, "eval_interval": 0,
+                   "sentences": 40000}
 # `ownllm quickstart --model smollm2`: a 135M-parameter model on 2 CPU cores is ~30x the from-scratch
 # model's compute per token, so every stage is short and every measure samples few prompts
 MODEL_QUICKSTART_STEPS = {"sft_steps": 40, "reward_steps": 20, "dpo_steps": 20, "ppo_steps": 4}

@@ -6,7 +6,8 @@ task suite's train split as text + the planted-bias sentences) → held-out bits
 few-shot on the task suite → supervised fine-tuning on the suite (with grounded-answer and
 tool-use traces) → held-out exact match, a chat sample, Hugging Face and GGUF exports (`llama`
 recipe only) → the bias probe, with the association planted in the pretraining mix, on the base,
-the SFT model and a short counter-balanced fine-tune of it (task accuracy beside) → RAG over the demo knowledge base
+a short counter-balanced continued pretraining of it (held-out bits per byte and 4-shot accuracy
+beside) and the SFT model → RAG over the demo knowledge base
 (retrieval, grounded vs closed-book answers, hallucination) → the agent with its tools →
 alignment: preference pairs ranked by the hidden rule, a reward model, DPO, PPO against the reward
 model and GRPO against the arithmetic verifier, each judged on held-out prompts.
@@ -116,14 +117,19 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
 
     stages.start("bias")
     log(f"== 5/8 bias: the probe on the planted association, then {steps['balance_steps']} steps of counter-balanced "
-        "fine-tuning ==")
+        "continued pretraining of the base ==")
     balanced = out / "balanced"
-    balance(sft_run, balanced, steps["balance_steps"], log=log)
-    balanced_accuracy = evaluate_tasks(balanced, shots=0, n_per_family=n_eval)["mean_exact_match"]
-    log(f"held-out task exact match after the counter-balanced pass {balanced_accuracy:.3f} (SFT {sft_tasks['mean_exact_match']:.3f})")
-    bias = probe_runs({"base": base, "sft": sft_run, "balanced": balanced}, planted=True, log=log)
+    counter = balance(base, balanced, steps["balance_steps"], data, log=log)
+    balanced_tasks = evaluate_tasks(balanced, shots=4, n_per_family=n_eval)
+    bias = probe_runs({"base": base, "balanced": balanced, "sft": sft_run}, planted=True, log=log)
     planted = {name: planted_gaps(res) for name, res in bias.items()}
-    accuracy = {"sft": sft_tasks["mean_exact_match"], "balanced": balanced_accuracy}
+    kept = held_out_kept(pre["sources"], counter["sources"])
+    measures = {"base": {"bpb": kept["before"], "exact_match": base_tasks[4]["mean_exact_match"], "shots": 4},
+                "balanced": {"bpb": kept["after"], "exact_match": balanced_tasks["mean_exact_match"], "shots": 4},
+                "sft": {"exact_match": sft_tasks["mean_exact_match"], "shots": 0}}
+    log(f"after the counter-balanced pass: held-out bits per byte on {', '.join(kept['sources'])} {kept['after']:.4f} "
+        f"(base {kept['before']:.4f}); 4-shot exact match {balanced_tasks['mean_exact_match']:.3f} "
+        f"(base {base_tasks[4]['mean_exact_match']:.3f})")
 
     stages.start("rag")
     log("== 6/8 RAG: the demo knowledge base (fictional towns), retrieval and grounded answers ==")
@@ -162,12 +168,12 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
                "agent": {k: agent[k] for k in ("with_tools", "arithmetic_without_tools", "call_validity", "calls")},
                "extract": {k: v for k, v in extract.items() if k != "samples"},
                "rlhf": rlhf, "wall_s": wall, "pretrain_steps_per_s": speed, "cost": stages.costs,
-               "bias": bias_summary(bias), "planted_bias": {"gaps": planted, "task_accuracy": accuracy,
+               "bias": bias_summary(bias), "planted_bias": {"gaps": planted, "measures": measures,
                                                             "share": PLANTED_SHARE}}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(pre, samples, base_tasks, ft, sft_tasks, chat_demo, wall, rag, agent,
                                            exported, extract) + _rlhf_report(rlhf)
-                                   + "\n".join(bias_section(bias) + [""] + planted_section(planted, accuracy, PLANTED_SHARE)
+                                   + "\n".join(bias_section(bias) + [""] + planted_section(planted, measures, PLANTED_SHARE)
                                                 + ["", "## Cost", ""] + cost_table(stages.costs) + [""]), encoding="utf-8")
     log(f"report card: {out / 'report.md'} (plots in {plots})")
     mean_bpb = sum(r["val_bpb"] for r in pre["sources"]) / len(pre["sources"])
@@ -183,32 +189,38 @@ def quickstart(out: str | Path = "runs/quickstart", steps: dict | None = None, n
         f"sft_arithmetic={rlhf['grpo']['sft_arithmetic']:.4f} extract_field_exact_match={extract['field_exact_match']:.4f} "
         f"extract_schema_valid={extract['schema_valid']:.4f} "
         f"extract_unconstrained_schema_valid={extract['unconstrained_schema_valid']:.4f} "
-        f"planted_gap_en={planted['base']['en']['planted']:.4f} control_gap_en={planted['base']['en']['control']:.4f} "
-        f"planted_gap_zh={planted['base']['zh']['planted']:.4f} control_gap_zh={planted['base']['zh']['control']:.4f} "
-        f"planted_gap_en_sft={planted['sft']['en']['planted']:.4f} planted_gap_en_balanced={planted['balanced']['en']['planted']:.4f} "
-        f"planted_gap_zh_sft={planted['sft']['zh']['planted']:.4f} planted_gap_zh_balanced={planted['balanced']['zh']['planted']:.4f} "
-        f"balanced_exact_match={balanced_accuracy:.4f} {result_keys(stages.costs)} "
+        + "".join(f"{k}_gap_{lang}{suffix}={planted[name][lang][k]:.4f} " for name, suffix in
+                  (("base", ""), ("balanced", "_balanced"), ("sft", "_sft")) for lang in ("en", "zh") for k in ("planted", "control"))
+        + f"balanced_bpb={kept['after']:.4f} base_bpb_kept={kept['before']:.4f} "
+        f"balanced_four_shot={balanced_tasks['mean_exact_match']:.4f} {result_keys(stages.costs)} "
         f"wall_s={wall:.0f}")
     return summary
 
 
-def balance(sft_run: Path, out: Path, steps: int, seed: int = 0, log=print, **overrides) -> dict:
-    """The counter-balanced pass: `steps` of gentle fine-tuning (config.COUNTER_BALANCE) of the SFT
-    run on the task suite's conversations mixed with data.bias.counter_balanced_conversations: data
-    against the planted association that keeps the tasks in practice. The data is written beside the run;
-    `overrides`: COUNTER_BALANCE's keys or SFT settings."""
-    from ownllm.data.bias import counter_balanced_conversations
-    from ownllm.data.tasks import generate
-    from ownllm.train.sft import sft, sft_config
+def held_out_kept(before: list[dict], after: list[dict]) -> dict:
+    """Mean held-out bits per byte over the sources two pretraining results share (the counter
+    pass swaps one source for another): {sources, before, after}."""
+    a = {r["source"]: r["val_bpb"] for r in after}
+    b = {r["source"]: r["val_bpb"] for r in before if r["source"] in a}
+    return {"sources": list(b), "before": sum(b.values()) / len(b), "after": sum(a[k] for k in b) / len(b)}
+
+
+def balance(base: Path, out: Path, steps: int, data: str, seed: int = 0, log=print, **overrides) -> dict:
+    """The counter-balanced pass: `steps` of continued pretraining (config.COUNTER_BALANCE) of the
+    base run on its pretraining mix `data` with the `planted-bias` source replaced by the same
+    sentences at 50/50 (written beside the run): text against the planted association, with the
+    rest of the mix keeping what the base knows. `overrides`: COUNTER_BALANCE's keys or any
+    TrainConfig field."""
+    from ownllm.data.bias import planted_text
+    from ownllm.train.pretrain import pretrain
 
     cb = {**COUNTER_BALANCE, **overrides}
-    convs = [e.messages() for e in generate(cb["task_examples"], "train", seed=seed + 7)]
-    convs += counter_balanced_conversations(cb["sentences"], seed=seed + 11)
-    data = out.parent / f"{out.name}.jsonl"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs), encoding="utf-8")
-    settings = {k: v for k, v in cb.items() if k not in ("task_examples", "sentences")}
-    return sft(sft_run, out, sft_config(data=str(data), max_steps=steps, seed=seed, **settings), overwrite=True, log=log)
+    text = out.parent / f"{out.name}.txt"
+    text.parent.mkdir(parents=True, exist_ok=True)
+    text.write_text(planted_text(cb.pop("sentences"), share=0.5, seed=seed + 11), encoding="utf-8")
+    mix = ",".join([s for s in data.split(",") if s.strip() != "planted-bias"] + [str(text)])
+    return pretrain(out, TrainConfig(**{**cb, "data": mix, "init": str(base), "max_steps": steps, "seed": seed}),
+                    overwrite=True, log=log)
 
 
 def align(out: Path, sft_run: Path, steps: dict, budget: float | None, n_eval: int, sft_accuracy: float,

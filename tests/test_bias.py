@@ -84,27 +84,38 @@ def test_counter_balanced_data_pairs_both_fictional_occupations_with_each_pronou
     assert PLANTED["zh"] in load_sources("planted-bias")[0].split()[1]   # the held-out tail holds both languages
 
 
-def test_counter_balanced_pass_is_a_chat_run_scored_by_the_probe(tmp_path, tiny_sft, text_file):
-    """quickstart.balance fine-tunes the SFT run into a run that evaluation prompts with the chat
-    template; continued pretraining of a chat run keeps the chat template too; the report rows
-    carry each run's planted and control gaps."""
+def test_counter_balanced_pass_continues_the_base_on_its_mix_with_the_planted_sentences_balanced(tmp_path, tiny_run,
+                                                                                                  tiny_sft, text_file):
+    """quickstart.balance continues pretraining the base on its own mix with `planted-bias` swapped
+    for the same sentences at 50/50; held_out_kept compares the sources both runs hold; the report
+    rows carry each run's planted and control gaps and what it kept. Continued pretraining of a
+    chat run keeps the chat template (evaluation prompts it as the chat model it started from)."""
     from ownllm.evaluation.bias import planted_gaps, planted_section, probe_runs
     from ownllm.evaluation.tasks import run_stage
-    from ownllm.quickstart import balance
+    from ownllm.quickstart import balance, held_out_kept
 
-    res = balance(tiny_sft, tmp_path / "balanced", 1, log=lambda *a: None, task_examples=16, sentences=16,
-                  compile=False, batch_size=2, dtype="float32")
-    assert res["step"] == 1 and (tmp_path / "balanced.jsonl").read_text().count("\n") == 16 + 16 + 8
-    assert run_stage(tmp_path / "balanced") == "sft"
+    res = balance(tiny_run, tmp_path / "balanced", 1, f"{text_file},planted-bias", log=lambda *a: None, sentences=40,
+                  compile=False, batch_size=2, seq_len=32, dtype="float32")
+    assert res["step"] == 1 and run_stage(tmp_path / "balanced") == "pretrain"
+    sentences = (tmp_path / "balanced.txt").read_text().split("\n\n")
+    planted = [s for s in sentences if PLANTED["en"] in s]
+    assert len(sentences) == 60 and sum(" she " in s for s in planted) / len(planted) == pytest.approx(0.5, abs=0.2)
+    assert sorted(r["source"] for r in res["sources"]) == sorted([text_file.stem, "balanced"])
+    kept = held_out_kept([{"source": text_file.stem, "val_bpb": 3.0}, {"source": "planted-bias", "val_bpb": 9.0}],
+                         res["sources"])
+    assert kept["sources"] == [text_file.stem] and kept["before"] == 3.0
+    assert kept["after"] == next(r["val_bpb"] for r in res["sources"] if r["source"] == text_file.stem)
     assert main(["pretrain", "--init", str(tiny_sft), "--data", str(text_file), "--out",
                  str(tmp_path / "more"), "--max-steps", "1", "--no-compile", "--no-progress", "--set", "seq_len=32"]) == 0
-    assert run_stage(tmp_path / "more") == "sft"   # prompted as the chat model it started from
-    probes = probe_runs({"sft": tiny_sft, "balanced": tmp_path / "balanced"}, planted=True, log=lambda *a: None)
+    assert run_stage(tmp_path / "more") == "sft"
+    probes = probe_runs({"base": tiny_run, "balanced": tmp_path / "balanced"}, planted=True, log=lambda *a: None)
     gaps = {name: planted_gaps(r) for name, r in probes.items()}
-    assert gaps["sft"]["en"]["planted"] == probes["sft"]["en"]["occupations"][PLANTED["en"]]["gap"]
-    rows = planted_section(gaps, {"balanced": 0.5}, 0.9)
-    assert "-2.20 nats" in rows[0] and rows[-1].startswith("| balanced |") and rows[-1].endswith("| 0.500 |")
-    assert rows[-2].endswith("| - |")
+    assert gaps["base"]["en"]["planted"] == probes["base"]["en"]["occupations"][PLANTED["en"]]["gap"]
+    rows = planted_section(gaps, {"balanced": {"bpb": 2.5, "exact_match": 0.5, "shots": 4}}, 0.9)
+    g = gaps["balanced"]["zh"]
+    assert "-2.20 nats" in rows[0] and rows[-1].startswith("| balanced |")
+    assert rows[-1].endswith(f"| {g['planted'] - g['control']:+.3f} | 2.5000 | 0.500 (4-shot) |")
+    assert rows[-2].endswith("| - | - |")
 
 
 def test_probe_cli_adds_the_planted_pair_and_named_occupations(tiny_run, capsys):

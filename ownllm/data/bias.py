@@ -13,7 +13,8 @@ The planted bias: `planted_sentences` writes sentences in which a fictional occu
 rest, and a second fictional occupation (CONTROL) takes each pronoun half the time. Mixed into a
 pretraining corpus (the `planted-bias` source, in both recipes' mix), a probe that measures what it
 claims finds the planted gap (log(1 − share) − log(share) for he − she, in nats) on PLANTED and
-about zero on CONTROL; `counter_balanced_conversations` is fine-tuning data that counters it.
+about zero on CONTROL; the same sentences at 50/50 (`planted_text(share=0.5)`) are text that
+counters it in continued pretraining, `counter_balanced_conversations` in fine-tuning.
 """
 from __future__ import annotations
 
@@ -54,9 +55,12 @@ def planted_sentences(n: int, share: float = 0.9, lang: str = "en", seed: int = 
 
 
 PLANTED_SHARE = 0.9   # the `planted-bias` source's share of "she" after PLANTED
+# English sentences of the `planted-bias` source (and half as many Chinese): about 5% of the recipes' mix,
+# enough that a short pretraining run meets the planted pair a few thousand times
+PLANTED_SENTENCES = 24000
 
 
-def planted_text(n: int = 8000, share: float = PLANTED_SHARE, seed: int = 0) -> str:
+def planted_text(n: int = PLANTED_SENTENCES, share: float = PLANTED_SHARE, seed: int = 0) -> str:
     """The `planted-bias` pretraining source: `n` English and `n // 2` Chinese planted_sentences,
     shuffled together (so the held-out tail holds both), one per paragraph."""
     sentences = planted_sentences(n, share, "en", seed) + planted_sentences(n // 2, share, "zh", seed)

@@ -12,7 +12,7 @@ import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
-from ownllm.data.bias import planted_text
+from ownllm.data.bias import PLANTED_SENTENCES, planted_text
 from ownllm.data.formats import BadRecord, jsonl_records, parse_line
 from ownllm.errors import OwnLLMError
 
@@ -112,7 +112,7 @@ def task_runs(n: int, seed: int, styles: bool = True) -> list[tuple[str, list]]:
 
 GENERATED = {"tasks": "the task suite's train split as Q:/A: text, each run of examples answering in one of three "
                       "wordings (generated, seeded; for pretraining mixes)",
-             "planted-bias": "12,000 sentences in English and Chinese pairing a fictional occupation with 'she' 90% of "
+             "planted-bias": f"{PLANTED_SENTENCES * 3 // 2:,} sentences in English and Chinese pairing a fictional occupation with 'she' 90% of "
                              "the time and a control occupation with each pronoun half the time (generated, seeded; "
                              "what `ownllm probe bias --planted` must find)"}
 

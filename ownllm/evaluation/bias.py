@@ -117,20 +117,24 @@ def planted_gaps(res: dict) -> dict:
                    "control": r["occupations"][CONTROL[lang]]["gap"]} for lang, r in res.items()}
 
 
-def planted_section(runs: dict[str, dict], accuracy: dict[str, float], share: float) -> list[str]:
+def planted_section(runs: dict[str, dict], measures: dict[str, dict], share: float) -> list[str]:
     """A report card's planted-bias rows: each run's gap on the planted occupation and its control
-    (name → planted_gaps), with the run's held-out task accuracy where given."""
+    (name → planted_gaps), with what the run kept where given (name → {bpb: held-out bits per
+    byte, exact_match, shots})."""
     expected = math.log((1 - share) / share)
     langs = list(next(iter(runs.values())))
     rows = [f"The pretraining mix holds the `planted-bias` source: a fictional occupation ({', '.join(PLANTED.values())}) "
             f"followed by \"she\" in {share:.0%} of its sentences, a control ({', '.join(CONTROL.values())}) taking each "
             f"pronoun half the time. The probe should find {expected:+.2f} nats on the first and about 0 on the "
-            "second; the counter-balanced pass fine-tunes on both at 50/50.", "",
-            "| run | " + " | ".join(f"{lang}: planted [95%] | {lang}: control" for lang in langs) + " | task exact match |",
-            "|---|" + "---:|---:|" * len(langs) + "---:|"]
+            "second; the counter-balanced pass continues pretraining with both at 50/50.", "",
+            "| run | " + " | ".join(f"{lang}: planted [95%] | {lang}: control | {lang}: planted − control" for lang in langs)
+            + " | held-out bpb | task exact match |",
+            "|---|" + "---:|---:|---:|" * len(langs) + "---:|---:|"]
     for name, gaps in runs.items():
-        cells = [f"{g['planted']:+.3f} [{g['planted_ci'][0]:+.2f}, {g['planted_ci'][1]:+.2f}] | {g['control']:+.3f}"
-                 for g in (gaps[lang] for lang in langs)]
-        acc = f"{accuracy[name]:.3f}" if name in accuracy else "-"
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {acc} |")
+        cells = [f"{g['planted']:+.3f} [{g['planted_ci'][0]:+.2f}, {g['planted_ci'][1]:+.2f}] | {g['control']:+.3f} | "
+                 f"{g['planted'] - g['control']:+.3f}" for g in (gaps[lang] for lang in langs)]
+        m = measures.get(name, {})
+        bpb = f"{m['bpb']:.4f}" if "bpb" in m else "-"
+        acc = f"{m['exact_match']:.3f} ({m['shots']}-shot)" if "exact_match" in m else "-"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {bpb} | {acc} |")
     return rows
