@@ -704,7 +704,9 @@ def _add_data_and_pretraining(sub) -> None:
     p.add_argument("--families", help="(tasks) comma-separated families to score (default: all), e.g. arithmetic; "
                    "held-out prompts drawn for these families alone, not the same ones as the full suite's")
     p.add_argument("--samples", help="(tasks) write every prompt/output/verdict to this JSONL file")
-    p.add_argument("--lang", choices=["en", "zh"], help="(tasks) prompts in this language only (default: both)")
+    p.add_argument("--lang", choices=["en", "zh", "zh-hant"],
+                   help="(tasks) prompts in this language only: English, Chinese in simplified or in traditional "
+                        "characters (default: English and simplified Chinese)")
     p.add_argument("--data", help="(lm) evaluate on these sources' held-out 10%% instead of the run's own; "
                    "(reward) preference JSONL to score instead of the bundled held-out pairs")
     p.add_argument("--max-tokens", type=int, help="cap tokens per source (faster, approximate)")

@@ -232,7 +232,7 @@ class TrainConfig:
     prompt_loss_weight: float = 0.0     # SFT: weight of prompt tokens in the loss (answer tokens weigh 1)
     task_examples: int = 20000          # examples drawn from the bundled task suite (`--data tasks`)
     task_weights: str = ""              # turns per round of each family, e.g. "arithmetic=3,sort=2" (default 1)
-    task_lang: str | None = None        # the task suite's prompts in one language only: en | zh (None: both)
+    task_lang: str | None = None        # the task suite's prompts in one language only: en | zh | zh-hant (None: en and zh)
 
 
 def _coerce(value: Any, target_type: Any, name: str) -> Any:

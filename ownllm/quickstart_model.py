@@ -2,7 +2,8 @@
 
 Where it sits: the real-model track, beside ownllm.quickstart (the from-scratch one). Pipeline:
 import (the GGUF file installed from PyPI, or any source `ownllm import` reads) → the model as it
-is: held-out task suite in its own chat template (0- and 4-shot, English and Chinese), Shakespeare
+is: held-out task suite in its own chat template (0- and 4-shot, English; Chinese in simplified
+and in traditional characters), Shakespeare
 bits per byte, RAG closed-book vs grounded, the agent with and without tools → LoRA SFT on the
 suite in the model's language → the same measures → preference pairs from its own samples ranked
 by the rule that judges both tracks (data/judge.py) → a reward model (the model with a head) → DPO
@@ -73,8 +74,9 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
             m["tasks"][f"{lang}_{k}"] = evaluate_tasks(run, shots=k, n_per_family=n_eval, lang=lang,
                                                        families=q["families"])
             print_task_report(m["tasks"][f"{lang}_{k}"], out=log)
-        m["tasks"]["zh_0"] = evaluate_tasks(run, n_per_family=max(2, n_eval // 2), lang="zh", families=q["families"])
-        print_task_report(m["tasks"]["zh_0"], out=log)
+        for zh in ("zh", "zh-hant"):
+            m["tasks"][f"{zh}_0"] = evaluate_tasks(run, n_per_family=max(2, n_eval // 2), lang=zh, families=q["families"])
+            print_task_report(m["tasks"][f"{zh}_0"], out=log)
         m["bpb"] = eval_run(run, "shakespeare", max_tokens=q["bpb_tokens"], seq_len=q["bpb_window"])[0]["val_bpb"]
         log(f"Shakespeare validation (first {q['bpb_tokens']:,} tokens): {m['bpb']:.4f} bits per byte")
         m["rag"] = evaluate_rag(run, kb, n=q["n_rag"], log=log)
@@ -152,6 +154,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     b, a = summary["before"], summary["after"]
     log(f"RESULT {lang}_zero_shot={b['tasks'][f'{lang}_0']:.4f} {lang}_four_shot={b['tasks'][f'{lang}_4']:.4f} "
         f"sft_{lang}={a['tasks'][f'{lang}_0']:.4f} zh_before={b['tasks']['zh_0']:.4f} zh_after={a['tasks']['zh_0']:.4f} "
+        f"zh_hant_before={b['tasks']['zh-hant_0']:.4f} zh_hant_after={a['tasks']['zh-hant_0']:.4f} "
         f"bpb_before={b['bpb']:.4f} bpb_after={a['bpb']:.4f} "
         f"rag_before={b['rag']:.4f} rag_after={a['rag']:.4f} closed_book_after={a['closed_book']:.4f} "
         f"hallucination_rag={a['hallucination_rag']:.4f} hallucination_closed_book={a['hallucination_closed_book']:.4f} "
@@ -207,7 +210,8 @@ def _report(s: dict, lang: str) -> str:
         L.append(f"| {f} | {b['per_family'][f'{lang}_0'][f]:.2f} | {b['per_family'][f'{lang}_4'][f]:.2f} | "
                  f"{a['per_family'][f'{lang}_0'][f]:.2f} |")
     L += [f"| **mean** | {b['tasks'][f'{lang}_0']:.3f} | {b['tasks'][f'{lang}_4']:.3f} | **{a['tasks'][f'{lang}_0']:.3f}** |",
-          f"| Chinese prompts (0-shot mean) | {b['tasks']['zh_0']:.3f} | | {a['tasks']['zh_0']:.3f} |", "",
+          f"| Chinese prompts, simplified (0-shot mean) | {b['tasks']['zh_0']:.3f} | | {a['tasks']['zh_0']:.3f} |",
+          f"| Chinese prompts, traditional (0-shot mean) | {b['tasks']['zh-hant_0']:.3f} | | {a['tasks']['zh-hant_0']:.3f} |", "",
           "![task accuracy](plots/task_accuracy.png) ![SFT loss](plots/sft_loss.png)", "",
           "## Before and after", "", "| measure | as imported | after LoRA SFT |", "|---|---:|---:|",
           f"| Shakespeare validation bits per byte (forgetting) | {b['bpb']:.4f} | {a['bpb']:.4f} |",

@@ -93,6 +93,11 @@ def test_sft_eval_tasks_and_resume(capsys, tiny_sft, tmp_path):
     assert "arithmetic=" in last and "count=" in last and "sort=" not in last
     assert main(["eval", "tasks", "--run", str(tiny_sft), "--families", "arithmetic,algebra"]) == 2
     assert "unknown algebra" in capsys.readouterr().err
+    hant = tmp_path / "hant.jsonl"
+    assert main(["eval", "tasks", "--run", str(tiny_sft), "--n", "1", "--lang", "zh-hant", "--families", "zh_numeral",
+                 "--samples", str(hant)]) == 0
+    (row,) = [json.loads(x) for x in hant.read_text().splitlines()]
+    assert row["lang"] == "zh-hant" and "寫成中文數字" in row["prompt"] and " in zh-hant" in capsys.readouterr().out
     assert main(["sft", "--out", str(tiny_sft), "--resume", "--max-steps", "4", "--no-progress"]) == 0
     assert "fine-tuned 4 steps" in capsys.readouterr().out
 

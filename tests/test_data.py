@@ -139,3 +139,35 @@ def test_the_suite_draws_one_language_when_asked():
     en = generate(30, "test", seed=2, lang="en")
     assert {e.lang for e in both} == {"en", "zh"} and {e.lang for e in en} == {"en"} and len(en) == 30
     assert len({e.prompt for e in en}) == 30 and all(e.split == "test" for e in en)
+
+
+def test_traditional_chinese_prompts_are_the_simplified_ones_converted_in_their_twins_split():
+    """lang='zh-hant': the simplified examples in traditional characters (prompt, answer, the words
+    of a tool trace; tool calls and results as the tools spell them), each in its twin's split;
+    the judge and the refusals read them as traditional; an unknown language is refused."""
+    from ownllm.data.grounded import REFUSAL, language
+    from ownllm.data.judge import grade
+    from ownllm.data.tasks import generate
+
+    fams = ["arithmetic", "zh_numeral", "passage_qa", "rag_qa"]
+    zh = generate(40, "test", seed=3, families=fams, lang="zh")
+    hant = generate(40, "test", seed=3, families=fams, lang="zh-hant")
+    assert [e.family for e in hant] == [e.family for e in zh] and {e.lang for e in hant} == {"zh-hant"}
+    assert all(e.split == "test" for e in hant) and hant[0].prompt.startswith("計算：")
+    pairs = {(s.prompt, h.prompt) for s, h in zip(zh, hant) if s.family == "passage_qa"}
+    assert pairs and all(language(h) == "zh-hant" and language(s) == "zh" for s, h in pairs)
+    num = next(h for h in hant if h.family == "zh_numeral")
+    assert "寫成中文數字" in num.prompt and num.answer == next(s.answer for s in zh if s.family == "zh_numeral")
+    refused = [h for h in hant if h.family == "rag_qa" and h.answer == REFUSAL["zh-hant"]]
+    answered = [h for h in hant if h.family == "rag_qa" and h.answer != REFUSAL["zh-hant"]]
+    assert refused and answered and all(language(h.answer) == "zh-hant" for h in answered)
+    ex = answered[0]
+    assert grade(ex, ex.answer) == (2, 1, 1) and grade(ex, REFUSAL["zh"])[:2] == (1, 0)   # the other script loses
+    train = generate(20, "train", seed=1, families=["tool_use"], lang="zh-hant")
+    search = next(t for t in train if any(c["function"]["name"] == "search" for m in t.trace for c in m.get("tool_calls", [])))
+    user, call, result, answer = (m for m in search.trace if m["role"] != "system")
+    assert language(user["content"]) == "zh-hant" and language(result["content"]) == "zh"
+    assert language(call["tool_calls"][0]["function"]["arguments"]) == "zh"
+    assert language(answer["content"]) == "zh-hant" and all(e.split == "train" for e in train)
+    with pytest.raises(ValueError, match="zh-tw"):
+        generate(2, "test", lang="zh-tw")

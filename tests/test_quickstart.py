@@ -81,7 +81,7 @@ def test_model_track_end_to_end_on_a_small_imported_model(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["sft"]["step"] == 2 and report == json.loads(json.dumps(summary))
     for when in ("before", "after"):
-        assert set(report[when]["tasks"]) >= {"en_0", "zh_0"} and report[when]["bpb"] > 0
+        assert set(report[when]["tasks"]) >= {"en_0", "zh_0", "zh-hant_0"} and report[when]["bpb"] > 0
         assert "poem_next" not in report[when]["per_family"]["en_0"]   # recalls a corpus an imported model never read
     assert set(report["aligned"]) == {"dpo", "ppo"} and 0 <= report["reward"]["pair_accuracy"] <= 1
     assert report["served"]["status"] == 200 and report["served"]["usage"]["completion_tokens"] > 0

@@ -10,6 +10,7 @@ the question's language (`REFUSAL`), which `is_refusal` recognises.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 # "zh": Chinese in simplified characters; "zh-hant": in traditional ones (Taiwan, Hong Kong)
 REFUSAL = {"en": "The sources do not say.", "zh": "资料中没有提到。", "zh-hant": "資料中沒有提到。"}
@@ -38,6 +39,19 @@ def language(text: str) -> str:
         return "en"
     trad = sum(c in _TRADITIONAL for c in text)
     return "zh-hant" if trad and trad > sum(c in _SIMPLIFIED for c in text) else "zh"
+
+
+@lru_cache(maxsize=1)
+def _s2tw():
+    import opencc
+
+    return opencc.OpenCC("s2tw")
+
+
+def to_traditional(text: str) -> str:
+    """Simplified Chinese in traditional characters (Taiwan's standard forms), by OpenCC's phrase
+    and character tables (a character table alone cannot tell 头发 → 頭髮 from 发现 → 發現)."""
+    return _s2tw().convert(text)
 
 
 def numbered_sources(passages: list[str]) -> str:

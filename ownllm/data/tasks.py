@@ -31,10 +31,11 @@ class Example:
     prompt: str
     answer: str
     trace: tuple = ()   # a whole conversation (tool use: tools, question, calls, results, answer)
+    bucket: int | None = None   # a converted example keeps its original's (see `traditional`)
 
     @property
     def split(self) -> str:
-        return "test" if prompt_bucket(self.prompt) == 0 else "train"
+        return "test" if (prompt_bucket(self.prompt) if self.bucket is None else self.bucket) == 0 else "train"
 
     def messages(self) -> list[dict]:
         if self.trace:
@@ -229,11 +230,19 @@ PREFERENCE_ONLY_FAMILIES = {"closed_book": _closed_book}
 _GENERATORS = {**ALL_FAMILIES, **PREFERENCE_ONLY_FAMILIES}
 
 
+LANGS = ("en", "zh", "zh-hant")
+
+
 def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | None = None,
              weights: dict[str, int] | None = None, lang: str | None = None) -> list[Example]:
     """`n` examples of `split` ('train' or 'test'), families in turn (a family of weight k takes k
-    turns per round), language drawn at random (`lang`: only that one). Test prompts are distinct; train prompts may
-    repeat (small families like zh_numeral have only ~1,800 train prompts)."""
+    turns per round), language drawn at random between English and simplified Chinese (`lang`: only
+    that one; 'zh-hant': the Chinese examples in traditional characters, each in the split of its
+    simplified twin, so a model trained on one script is never tested on a prompt it saw in the
+    other). Test prompts are distinct; train prompts may repeat (small families like zh_numeral have
+    only ~1,800 train prompts)."""
+    if lang not in (None, *LANGS):
+        raise ValueError(f"task language {lang!r}: expected one of {', '.join(LANGS)}")
     fams = families or list(FAMILIES)
     unknown = (set(fams) | set(weights or {})) - set(_GENERATORS)
     if unknown:
@@ -245,7 +254,7 @@ def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | 
     while len(out) < n:
         fam = fams[len(out) % len(fams)]
         drawn = "en" if r.random() < 0.5 else "zh"
-        if lang is not None and drawn != lang:   # one language: the other's draws are skipped, not replaced
+        if lang is not None and drawn != lang.removesuffix("-hant"):   # the other's draws are skipped, not replaced
             continue
         prompt, answer, *trace = _GENERATORS[fam](r, drawn)
         tries += 1
@@ -255,8 +264,19 @@ def generate(n: int, split: str = "train", seed: int = 0, families: list[str] | 
         if ex.split != split or (split == "test" and prompt in seen):
             continue
         seen.add(prompt)
-        out.append(ex)
+        out.append(traditional(ex) if lang == "zh-hant" else ex)
     return out
+
+
+def traditional(ex: Example) -> Example:
+    """A Chinese example in traditional characters: its prompt, answer and the user's and
+    assistant's words of a trace (tool calls and tool results stay as the tools spell them)."""
+    from ownllm.data.grounded import to_traditional
+
+    trace = tuple({**m, "content": to_traditional(m["content"])} if m["role"] in ("user", "assistant") and m.get("content")
+                  else dict(m) for m in ex.trace)
+    return Example(ex.family, "zh-hant", to_traditional(ex.prompt), to_traditional(ex.answer), trace,
+                   prompt_bucket(ex.prompt))
 
 
 def parse_weights(spec: str) -> dict[str, int]:

@@ -45,8 +45,8 @@ def build_prompt(tok, ex: Example, shots: list[Example], chat: bool) -> list[int
 def evaluate_tasks(run: str | Path, shots: int = 0, n_per_family: int = 50, batch_size: int = 32,
                    max_new_tokens: int = 40, families: list[str] | None = None, seed: int = 0,
                    lang: str | None = None) -> dict:
-    """Held-out exact match per family; `lang` ('en' or 'zh'): prompts in that language only (a
-    model that knows one language is measured on it alone)."""
+    """Held-out exact match per family; `lang` ('en', 'zh' or 'zh-hant'): prompts in that language
+    and script only (a model that knows one language is measured on it alone)."""
     model, tok = load_run(run)
     # an imported instruct model speaks in its own template; a pretrained base of ours does not
     chat = run_stage(run) != "pretrain" or tok.template is not None

@@ -39,8 +39,8 @@ def load_conversations(tcfg: TrainConfig, log=print) -> tuple[list[list[dict]], 
             weights = parse_weights(tcfg.task_weights)
         except ValueError as e:
             raise OwnLLMError(str(e)) from None
-        if tcfg.task_lang not in (None, "en", "zh"):
-            raise OwnLLMError(f"task_lang {tcfg.task_lang!r}: expected en or zh (or none for both)")
+        if tcfg.task_lang not in (None, "en", "zh", "zh-hant"):
+            raise OwnLLMError(f"task_lang {tcfg.task_lang!r}: expected en, zh or zh-hant (or none for en and zh)")
         train = [e.messages() for e in generate(tcfg.task_examples, "train", seed=tcfg.seed, families=list(ALL_FAMILIES),
                                                 weights=weights, lang=tcfg.task_lang)]
         val = [e.messages() for e in generate(200, "test", seed=0, families=list(ALL_FAMILIES), lang=tcfg.task_lang)]
