@@ -10,9 +10,11 @@ command, spelled the same in every translation) and ones the manual cannot answe
 script: the share of answerable questions that pass the relevance gate and reach the model, the
 share whose shown sources hold the answer, the share of unanswerable ones refused before the
 model; with `--run`, the share of answers that contain the reference and the refusals' language.
+Across scripts too: the traditional questions over the simplified manual and the other way round
+(a reader of one script with documents in the other).
 
-Ends with `RESULT reach=… reach_en=… reach_zh=… reach_zh_hant=… holds=… refused_unanswerable=…`
-(and `contains_*`, `refusal_script_ok` with --run).
+Ends with `RESULT reach=… reach_en=… reach_zh=… reach_zh_hant=… holds=… refused_unanswerable=…
+cross_reach=…` (and `contains_*`, `refusal_script_ok` with --run).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def measure(docs: Path, run: str | None = None, log=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for lang in LANGS:
             kb = KnowledgeBase(Path(tmp) / f"{lang}.sqlite", create=True)
-            kb.index([docs / lang])
+            kb.index([docs / lang], log=lambda *a: None)
             mine = [q for q in qs if q["lang"] == lang]
             answerable = [q for q in mine if q["answer"]]
             reach = holds = refused = contains = script_ok = 0
@@ -79,6 +81,14 @@ def measure(docs: Path, run: str | None = None, log=print) -> dict:
             log(f"{lang:8} answerable {n}: reach the model {reach}/{n}, sources hold the answer {holds}/{n}; "
                 f"unanswerable {u}: refused before the model {refused}/{u}"
                 + (f"; answers containing the reference {contains}/{n}" if model is not None else ""))
+        reach = n = 0
+        for q_lang, doc_lang in (("zh-hant", "zh"), ("zh", "zh-hant")):
+            with KnowledgeBase(Path(tmp) / f"{doc_lang}.sqlite") as kb:
+                answerable = [q for q in qs if q["lang"] == q_lang and q["answer"]]
+                hits = sum(any(q["answer"] in h.text for h in retrieve(kb, q["question"])) for q in answerable)
+                log(f"{q_lang} questions over the {doc_lang} manual: sources hold the answer {hits}/{len(answerable)}")
+                reach, n = reach + hits, n + len(answerable)
+        res["cross"] = {"reach": reach / n, "n": n}
     return res
 
 
@@ -93,12 +103,13 @@ def main() -> int:
         print(f"{docs}: no manual here; fetch it with: bash bench/debian_reference.sh {docs}", file=sys.stderr)
         return 2
     res = measure(docs, args.run)
+    cross = res.pop("cross")
     n = sum(r["n"] for r in res.values())
     keys = {"reach": sum(r["reach"] * r["n"] for r in res.values()) / n,
             **{f"reach_{k.replace('-', '_')}": r["reach"] for k, r in res.items()},
             "holds": sum(r["holds"] * r["n"] for r in res.values()) / n,
             "refused_unanswerable": sum(r["refused_unanswerable"] * r["n_unanswerable"] for r in res.values())
-            / max(sum(r["n_unanswerable"] for r in res.values()), 1)}
+            / max(sum(r["n_unanswerable"] for r in res.values()), 1), "cross_reach": cross["reach"]}
     if args.run:
         keys.update({f"contains_{k.replace('-', '_')}": r["contains"] for k, r in res.items()})
     print("RESULT " + " ".join(f"{k}={v:.4f}" for k, v in keys.items()))

@@ -41,17 +41,22 @@ def language(text: str) -> str:
     return "zh-hant" if trad and trad > sum(c in _SIMPLIFIED for c in text) else "zh"
 
 
-@lru_cache(maxsize=1)
-def _s2tw():
+@lru_cache(maxsize=2)
+def _opencc(config: str):
     import opencc
 
-    return opencc.OpenCC("s2tw")
+    return opencc.OpenCC(config)
 
 
 def to_traditional(text: str) -> str:
     """Simplified Chinese in traditional characters (Taiwan's standard forms), by OpenCC's phrase
     and character tables (a character table alone cannot tell 头发 → 頭髮 from 发现 → 發現)."""
-    return _s2tw().convert(text)
+    return _opencc("s2tw").convert(text)
+
+
+def to_simplified(text: str) -> str:
+    """Traditional Chinese in simplified characters (OpenCC); other text unchanged."""
+    return _opencc("t2s").convert(text) if _CJK.search(text) else text
 
 
 def numbered_sources(passages: list[str]) -> str:

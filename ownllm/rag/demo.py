@@ -12,14 +12,14 @@ from ownllm.files import home
 
 def demo_kb_path(embedder=None, log=print) -> Path:
     """The demo knowledge base, built on first use: its articles as .md files, indexed."""
-    from ownllm.rag.store import KnowledgeBase
+    from ownllm.rag.store import SCHEMA_VERSION, KnowledgeBase
 
     root = home() / "demo-kb"
     docs = root / "docs"
     documents = make_world("demo").documents()
     # named by a digest of the articles: a KB built from an older version of the generator is
     # never used for this one (its questions would ask about sentences it does not hold)
-    digest = hashlib.sha256("\0".join(f"{rel}\0{text}" for rel, text in documents).encode()).hexdigest()[:12]
+    digest = hashlib.sha256("\0".join([SCHEMA_VERSION] + [f"{rel}\0{text}" for rel, text in documents]).encode()).hexdigest()[:12]
     kind = "kb-dense" if embedder is not None else "kb-bm25"
     kb_path = root / f"{kind}-{digest}.sqlite"
     if kb_path.is_file():

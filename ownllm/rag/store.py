@@ -29,7 +29,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.rag.documents import iter_files, read_document, split_chunks
 from ownllm.rag.text import fts_query, terms
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"   # 2: search terms fold traditional Chinese to simplified (rag/text.py)
 RRF_K = 60
 
 SCHEMA = """
@@ -100,7 +100,8 @@ class KnowledgeBase:
         if version is None:
             self._set_meta("schema_version", SCHEMA_VERSION)
         elif version != SCHEMA_VERSION:
-            raise OwnLLMError(f"{self.path}: knowledge base schema {version}, this ownllm reads {SCHEMA_VERSION}")
+            raise OwnLLMError(f"{self.path}: knowledge base schema {version}, this ownllm reads {SCHEMA_VERSION}: "
+                              "index the documents again into a new file (`ownllm rag index PATH --kb NEW`)")
         self.embedder = embedder
         stored = self._meta("embedder")
         if embedder is not None and stored and stored != embedder.name:
