@@ -814,6 +814,9 @@ def _add_generation(sub) -> None:
     p.add_argument("--embedder", help="sentence-embedding model directory, or 'none'")
     _add_decode_flags(p)
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (continuous batching)")
+    p.add_argument("--warm-up", action="store_true",
+                   help="compile the decode step for every batch width before listening, so the first "
+                        "clients do not wait for it (a longer start; compiled servers only)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--template-arg", action="append", default=[], metavar="KEY=VALUE",
                    help=TEMPLATE_ARG_HELP + "; a request's chat_template_kwargs override these")

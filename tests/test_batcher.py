@@ -105,6 +105,29 @@ def test_compiled_steps_match_eager_across_cache_buckets(tiny_cfg):
         batcher.close()
 
 
+def test_warm_up_builds_every_width_so_requests_compile_nothing(tiny_cfg):
+    """`serve --warm-up`: the compiled step's graphs for widths 1, 2, 4 are built before any
+    request; requests at those widths then compile nothing new and get their eager tokens."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(2)
+    model = randomize_(GPT(tiny_cfg), 0.3).eval()
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    prompts = [[5, 9, 13, 2], [7, 7, 21], [3, 4]]
+    want = [Engine(model, pad_id=0, compile=False).generate([p], params)[0] for p in prompts]
+    assert ContinuousBatcher(model, pad_id=0, slots=4, compile=False).warm_up() == []   # eager: nothing to build
+    batcher = ContinuousBatcher(model, pad_id=0, slots=4, compile=True)
+    try:
+        lines: list[str] = []
+        assert batcher.warm_up(log=lines.append) == [1, 2, 4] and len(lines) == 3 and "4 row(s)" in lines[-1]
+        graphs = counters["stats"]["unique_graphs"]
+        runs = [_collect(batcher, p, params) for p in prompts]
+        assert all(r[3].wait(300) for r in runs) and [r[1] for r in runs] == want
+        assert batcher.rows in (2, 4) and counters["stats"]["unique_graphs"] == graphs
+    finally:
+        batcher.close()
+
+
 def test_a_lone_compiled_request_runs_at_batch_one(tiny_cfg):
     """A request alone in a wide batcher steps through a one-row graph (rows: a power of two past
     the last busy slot), and a second request widens it; each gets its eager tokens."""

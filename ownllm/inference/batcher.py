@@ -119,6 +119,29 @@ class ContinuousBatcher:
     def queued(self) -> int:
         return self.waiting.qsize()
 
+    def warm_up(self, log=print) -> list[int]:
+        """Build the compiled step's graph for every width it runs at (1, 2, 4, … up to the slots)
+        over the first cache bucket now, so the first clients of each width do not wait for a compile
+        (minutes for a 135M model on 2 cores without PyTorch's cache). Reads the cache, writes nothing.
+        Returns the widths; [] when the batcher decodes eagerly."""
+        if self._decode is None:
+            return []
+        import time
+
+        from ownllm.inference.engine import cache_bucket
+
+        c = self.cache
+        bucket = cache_bucket(1, c.max_len)
+        widths = sorted({min(len(self.slots), 1 << i) for i in range(len(self.slots).bit_length())})
+        for rows in widths:
+            t = time.perf_counter()
+            with self.lock, torch.inference_mode():   # inference tensors, as _step makes: the same guards
+                toks = torch.full((rows, 1), self.pad_id, dtype=torch.long, device=self.model.device)
+                self._decode(toks, torch.zeros_like(toks), c.k[:, :rows, :, :bucket], c.v[:, :rows, :, :bucket],
+                             c.valid[:rows, None, None, :bucket].clone(), None if c.prev is None else c.prev[:rows])
+            log(f"decode step compiled for {rows} row(s) in {time.perf_counter() - t:.1f}s")
+        return widths
+
     def close(self) -> None:
         self._stop = True
         self.waiting.put(None)  # type: ignore[arg-type]

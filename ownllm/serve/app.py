@@ -782,10 +782,13 @@ def build_state(args) -> "ServerState":
     elif getattr(args, "kb", None):
         kb = open_kb(args.kb, args.embedder)
     host = getattr(args, "host", "127.0.0.1")
+    batcher = ContinuousBatcher(model, tok.pad_id, slots=args.slots, max_waiting=getattr(args, "max_waiting", 64),
+                                tokenizer=tok)
+    if getattr(args, "warm_up", False):
+        batcher.warm_up()
     return ServerState(model=model, tok=tok, model_id=run.resolve().name,
                        api_key=args.api_key or os.environ.get("OWNLLM_API_KEY") or None,
-                       batcher=ContinuousBatcher(model, tok.pad_id, slots=args.slots,
-                                                 max_waiting=getattr(args, "max_waiting", 64), tokenizer=tok),
+                       batcher=batcher,
                        kb=kb, registry=reg, template_kwargs=parse_template_args(getattr(args, "template_arg", [])),
                        allow_hosts=frozenset(h.lower() for h in [host, *(getattr(args, "allow_host", None) or [])]),
                        allow_origins=frozenset(getattr(args, "allow_origin", None) or []))
