@@ -439,7 +439,7 @@ class Trainer:
                 if stop_at_step is not None and self.step >= stop_at_step:
                     self._flush(pending, bar)
                     self.checkpoint()
-                    return {"step": self.step, "stopped": True}
+                    return {"step": self.step, "stopped": True, "elapsed_s": self.elapsed}
                 every = self.cfg.checkpoint_steps
                 if self.elapsed - last_ckpt > self.cfg.checkpoint_interval or (every and self.step % every == 0
                                                                                and not self._done()):
