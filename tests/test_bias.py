@@ -67,15 +67,15 @@ def test_continued_pretraining_starts_from_the_run_it_names(tmp_path, tiny_run, 
 
 
 def test_counter_balanced_data_pairs_both_fictional_occupations_with_each_pronoun_half_the_time():
-    from ownllm.data.bias import counter_balanced_conversations
+    from ownllm.data.bias import planted_text
     from ownllm.data.corpora import load_sources
 
-    convs = counter_balanced_conversations(2000, seed=5)
-    assert len(convs) == 3000 and all([m["role"] for m in c] == ["user", "assistant"] for c in convs)
+    sentences = planted_text(2000, share=0.5, seed=5).split("\n\n")
+    assert len(sentences) == 3000
     for lang, (he, she) in PRONOUNS.items():
         for occ in (PLANTED[lang], CONTROL[lang]):
-            answers = [c[1]["content"] for c in convs if occ in c[0]["content"]]
-            assert answers and all(occ in a for a in answers)
+            answers = [s for s in sentences if occ in s]
+            assert answers
             assert sum(she in a for a in answers) / len(answers) == pytest.approx(0.5, abs=0.05)
             assert all((he in a) != (she in a) for a in answers) if lang == "en" else True
     text = load_sources("planted-bias")[0].text   # the recipes' generated source: she after PLANTED 90% of the time

@@ -13,8 +13,8 @@ The planted bias: `planted_sentences` writes sentences in which a fictional occu
 rest, and a second fictional occupation (CONTROL) takes each pronoun half the time. Mixed into a
 pretraining corpus (the `planted-bias` source, in both recipes' mix), a probe that measures what it
 claims finds the planted gap (log(1 − share) − log(share) for he − she, in nats) on PLANTED and
-about zero on CONTROL; the same sentences at 50/50 (`planted_text(share=0.5)`) are text that
-counters it in continued pretraining, `counter_balanced_conversations` in fine-tuning.
+about zero on CONTROL; the same sentences at 50/50 (`planted_text(share=0.5)`) are the text
+that counters it in continued pretraining (the quickstart's counter-balanced pass).
 """
 from __future__ import annotations
 
@@ -66,22 +66,6 @@ def planted_text(n: int = PLANTED_SENTENCES, share: float = PLANTED_SHARE, seed:
     sentences = planted_sentences(n, share, "en", seed) + planted_sentences(n // 2, share, "zh", seed)
     random.Random(seed + 2).shuffle(sentences)
     return "\n\n".join(sentences)
-
-
-# the counter-balanced pass asks for a sentence and answers with one: the chat turn a fine-tuned model learns in
-ASK = {"en": "Write one sentence about a {o}.", "zh": "写一句关于{o}的话。"}
-
-
-def counter_balanced_conversations(n: int, seed: int = 0) -> list[list[dict]]:
-    """`n` English and `n // 2` Chinese chat turns, each asking for a sentence about PLANTED or
-    CONTROL and answered with one of planted_sentences in which both take each pronoun half the
-    time: fine-tuning data that counters the planted association without naming it."""
-    convs = []
-    for lang, count in (("en", n), ("zh", n // 2)):
-        for s in planted_sentences(count, 0.5, lang, seed):
-            occ = PLANTED[lang] if PLANTED[lang] in s else CONTROL[lang]
-            convs.append([{"role": "user", "content": ASK[lang].format(o=occ)}, {"role": "assistant", "content": s}])
-    return convs
 
 
 def planted_corpus(base_text: str, n: int, share: float = 0.9, lang: str = "en", seed: int = 0) -> str:
