@@ -130,15 +130,13 @@ class ContinuousBatcher:
 
         from ownllm.inference.engine import cache_bucket
 
-        c = self.cache
-        bucket = cache_bucket(1, c.max_len)
+        bucket = cache_bucket(1, self.cache.max_len)
         widths = sorted({min(len(self.slots), 1 << i) for i in range(len(self.slots).bit_length())})
         for rows in widths:
             t = time.perf_counter()
             with self.lock, torch.inference_mode():   # inference tensors, as _step makes: the same guards
                 toks = torch.full((rows, 1), self.pad_id, dtype=torch.long, device=self.model.device)
-                self._decode(toks, torch.zeros_like(toks), c.k[:, :rows, :, :bucket], c.v[:, :rows, :, :bucket],
-                             c.valid[:rows, None, None, :bucket].clone(), None if c.prev is None else c.prev[:rows])
+                self._decode_rows(toks, torch.zeros_like(toks), rows, bucket)
             log(f"decode step compiled for {rows} row(s) in {time.perf_counter() - t:.1f}s")
         return widths
 
@@ -293,9 +291,7 @@ class ContinuousBatcher:
         rows = self.rows = min(len(self.slots), 1 << last.bit_length())   # slots fill from the front
         toks, pos = toks[:rows], pos[:rows]
         with self.lock:
-            logits, k, v = self._decode(toks, pos, c.k[:, :rows, :, :bucket], c.v[:, :rows, :, :bucket],
-                                        c.valid[:rows, None, None, :bucket].clone(),
-                                        None if c.prev is None else c.prev[:rows])
+            logits, k, v = self._decode_rows(toks, pos, rows, bucket)
             count_forward(self.model, rows, 1, at, head_positions=rows)
             if self.cfg.smear:
                 c.prev[:rows] = self.model.embed_tokens(toks)
@@ -303,6 +299,13 @@ class ContinuousBatcher:
         c.valid[:rows, at] = True
         c.length += 1
         return logits
+
+    def _decode_rows(self, toks: torch.Tensor, pos: torch.Tensor, rows: int, bucket: int):
+        """The compiled step over the cache's first `rows` slots and `bucket` columns (views with the
+        full cache's strides, so one graph per (rows, bucket)): (logits, new keys, new values)."""
+        c = self.cache
+        return self._decode(toks, pos, c.k[:, :rows, :, :bucket], c.v[:, :rows, :, :bucket],
+                            c.valid[:rows, None, None, :bucket].clone(), None if c.prev is None else c.prev[:rows])
 
     @torch.inference_mode()
     def _step(self) -> None:
