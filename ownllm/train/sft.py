@@ -33,14 +33,14 @@ def sft_config(lora: bool = False, **overrides) -> TrainConfig:
 def load_conversations(tcfg: TrainConfig, log=print) -> tuple[list[list[dict]], list[list[dict]]]:
     """(train, val) conversations from `tcfg.data`: 'tasks' or comma-separated JSONL files."""
     if tcfg.data == "tasks":
-        from ownllm.data.tasks import ALL_FAMILIES, generate, parse_weights
+        from ownllm.data.tasks import ALL_FAMILIES, LANGS, generate, parse_weights
 
         try:
             weights = parse_weights(tcfg.task_weights)
         except ValueError as e:
             raise OwnLLMError(str(e)) from None
-        if tcfg.task_lang not in (None, "en", "zh", "zh-hant"):
-            raise OwnLLMError(f"task_lang {tcfg.task_lang!r}: expected en, zh or zh-hant (or none for en and zh)")
+        if tcfg.task_lang not in (None, *LANGS):
+            raise OwnLLMError(f"task_lang {tcfg.task_lang!r}: expected {', '.join(LANGS)} (or none for en and zh)")
         train = [e.messages() for e in generate(tcfg.task_examples, "train", seed=tcfg.seed, families=list(ALL_FAMILIES),
                                                 weights=weights, lang=tcfg.task_lang)]
         val = [e.messages() for e in generate(200, "test", seed=0, families=list(ALL_FAMILIES), lang=tcfg.task_lang)]
