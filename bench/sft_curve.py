@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--agent", action="store_true", help="also score the agent and RAG at each mark")
     ap.add_argument("--model-track", action="store_true",
                     help="the real-model quickstart's LoRA SFT, language and task families")
+    ap.add_argument("--lora-layers", type=int, help="with --model-track: adapters in the top N blocks only")
     ap.add_argument("--set", action="append", default=[], help="TrainConfig overrides KEY=VALUE")
     args = ap.parse_args()
 
@@ -52,7 +53,9 @@ def main() -> None:
              if args.model_track else {"task_examples": 60000})
     tcfg = apply_overrides(sft_config(time_budget=None, max_steps=args.steps, **track), _parse_sets(args.set),
                            source="--set")
-    args.lora = {"lora_rank": q["lora_rank"], "lora_alpha": q["lora_alpha"]} if args.model_track else {}
+    args.lora = ({"lora_rank": q["lora_rank"], "lora_alpha": q["lora_alpha"],
+                  "lora_layers": q["lora_layers"] if args.lora_layers is None else args.lora_layers}
+                 if args.model_track else {})
     args.tasks = ({"lang": q["lang"], "families": q["families"], "n_per_family": q["n_eval"] * 3} if args.model_track
                   else {"n_per_family": 50})
     kb = db = None

@@ -463,7 +463,7 @@ def cmd_sft(args) -> None:
     if not args.resume and not args.base:
         raise OwnLLMError("sft: --base RUN is required (the pretrained run to fine-tune)")
     res = sft(args.base, args.out, tcfg, lora_rank=args.lora_rank if args.lora else 0, lora_alpha=args.lora_alpha,
-              resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+              lora_layers=args.lora_layers, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"fine-tuned {res['step']} steps in {res['elapsed_s']:.0f}s ({res['dtype']}); "
           f"trainable {res['trainable_params']:,} of {res['total_params']:,} parameters "
           f"({100 * res['trainable_params'] / res['total_params']:.2f}%); val_loss {res.get('val_loss', float('nan')):.4f}")
@@ -542,7 +542,8 @@ def cmd_dpo(args) -> None:
     _need(args, "policy", "--policy")
     tcfg, dcfg = _stage_configs(args, DPO_DEFAULTS, DPOConfig)
     res = train_dpo(args.policy, args.out, tcfg, dcfg, lora_rank=args.lora_rank if args.lora else 0,
-                    lora_alpha=args.lora_alpha, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+                    lora_alpha=args.lora_alpha, lora_layers=args.lora_layers, resume=args.resume,
+                    overwrite=args.overwrite, progress=not args.no_progress)
     _print_stage(res, f"dpo ({res['trainable_params']:,} of {res['total_params']:,} parameters trained)")
 
 
@@ -988,6 +989,8 @@ def _lora_flags(p) -> None:
     p.add_argument("--lora-rank", type=int, default=LORA_RANK, help=f"adapter rank with --lora (default {LORA_RANK})")
     p.add_argument("--lora-alpha", type=float, default=LORA_ALPHA,
                    help=f"adapter scale alpha / rank with --lora (default alpha {LORA_ALPHA:g})")
+    p.add_argument("--lora-layers", type=int, default=0, metavar="N",
+                   help="adapters in the top N blocks only, so the backward pass stops below them (default: all)")
 
 
 def _add_quickstart(sub) -> None:

@@ -59,7 +59,7 @@ MODEL_QUICKSTART: dict[str, Any] = {
     # poem_next recalls the bundled Chinese corpus, which an imported model never read
     "families": ["arithmetic", "reverse", "count", "sort", "json", "zh_numeral", "passage_qa", "rag_qa", "extract"],
     "n_eval": 10, "n_rag": 30, "n_agent": 10, "n_prompts": 64, "n_judge": 40,
-    "bpb_tokens": 8192, "bpb_window": 512, "lora_rank": 16, "lora_alpha": 32.0,
+    "bpb_tokens": 8192, "bpb_window": 512, "lora_rank": 16, "lora_alpha": 32.0, "lora_layers": 0,
     "sft": {"batch_size": 4, "task_lang": "en", "eval_interval": 0, "task_examples": 4000,
             "task_weights": "arithmetic=4,reverse=2,count=2,sort=2,json=1,zh_numeral=2,passage_qa=1,tool_use=3,"
                             "rag_qa=2,poem_next=0,extract=1"},
@@ -80,7 +80,8 @@ ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
 # The largest size each field of a model config may take: well past any open model of today
 # (vocabularies of 262k, 128k contexts, 100+ layers), far below what would exhaust a machine.
 SIZE_LIMITS = {"vocab_size": 1 << 22, "dim": 1 << 20, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
-               "ffn_dim": 1 << 20, "max_seq_len": 1 << 24, "attn_head_dim": 4096, "lora_rank": 4096}
+               "ffn_dim": 1 << 20, "max_seq_len": 1 << 24, "attn_head_dim": 4096, "lora_rank": 4096,
+               "lora_layers": 1024}
 
 
 @dataclass
@@ -101,6 +102,8 @@ class ModelConfig:
     lora_rank: int = 0              # > 0: LoRA adapters on lora_targets (see lora.py)
     lora_alpha: float = LORA_ALPHA
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_layers: int = 0            # > 0: adapters in the last lora_layers blocks only, so the backward pass
+                                    # stops below them (less compute a step); 0: every block
     score_head: bool = False        # a scalar head `score` on the final hidden state (reward / value models)
     score_likelihood: bool = False  # reward models: + the model's own log-likelihood of the answer's tokens,
                                     # each weighted by a learned gate (model.py: GPT.rewards)
@@ -128,7 +131,7 @@ class ModelConfig:
         # sizes first: a forged config (an imported file) must not divide by zero or ask for terabytes
         for name, most in SIZE_LIMITS.items():
             v = getattr(self, name)
-            least = 0 if name in ("attn_head_dim", "lora_rank") else 1
+            least = 0 if name in ("attn_head_dim", "lora_rank", "lora_layers") else 1
             if isinstance(v, bool) or not isinstance(v, int) or not least <= v <= most:
                 raise OwnLLMError(f"model config: {name}={v!r} must be a whole number from {least} to {most:,}")
         if self.dim % self.n_heads and not self.attn_head_dim:
@@ -153,6 +156,9 @@ class ModelConfig:
                 or not set(self.layer_types) <= {"sliding_attention", "full_attention"}):
             raise OwnLLMError(f"model config: layer_types must list 'sliding_attention' or 'full_attention' "
                               f"for each of the {self.n_layers} layers")
+
+    def has_lora(self, layer: int) -> bool:
+        return self.lora_rank > 0 and (not self.lora_layers or layer >= self.n_layers - self.lora_layers)
 
     def window_of(self, layer: int) -> int:
         """The attention window of a layer: sliding_window on a sliding layer, else 0 (none)."""

@@ -9,9 +9,10 @@ How each figure is made (docs/weaknesses.md says the same for users):
 - tokens: token positions run through the model's layers (prefill, decode, training, scoring).
 - FLOPs: 2 × (matmul weights) per token forward, plus 4 × layers × heads × head_dim × (context
   attended: the whole block, as dense kernels compute the masked half too) for attention; a
-  backward pass adds 1× the forward for activation gradients and (trainable share)× for weight
-  gradients — 6N per token for full training, about 4N for LoRA (Kaplan et al. 2020's C ≈ 6ND
-  with the attention term). Embedding lookups count nothing.
+  backward pass adds 1× the forward for activation gradients (of the blocks it runs through: LoRA
+  on the top blocks only stops it below them) and (trainable share)× for weight gradients — 6N
+  per token for full training, about 4N for LoRA (Kaplan et al. 2020's C ≈ 6ND with the
+  attention term). Embedding lookups count nothing.
 - peak memory: the process's resident-set high-water mark (VmHWM), reset at each scope's start
   through /proc/self/clear_refs, so a later stage does not inherit an earlier one's peak; CUDA's
   allocator peak beside it.
@@ -66,6 +67,16 @@ def _trainable_share(model) -> float:
     return trainable / max(total, 1)
 
 
+def _backward_reach(model) -> float:
+    """The share of the blocks the backward pass runs through: from the lowest block holding a
+    trainable weight (or all of them when the embeddings train) to the top."""
+    if any(p.requires_grad for p in model.embed_tokens.parameters()):
+        return 1.0
+    n = len(model.layers)
+    lowest = next((i for i, b in enumerate(model.layers) if any(p.requires_grad for p in b.parameters())), n)
+    return (n - lowest) / max(n, 1)
+
+
 def count_forward(model, batch: int, new: int, past: int = 0, head_positions: int | None = None) -> None:
     """Record one forward pass: `batch` rows of `new` tokens after `past` cached ones; the output
     head over `head_positions` positions (default every new one). Training (grad enabled and a
@@ -78,11 +89,12 @@ def count_forward(model, batch: int, new: int, past: int = 0, head_positions: in
     body, head = _matmul_params(model)
     tokens = batch * new
     attended = past + new   # dense kernels compute the whole block, masked half included
-    flops = 2.0 * body * tokens + 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * attended * tokens
-    flops += 2.0 * head * (batch * new if head_positions is None else head_positions)
+    body_flops = 2.0 * body * tokens + 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * attended * tokens
+    head_flops = 2.0 * head * (batch * new if head_positions is None else head_positions)
+    flops = body_flops + head_flops
     train = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
-    if train:
-        flops *= 2.0 + _trainable_share(model)
+    if train:   # backward: activation gradients down to the lowest trainable block, weight gradients
+        flops += body_flops * _backward_reach(model) + head_flops + flops * _trainable_share(model)
     with _lock:
         _totals["tokens"] += tokens
         _totals["flops"] += flops

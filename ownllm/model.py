@@ -112,11 +112,11 @@ class KVCache:
         return self.k.shape[3]
 
 
-def linear(cfg: ModelConfig, name: str, d_in: int, d_out: int) -> nn.Linear:
+def linear(cfg: ModelConfig, name: str, d_in: int, d_out: int, layer: int = 0) -> nn.Linear:
     """A projection, bias-free except q/k/v with `attention_bias` (Qwen2); a LoRALinear when the
-    config asks for adapters on `name`."""
+    config asks for adapters on `name` in block `layer`."""
     bias = cfg.attention_bias and name in ("q_proj", "k_proj", "v_proj")
-    if cfg.lora_rank > 0 and name in cfg.lora_targets.split(","):
+    if cfg.lora_rank > 0 and name in cfg.lora_targets.split(",") and cfg.has_lora(layer):
         return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, bias=bias)
     return nn.Linear(d_in, d_out, bias=bias)
 
@@ -199,10 +199,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = cfg.window_of(layer)
         self.scale = cfg.attn_scale or self.head_dim ** -0.5
-        self.q_proj = linear(cfg, "q_proj", cfg.dim, cfg.n_heads * cfg.head_dim)
-        self.k_proj = linear(cfg, "k_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.v_proj = linear(cfg, "v_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.o_proj = linear(cfg, "o_proj", cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.q_proj = linear(cfg, "q_proj", cfg.dim, cfg.n_heads * cfg.head_dim, layer)
+        self.k_proj = linear(cfg, "k_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim, layer)
+        self.v_proj = linear(cfg, "v_proj", cfg.dim, cfg.n_kv_heads * cfg.head_dim, layer)
+        self.o_proj = linear(cfg, "o_proj", cfg.n_heads * cfg.head_dim, cfg.dim, layer)
         if cfg.qk_norm:   # Qwen3: each head's q and k RMS-normalised before RoPE
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
 
@@ -264,11 +264,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU (Gemma) with gelu_tanh in place of silu."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.gate_proj = linear(cfg, "gate_proj", cfg.dim, cfg.ffn_dim)
-        self.up_proj = linear(cfg, "up_proj", cfg.dim, cfg.ffn_dim)
-        self.down_proj = linear(cfg, "down_proj", cfg.ffn_dim, cfg.dim)
+        self.gate_proj = linear(cfg, "gate_proj", cfg.dim, cfg.ffn_dim, layer)
+        self.up_proj = linear(cfg, "up_proj", cfg.dim, cfg.ffn_dim, layer)
+        self.down_proj = linear(cfg, "down_proj", cfg.ffn_dim, cfg.dim, layer)
         self.gelu = cfg.hidden_act == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +285,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
         self.sandwich = cfg.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)

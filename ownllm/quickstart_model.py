@@ -93,7 +93,7 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     log(f"== 3/7 LoRA SFT on the task suite in {lang}, {steps['sft_steps']} steps ==")
     sft_run = out / "sft"
     ft = sft(base, sft_run, sft_config(lora=True, **limit(steps["sft_steps"], None), **q["sft"]),
-             lora_rank=q["lora_rank"], lora_alpha=q["lora_alpha"], overwrite=True, log=log)
+             lora_rank=q["lora_rank"], lora_alpha=q["lora_alpha"], lora_layers=q["lora_layers"], overwrite=True, log=log)
     stages.start("measure after")
 
     log("== 4/7 after SFT: the same measures ==")
@@ -112,7 +112,8 @@ def quickstart_model(model: str = "smollm2", out: str | Path = "runs/quickstart-
     print_reward_report(reward, out=log)
     train_dpo(sft_run, out / "dpo", stage_train_config(DPO_DEFAULTS, data=str(prefs), **q["dpo"],
                                                       **limit(steps["dpo_steps"], None)),
-              DPOConfig(**q["pair_config"]), lora_rank=q["lora_rank"], lora_alpha=q["lora_alpha"], overwrite=True, log=log)
+              DPOConfig(**q["pair_config"]), lora_rank=q["lora_rank"], lora_alpha=q["lora_alpha"],
+              lora_layers=q["lora_layers"], overwrite=True, log=log)
     train_ppo(sft_run, out / "ppo", str(out / "rm"), stage_train_config(PPO_DEFAULTS, **q["ppo"],
                                                                         **limit(steps["ppo_steps"], None)),
               PPOConfig(**q["ppo_config"]), overwrite=True, log=log)

@@ -20,16 +20,17 @@ def _counted(fn) -> tuple[float, float]:
     return cost.totals()["flops"] - before, fc.get_total_flops()
 
 
-@pytest.mark.parametrize("mode", ["train", "lora", "forward", "prefill+decode"])
+@pytest.mark.parametrize("mode", ["train", "lora", "lora-top", "forward", "prefill+decode"])
 def test_flop_estimate_agrees_with_torch_flop_counter(mode):
     torch.manual_seed(0)
-    model = GPT(CFG if mode != "lora" else ModelConfig(**{**CFG.__dict__, "lora_rank": 4}))
+    lora = {"lora": {"lora_rank": 4}, "lora-top": {"lora_rank": 4, "lora_layers": 1}}.get(mode, {})
+    model = GPT(ModelConfig(**{**CFG.__dict__, **lora}))
     x = torch.randint(0, CFG.vocab_size, (2, 48))
-    if mode == "lora":
+    if lora:
         freeze_base(model)
 
     def run():
-        if mode in ("train", "lora"):
+        if mode in ("train", "lora", "lora-top"):
             model(x).logsumexp(-1).mean().backward()
         elif mode == "forward":
             with torch.no_grad():
@@ -48,6 +49,9 @@ def test_flop_estimate_agrees_with_torch_flop_counter(mode):
     if mode == "lora":   # the frozen weights get no weight gradient: ~4N per token, not 6N
         full, _ = _counted(lambda: GPT(CFG)(x).logsumexp(-1).mean().backward())
         assert 0.6 < ours / full < 0.8
+    if mode == "lora-top":   # adapters in the top block only: the backward pass stops below it
+        assert not any(p.requires_grad for p in model.layers[0].parameters())
+        assert any(p.requires_grad for p in model.layers[1].parameters())
 
 
 def test_peak_memory_belongs_to_its_own_stage_and_to_the_scopes_around_it():

@@ -137,11 +137,15 @@ def test_batch8_accum1_equals_batch1_accum8(small_tokenizer, tiny_cfg, tmp_path)
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
-def test_lora_trains_adapters_only_and_merges(small_tokenizer, tiny_cfg, tmp_path):
+@pytest.mark.parametrize("lora_layers", [0, 1])
+def test_lora_trains_adapters_only_and_merges(small_tokenizer, tiny_cfg, tmp_path, lora_layers):
     tok = small_tokenizer
-    cfg = ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "lora_rank": 4, "lora_alpha": 8})
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.vocab_size, "lora_rank": 4, "lora_alpha": 8,
+                         "lora_layers": lora_layers})
     torch.manual_seed(0)
     model = GPT(cfg)
+    adapted = {k.split(".")[1] for k in model.state_dict() if "lora" in k}
+    assert adapted == ({"0", "1"} if not lora_layers else {"1"})   # lora_layers=1: the top block only
     base_before = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
     lora_before = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
     x = torch.randint(0, tok.vocab_size, (2, 10))

@@ -105,7 +105,7 @@ def answer_lengths(batch: dict) -> torch.Tensor:
 # -- run set-up shared by the preference and RL stages ---------------------------------------------
 def open_run(start: str | Path | None, out: str | Path, tcfg: TrainConfig, defaults: TrainConfig, resume: bool,
              overwrite: bool, score_head: bool = False, lora_rank: int = 0, lora_alpha: float = LORA_ALPHA,
-             score_likelihood: bool = False):
+             score_likelihood: bool = False, lora_layers: int = 0):
     """(model with the start run's weights or the resumed ones, tokenizer, train config, start run).
     A fresh run keeps the starting run's model config, adding a scalar head or LoRA adapters.
     These stages run in one process on the CPU (their rollouts, reference and reward models are
@@ -131,7 +131,7 @@ def open_run(start: str | Path | None, out: str | Path, tcfg: TrainConfig, defau
     start = Path(start)
     refuse_overwrite(out, overwrite)
     mcfg = dataclasses.replace(load_model_config(start), score_head=score_head, lora_rank=lora_rank,
-                               lora_alpha=lora_alpha, score_likelihood=score_likelihood)
+                               lora_alpha=lora_alpha, lora_layers=lora_layers, score_likelihood=score_likelihood)
     tok = Tokenizer.load(start)
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg)
@@ -299,11 +299,11 @@ def dpo_accuracy(model, ex, ref, pad_id, beta, batch_size: int = 32) -> dict:
 
 
 def train_dpo(policy, out, tcfg: TrainConfig | None = None, dcfg: DPOConfig | None = None, lora_rank: int = 0,
-              lora_alpha: float = LORA_ALPHA, resume=False, overwrite=False, progress=True, stop_at_step=None,
-              log=print) -> dict:
+              lora_alpha: float = LORA_ALPHA, lora_layers: int = 0, resume=False, overwrite=False, progress=True,
+              stop_at_step=None, log=print) -> dict:
     defaults = stage_train_config(DPO_DEFAULTS)
     model, tok, tcfg, start, saved = open_run(policy, out, tcfg or defaults, defaults, resume, overwrite,
-                                              lora_rank=lora_rank, lora_alpha=lora_alpha)
+                                              lora_rank=lora_rank, lora_alpha=lora_alpha, lora_layers=lora_layers)
     dcfg = stage_config(DPOConfig, saved, dcfg, {**PAIR_STAGE_BEFORE, "dpop": 0.0})  # dpop 0: begun before DPO-Positive
     if dcfg.loss not in ("sigmoid", "ipo", "hinge"):
         raise OwnLLMError(f"--loss {dcfg.loss!r}: expected sigmoid, ipo or hinge")

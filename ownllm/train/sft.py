@@ -90,9 +90,10 @@ def val_loss_fn(ex: ChatExamples, pad_id: int, batch: int = 32):
 
 
 def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora_rank: int = 0,
-        lora_alpha: float = LORA_ALPHA, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        lora_alpha: float = LORA_ALPHA, lora_layers: int = 0, resume: bool = False, overwrite: bool = False, progress: bool = True,
         stop_at_step: int | None = None, log=print) -> dict:
-    """Fine-tune `base` into `out`; `tcfg` defaults to sft_config(lora=lora_rank > 0)."""
+    """Fine-tune `base` into `out`; `tcfg` defaults to sft_config(lora=lora_rank > 0). `lora_layers`:
+    adapters in that many top blocks only (0: all)."""
     out = Path(out)
     if resume:
         tcfg = resumed_train_config(out, tcfg, defaults=sft_config())
@@ -106,7 +107,7 @@ def sft(base: str | Path, out: str | Path, tcfg: TrainConfig | None = None, lora
             refuse_overwrite(out, overwrite)
         mcfg = load_model_config(base)
         tok = Tokenizer.load(base)
-        mcfg = dataclasses.replace(mcfg, lora_rank=lora_rank, lora_alpha=lora_alpha)
+        mcfg = dataclasses.replace(mcfg, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_layers=lora_layers)
     train_convs, val_convs = load_conversations(tcfg, log)
     seq_len = min(tcfg.seq_len, mcfg.max_seq_len)
     train_ex = encode_conversations(tok, train_convs, seq_len)
