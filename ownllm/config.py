@@ -52,8 +52,9 @@ QUICKSTART_STEPS = {"pretrain_steps": 360, "sft_steps": 1200, "balance_steps": 8
 COUNTER_BALANCE = {"lr": 1e-3, "optimizer": "adamw", "warmup_steps": 5, "copy_steps": 0, "eval_interval": 0,
                    "sentences": 40000}
 # `ownllm quickstart --model smollm2`: a 135M-parameter model on 2 CPU cores is ~30x the from-scratch
-# model's compute per token, so every stage is short and every measure samples few prompts
-MODEL_QUICKSTART_STEPS = {"sft_steps": 40, "reward_steps": 20, "dpo_steps": 20, "ppo_steps": 4}
+# model's compute per token, so every stage is short and every measure samples few prompts; 50 LoRA SFT
+# steps are about 10 minutes of training here
+MODEL_QUICKSTART_STEPS = {"sft_steps": 50, "reward_steps": 20, "dpo_steps": 20, "ppo_steps": 4}
 MODEL_QUICKSTART: dict[str, Any] = {
     "lang": "en",    # the model's language: SFT data and the headline measures (Chinese is reported beside)
     # poem_next recalls the bundled Chinese corpus, which an imported model never read
