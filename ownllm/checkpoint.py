@@ -14,7 +14,6 @@ checkpoint or the new one: `recover()` (called by every loader) finishes a journ
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -255,4 +254,4 @@ def load_plain(run) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
     model = load_model(run)
     lora = model.config.lora_rank > 0
     state = merged_state_dict(model) if lora else model.state_dict()
-    return dataclasses.replace(model.config, lora_rank=0), state, lora
+    return model.config.without_lora(), state, lora

@@ -20,7 +20,6 @@ stores its norms as w for a scale of 1 + w; the import stores 1 + w, so one RMSN
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -145,6 +144,12 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
     return att.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
 
 
+# the written-out scores are (batch, heads, T, T) per layer, several of them kept for the backward
+# pass: past this many elements (64 MB of float32) SDPA's flash kernel, whose memory grows with T
+# only, takes over (16 rows of 700 tokens through SmolLM2's 30 layers would keep ~25 GB)
+EXPLICIT_ATTENTION_MAX = 1 << 24
+
+
 def stacked_bias(layers) -> torch.Tensor | None:
     """The biases of layers fused row-wise (zeros for one without), or None when none has one."""
     present = [lin.bias for lin in layers if lin.bias is not None]
@@ -252,7 +257,8 @@ class Attention(nn.Module):
             band = window_band(cache.length if cache is not None else 0, T, k.shape[2], self.window, x.device)
             mask, causal = (band if mask is None else mask & band), False
         gqa = self.n_heads != self.n_kv_heads
-        if x.device.type == "cpu" and cache is None and mask is None and causal and T > 1:
+        if (x.device.type == "cpu" and cache is None and mask is None and causal and T > 1
+                and B * self.n_heads * T * T <= EXPLICIT_ATTENTION_MAX):
             y = explicit_attention(q, k, v, torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), self.scale)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
@@ -483,6 +489,6 @@ class GPT(nn.Module):
 
 def fold_adapters(model: nn.Module) -> nn.Module:
     """A plain copy of a LoRA model (eval mode), its adapters folded into the weights."""
-    plain = GPT(dataclasses.replace(model.config, lora_rank=0))
+    plain = GPT(model.config.without_lora())
     plain.load_state_dict(merged_state_dict(model))
     return plain.eval()

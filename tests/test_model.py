@@ -191,3 +191,33 @@ def test_stop_strings_hold_back_and_cut_across_pieces():
     assert t.push("abcE") == "abc" and t.flush("ND!") == "" and t.hit  # completed by the last bytes
     u = StopStrings(["END"])
     assert u.push("abcE") == "abc" and u.flush("x") == "Ex" and not u.hit
+
+
+def test_long_training_rows_take_the_flash_kernel_with_the_same_loss_and_gradients(tiny_cfg, monkeypatch):
+    """Written-out attention keeps (batch, heads, T, T) scores per layer for the backward pass; past
+    EXPLICIT_ATTENTION_MAX elements training takes SDPA instead (a real model's long preference
+    rows ran a 24 GB machine out of memory), with the same loss and gradients."""
+    import ownllm.model as model_mod
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**tiny_cfg.__dict__, "n_kv_heads": 2}))
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, 40))
+    calls = []
+    explicit = model_mod.explicit_attention
+    monkeypatch.setattr(model_mod, "explicit_attention", lambda *a, **k: calls.append(1) or explicit(*a, **k))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(x).logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    small_loss, small_grads = loss_and_grads()
+    assert calls   # 2 × heads × 40² scores: written out
+    calls.clear()
+    monkeypatch.setattr(model_mod, "EXPLICIT_ATTENTION_MAX", 2 * tiny_cfg.n_heads * 40 * 40 - 1)
+    long_loss, long_grads = loss_and_grads()
+    assert not calls   # one element past the limit: SDPA
+    torch.testing.assert_close(long_loss, small_loss, rtol=1e-5, atol=1e-6)
+    for name, g in small_grads.items():
+        torch.testing.assert_close(long_grads[name], g, rtol=1e-4, atol=1e-6)

@@ -322,7 +322,7 @@ def train_dpo(policy, out, tcfg: TrainConfig | None = None, dcfg: DPOConfig | No
         raise OwnLLMError(f"--data {tcfg.data}: no pair fits the context of {model.config.max_seq_len} tokens")
     # the reference is the starting policy: its log-probs, once, before any update (on resume they
     # come from the start run's weights, loaded into a temporary model)
-    ref_model = model if not resume else GPT(dataclasses.replace(model.config, lora_rank=0))
+    ref_model = model if not resume else GPT(model.config.without_lora())
     if resume:
         load_start_weights(ref_model, start)
     ref, val_ref = all_completion_logps(ref_model, ex, tok.pad_id), all_completion_logps(ref_model, val_ex, tok.pad_id)
