@@ -65,7 +65,7 @@ MODEL_QUICKSTART: dict[str, Any] = {
             "task_weights": "arithmetic=4,reverse=2,count=2,sort=2,json=1,zh_numeral=2,passage_qa=1,tool_use=3,"
                             "rag_qa=2,poem_next=0,extract=1"},
     # 8 pairs a step in two micro-batches: 16 rows of a few hundred tokens through 30 layers at once
-    # peaked at 22.6 GB (reward model) and ran a 24 GB machine out of memory (DPO)
+    # come close to a 24 GB machine's memory
     "reward": {"batch_size": 4, "grad_accum": 2, "eval_interval": 0},
     "dpo": {"batch_size": 4, "grad_accum": 2, "eval_interval": 0},
     "pair_config": {"val_prompts": 40, "max_val_pairs": 64},

@@ -146,7 +146,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
 
 # the written-out scores are (batch, heads, T, T) per layer, several of them kept for the backward
 # pass: past this many elements (64 MB of float32) SDPA's flash kernel, whose memory grows with T
-# only, takes over (16 rows of 700 tokens through SmolLM2's 30 layers would keep ~25 GB)
+# only, takes over (a real model's long preference rows through 30 layers exhausted 24 GB otherwise)
 EXPLICIT_ATTENTION_MAX = 1 << 24
 
 
