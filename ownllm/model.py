@@ -115,7 +115,7 @@ def linear(cfg: ModelConfig, name: str, d_in: int, d_out: int, layer: int = 0) -
     """A projection, bias-free except q/k/v with `attention_bias` (Qwen2); a LoRALinear when the
     config asks for adapters on `name` in block `layer`."""
     bias = cfg.attention_bias and name in ("q_proj", "k_proj", "v_proj")
-    if cfg.lora_rank > 0 and name in cfg.lora_targets.split(",") and cfg.has_lora(layer):
+    if name in cfg.lora_targets.split(",") and cfg.has_lora(layer):
         return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, bias=bias)
     return nn.Linear(d_in, d_out, bias=bias)
 
